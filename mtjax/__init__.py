@@ -1,0 +1,27 @@
+"""mtjax: gradient-level multi-task learning in JAX.
+
+Per-task gradients in (``mtjax.task_grads``), one update out (optax transforms such as
+``mtjax.pcgrad``), Flax MTL architectures (``mtjax.models``) and gradient analysis.
+"""
+
+from mtjax._src.task_grads import default_strategy
+from mtjax._src.task_grads import multi_input_task_grads
+from mtjax._src.task_grads import task_grads
+from mtjax._src.tree import shared_mask
+from mtjax._src.weighting import WeightingInputs
+from mtjax._src.weighting import gram_weighting
+from mtjax.transforms import LinearState
+from mtjax.transforms import linear
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "LinearState",
+    "WeightingInputs",
+    "default_strategy",
+    "gram_weighting",
+    "linear",
+    "multi_input_task_grads",
+    "shared_mask",
+    "task_grads",
+)

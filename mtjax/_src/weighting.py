@@ -1,0 +1,229 @@
+"""The Gram-weighting core on which most mtjax transforms are a weights function.
+
+A method supplies ``weights_fn(inputs, state) -> (weights, new_state)`` where ``inputs`` is a
+:class:`WeightingInputs`:
+
+* ``inputs.grams`` is a ``[K, T, T]`` stack of task Gram matrices ``G_k = J_k J_k^T``, one per parameter
+  group ``k`` of the *shared* leaves (``K = 1`` for a whole-model Gram), accumulated leaf by leaf
+  with one small ``matmul`` per leaf -- parameters are never concatenated into one vector;
+  ``None`` when the method declared ``needs_gram=False``.
+* ``inputs.task_losses`` is the ``[T]`` loss vector (or ``None``), ``inputs.num_tasks`` is ``T``;
+* ``weights`` is ``[T]`` (one coefficient per task for every shared leaf) or ``[K, T]`` (one
+  coefficient vector per group).
+
+The core then forms ``update_leaf = sum_t w_t * g_t`` per shared leaf, and the plain task sum (or
+the weighted sum, ``task_specific="weighted"``) for task-specific leaves. Everything stays on
+device under ``jit``. The core also validates the task axis, ``num_tasks``, ``task_losses`` and
+finiteness (NaN/inf gradients show up on the Gram diagonal for free).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtjax._src import numerics
+from mtjax._src import tree as tree_lib
+
+PyTree = Any
+GroupSpec = Union[None, str, Callable[[Sequence[str]], Sequence[int]]]
+
+
+class WeightingInputs(NamedTuple):
+  """What a weights function sees at each step."""
+
+  grams: Optional[jax.Array]  # [K, T, T] Gram matrices of the shared leaves, or None
+  task_losses: Optional[jax.Array]  # [T] or None
+  num_tasks: int  # static T
+
+
+WeightsFn = Callable[[WeightingInputs, Any], tuple]
+
+GRANULARITIES = ("model", "layer", "leaf")
+
+
+def layer_name(path: str) -> str:
+  """The layer a leaf belongs to: its path without the last component (``Dense_0/kernel`` -> ``Dense_0``)."""
+  return path.rsplit("/", 1)[0] if "/" in path else path
+
+
+def group_ids(groups: GroupSpec, paths: Sequence[str]) -> list[int]:
+  """Static group index per shared leaf; ``-1`` leaves a leaf out of every Gram.
+
+  Args:
+    groups: ``None`` or ``"model"`` (one group), ``"layer"`` (leaves sharing a parent path, e.g. a
+      Dense layer's kernel and bias), ``"leaf"`` (one group per parameter tensor), or a callable
+      ``paths -> ids``.
+    paths: the ``'/'``-joined paths of the shared leaves.
+  """
+  if groups is None or groups == "model":
+    return [0] * len(paths)
+  if groups == "leaf":
+    return list(range(len(paths)))
+  if groups == "layer":
+    names: dict[str, int] = {}
+    return [names.setdefault(layer_name(p), len(names)) for p in paths]
+  if callable(groups):
+    ids = [int(i) for i in groups(list(paths))]
+    if len(ids) != len(paths):
+      raise ValueError(f"mtjax: groups callable returned {len(ids)} ids for {len(paths)} shared leaves.")
+    return ids
+  raise ValueError(f"mtjax: unknown granularity {groups!r}; expected one of {GRANULARITIES} or a callable.")
+
+
+def num_groups(groups: GroupSpec, params: PyTree, shared: tree_lib.SharedSpec) -> int:
+  """Number of Gram groups ``K`` for ``params`` (used by ``init`` to shape per-group state)."""
+  probe = jax.tree.map(lambda p: jax.ShapeDtypeStruct((1,) + jnp.shape(p), jnp.result_type(p)), params)
+  mask = tree_lib.resolve_shared(shared, probe, params)
+  paths = [p for p, m in zip(tree_lib.leaf_paths(params), mask) if m]
+  ids = group_ids(groups, paths)
+  return max(ids) + 1 if ids and max(ids) >= 0 else 0
+
+
+def check_task_losses(task_losses, num_tasks: int, *, required: bool, method: str, check_finite: bool):
+  """Validates ``task_losses`` (shape ``[T]``, finite) and returns it as an array or ``None``."""
+  if task_losses is None:
+    if required:
+      raise ValueError(
+          f"mtjax: {method} needs the per-task losses: call tx.update(task_grads, state, params, "
+          "task_losses=losses) with losses of shape [T] (mtjax.task_grads returns them)."
+      )
+    return None
+  task_losses = jnp.asarray(task_losses)
+  if task_losses.shape != (num_tasks,):
+    raise ValueError(
+        f"mtjax: {method}: task_losses must have shape ({num_tasks},) (one loss per task), "
+        f"got {task_losses.shape}."
+    )
+  if check_finite:
+    numerics.check_finite(task_losses, f"task losses passed to {method}")
+  return task_losses
+
+
+def compute_grams(shared_leaves: Sequence[jax.Array], ids: Sequence[int], k: int) -> jax.Array:
+  """``[K, T, T]`` Gram stack: per-leaf Grams summed into their groups."""
+  num_tasks = shared_leaves[0].shape[0]
+  dtype = numerics.gram_dtype(jnp.result_type(*shared_leaves))
+  sums: list = [None] * k
+  for leaf, i in zip(shared_leaves, ids):
+    if i < 0:
+      continue
+    g = numerics.leaf_gram(leaf).astype(dtype)
+    sums[i] = g if sums[i] is None else sums[i] + g
+  sums = [s if s is not None else jnp.zeros((num_tasks, num_tasks), dtype) for s in sums]
+  return jnp.stack(sums)
+
+
+def gram_weighting(
+    weights_fn: WeightsFn,
+    init_state_fn: Callable[[PyTree], Any],
+    *,
+    method: str,
+    num_tasks: Optional[int] = None,
+    shared: tree_lib.SharedSpec = None,
+    groups: GroupSpec = None,
+    needs_gram: bool = True,
+    requires_task_losses: bool = False,
+    task_specific: str = "sum",
+    check_finite: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  """Builds a multi-task transform from a weights function (see the module docstring).
+
+  Args:
+    weights_fn: ``(inputs: WeightingInputs, state) -> (weights, new_state)``.
+    init_state_fn: ``params -> state`` (a NamedTuple). If the state has a ``weights`` field of
+      nonzero size, the core stores the weights used at each step there (for logging).
+    method: name used in error messages.
+    num_tasks: expected size of the task axis (``None``: inferred, not checked).
+    shared: which leaves are shared (pytree of bools, callable ``params -> mask`` or ``None`` = all).
+    groups: Gram grouping of the shared leaves (see :func:`group_ids`).
+    needs_gram: whether ``weights_fn`` reads the Gram (``False`` skips computing it).
+    requires_task_losses: raise a ``ValueError`` when ``task_losses`` is not passed.
+    task_specific: ``"sum"`` (plain sum of task gradients on task-specific leaves, the default of
+      DESIGN.md) or ``"weighted"`` (apply the task weights there too; needs ``[T]`` weights).
+    check_finite: check the Gram diagonal and losses for NaN/inf (jit-safe, host call only on failure).
+  """
+  if task_specific not in ("sum", "weighted"):
+    raise ValueError(f"mtjax: {method}: task_specific must be 'sum' or 'weighted', got {task_specific!r}.")
+  if num_tasks is not None and (not isinstance(num_tasks, int) or num_tasks < 1):
+    raise ValueError(f"mtjax: {method}: num_tasks must be a positive int, got {num_tasks!r}.")
+  if groups is not None and not callable(groups) and groups not in GRANULARITIES:
+    raise ValueError(f"mtjax: {method}: unknown granularity {groups!r}; expected one of {GRANULARITIES}.")
+
+  def init_fn(params):
+    return init_state_fn(params)
+
+  def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
+    del extra_args
+    t = tree_lib.check_task_axis(updates, num_tasks, name=f"the task gradients given to {method}")
+    tree_lib.check_params_match(updates, params)
+    losses = check_task_losses(task_losses, t, required=requires_task_losses, method=method,
+                               check_finite=check_finite)
+    mask = tree_lib.resolve_shared(shared, updates, params)
+    flat_with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    leaves = [leaf for _, leaf in flat_with_path]
+    paths = [tree_lib.path_str(p) for p, _ in flat_with_path]
+    shared_idx = [i for i, m in enumerate(mask) if m]
+
+    leaf_group: dict[int, int] = {}
+    grams = None
+    if shared_idx:
+      ids = group_ids(groups, [paths[i] for i in shared_idx])
+      leaf_group = dict(zip(shared_idx, ids))
+      if needs_gram:
+        k = max(ids) + 1 if max(ids) >= 0 else 1
+        grams = compute_grams([leaves[i] for i in shared_idx], ids, k)
+        if check_finite:
+          numerics.check_finite(jnp.diagonal(grams, axis1=-2, axis2=-1), f"task gradients given to {method}")
+    elif needs_gram:
+      raise ValueError(f"mtjax: {method}: the shared= mask marks no leaf as shared; nothing to weight.")
+
+    weights, new_state = weights_fn(WeightingInputs(grams, losses, t), state)
+    weights = jnp.asarray(weights)
+
+    out = []
+    for i, leaf in enumerate(leaves):
+      if mask[i]:
+        if weights.ndim == 1:
+          w = weights
+        else:
+          gid = leaf_group[i]
+          if gid < 0:
+            raise ValueError(f"mtjax: {method}: leaf '{paths[i]}' is in no group but the weights are per group.")
+          w = weights[gid]
+        out.append(numerics.weighted_task_sum(w, leaf))
+      elif task_specific == "weighted":
+        if weights.ndim != 1:
+          raise ValueError(f"mtjax: {method}: task_specific='weighted' needs one weight per task, not per group.")
+        out.append(numerics.weighted_task_sum(weights, leaf))
+      else:
+        out.append(jnp.sum(leaf, axis=0))
+
+    if hasattr(new_state, "weights") and jnp.size(new_state.weights) > 0:
+      new_state = new_state._replace(weights=jnp.broadcast_to(weights, new_state.weights.shape).astype(
+          new_state.weights.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def init_weights(num_tasks: Optional[int], num_groups_: int = 0) -> jax.Array:
+  """Initial ``weights`` record: ``[T]`` (or ``[K, T]``) ones, or an empty array if T is unknown."""
+  if num_tasks is None:
+    return jnp.zeros((0,), jnp.float32)
+  if num_groups_:
+    return jnp.ones((num_groups_, num_tasks), jnp.float32)
+  return jnp.ones((num_tasks,), jnp.float32)
+
+
+def canonical_key(key) -> jax.Array:
+  """A typed-agnostic raw PRNG key from an int seed or an existing key."""
+  if isinstance(key, int):
+    return jax.random.PRNGKey(key)
+  key = jnp.asarray(key) if not jax.dtypes.issubdtype(jnp.result_type(key), jax.dtypes.prng_key) else key
+  return key
+
+

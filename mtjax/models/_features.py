@@ -1,0 +1,134 @@
+"""Feature specs and the embedding layer that turns a batch of ids/floats into one input vector."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Categorical:
+  """A categorical field: integer ids in ``[0, vocab_size)``.
+
+  Id ``vocab_size`` (one past the end) is reserved for unknown / out-of-range ids (see
+  :class:`FeatureEmbedding`), so the table has ``vocab_size + 1`` rows.
+  """
+
+  name: str
+  vocab_size: int
+  embed_dim: int = 8
+
+  def __post_init__(self):
+    if self.vocab_size < 1 or self.embed_dim < 1:
+      raise ValueError(f"mtjax: categorical feature {self.name!r}: vocab_size and embed_dim must be >= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+  """A dense (float) field of ``dim`` values per sample."""
+
+  name: str
+  dim: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+  """The input schema of a model: categorical and dense fields.
+
+  A batch of features is a mapping ``name -> array``: ``[B]`` ints for a categorical field,
+  ``[B]`` or ``[B, dim]`` floats for a dense one. Extra keys (labels, domain ids) are ignored.
+
+  Example:
+    >>> import mtjax
+    >>> spec = mtjax.models.FeatureSpec(
+    ...     categorical=(mtjax.models.Categorical('user', 100, 8),), dense=(mtjax.models.Dense('age'),))
+    >>> spec.output_dim
+    9
+  """
+
+  categorical: Sequence[Categorical] = ()
+  dense: Sequence[Dense] = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "categorical", tuple(self.categorical))
+    object.__setattr__(self, "dense", tuple(self.dense))
+    names = [f.name for f in self.categorical] + [f.name for f in self.dense]
+    if len(set(names)) != len(names):
+      raise ValueError(f"mtjax: FeatureSpec has duplicate field names: {names}.")
+    if not names:
+      raise ValueError("mtjax: FeatureSpec needs at least one field.")
+
+  @property
+  def output_dim(self) -> int:
+    return sum(f.embed_dim for f in self.categorical) + sum(f.dim for f in self.dense)
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(f.name for f in self.categorical) + tuple(f.name for f in self.dense)
+
+
+def _dense_value(batch: Mapping[str, Any], f: Dense) -> jax.Array:
+  v = jnp.asarray(batch[f.name], jnp.float32)
+  if v.ndim == 1:
+    v = v[:, None]
+  if v.shape[-1] != f.dim:
+    raise ValueError(f"mtjax: dense feature {f.name!r} has width {v.shape[-1]}, spec says {f.dim}.")
+  return v
+
+
+class FeatureEmbedding(nn.Module):
+  """Embeds every categorical field and concatenates them with the dense fields.
+
+  Attributes:
+    spec: the :class:`FeatureSpec`.
+    width_multiplier: each categorical embedding is ``embed_dim * width_multiplier`` wide
+      (STEM-Net uses ``T + 1`` to split one table into task-specific and shared parts).
+    oov: ``"reserved"`` (default) maps ids outside ``[0, vocab_size)`` to the reserved last row;
+      ``"error"`` raises (eagerly, or through a jit-safe check) instead.
+
+  Returns ``(x, field_embeddings)``: the ``[B, D]`` concatenation and a dict of per-field
+  ``[B, embed_dim * width_multiplier]`` embeddings (models such as STEM-Net and PEPNet need the parts).
+  """
+
+  spec: FeatureSpec
+  width_multiplier: int = 1
+  oov: str = "reserved"
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, Any]):
+    if self.oov not in ("reserved", "error"):
+      raise ValueError(f"mtjax: FeatureEmbedding.oov must be 'reserved' or 'error', got {self.oov!r}.")
+    missing = [n for n in self.spec.names if n not in batch]
+    if missing:
+      raise ValueError(f"mtjax: the batch lacks feature(s) {missing}; it has {sorted(batch)}.")
+    parts, fields = [], {}
+    for f in self.spec.categorical:
+      ids = jnp.asarray(batch[f.name])
+      if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"mtjax: categorical feature {f.name!r} must hold integer ids, got {ids.dtype}.")
+      bad = (ids < 0) | (ids >= f.vocab_size)
+      if self.oov == "error":
+        from mtjax._src import numerics  # local import keeps models importable standalone
+        numerics.check_condition(jnp.any(bad), f"mtjax: feature {f.name!r} has ids outside [0, {f.vocab_size}).")
+      ids = jnp.where(bad, f.vocab_size, ids)
+      table = nn.Embed(f.vocab_size + 1, f.embed_dim * self.width_multiplier, name=f"embed_{f.name}",
+                       embedding_init=nn.initializers.normal(stddev=0.05))
+      e = table(ids)
+      fields[f.name] = e
+      parts.append(e)
+    for f in self.spec.dense:
+      v = _dense_value(batch, f)
+      fields[f.name] = v
+      parts.append(v)
+    return jnp.concatenate(parts, axis=-1), fields
+
+
+def spec_from_arrays(categorical: Mapping[str, np.ndarray], dense: Sequence[str] = (), embed_dim: int = 8) -> FeatureSpec:
+  """A spec whose vocabulary sizes are ``max id + 1`` of the given id arrays."""
+  cats = tuple(Categorical(k, int(np.max(v)) + 1, embed_dim) for k, v in categorical.items())
+  return FeatureSpec(categorical=cats, dense=tuple(Dense(d) for d in dense))

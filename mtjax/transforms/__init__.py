@@ -1,0 +1,4 @@
+"""Multi-task gradient transformations (optax ``GradientTransformationExtraArgs``)."""
+
+from mtjax.transforms._linear import LinearState
+from mtjax.transforms._linear import linear
