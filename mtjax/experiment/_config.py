@@ -1,0 +1,190 @@
+"""Experiment configuration: plain TOML files (or dicts) validated up front.
+
+An experiment file has four tables and two top-level keys::
+
+    name = "mmoe-pcgrad"          # optional, used for the output folder
+    seeds = [0]                   # optional, `mtjax compare` runs every seed
+
+    [data]                        # a dataset from mtjax.experiment.DATASETS and its arguments
+    name = "conflicting"
+    num_samples = 12000
+
+    [model]                       # a model from mtjax.models.available() and its arguments
+    name = "mmoe"
+    num_experts = 4
+
+    [method]                      # a transform from mtjax.experiment.METHODS and its arguments
+    name = "pcgrad"
+
+    [optimizer]                   # an optax optimizer and its arguments
+    name = "adam"
+    learning_rate = 0.001
+
+    [train]
+    steps = 600
+    batch_size = 256
+    strategy = "auto"             # task_grads strategy
+    seed = 0
+    eval_every = 200              # 0: only at the end
+    log_every = 10
+    checkpoint_every = 0          # 0: no checkpoints
+
+Every error (unknown table, key, model, method, optimizer or dataset; wrong type; impossible
+value) is one ``ConfigError`` line raised before any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from typing import Any, Mapping
+
+TABLES = ("data", "model", "method", "optimizer", "train")
+TOP_LEVEL = ("name", "seeds", "methods") + TABLES
+
+
+class ConfigError(ValueError):
+  """A configuration problem, reported before training starts."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 600
+  batch_size: int = 256
+  strategy: str = "auto"
+  seed: int = 0
+  eval_every: int = 0
+  log_every: int = 10
+  checkpoint_every: int = 0
+  eval_batch_size: int = 4096
+  track_similarity: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """A validated experiment. ``data``/``model``/``method``/``optimizer`` are ``{'name': ..., **kwargs}``."""
+
+  data: dict
+  model: dict
+  method: dict
+  optimizer: dict
+  train: TrainConfig
+  name: str = "experiment"
+  seeds: tuple = (0,)
+
+  def replace(self, **kw) -> "ExperimentConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict:
+    return {"name": self.name, "seeds": list(self.seeds), "data": dict(self.data), "model": dict(self.model),
+            "method": dict(self.method), "optimizer": dict(self.optimizer),
+            "train": dataclasses.asdict(self.train)}
+
+
+_TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
+
+
+def _check_type(where: str, key: str, value: Any, expected: type):
+  if expected is int and isinstance(value, bool) or not isinstance(value, _TYPES[expected]):
+    raise ConfigError(f"{where}.{key} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _train_config(raw: Mapping[str, Any]) -> TrainConfig:
+  fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+  for k, v in raw.items():
+    if k not in fields:
+      raise ConfigError(f"[train] has unknown key {k!r}; known keys: {', '.join(fields)}")
+    _check_type("train", k, v, type(fields[k].default))
+  cfg = TrainConfig(**raw)
+  if cfg.steps < 1:
+    raise ConfigError(f"train.steps must be >= 1, got {cfg.steps}")
+  if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
+    raise ConfigError("train.batch_size and train.eval_batch_size must be >= 1")
+  for k in ("eval_every", "log_every", "checkpoint_every"):
+    if getattr(cfg, k) < 0:
+      raise ConfigError(f"train.{k} must be >= 0, got {getattr(cfg, k)}")
+  from mtjax._src.task_grads import STRATEGIES
+  if cfg.strategy not in STRATEGIES:
+    raise ConfigError(f"train.strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
+  return cfg
+
+
+def _named_table(raw: Mapping[str, Any], table: str, known: Mapping[str, Any]) -> dict:
+  if not isinstance(raw, Mapping):
+    raise ConfigError(f"[{table}] must be a table, got {type(raw).__name__}")
+  if "name" not in raw:
+    raise ConfigError(f"[{table}] needs a 'name'; known: {', '.join(sorted(known))}")
+  name = raw["name"]
+  if name not in known:
+    raise ConfigError(f"unknown {table} {name!r}; known: {', '.join(sorted(known))}")
+  return dict(raw)
+
+
+def check_kwargs(where: str, fn, kwargs: Mapping[str, Any], *, reserved=()) -> None:
+  """Unknown keyword arguments of ``fn`` (a factory or a dataclass) -> ConfigError."""
+  if dataclasses.is_dataclass(fn):
+    names = {f.name for f in dataclasses.fields(fn) if f.init}
+    var_kw = False
+  else:
+    sig = inspect.signature(fn)
+    names = {p.name for p in sig.parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+  for k in kwargs:
+    if k in reserved:
+      raise ConfigError(f"{where}.{k} is set by the experiment; remove it from the config")
+    if not var_kw and k not in names:
+      raise ConfigError(f"{where} has unknown key {k!r}; known keys: {', '.join(sorted(names - set(reserved)))}")
+
+
+def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
+  """Validates a raw mapping (e.g. a parsed TOML file) into an :class:`ExperimentConfig`."""
+  from mtjax.experiment import _registry as reg  # registries import heavy modules lazily
+
+  for k in raw:
+    if k not in TOP_LEVEL:
+      raise ConfigError(f"unknown top-level key {k!r}; expected tables {', '.join(TABLES)} and 'name', 'seeds'")
+  missing = [t for t in ("data", "model", "method") if t not in raw]
+  if missing:
+    raise ConfigError(f"missing table(s) {', '.join('[' + m + ']' for m in missing)}")
+  data = _named_table(raw["data"], "data", reg.DATASETS)
+  model = _named_table(raw["model"], "model", reg.model_names())
+  method = _named_table(raw["method"], "method", reg.METHODS)
+  optimizer = _named_table(raw.get("optimizer", {"name": "adam", "learning_rate": 1e-3}), "optimizer",
+                           reg.OPTIMIZERS)
+  check_kwargs("data", reg.DATASETS[data["name"]], {k: v for k, v in data.items() if k != "name"},
+               reserved=reg.DATA_RESERVED)
+  check_kwargs("model", reg.model_class(model["name"]), {k: v for k, v in model.items() if k != "name"},
+               reserved=reg.MODEL_RESERVED)
+  check_kwargs("method", reg.METHODS[method["name"]], {k: v for k, v in method.items() if k != "name"},
+               reserved=reg.METHOD_RESERVED)
+  check_kwargs("optimizer", reg.OPTIMIZERS[optimizer["name"]],
+               {k: v for k, v in optimizer.items() if k != "name"})
+  lr = optimizer.get("learning_rate")
+  if lr is not None and (not isinstance(lr, (int, float)) or lr <= 0):
+    raise ConfigError(f"optimizer.learning_rate must be a positive number, got {lr!r}")
+  train = _train_config(raw.get("train", {}))
+  seeds = raw.get("seeds", [train.seed])
+  if not isinstance(seeds, (list, tuple)) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                                  for s in seeds):
+    raise ConfigError(f"seeds must be a non-empty list of ints, got {seeds!r}")
+  name = raw.get("name", f"{model['name']}-{method['name']}")
+  if not isinstance(name, str) or not name or os.sep in name:
+    raise ConfigError(f"name must be a non-empty string without '{os.sep}', got {name!r}")
+  return ExperimentConfig(data=data, model=model, method=method, optimizer=optimizer, train=train,
+                          name=name, seeds=tuple(seeds))
+
+
+def load(path: str) -> ExperimentConfig:
+  """Reads and validates a TOML experiment file."""
+  import tomllib
+
+  if not os.path.exists(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  try:
+    with open(path, "rb") as f:
+      raw = tomllib.load(f)
+  except tomllib.TOMLDecodeError as e:
+    raise ConfigError(f"{path}: not valid TOML: {e}") from None
+  return from_dict(raw)
