@@ -10,6 +10,8 @@ from mtjax._src.task_grads import task_grads
 from mtjax._src.tree import shared_mask
 from mtjax._src.weighting import WeightingInputs
 from mtjax._src.weighting import gram_weighting
+from mtjax import losses
+from mtjax import metrics
 from mtjax.transforms import LinearState
 from mtjax.transforms import linear
 

@@ -1,0 +1,9 @@
+"""Multi-task losses: per-sample losses, masked per-task means, RankNet and ``make_loss_fn``."""
+
+from mtjax.losses._basic import LossSpec
+from mtjax.losses._basic import bce_with_logits
+from mtjax.losses._basic import make_loss_fn
+from mtjax.losses._basic import masked_mean
+from mtjax.losses._basic import mse
+from mtjax.losses._basic import per_task_loss
+from mtjax.losses._basic import ranknet

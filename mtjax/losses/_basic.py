@@ -1,0 +1,477 @@
+"""Generic multi-task losses (BCE, MSE, RankNet), masked per-task means and ``make_loss_fn``.
+
+Everything here is jit-safe and returns finite values and finite gradients for finite inputs,
+including the degenerate batches of multi-task recommendation (a task with no valid sample, a
+group with no ordered pair).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+# A per-task loss: a built-in name or ``fn(outputs [B], labels [B], mask [B]) -> scalar``.
+LossSpec = Union[str, Callable[[jax.Array, jax.Array, jax.Array], jax.Array]]
+BUILTIN_LOSSES = ("bce", "mse", "ranknet")
+
+
+def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+  """``num / den`` where ``den > 0`` and ``0`` elsewhere; zero, finite gradient in the ``0`` case."""
+  positive = den > 0
+  return jnp.where(positive, num / jnp.where(positive, den, jnp.ones_like(den)), jnp.zeros_like(num))
+
+
+def bce_with_logits(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  r"""Per-sample binary cross-entropy computed from logits (elementwise, no reduction).
+
+  .. math::
+    \ell(x, y) = -y \log \sigma(x) - (1 - y) \log(1 - \sigma(x))
+               = y\,\mathrm{softplus}(-x) + (1 - y)\,\mathrm{softplus}(x),
+
+  with the stable ``softplus(z) = log(1 + e^z)``. Each term is evaluated without cancellation,
+  so the loss keeps its relative accuracy for logits of any size (``x = 50, y = 1`` gives
+  ``~2e-22``, not ``0`` or ``inf``) and the gradient is exactly :math:`\sigma(x) - y`.
+  Soft labels in ``[0, 1]`` are allowed.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from mtjax import losses
+    >>> losses.bce_with_logits(jnp.array([0.0, 50.0, -50.0]), jnp.array([1.0, 0.0, 0.0]))
+    Array([6.9314718e-01, 5.0000000e+01, 1.9287499e-22], dtype=float32)
+
+  Args:
+    logits: predicted logits, any shape.
+    labels: targets in ``[0, 1]`` (bool/int/float), same shape as ``logits``.
+
+  Returns:
+    The per-sample losses, shape and (floating) dtype of ``logits``.
+  """
+  logits = jnp.asarray(logits)
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    logits = logits.astype(jnp.float32)
+  labels = jnp.asarray(labels).astype(logits.dtype)
+  _check_same_shape(logits, labels, "bce_with_logits", "logits", "labels")
+  return labels * jax.nn.softplus(-logits) + (1 - labels) * jax.nn.softplus(logits)
+
+
+def mse(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+  r"""Per-sample squared error :math:`(\hat y - y)^2` (elementwise, no reduction).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from mtjax import losses
+    >>> losses.mse(jnp.array([1.0, 2.0]), jnp.array([0.0, 4.0]))
+    Array([1., 4.], dtype=float32)
+
+  Args:
+    predictions: raw predictions, any shape.
+    targets: targets, same shape.
+
+  Returns:
+    The per-sample squared errors.
+  """
+  predictions = jnp.asarray(predictions)
+  if not jnp.issubdtype(predictions.dtype, jnp.floating):
+    predictions = predictions.astype(jnp.float32)
+  targets = jnp.asarray(targets).astype(predictions.dtype)
+  _check_same_shape(predictions, targets, "mse", "predictions", "targets")
+  return jnp.square(predictions - targets)
+
+
+def masked_mean(values: jax.Array, mask: Optional[jax.Array] = None, axis=None) -> jax.Array:
+  r"""Mean of ``values`` over the valid entries of ``mask``; ``0`` when there is none.
+
+  .. math::
+    \bar\ell = \frac{\sum_i d_i \ell_i}{\sum_i d_i}, \qquad
+    \bar\ell = 0 \text{ when } \sum_i d_i = 0,
+
+  where :math:`d_i` is the mask (bool, or non-negative float weights). This is the per-task loss
+  of PLE's joint loss (:math:`d_{ki} = 1` when sample i is in task k's sample space), e.g. CVR
+  averaged over clicked samples only.
+
+  Empty mask: when a task has no valid sample in the batch the result is exactly ``0`` and its
+  gradient is exactly ``0`` (never NaN, no division by zero), so the task contributes nothing to
+  that step. Masked-out entries never leak into the value or the gradient through this function
+  (a double ``where``), but a NaN created *upstream* by a masked sample (e.g. ``log(0)`` on a
+  garbage label) can still poison the backward pass: compute ``values`` with stable losses such
+  as :func:`bce_with_logits`, or sanitize the inputs of masked samples first, as
+  :func:`per_task_loss` does for labels.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from mtjax import losses
+    >>> values = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    >>> mask = jnp.array([[True, False, True], [False, False, False]])
+    >>> losses.masked_mean(values, mask, axis=-1)
+    Array([2., 0.], dtype=float32)
+
+  Args:
+    values: per-sample values.
+    mask: bool or float weights with the same shape as ``values``; ``None`` = plain mean.
+    axis: axis or axes to reduce (``None``: all).
+
+  Returns:
+    ``values`` reduced over ``axis``.
+  """
+  values = jnp.asarray(values)
+  if mask is None:
+    return jnp.mean(values, axis=axis)
+  mask = jnp.asarray(mask)
+  _check_same_shape(values, mask, "masked_mean", "values", "mask")
+  weights = mask.astype(values.dtype)
+  num = jnp.sum(jnp.where(mask != 0, values * weights, jnp.zeros_like(values)), axis=axis)
+  den = jnp.sum(weights, axis=axis)
+  return _safe_ratio(num, den)
+
+
+def ranknet(
+    scores: jax.Array,
+    labels: jax.Array,
+    groups: Optional[jax.Array] = None,
+    mask: Optional[jax.Array] = None,
+) -> jax.Array:
+  r"""RankNet pairwise logistic loss over the in-batch pairs (optionally within groups).
+
+  .. math::
+    L = \frac{1}{|P|} \sum_{(i, j) \in P} \log\bigl(1 + e^{-(s_i - s_j)}\bigr), \qquad
+    P = \{(i, j) : y_i > y_j,\ g_i = g_j,\ d_i d_j \ne 0\},
+
+  i.e. every ordered pair of the batch whose first element has the larger label (graded labels
+  are fine), restricted to the same group ``g`` (user or session id) when ``groups`` is given
+  and to valid samples when ``mask`` is given (a float mask weights pair ``(i, j)`` by
+  :math:`d_i d_j`). Pairs with equal labels give no signal and are not formed. The softplus is
+  evaluated stably. With no pair in the batch the loss is ``0`` with a zero gradient.
+
+  Cost is ``O(B^2)`` time and memory (all pairs of the batch).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from mtjax import losses
+    >>> scores = jnp.array([2.0, 0.0, 1.0, 0.0])
+    >>> labels = jnp.array([1.0, 0.0, 0.0, 1.0])
+    >>> # pairs (0, 1) and (3, 2): (softplus(-2) + softplus(1)) / 2
+    >>> round(float(losses.ranknet(scores, labels, groups=jnp.array([0, 0, 1, 1]))), 4)
+    0.7201
+
+  Args:
+    scores: ``[B]`` predicted scores (logits).
+    labels: ``[B]`` relevance labels (binary or graded).
+    groups: optional ``[B]`` integer group ids; pairs are formed only inside a group.
+    mask: optional ``[B]`` bool or float validity weights.
+
+  Returns:
+    The scalar loss averaged over the pairs.
+
+  References:
+    Burges, Shaked, Renshaw, Lazier, Deeds, Hamilton, Hullender, *Learning to Rank using
+    Gradient Descent*, ICML 2005.
+  """
+  scores = jnp.asarray(scores)
+  if not jnp.issubdtype(scores.dtype, jnp.floating):
+    scores = scores.astype(jnp.float32)
+  labels = jnp.asarray(labels)
+  if scores.ndim != 1:
+    raise ValueError(f"mtjax: ranknet: scores must be a vector [B], got shape {scores.shape}.")
+  _check_same_shape(scores, labels, "ranknet", "scores", "labels")
+  pair = labels[:, None] > labels[None, :]
+  if groups is not None:
+    groups = jnp.asarray(groups)
+    _check_same_shape(scores, groups, "ranknet", "scores", "groups")
+    pair = pair & (groups[:, None] == groups[None, :])
+  weights = pair.astype(scores.dtype)
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    _check_same_shape(scores, mask, "ranknet", "scores", "mask")
+    m = mask.astype(scores.dtype)
+    weights = weights * (m[:, None] * m[None, :])
+  pair_loss = jax.nn.softplus(-(scores[:, None] - scores[None, :]))
+  num = jnp.sum(jnp.where(weights != 0, pair_loss * weights, jnp.zeros_like(pair_loss)))
+  return _safe_ratio(num, jnp.sum(weights))
+
+
+def _check_same_shape(a, b, where: str, a_name: str, b_name: str) -> None:
+  if jnp.shape(a) != jnp.shape(b):
+    raise ValueError(
+        f"mtjax: {where}: {b_name} has shape {jnp.shape(b)} but {a_name} has shape {jnp.shape(a)}; "
+        "they must match exactly (no broadcasting)."
+    )
+
+
+def _bce_task(outputs, labels, mask, groups):
+  del groups
+  return masked_mean(bce_with_logits(outputs, labels), mask)
+
+
+def _mse_task(outputs, labels, mask, groups):
+  del groups
+  return masked_mean(mse(outputs, labels), mask)
+
+
+def _ranknet_task(outputs, labels, mask, groups):
+  return ranknet(outputs, labels, groups=groups, mask=mask)
+
+
+_BUILTIN = {"bce": _bce_task, "mse": _mse_task, "ranknet": _ranknet_task}
+
+
+def _resolve(spec: LossSpec) -> Callable:
+  if isinstance(spec, str):
+    if spec not in _BUILTIN:
+      raise ValueError(
+          f"mtjax: unknown task loss {spec!r}; use one of {BUILTIN_LOSSES} or a callable "
+          "fn(outputs [B], labels [B], mask [B]) -> scalar."
+      )
+    return _BUILTIN[spec]
+  if callable(spec):
+    return lambda outputs, labels, mask, groups: spec(outputs, labels, mask)
+  raise ValueError(f"mtjax: a task loss must be a name in {BUILTIN_LOSSES} or a callable, got {spec!r}.")
+
+
+def _resolve_all(task_losses, num_tasks: int) -> list:
+  if isinstance(task_losses, str) or callable(task_losses):
+    return [_resolve(task_losses)] * num_tasks
+  specs = list(task_losses)
+  if len(specs) != num_tasks:
+    raise ValueError(
+        f"mtjax: {len(specs)} task losses were given ({specs}) but the outputs have {num_tasks} tasks; "
+        "give one loss per task, or a single loss for all."
+    )
+  return [_resolve(s) for s in specs]
+
+
+def per_task_loss(
+    outputs: jax.Array,
+    labels: jax.Array,
+    mask: Optional[jax.Array] = None,
+    *,
+    task_losses: Union[LossSpec, Sequence[LossSpec]] = "bce",
+    groups: Optional[jax.Array] = None,
+) -> jax.Array:
+  r"""Vector of masked task losses ``[T]`` from ``[T, B]`` outputs, labels and mask.
+
+  .. math::
+    L_t = \mathrm{loss}_t(o_{t,\cdot},\, y_{t,\cdot},\, d_{t,\cdot}), \qquad t = 1..T,
+
+  where for ``"bce"`` and ``"mse"`` :math:`L_t` is the :func:`masked_mean` of the per-sample loss
+  over the valid samples of task t (``0`` with zero gradient when task t has none), and for
+  ``"ranknet"`` it is :func:`ranknet` over the valid samples (within ``groups``).
+
+  Task loss spec: ``task_losses`` is one spec for every task or a sequence of T specs; a spec is
+  ``"bce"`` (outputs are logits), ``"mse"`` (raw predictions), ``"ranknet"`` (scores), or a
+  callable ``fn(outputs [B], labels [B], mask [B]) -> scalar`` (``mask`` is always given, all
+  ones without a mask; use :func:`masked_mean` inside).
+
+  Labels of masked-out samples are replaced by 0 before the loss, so garbage (even NaN) labels
+  there cannot reach the value or the gradient.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from mtjax import losses
+    >>> outputs = jnp.array([[0.0, 0.0], [1.0, 3.0]])
+    >>> labels = jnp.array([[1.0, 0.0], [1.0, 2.0]])
+    >>> mask = jnp.array([[True, True], [False, True]])
+    >>> losses.per_task_loss(outputs, labels, mask, task_losses=("bce", "mse"))
+    Array([0.6931472, 1.       ], dtype=float32)
+
+  Args:
+    outputs: ``[T, B]`` model outputs (task axis first).
+    labels: ``[T, B]`` labels.
+    mask: optional ``[T, B]`` bool or float validity weights.
+    task_losses: the per-task loss spec (see above).
+    groups: optional group ids for ``"ranknet"``, ``[B]`` (shared by all tasks) or ``[T, B]``.
+
+  Returns:
+    ``[T]`` task losses, ready for :func:`mtjax.task_grads`.
+  """
+  outputs = jnp.asarray(outputs)
+  if outputs.ndim != 2:
+    raise ValueError(
+        f"mtjax: per_task_loss: outputs must be [T, B] (task axis first), got shape {outputs.shape}."
+    )
+  labels = jnp.asarray(labels)
+  _check_same_shape(outputs, labels, "per_task_loss", "outputs", "labels")
+  num_tasks = outputs.shape[0]
+  fns = _resolve_all(task_losses, num_tasks)
+  if mask is None:
+    mask = jnp.ones(outputs.shape, dtype=bool)
+  else:
+    mask = jnp.asarray(mask)
+    _check_same_shape(outputs, mask, "per_task_loss", "outputs", "mask")
+    labels = jnp.where(mask != 0, labels, jnp.zeros_like(labels))
+  if groups is not None:
+    groups = jnp.asarray(groups)
+    if groups.shape not in (outputs.shape[1:], outputs.shape):
+      raise ValueError(
+          f"mtjax: per_task_loss: groups must be [B] or [T, B] = {outputs.shape}, got {groups.shape}."
+      )
+  out = []
+  for t, fn in enumerate(fns):
+    g = None if groups is None else (groups if groups.ndim == 1 else groups[t])
+    loss = jnp.asarray(fn(outputs[t], labels[t], mask[t], g))
+    if loss.ndim != 0:
+      raise ValueError(
+          f"mtjax: per_task_loss: the loss of task {t} returned shape {loss.shape}; a task loss must "
+          "reduce over the batch to a scalar (use losses.masked_mean)."
+      )
+    out.append(loss)
+  dtype = jnp.result_type(*out)
+  return jnp.stack([x.astype(dtype) for x in out])
+
+
+def _stack_from_batch(batch: Mapping[str, Any], key, what: str) -> jax.Array:
+  """``batch[key]`` as a ``[T, B]`` array: ``key`` is one key (an array or a list of T arrays) or a tuple of keys."""
+  if isinstance(key, (tuple, list)):
+    missing = [k for k in key if k not in batch]
+    if missing:
+      raise ValueError(f"mtjax: make_loss_fn: {what} keys {missing} are not in the batch (keys: {list(batch)}).")
+    return jnp.stack([jnp.asarray(batch[k]) for k in key])
+  if key not in batch:
+    raise ValueError(f"mtjax: make_loss_fn: {what} key {key!r} is not in the batch (keys: {list(batch)}).")
+  value = batch[key]
+  if isinstance(value, Mapping):
+    raise ValueError(
+        f"mtjax: make_loss_fn: batch[{key!r}] is a dict, whose task order is ambiguous; pass "
+        f"{what}_key=tuple of keys in task order, e.g. ('click', 'buy'), with the arrays at the top "
+        "level of the batch, or a [T, B] array."
+    )
+  if isinstance(value, (tuple, list)):
+    return jnp.stack([jnp.asarray(v) for v in value])
+  return jnp.asarray(value)
+
+
+def make_loss_fn(
+    model: Any,
+    task_losses: Union[LossSpec, Sequence[LossSpec]] = "bce",
+    *,
+    input_key: str = "x",
+    label_key: Union[str, Sequence[str]] = "labels",
+    mask_key: Union[None, str, Sequence[str]] = None,
+    group_key: Optional[str] = None,
+    has_aux: bool = True,
+    train: bool = False,
+    mutable: Sequence[str] = (),
+    multi_task_loss: Optional[Callable[..., jax.Array]] = None,
+) -> Callable[..., Any]:
+  r"""Builds ``loss_fn(params, batch, rngs=None, variables=None) -> [T]`` from a model and task losses.
+
+  The returned function applies the model,
+  ``model.apply({'params': params, **variables}, batch[input_key], train=train, rngs=rngs)``,
+  which must return ``(outputs [T, B], aux)`` (or a bare ``[T, B]`` array), and then
+  :func:`per_task_loss`. It is meant for :func:`mtjax.task_grads`:
+  ``mtjax.task_grads(loss_fn, has_aux=True)(params, batch)``.
+
+  Batch layout (a dict):
+
+  * ``batch[input_key]`` (default ``'x'``): the model input, a ``[B, D]`` array or a feature dict.
+  * Labels ``[T, B]``: ``batch[label_key]`` (default ``'labels'``) as a ``[T, B]`` array or a list
+    of T ``[B]`` arrays; or ``label_key=('click', 'buy')`` to stack top-level ``[B]`` entries in
+    task order. Labels are cast to the outputs' dtype.
+  * Mask ``[T, B]`` (optional): the same forms under ``mask_key``; without ``mask_key`` every
+    sample is valid for every task. A task with no valid sample gets loss 0 and zero gradient.
+  * Groups ``[B]`` or ``[T, B]`` (optional, for ``"ranknet"``): ``batch[group_key]``.
+
+  Model state: other variable collections (e.g. ``batch_stats``) are passed explicitly as
+  ``variables={'batch_stats': ...}``. To update them in training, set ``mutable=('batch_stats',)``
+  (needs ``has_aux=True``); the updated collections are returned in ``aux['updates']`` and the
+  caller stores them. Dropout keys go in ``rngs={'dropout': key}``.
+
+  Args:
+    model: a flax module (its ``apply`` is used) or an ``apply``-like function.
+    task_losses: one per-task loss spec for all tasks or a sequence of T specs: ``"bce"``,
+      ``"mse"``, ``"ranknet"``, or ``fn(outputs [B], labels [B], mask [B]) -> scalar``
+      (see :func:`per_task_loss`).
+    input_key: batch key of the model input.
+    label_key: batch key (or tuple of keys in task order) of the labels.
+    mask_key: batch key (or tuple of keys) of the ``[T, B]`` validity mask; ``None``: no mask.
+    group_key: batch key of the group ids used by ``"ranknet"``; ``None``: pairs across the batch.
+    has_aux: if True, ``loss_fn`` returns ``(losses, aux)`` with ``aux = {'model': model aux,
+      'outputs': [T, B] outputs}`` plus ``'updates'`` when ``mutable`` is set.
+    train: passed to the model as ``train=`` (static).
+    mutable: variable collections the model may update (e.g. ``('batch_stats',)``).
+    multi_task_loss: optional ``fn(outputs [T, B], labels [T, B], mask [T, B] or None) -> [T]``
+      used instead of ``task_losses`` for losses that combine several outputs (ESMM-style).
+
+  Returns:
+    ``loss_fn(params, batch, rngs=None, variables=None)`` returning ``[T]`` task losses, or
+    ``(losses, aux)`` with ``has_aux``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, mtjax
+    >>> class TwoHeads(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, *, train=False):
+    ...     return nn.Dense(2)(x).T, {}
+    >>> model = TwoHeads()
+    >>> batch = {'x': jnp.ones((4, 3)), 'labels': jnp.zeros((2, 4)), 'mask': jnp.ones((2, 4))}
+    >>> params = model.init(jax.random.key(0), batch['x'])['params']
+    >>> loss_fn = mtjax.losses.make_loss_fn(model, ('bce', 'mse'), mask_key='mask')
+    >>> (losses, aux), grads = mtjax.task_grads(loss_fn, has_aux=True)(params, batch)
+    >>> losses.shape, grads['Dense_0']['kernel'].shape, aux['outputs'].shape
+    ((2,), (2, 3, 2), (2, 4))
+  """
+  mutable = tuple(mutable)
+  if mutable and not has_aux:
+    raise ValueError(
+        "mtjax: make_loss_fn: mutable collections are returned in aux['updates']; set has_aux=True "
+        "(and task_grads(..., has_aux=True)) so the updates are not lost."
+    )
+  if multi_task_loss is None:
+    if isinstance(task_losses, str) or callable(task_losses):
+      _resolve(task_losses)  # validate names early
+    else:
+      for spec in task_losses:
+        _resolve(spec)
+  apply_fn = getattr(model, "apply", model)
+
+  def loss_fn(params, batch, rngs=None, variables=None):
+    if not isinstance(batch, Mapping):
+      raise ValueError("mtjax: make_loss_fn: batch must be a dict with the model input, labels and mask.")
+    if input_key not in batch:
+      raise ValueError(f"mtjax: make_loss_fn: input key {input_key!r} is not in the batch (keys: {list(batch)}).")
+    all_vars = {"params": params, **(variables or {})}
+    kwargs = {"train": train}
+    if rngs is not None:
+      kwargs["rngs"] = rngs
+    if mutable:
+      out, updates = apply_fn(all_vars, batch[input_key], mutable=list(mutable), **kwargs)
+    else:
+      out, updates = apply_fn(all_vars, batch[input_key], **kwargs), None
+    if isinstance(out, tuple) and len(out) == 2:
+      outputs, model_aux = out
+    elif isinstance(out, tuple):
+      raise ValueError(f"mtjax: make_loss_fn: the model returned a tuple of {len(out)}; expected (outputs [T, B], aux).")
+    else:
+      outputs, model_aux = out, {}
+    outputs = jnp.asarray(outputs)
+    if outputs.ndim != 2:
+      raise ValueError(
+          f"mtjax: make_loss_fn: model outputs must be [T, B] (task axis first), got shape {outputs.shape}."
+      )
+    labels = _stack_from_batch(batch, label_key, "label").astype(outputs.dtype)
+    mask = None if mask_key is None else _stack_from_batch(batch, mask_key, "mask")
+    if labels.shape != outputs.shape:
+      raise ValueError(
+          f"mtjax: make_loss_fn: labels have shape {labels.shape} but the model outputs have shape "
+          f"{outputs.shape}; both must be [T, B]."
+      )
+    if multi_task_loss is not None:
+      losses = jnp.asarray(multi_task_loss(outputs, labels, mask))
+      if losses.shape != (outputs.shape[0],):
+        raise ValueError(
+            f"mtjax: make_loss_fn: multi_task_loss returned shape {losses.shape}; expected [T] = "
+            f"({outputs.shape[0]},)."
+        )
+    else:
+      groups = None if group_key is None else _stack_from_batch(batch, group_key, "group")
+      losses = per_task_loss(outputs, labels, mask, task_losses=task_losses, groups=groups)
+    if not has_aux:
+      return losses
+    aux = {"model": model_aux, "outputs": outputs}
+    if mutable:
+      aux["updates"] = updates
+    return losses, aux
+
+  return loss_fn
