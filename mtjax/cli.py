@@ -1,0 +1,126 @@
+"""The `mtjax` command: `mtjax run CONFIG`, `mtjax compare [CONFIG]`, `mtjax list`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+USAGE = """examples:
+  mtjax compare                                  # the embedded default: MMoE, 3 synthetic conflicting tasks, 8 methods
+  mtjax compare --methods linear,pcgrad,mgda --seeds 0 1 2 --steps 1000
+  mtjax compare my_experiment.toml --out runs/cmp
+  mtjax run my_experiment.toml --out runs/one    # one configuration, with checkpoints if train.checkpoint_every > 0
+  mtjax list                                     # models, methods, datasets, optimizers
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="mtjax", description="Gradient-level multi-task learning experiments in JAX.",
+                              epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True)
+  r = sub.add_parser("run", help="train one configuration and write results + plots")
+  r.add_argument("config", help="experiment TOML file")
+  r.add_argument("--out", default=None, help="output folder (default: runs/<name>)")
+  r.add_argument("--seed", type=int, default=None, help="override train.seed")
+  r.add_argument("--steps", type=int, default=None, help="override train.steps")
+  r.add_argument("--no-progress", action="store_true")
+  r.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in the output folder")
+  c = sub.add_parser("compare", help="train one model with several methods and print a table")
+  c.add_argument("config", nargs="?", default=None, help="experiment TOML file (default: the embedded default)")
+  c.add_argument("--methods", default=None, help="comma-separated method names (default: all required methods)")
+  c.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the config's)")
+  c.add_argument("--steps", type=int, default=None, help="override train.steps")
+  c.add_argument("--samples", type=int, default=None, help="override data.num_samples (synthetic data)")
+  c.add_argument("--out", default=None, help="output folder (default: runs/compare-<name>)")
+  c.add_argument("--no-progress", action="store_true")
+  sub.add_parser("list", help="list models, methods, datasets and optimizers")
+  return p
+
+
+def _override(raw: dict, args) -> dict:
+  raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+  if getattr(args, "steps", None) is not None:
+    raw.setdefault("train", {})["steps"] = args.steps
+  if getattr(args, "seed", None) is not None:
+    raw.setdefault("train", {})["seed"] = args.seed
+  if getattr(args, "seeds", None):
+    raw["seeds"] = list(args.seeds)
+  if getattr(args, "samples", None) is not None:
+    raw["data"]["num_samples"] = args.samples
+  return raw
+
+
+def _load_raw(path):
+  import tomllib
+
+  from mtjax.experiment import ConfigError
+  if not os.path.exists(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  try:
+    with open(path, "rb") as f:
+      return tomllib.load(f)
+  except tomllib.TOMLDecodeError as e:
+    raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  from mtjax import experiment
+  from mtjax.experiment import _registry as reg
+
+  try:
+    if args.command == "list":
+      from mtjax import models
+      print("models:     " + ", ".join(models.available()))
+      print("methods:    " + ", ".join(reg.METHODS))
+      print("datasets:   " + ", ".join(reg.DATASETS))
+      print("optimizers: " + ", ".join(reg.OPTIMIZERS))
+      return 0
+    if args.command == "run":
+      cfg = experiment.from_dict(_override(_load_raw(args.config), args))
+      out = args.out or os.path.join("runs", cfg.name)
+      if args.fresh and os.path.isdir(os.path.join(out, "checkpoints")):
+        import shutil
+        shutil.rmtree(os.path.join(out, "checkpoints"))
+      t0 = time.time()
+      res = experiment.run(cfg, out_dir=out, progress=not args.no_progress)
+      names = [k for k in res.test if k != "macro"]
+      print(f"{cfg.name}: method {res.method}, seed {res.seed}, {cfg.train.steps} steps, "
+            f"{res.ms_per_step:.2f} ms/step, {time.time() - t0:.1f} s")
+      print("| task | " + " | ".join(sorted(res.test[names[0]])) + " |")
+      for n in names + ["macro"]:
+        print(f"| {n} | " + " | ".join(f"{res.test[n].get(k, float('nan')):.4f}" for k in sorted(res.test[names[0]])) + " |")
+      print(f"results, log.jsonl and learning_curves.png in {out}")
+      return 0
+    # compare
+    raw = _load_raw(args.config) if args.config else dict(experiment.DEFAULT_COMPARE)
+    raw = _override(raw, args)
+    names = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else
+             list(raw.pop("methods", experiment.DEFAULT_METHODS)))
+    raw.pop("methods", None)
+    methods = [m if isinstance(m, dict) else {"name": m} for m in names]
+    for m in methods:  # validate every method up front, before any training
+      experiment.from_dict({**raw, "method": m})
+    cfg = experiment.from_dict({**raw, "method": methods[0]})
+    out = args.out or os.path.join("runs", f"compare-{cfg.name}")
+    t0 = time.time()
+    print(f"mtjax compare: model {cfg.model['name']}, data {cfg.data['name']}, {len(methods)} methods x "
+          f"{len(cfg.seeds)} seed(s), {cfg.train.steps} steps of batch {cfg.train.batch_size}")
+    experiment.compare(cfg, methods, seeds=cfg.seeds, out_dir=out, progress=not args.no_progress)
+    print(f"test metrics (mean over seeds); total {time.time() - t0:.0f} s; table, results and "
+          f"learning_curves.png in {out}")
+    return 0
+  except experiment.ConfigError as e:
+    print(f"mtjax: config error: {e}", file=sys.stderr)
+    return 2
+  except ValueError as e:
+    if str(e).startswith("mtjax:"):
+      print(str(e), file=sys.stderr)
+      return 2
+    raise
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,27 @@
+"""Experiments: validated configs, single runs and method comparisons (the `mtjax` command)."""
+
+from mtjax.experiment._config import ConfigError
+from mtjax.experiment._config import ExperimentConfig
+from mtjax.experiment._config import TrainConfig
+from mtjax.experiment._config import from_dict
+from mtjax.experiment._config import load
+
+DEFAULT_COMPARE = {
+    "name": "default",
+    "data": {"name": "conflicting", "num_samples": 20000, "seed": 0},
+    "model": {"name": "mmoe", "num_experts": 4, "expert": [64, 32], "tower": [16, 1]},
+    "method": {"name": "linear"},
+    "optimizer": {"name": "adam", "learning_rate": 0.003},
+    "train": {"steps": 600, "batch_size": 256, "log_every": 10},
+    "seeds": [0, 1],
+}
+"""The embedded default of ``mtjax compare``: a small MMoE on 3 synthetic partly conflicting tasks."""
+
+DEFAULT_METHODS = ("linear", "pcgrad", "gradvac", "mgda", "pareto_ltr", "gradnorm", "dwa", "uncertainty")
+
+
+def __getattr__(name):  # the runner imports jax-heavy modules: load on first use
+  if name in ("run", "compare", "load_data", "build_model", "build_tx", "RunResult"):
+    from mtjax.experiment import _runner
+    return getattr(_runner, name)
+  raise AttributeError(name)

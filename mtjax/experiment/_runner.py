@@ -1,0 +1,235 @@
+"""Running experiments: one configuration (`run`) or one model under several methods (`compare`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import optax
+
+from mtjax import metrics as metrics_lib
+from mtjax import training
+from mtjax.experiment import _config
+from mtjax.experiment import _registry as reg
+
+SPLIT = (0.7, 0.15, 0.15)  # train / validation / test of a dataset that comes as one piece
+
+
+@dataclasses.dataclass
+class RunResult:
+  config: dict
+  seed: int
+  method: str
+  test: dict  # per-task metrics on the test split
+  valid: Optional[dict]
+  ms_per_step: float
+  history: list
+  out_dir: Optional[str]
+
+
+def load_data(cfg: _config.ExperimentConfig):
+  """``(train, valid, test)`` for the config's dataset (a fixed split, independent of the run seed)."""
+  kwargs = {k: v for k, v in cfg.data.items() if k != "name"}
+  out = reg.DATASETS[cfg.data["name"]](**kwargs)
+  if isinstance(out, dict):  # file loaders return named splits
+    train = out["train"]
+    valid = out.get("validation", out.get("valid"))
+    test = out.get("test")
+    if valid is None and test is not None:
+      half = len(test) // 2
+      valid, test = test.subset(np.arange(half)), test.subset(np.arange(half, len(test)))
+    if valid is None or test is None:
+      raise _config.ConfigError(f"data {cfg.data['name']!r} gave splits {sorted(out)}; need train and test")
+    return train, valid, test
+  if isinstance(out, tuple) and len(out) == 3:
+    return out
+  if isinstance(out, tuple) and len(out) == 2:
+    train, test = out
+    half = len(test) // 2
+    return train, test.subset(np.arange(half)), test.subset(np.arange(half, len(test)))
+  return out.split(SPLIT, seed=1234)
+
+
+def build_model(cfg: _config.ExperimentConfig, train):
+  kwargs = {k: v for k, v in cfg.model.items() if k != "name"}
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  cls = reg.model_class(cfg.model["name"])
+  fields = {f.name for f in dataclasses.fields(cls)}
+  if "num_tasks" in fields:
+    kwargs["num_tasks"] = train.num_tasks
+  if "features" in fields and train.spec is not None:
+    kwargs["features"] = train.spec
+  try:
+    return cls(**kwargs)
+  except TypeError as e:
+    raise _config.ConfigError(f"model {cfg.model['name']!r}: {e}") from None
+
+
+def build_tx(cfg: _config.ExperimentConfig, *, num_tasks: int, seed: int, steps_per_epoch: int):
+  """The optax chain ``method -> optimizer`` of a config."""
+  name = cfg.method["name"]
+  factory = reg.METHODS[name]
+  kwargs = {k: v for k, v in cfg.method.items() if k != "name"}
+  params = inspect.signature(factory).parameters
+  if "num_tasks" in params:
+    kwargs["num_tasks"] = num_tasks
+  if "key" in params and "key" not in kwargs:
+    kwargs["key"] = seed
+  if "steps_per_epoch" in params and "steps_per_epoch" not in kwargs:
+    kwargs["steps_per_epoch"] = steps_per_epoch
+  if name == "pareto_ltr" and "lower_bounds" not in kwargs:
+    kwargs["lower_bounds"] = [0.5 / num_tasks] * num_tasks  # each task keeps half its uniform share
+  try:
+    method = factory(**kwargs)
+  except (TypeError, ValueError) as e:
+    raise _config.ConfigError(f"method {name!r}: {e}") from None
+  opt_kwargs = {k: v for k, v in cfg.optimizer.items() if k != "name"}
+  opt_kwargs.setdefault("learning_rate", 1e-3)
+  return optax.chain(method, reg.OPTIMIZERS[cfg.optimizer["name"]](**opt_kwargs))
+
+
+def model_loss(cfg: _config.ExperimentConfig):
+  """``(task_losses, multi_task_loss)`` for the model: funnel models train on their entire-space loss."""
+  from mtjax import losses
+
+  special = getattr(losses, f"{cfg.model['name']}_loss", None)
+  if special is not None and cfg.model["name"] in ("esmm", "esm2", "aitm"):
+    return None, special
+  return None, None
+
+
+def run(cfg: _config.ExperimentConfig, *, seed: Optional[int] = None, out_dir: Optional[str] = None,
+        progress: bool = True, data=None, plots: bool = True) -> RunResult:
+  """Trains one configuration and evaluates it on the test split; writes results to ``out_dir``."""
+  seed = cfg.train.seed if seed is None else seed
+  train, valid, test = data if data is not None else load_data(cfg)
+  if cfg.train.batch_size > len(train):
+    raise _config.ConfigError(f"train.batch_size {cfg.train.batch_size} is larger than the training split "
+                              f"({len(train)} samples)")
+  model = build_model(cfg, train)
+  tx = build_tx(cfg, num_tasks=train.num_tasks, seed=seed, steps_per_epoch=max(1, len(train) // cfg.train.batch_size))
+  task_losses, multi = model_loss(cfg)
+  res = training.fit(model, tx, train, steps=cfg.train.steps, batch_size=cfg.train.batch_size, seed=seed,
+                     strategy=cfg.train.strategy, task_losses=task_losses, multi_task_loss=multi, eval_ds=valid,
+                     eval_every=cfg.train.eval_every, eval_batch_size=cfg.train.eval_batch_size,
+                     log_every=cfg.train.log_every, out_dir=out_dir, checkpoint_every=cfg.train.checkpoint_every,
+                     progress=progress, track_similarity=cfg.train.track_similarity, config=cfg.to_dict(),
+                     desc=f"{cfg.method['name']} s{seed}")
+  test_metrics = training.evaluate(model, res.state, test, batch_size=cfg.train.eval_batch_size)
+  result = RunResult(config=cfg.to_dict(), seed=seed, method=cfg.method["name"], test=test_metrics,
+                     valid=res.final_eval, ms_per_step=res.ms_per_step, history=res.history, out_dir=out_dir)
+  if out_dir:
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+      json.dump({"config": result.config, "seed": seed, "test": test_metrics, "valid": res.final_eval,
+                 "ms_per_step": res.ms_per_step}, f, indent=1, default=float)
+    if plots:
+      plot_learning_curves({cfg.method["name"]: [result]}, train.task_names, os.path.join(out_dir, "learning_curves.png"))
+  return result
+
+
+def _primary(task_type: str) -> tuple[str, bool]:
+  """The table metric of a task and whether lower is better."""
+  return ("auc", False) if task_type == "binary" else ("mse", True)
+
+
+def compare(cfg: _config.ExperimentConfig, methods: Sequence[dict], *, seeds: Sequence[int],
+            out_dir: Optional[str] = None, progress: bool = True, baseline: str = "linear", echo=print) -> dict:
+  """Trains ``cfg``'s model with every method (and seed) on the same data; returns and prints a table.
+
+  The table has, per method: the test metric of every task (AUC for binary tasks, MSE for
+  regression; mean over seeds, with the std when there are several), the macro average, Delta_m%
+  against ``baseline`` (linear scalarization by default) and the median ms/step.
+  """
+  data = load_data(cfg)
+  train = data[0]
+  names = list(train.task_names)
+  prim = [_primary(t) for t in train.task_types]
+  results: dict[str, list[RunResult]] = {}
+  for m in methods:
+    label = m.get("label", m["name"])
+    mcfg = cfg.replace(method={k: v for k, v in m.items() if k != "label"}, name=f"{cfg.name}-{label}")
+    for s in seeds:
+      sub = os.path.join(out_dir, label, f"seed_{s}") if out_dir else None
+      results.setdefault(label, []).append(run(mcfg, seed=s, out_dir=sub, progress=progress, data=data, plots=False))
+  table = summarize(results, names, prim, baseline=baseline)
+  text = format_table(table, names, prim, seeds=len(seeds), baseline=baseline)
+  echo(text)
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+      f.write(text + "\n")
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+      json.dump({"config": cfg.to_dict(), "methods": list(methods), "seeds": list(seeds), "table": table},
+                f, indent=1, default=float)
+    plot_learning_curves(results, names, os.path.join(out_dir, "learning_curves.png"))
+  return {"table": table, "results": results, "text": text}
+
+
+def summarize(results: dict, names: Sequence[str], prim, *, baseline: str) -> dict:
+  table = {}
+  for label, runs in results.items():
+    per_task = np.array([[r.test[n][p[0]] for n, p in zip(names, prim)] for r in runs])  # [S, T]
+    table[label] = {"mean": per_task.mean(0).tolist(), "std": per_task.std(0).tolist(),
+                    "macro": float(per_task.mean()), "ms_per_step": float(np.median([r.ms_per_step for r in runs])),
+                    "per_seed": per_task.tolist()}
+  base_label = baseline if baseline in table else next(iter(table))
+  base = np.asarray(table[base_label]["mean"])
+  lower = [p[1] for p in prim]
+  for label, row in table.items():
+    row["delta_m"] = float(metrics_lib.delta_m(np.asarray(row["mean"]), base, lower_is_better=lower))
+  table["_baseline"] = base_label
+  return table
+
+
+def format_table(table: dict, names, prim, *, seeds: int, baseline: str) -> str:
+  metric_names = [f"{n} {p[0].upper()}" for n, p in zip(names, prim)]
+  header = ["method"] + metric_names + ["macro", f"Δm% vs {table['_baseline']}", "ms/step"]
+  rows = []
+  for label, row in table.items():
+    if label.startswith("_"):
+      continue
+    cells = [label]
+    for mu, sd in zip(row["mean"], row["std"]):
+      cells.append(f"{mu:.4f}" + (f" ± {sd:.4f}" if seeds > 1 else ""))
+    cells += [f"{row['macro']:.4f}", f"{row['delta_m']:+.2f}", f"{row['ms_per_step']:.2f}"]
+    rows.append(cells)
+  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+  fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+  lines = [fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows]
+  return "\n".join(lines)
+
+
+def plot_learning_curves(results: dict, names: Sequence[str], path: str) -> None:
+  """Training loss per task (one panel per task), one curve per method (mean over seeds)."""
+  import matplotlib
+
+  matplotlib.use("Agg", force=False)
+  import matplotlib.pyplot as plt
+
+  t = len(names)
+  fig, axes = plt.subplots(1, t, figsize=(4 * t, 3.2), squeeze=False)
+  for label, runs in results.items():
+    hist = [r.history for r in runs if r.history]
+    if not hist:
+      continue
+    n = min(len(h) for h in hist)
+    steps = [rec["step"] for rec in hist[0][:n]]
+    losses = np.mean([[rec["losses"] for rec in h[:n]] for h in hist], axis=0)  # [n, T]
+    for k in range(t):
+      y = losses[:, k]
+      w = max(1, len(y) // 20)
+      smooth = np.convolve(y, np.ones(w) / w, mode="valid")
+      axes[0, k].plot(steps[w - 1:], smooth, label=label)
+  for k, name in enumerate(names):
+    axes[0, k].set_title(name)
+    axes[0, k].set_xlabel("step")
+    axes[0, k].set_ylabel("train loss")
+  axes[0, -1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -1,0 +1,11 @@
+"""Training: jitted multi-task train step, evaluation, logging, checkpoints and exact resume."""
+
+from mtjax.training._checkpoint import CheckpointError
+from mtjax.training._train import FitResult
+from mtjax.training._train import TrainState
+from mtjax.training._train import evaluate
+from mtjax.training._train import fit
+from mtjax.training._train import init_state
+from mtjax.training._train import make_predict_fn
+from mtjax.training._train import make_train_step
+from mtjax.training._train import method_weights

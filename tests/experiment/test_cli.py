@@ -1,0 +1,104 @@
+"""The `mtjax` command and experiment configs: end to end in a temporary folder, and config errors."""
+
+import json
+import os
+import textwrap
+
+import pytest
+
+from mtjax import cli, experiment
+
+TINY = """
+name = "tiny"
+seeds = [0]
+[data]
+name = "conflicting"
+num_samples = 800
+[model]
+name = "mmoe"
+num_experts = 2
+expert = [8]
+tower = [4, 1]
+[method]
+name = "{method}"
+[optimizer]
+name = "adam"
+learning_rate = 0.01
+[train]
+steps = {steps}
+batch_size = 64
+log_every = 2
+checkpoint_every = {ckpt}
+"""
+
+
+def _write(tmp_path, text, name="cfg.toml"):
+  p = tmp_path / name
+  p.write_text(textwrap.dedent(text))
+  return str(p)
+
+
+def test_run_end_to_end(tmp_path, capsys):
+  cfg = _write(tmp_path, TINY.format(method="mgda", steps=8, ckpt=4))
+  out = str(tmp_path / "out")
+  assert cli.main(["run", cfg, "--out", out, "--no-progress"]) == 0
+  text = capsys.readouterr().out
+  assert "| macro |" in text and "ms/step" in text
+  for f in ("results.json", "log.jsonl", "learning_curves.png"):
+    assert os.path.getsize(os.path.join(out, f)) > 0
+  res = json.load(open(os.path.join(out, "results.json")))
+  assert set(res["test"]) == {"task_0", "task_1", "task_2", "macro"}
+  assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_4", "step_8"]
+  # Running again on a finished folder resumes at the end: nothing is retrained.
+  assert cli.main(["run", cfg, "--out", out, "--no-progress"]) == 0
+
+
+def test_compare_tiny(tmp_path, capsys):
+  cfg = _write(tmp_path, TINY.format(method="linear", steps=6, ckpt=0))
+  out = str(tmp_path / "cmp")
+  assert cli.main(["compare", cfg, "--methods", "linear,pcgrad,uncertainty", "--seeds", "0", "1",
+                   "--out", out, "--no-progress"]) == 0
+  text = capsys.readouterr().out
+  rows = [l for l in text.splitlines() if l.startswith("| ")]
+  assert rows[0].startswith("| method") and "Δm% vs linear" in rows[0]
+  assert [r.split("|")[1].strip() for r in rows[1:]] == ["linear", "pcgrad", "uncertainty"]
+  assert "+0.00" in rows[1]  # the baseline against itself
+  assert os.path.getsize(os.path.join(out, "learning_curves.png")) > 0
+  table = json.load(open(os.path.join(out, "results.json")))["table"]
+  assert len(table["pcgrad"]["per_seed"]) == 2
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"model": {"name": "mmoee"}}, "unknown model 'mmoee'"),
+    ({"method": {"name": "pcgrad", "lr": 1}}, "method has unknown key 'lr'"),
+    ({"train": {"steps": "ten"}}, "train.steps must be int"),
+    ({"train": {"steps": 0}}, "train.steps must be >= 1"),
+    ({"train": {"strategy": "fast"}}, "train.strategy must be one of"),
+    ({"optimizer": {"name": "adam", "learning_rate": -1.0}}, "learning_rate must be a positive"),
+    ({"optimizer": {"name": "lion2"}}, "unknown optimizer"),
+    ({"extra": 1}, "unknown top-level key 'extra'"),
+    ({"model": {"name": "mmoe", "num_tasks": 3}}, "set by the experiment"),
+    ({"data": {"name": "conflicting", "rows": 5}}, "data has unknown key 'rows'"),
+])
+def test_config_errors(patch, message):
+  raw = {"data": {"name": "conflicting"}, "model": {"name": "mmoe"}, "method": {"name": "pcgrad"}}
+  raw.update(patch)
+  with pytest.raises(experiment.ConfigError, match=message):
+    experiment.from_dict(raw)
+
+
+def test_cli_config_error_is_one_line(tmp_path, capsys):
+  cfg = _write(tmp_path, TINY.format(method="nash", steps=2, ckpt=0))
+  assert cli.main(["run", cfg, "--no-progress"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and "unknown method 'nash'" in err
+  bad = _write(tmp_path, "[data\nname=1", "bad.toml")
+  assert cli.main(["compare", bad]) == 2
+  assert cli.main(["compare", str(tmp_path / "missing.toml")]) == 2
+  assert cli.main(["compare", "--methods", "linear,bogus"]) == 2
+
+
+def test_list(capsys):
+  assert cli.main(["list"]) == 0
+  out = capsys.readouterr().out
+  assert "mmoe" in out and "pcgrad" in out and "conflicting" in out
