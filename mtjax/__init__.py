@@ -14,6 +14,13 @@ from mtjax import losses
 from mtjax import metrics
 from mtjax.transforms import LinearState
 from mtjax.transforms import linear
+from mtjax.transforms import GradNormState
+from mtjax.transforms import gradnorm
+from mtjax.transforms import DWAState
+from mtjax.transforms import dwa
+from mtjax.transforms import UncertaintyState
+from mtjax.transforms import uncertainty
+from mtjax.transforms import uncertainty_objective
 
 __version__ = "0.1.0"
 
@@ -26,4 +33,11 @@ __all__ = (
     "multi_input_task_grads",
     "shared_mask",
     "task_grads",
+    "GradNormState",
+    "gradnorm",
+    "DWAState",
+    "dwa",
+    "UncertaintyState",
+    "uncertainty",
+    "uncertainty_objective",
 )

@@ -129,6 +129,7 @@ def gram_weighting(
     requires_task_losses: bool = False,
     task_specific: str = "sum",
     check_finite: bool = True,
+    record_weights: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a multi-task transform from a weights function (see the module docstring).
 
@@ -145,6 +146,8 @@ def gram_weighting(
     task_specific: ``"sum"`` (plain sum of task gradients on task-specific leaves, the default of
       DESIGN.md) or ``"weighted"`` (apply the task weights there too; needs ``[T]`` weights).
     check_finite: check the Gram diagonal and losses for NaN/inf (jit-safe, host call only on failure).
+    record_weights: store the weights used at each step in the state's ``weights`` field (set
+      ``False`` when ``weights_fn`` keeps its own learned weights there, e.g. GradNorm).
   """
   if task_specific not in ("sum", "weighted"):
     raise ValueError(f"mtjax: {method}: task_specific must be 'sum' or 'weighted', got {task_specific!r}.")
@@ -202,7 +205,7 @@ def gram_weighting(
       else:
         out.append(jnp.sum(leaf, axis=0))
 
-    if hasattr(new_state, "weights") and jnp.size(new_state.weights) > 0:
+    if record_weights and hasattr(new_state, "weights") and jnp.size(new_state.weights) > 0:
       new_state = new_state._replace(weights=jnp.broadcast_to(weights, new_state.weights.shape).astype(
           new_state.weights.dtype))
     return jax.tree_util.tree_unflatten(treedef, out), new_state

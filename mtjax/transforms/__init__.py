@@ -2,3 +2,10 @@
 
 from mtjax.transforms._linear import LinearState
 from mtjax.transforms._linear import linear
+from mtjax.transforms._gradnorm import GradNormState
+from mtjax.transforms._gradnorm import gradnorm
+from mtjax.transforms._dwa import DWAState
+from mtjax.transforms._dwa import dwa
+from mtjax.transforms._uncertainty import UncertaintyState
+from mtjax.transforms._uncertainty import uncertainty
+from mtjax.transforms._uncertainty import uncertainty_objective
