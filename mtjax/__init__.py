@@ -12,8 +12,12 @@ from mtjax._src.weighting import WeightingInputs
 from mtjax._src.weighting import gram_weighting
 from mtjax import losses
 from mtjax import metrics
+from mtjax.transforms import GradVacState
 from mtjax.transforms import LinearState
+from mtjax.transforms import PCGradState
+from mtjax.transforms import gradvac
 from mtjax.transforms import linear
+from mtjax.transforms import pcgrad
 from mtjax.transforms import GradNormState
 from mtjax.transforms import gradnorm
 from mtjax.transforms import DWAState
@@ -25,12 +29,16 @@ from mtjax.transforms import uncertainty_objective
 __version__ = "0.1.0"
 
 __all__ = (
+    "GradVacState",
     "LinearState",
+    "PCGradState",
     "WeightingInputs",
     "default_strategy",
+    "gradvac",
     "gram_weighting",
     "linear",
     "multi_input_task_grads",
+    "pcgrad",
     "shared_mask",
     "task_grads",
     "GradNormState",

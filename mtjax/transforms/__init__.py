@@ -2,6 +2,10 @@
 
 from mtjax.transforms._linear import LinearState
 from mtjax.transforms._linear import linear
+from mtjax.transforms._gradvac import GradVacState
+from mtjax.transforms._gradvac import gradvac
+from mtjax.transforms._pcgrad import PCGradState
+from mtjax.transforms._pcgrad import pcgrad
 from mtjax.transforms._gradnorm import GradNormState
 from mtjax.transforms._gradnorm import gradnorm
 from mtjax.transforms._dwa import DWAState
