@@ -125,7 +125,7 @@ def test_oracle_first_step_is_pcgrad():
   np.testing.assert_allclose(updates["w"], -0.1 * np.array([0.5848, 3.8012, 3.8012]), atol=1e-4)
 
 
-@pytest.mark.parametrize("num_tasks", [3, 8])
+@pytest.mark.parametrize("num_tasks", [6])
 def test_first_step_equals_pcgrad_with_the_same_key(num_tasks):
   rng = np.random.default_rng(num_tasks)
   grads = random_task_grads(rng, num_tasks, "float32")
@@ -141,9 +141,9 @@ def test_first_step_equals_pcgrad_with_the_same_key(num_tasks):
                              rtol=1e-4, atol=1e-4)
 
 
-CASES = ([("float32", t, "model", "sum") for t in range(1, 9)]
-         + [("float32", 3, "layer", "mean"), ("float32", 6, "leaf", "sum"),
-            ("float64", 2, "layer", "sum"), ("float64", 5, "leaf", "mean"), ("float64", 8, "model", "sum")])
+CASES = ([("float32", t, g, "mean" if t == 3 else "sum")
+          for t, g in zip(range(1, 9), ["model", "leaf", "layer", "model", "leaf", "model", "layer", "model"])]
+         + [("float64", 2, "layer", "sum"), ("float64", 5, "leaf", "mean"), ("float64", 8, "model", "sum")])
 
 
 @pytest.mark.parametrize("dtype,num_tasks,granularity,reduction", CASES)
