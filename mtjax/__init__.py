@@ -25,6 +25,10 @@ from mtjax.transforms import dwa
 from mtjax.transforms import UncertaintyState
 from mtjax.transforms import uncertainty
 from mtjax.transforms import uncertainty_objective
+from mtjax.transforms import MGDAState
+from mtjax.transforms import mgda
+from mtjax.transforms import ParetoLTRState
+from mtjax.transforms import pareto_ltr
 
 __version__ = "0.1.0"
 
@@ -48,4 +52,8 @@ __all__ = (
     "UncertaintyState",
     "uncertainty",
     "uncertainty_objective",
+    "MGDAState",
+    "mgda",
+    "ParetoLTRState",
+    "pareto_ltr",
 )

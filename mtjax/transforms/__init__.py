@@ -13,3 +13,7 @@ from mtjax.transforms._dwa import dwa
 from mtjax.transforms._uncertainty import UncertaintyState
 from mtjax.transforms._uncertainty import uncertainty
 from mtjax.transforms._uncertainty import uncertainty_objective
+from mtjax.transforms._mgda import MGDAState
+from mtjax.transforms._mgda import mgda
+from mtjax.transforms._pareto_ltr import ParetoLTRState
+from mtjax.transforms._pareto_ltr import pareto_ltr

@@ -1,0 +1,176 @@
+"""PE-LTR: Pareto-efficient task weights with priority lower bounds (Lin et al., RecSys 2019)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mtjax._src import numerics
+from mtjax._src import solvers
+from mtjax._src import tree as tree_lib
+from mtjax._src import weighting
+
+# Rounding slack when checking sum(lower_bounds) <= 1 (e.g. 0.7 + 0.2 + 0.1 in float32).
+_SUM_SLACK = 1e-6
+
+
+class ParetoLTRState(NamedTuple):
+  """State of :func:`pareto_ltr`.
+
+  Attributes:
+    weights: the task weights ``[T]`` of the last step (empty when ``num_tasks`` is not given).
+  """
+
+  weights: jax.Array
+
+
+def _messages(num: int) -> tuple[str, str]:
+  negative = ("mtjax: pareto_ltr: lower_bounds must be non-negative (they are minimum task weights "
+              "c_i >= 0).")
+  too_big = ("mtjax: pareto_ltr: lower_bounds sum to more than 1, so no weights on the simplex "
+             f"satisfy w_i >= c_i; make the {num} bounds sum to at most 1.")
+  return negative, too_big
+
+
+def pareto_ltr_weights(gram: jax.Array, lower_bounds: jax.Array) -> jax.Array:
+  r"""The two-step PE-LTR weights from a Gram matrix and lower bounds (no validation).
+
+  Step 1 solves the equality-constrained relaxation with :math:`w = c + \hat w` by
+  :math:`\hat w, \lambda = \operatorname{pinv}\Big(\begin{bmatrix} G & \mathbf 1 \\
+  \mathbf 1^\top & 0 \end{bmatrix}\Big) \begin{bmatrix} -G c \\ 1 - \sum_i c_i \end{bmatrix}`;
+  step 2 projects :math:`\hat w` onto :math:`\{x \ge 0, \sum_i x_i = 1 - \sum_i c_i\}` and
+  returns :math:`c + x`. ``G`` is first divided by its largest diagonal entry (the weights are
+  scale invariant), which keeps the pseudo-inverse's cutoff relative.
+
+  Args:
+    gram: ``[T, T]`` Gram matrix.
+    lower_bounds: ``[T]`` non-negative bounds summing to at most 1.
+
+  Returns:
+    ``[T]`` weights, ``>= lower_bounds`` and summing to 1.
+  """
+  gram, _ = solvers.scale_gram(gram)
+  dtype = gram.dtype
+  t = gram.shape[0]
+  c = jnp.asarray(lower_bounds).astype(dtype)
+  free = 1.0 - jnp.sum(c)
+  ones = jnp.ones((t,), dtype)
+  kkt = jnp.concatenate([
+      jnp.concatenate([gram, ones[:, None]], axis=1),
+      jnp.concatenate([ones, jnp.zeros((1,), dtype)])[None, :],
+  ], axis=0)
+  rhs = jnp.concatenate([-jnp.matmul(gram, c, precision=numerics.HIGHEST), free[None]])
+  solution = jnp.matmul(jnp.linalg.pinv(kkt), rhs, precision=numerics.HIGHEST)
+  w_hat = solution[:t]
+  x = solvers.project_simplex(w_hat, jnp.maximum(free, 0.0))
+  return c + x
+
+
+def pareto_ltr(
+    lower_bounds: jax.typing.ArrayLike,
+    *,
+    num_tasks: Optional[int] = None,
+    shared: tree_lib.SharedSpec = None,
+    task_specific: str = "sum",
+) -> optax.GradientTransformationExtraArgs:
+  r"""PE-LTR: Pareto-efficient task weights with per-task lower bounds (priorities).
+
+  The weights solve (approximately, in two steps as in the paper)
+
+  .. math::
+    \min_w \Big\| \sum_{i=1}^T w_i g_i \Big\|^2 \quad \text{s.t.} \quad \sum_i w_i = 1, \quad
+    w_i \ge c_i,
+
+  with priority lower bounds :math:`c_i \ge 0`, :math:`\sum_i c_i \le 1`. Writing
+  :math:`w = c + \hat w` and :math:`G = J J^\top` (the Gram of the shared parameters):
+
+  1. drop :math:`\hat w \ge 0` and solve the KKT system of the equality-constrained problem,
+     :math:`\begin{bmatrix} G & \mathbf 1 \\ \mathbf 1^\top & 0 \end{bmatrix}
+     \begin{bmatrix} \hat w \\ \lambda \end{bmatrix} =
+     \begin{bmatrix} -G c \\ 1 - \sum_i c_i \end{bmatrix}`, by pseudo-inverse (least squares,
+     so a singular :math:`G` -- identical, opposite, zero or fewer-than-``T``-dimensional
+     gradients -- is fine);
+  2. project :math:`\hat w` exactly onto :math:`\{x \ge 0, \sum_i x_i = 1 - \sum_i c_i\}`
+     (sort-based projection) and return :math:`w = c + x`.
+
+  The result always satisfies :math:`w \ge c` and :math:`\sum_i w_i = 1`; with
+  :math:`\sum_i c_i = 1` it is :math:`w = c`. It is the exact constrained minimizer when the
+  relaxed solution of step 1 is feasible, and for ``T = 2``; otherwise step 2 is the paper's
+  heuristic, which can differ from the exact quadratic program (for the exact min-norm point
+  without bounds use :func:`mtjax.mgda`). Lower bounds themselves can force a direction that
+  increases a task's loss to first order.
+
+  .. warning::
+    Must be first in an ``optax.chain``: it consumes per-task gradients (every leaf
+    ``[T, *param.shape]``, e.g. from :func:`mtjax.task_grads`) and emits params-shaped updates.
+    Do not wrap it in ``optax.MultiSteps``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, mtjax
+    >>> params = {'w': jnp.zeros(3)}
+    >>> task_grads = {'w': jnp.array([[-4., 1., 1.], [6., 1., 1.]])}
+    >>> tx = optax.chain(mtjax.pareto_ltr([0.7, 0.1]), optax.sgd(1.0))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(task_grads, state, params)
+    >>> [round(x, 4) for x in state[0].weights.tolist()]
+    [0.7, 0.3]
+    >>> [round(x, 4) for x in (-updates['w']).tolist()]
+    [-1.0, 1.0, 1.0]
+
+  Args:
+    lower_bounds: ``[T]`` priority lower bounds :math:`c` (traceable, e.g. under
+      ``optax.inject_hyperparams``); non-negative and summing to at most 1 (a ``ValueError`` at
+      construction for concrete bounds, a jit-safe runtime check for traced ones). ``[0] * T``
+      gives the unconstrained Pareto-efficient weights.
+    num_tasks: number of tasks ``T`` (default: ``len(lower_bounds)``); the state records the
+      weights of every step.
+    shared: shared-parameter mask (see :func:`mtjax.shared_mask`); the weights come from the
+      Gram of the shared leaves only.
+    task_specific: ``"sum"`` (plain sum of the task gradients on task-specific leaves) or
+      ``"weighted"`` (apply the PE-LTR weights there too).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`ParetoLTRState`.
+
+  References:
+    Lin, Chen, Liu, Li, Zhang, Yang, Ou, Jiang, *A Pareto-Efficient Algorithm for Multiple
+    Objective Optimization in E-Commerce Recommendation*, RecSys 2019.
+    https://doi.org/10.1145/3298689.3346998
+  """
+  shape = np.shape(lower_bounds)
+  if len(shape) != 1 or shape[0] < 1:
+    raise ValueError(f"mtjax: pareto_ltr: lower_bounds must be a 1-D vector [T] (one bound per task), "
+                     f"got shape {shape}.")
+  if num_tasks is None:
+    num_tasks = int(shape[0])
+  elif shape[0] != num_tasks:
+    raise ValueError(f"mtjax: pareto_ltr: lower_bounds has {shape[0]} entries but num_tasks={num_tasks}; "
+                     "give one bound per task.")
+  negative_msg, too_big_msg = _messages(num_tasks)
+  concrete = numerics._is_concrete(lower_bounds)  # pylint: disable=protected-access
+  if concrete:
+    bounds = np.asarray(lower_bounds, np.float64)
+    if not np.all(np.isfinite(bounds)) or np.any(bounds < 0):
+      raise ValueError(negative_msg + f" Got {bounds.tolist()}.")
+    if bounds.sum() > 1.0 + _SUM_SLACK:
+      raise ValueError(too_big_msg + f" Got {bounds.tolist()} (sum {bounds.sum():.6g}).")
+
+  def init_state(params):
+    del params
+    return ParetoLTRState(weights=weighting.init_weights(num_tasks))
+
+  def weights_fn(inputs, state):
+    gram = inputs.grams[0]
+    c = jnp.asarray(lower_bounds)
+    if not concrete:
+      numerics.check_condition(jnp.any(~(c >= 0)), negative_msg)
+      numerics.check_condition(jnp.sum(c) > 1.0 + _SUM_SLACK, too_big_msg)
+    return pareto_ltr_weights(gram, c), state
+
+  return weighting.gram_weighting(
+      weights_fn, init_state, method="pareto_ltr", num_tasks=num_tasks, shared=shared,
+      task_specific=task_specific)
