@@ -121,8 +121,12 @@ def run(cfg: _config.ExperimentConfig, *, seed: Optional[int] = None, out_dir: O
                      progress=progress, track_similarity=cfg.train.track_similarity, config=cfg.to_dict(),
                      desc=f"{cfg.method['name']} s{seed}")
   test_metrics = training.evaluate(model, res.state, test, batch_size=cfg.train.eval_batch_size)
+  history = res.history
+  if out_dir:  # after a resume the log file holds the whole run, the in-memory history only its end
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+      history = [r for r in map(json.loads, f) if "losses" in r]
   result = RunResult(config=cfg.to_dict(), seed=seed, method=cfg.method["name"], test=test_metrics,
-                     valid=res.final_eval, ms_per_step=res.ms_per_step, history=res.history, out_dir=out_dir)
+                     valid=res.final_eval, ms_per_step=res.ms_per_step, history=history, out_dir=out_dir)
   if out_dir:
     with open(os.path.join(out_dir, "results.json"), "w") as f:
       json.dump({"config": result.config, "seed": seed, "test": test_metrics, "valid": res.final_eval,
@@ -229,7 +233,8 @@ def plot_learning_curves(results: dict, names: Sequence[str], path: str) -> None
     axes[0, k].set_title(name)
     axes[0, k].set_xlabel("step")
     axes[0, k].set_ylabel("train loss")
-  axes[0, -1].legend(fontsize=7)
+  if axes[0, -1].get_legend_handles_labels()[0]:
+    axes[0, -1].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

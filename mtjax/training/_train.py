@@ -214,6 +214,11 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
   if out_dir and resume and ckpt_dir and _checkpoint.latest(ckpt_dir):
     state, meta = _checkpoint.restore(_checkpoint.latest(ckpt_dir), state)
     it.restore(meta["data_state"])
+    if log_path and os.path.exists(log_path):  # drop records written after the checkpoint
+      with open(log_path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= meta["step"]]
+      with open(log_path, "w") as f:
+        f.writelines(keep)
   elif log_path and os.path.exists(log_path):
     os.remove(log_path)
   step_fn = make_train_step(model, tx, task_losses=task_losses, multi_task_loss=multi_task_loss,

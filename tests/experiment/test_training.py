@@ -43,6 +43,10 @@ def test_resume_is_bit_identical(tmp_path, method):
   assert _leaves_equal(full.state, resumed.state)
   # Steps 6..12 were replayed from the step-5 checkpoint with the same data order.
   np.testing.assert_array_equal([r["losses"] for r in full.history[5:]], [r["losses"] for r in resumed.history])
+  # The log holds every step once: records written after the checkpoint (steps 6, 7) were replaced.
+  logged = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+  assert [r["step"] for r in logged if "losses" in r] == list(range(1, 13))
+  np.testing.assert_array_equal([r["losses"] for r in logged], [r["losses"] for r in full.history])
 
 
 def test_checkpoint_errors(tmp_path):
