@@ -152,3 +152,19 @@ def test_linear_against_numpy_and_sum():
     mtjax.linear([[1.0]])
   with pytest.raises(ValueError, match="num_tasks=2"):
     mtjax.linear([1.0, 1.0]).update(g, mtjax.linear([1.0, 1.0]).init(params))
+
+
+@pytest.mark.parametrize("factory", [lambda: mtjax.linear(num_tasks=3),
+                                     lambda: mtjax.dwa(num_tasks=3, steps_per_epoch=2),
+                                     lambda: mtjax.uncertainty(num_tasks=3)])
+def test_gram_free_methods_reject_nonfinite_gradients(factory):
+  g = _tree(3)
+  bad = jax.tree.map(lambda x: x.at[1].set(jnp.inf), g)
+  tx = factory()
+  state = tx.init(jax.tree.map(lambda x: x[0], g))
+  with pytest.raises(ValueError, match="non-finite task gradients"):
+    tx.update(bad, state, task_losses=jnp.ones(3))
+  with pytest.raises(Exception, match="non-finite task gradients"):
+    jax.block_until_ready(jax.jit(tx.update)(bad, state, task_losses=jnp.ones(3)))
+  out, _ = jax.jit(tx.update)(g, state, task_losses=jnp.ones(3))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))

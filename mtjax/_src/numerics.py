@@ -87,7 +87,8 @@ def check_finite(x: jax.Array, what: str) -> None:
     return
 
   def fail(v):
-    _raise_nonfinite(v, what=what)
+    if not np.all(np.isfinite(np.asarray(v))):  # re-check: under vmap the cond is a select, both branches run
+      _raise_nonfinite(v, what=what)
 
   jax.lax.cond(
       jnp.any(~jnp.isfinite(x)),
@@ -104,7 +105,8 @@ def check_condition(bad: jax.Array, message: str) -> None:
       raise ValueError(message)
     return
 
-  def fail(_):
-    raise ValueError(message)
+  def fail(b):
+    if np.any(np.asarray(b)):  # re-check: under vmap the cond is a select, both branches run
+      raise ValueError(message)
 
   jax.lax.cond(bad, lambda b: jax.debug.callback(fail, b), lambda b: None, bad)

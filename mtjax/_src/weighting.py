@@ -205,6 +205,11 @@ def gram_weighting(
       else:
         out.append(jnp.sum(leaf, axis=0))
 
+    if check_finite and grams is None:  # no Gram diagonal to look at: check the update itself
+      bad = jnp.logical_not(jnp.all(jnp.stack([jnp.all(jnp.isfinite(o)) for o in out])))
+      numerics.check_condition(
+          bad, f"mtjax: non-finite task gradients given to {method} (NaN/inf in the update). Check the "
+          "loss for NaN/inf (log of 0, division by zero, exploding logits).")
     if record_weights and hasattr(new_state, "weights") and jnp.size(new_state.weights) > 0:
       new_state = new_state._replace(weights=jnp.broadcast_to(weights, new_state.weights.shape).astype(
           new_state.weights.dtype))
