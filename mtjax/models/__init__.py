@@ -1,0 +1,26 @@
+"""Flax linen multi-task architectures, feature specs and the model registry.
+
+Every model is ``__call__(x, *, train=False) -> (outputs [T, B], aux dict)``; build one by
+class or by name with ``mtjax.models.get(name, **config)``.
+"""
+
+from mtjax.models._features import Categorical
+from mtjax.models._features import Dense
+from mtjax.models._features import FeatureEmbedding
+from mtjax.models._features import FeatureSpec
+from mtjax.models._layers import InputLayer
+from mtjax.models._layers import MLP
+from mtjax.models._registry import available
+from mtjax.models._registry import get
+from mtjax.models._registry import register
+from mtjax.models._experts import Experts
+from mtjax.models._experts import Gate
+from mtjax.models._experts import gate_dropout
+from mtjax.models._shared_bottom import SharedBottom
+from mtjax.models._mmoe import MMoE
+from mtjax.models._mmoe import OMoE
+from mtjax.models._ple import CGC
+from mtjax.models._ple import PLE
+from mtjax.models._ple import ExtractionLevel
+from mtjax.models._stem import STEM
+from mtjax.models._stem import STEMLevel

@@ -1,0 +1,95 @@
+"""A name -> model-class registry, so configs and the command line can pick architectures by name."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Type
+
+import flax.linen as nn
+
+_MODELS: Dict[str, Type[nn.Module]] = {}
+_RESERVED_FIELDS = ("parent", "name")
+
+
+def register(name: str) -> Callable[[Type[nn.Module]], Type[nn.Module]]:
+  """Class decorator that registers a model under ``name`` (for :func:`get`).
+
+  Registering a different class under a taken name raises; re-registering the same class
+  (a module reload) is allowed.
+
+  Examples:
+    >>> import flax.linen as nn
+    >>> from mtjax import models
+    >>> @models.register("my_linear")
+    ... class MyLinear(nn.Module):
+    ...   num_tasks: int = 2
+    ...   @nn.compact
+    ...   def __call__(self, x, *, train=False):
+    ...     return nn.Dense(self.num_tasks)(x).T, {}
+    >>> "my_linear" in models.available()
+    True
+
+  Args:
+    name: the registry key (lowercase by convention, e.g. ``"mmoe"``).
+
+  Returns:
+    A decorator that returns the class unchanged.
+  """
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"mtjax: register() needs a non-empty string name, got {name!r}.")
+
+  def decorator(cls: Type[nn.Module]) -> Type[nn.Module]:
+    known = _MODELS.get(name)
+    if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+      raise ValueError(f"mtjax: model name {name!r} is already registered to "
+                       f"{known.__module__}.{known.__qualname__}; choose another name.")
+    _MODELS[name] = cls
+    return cls
+
+  return decorator
+
+
+def available() -> List[str]:
+  """The registered model names, sorted.
+
+  Examples:
+    >>> from mtjax import models
+    >>> {"mmoe", "ple", "shared_bottom"} <= set(models.available())
+    True
+  """
+  return sorted(_MODELS)
+
+
+def get(name: str, **config: Any) -> nn.Module:
+  """Builds the model registered as ``name`` with the given configuration.
+
+  Every key of ``config`` must be a field of the model's dataclass; an unknown name, an
+  unknown key or a missing required field raises a ``ValueError`` that lists the valid choices.
+
+  Examples:
+    >>> from mtjax import models
+    >>> model = models.get("mmoe", num_tasks=2, num_experts=4, expert=(8,), tower=(4, 1))
+    >>> type(model).__name__, model.num_experts
+    ('MMoE', 4)
+
+  Args:
+    name: a name from :func:`available`.
+    **config: the model's attributes.
+
+  Returns:
+    An (unbound) Flax module.
+  """
+  if name not in _MODELS:
+    raise ValueError(f"mtjax: unknown model {name!r}; known models: {', '.join(available())}.")
+  cls = _MODELS[name]
+  fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "parent"}
+  unknown = sorted(k for k in config if k not in fields or k == "parent")
+  if unknown:
+    valid = sorted(k for k in fields if k not in _RESERVED_FIELDS)
+    raise ValueError(f"mtjax: model {name!r} has no option(s) {unknown}; its options are: {', '.join(valid)}.")
+  missing = sorted(k for k, f in fields.items()
+                   if k not in _RESERVED_FIELDS and k not in config
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+  if missing:
+    raise ValueError(f"mtjax: model {name!r} needs option(s) {missing}.")
+  return cls(**config)
