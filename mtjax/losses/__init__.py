@@ -7,3 +7,10 @@ from mtjax.losses._basic import masked_mean
 from mtjax.losses._basic import mse
 from mtjax.losses._basic import per_task_loss
 from mtjax.losses._basic import ranknet
+from mtjax.losses._funnel import aitm_calibrator
+from mtjax.losses._funnel import aitm_loss
+from mtjax.losses._funnel import esm2_composite_logits
+from mtjax.losses._funnel import esm2_log_probs
+from mtjax.losses._funnel import esm2_loss
+from mtjax.losses._funnel import esmm_log_probs
+from mtjax.losses._funnel import esmm_loss

@@ -24,3 +24,11 @@ from mtjax.models._ple import PLE
 from mtjax.models._ple import ExtractionLevel
 from mtjax.models._stem import STEM
 from mtjax.models._stem import STEMLevel
+from mtjax.models._esmm import ESMM
+from mtjax.models._esmm import ESM2
+from mtjax.models._aitm import AITM
+from mtjax.models._pepnet import GateNU
+from mtjax.models._pepnet import PEPNet
+from mtjax.models._star import PartitionedNorm
+from mtjax.models._star import STAR
+from mtjax.models._star import StarDense

@@ -1,0 +1,152 @@
+r"""ESMM and ESM^2: entire-space funnel models for post-click conversion rate estimation."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtjax.losses._funnel import esm2_log_probs
+from mtjax.losses._funnel import esmm_log_probs
+from mtjax.models._features import FeatureSpec
+from mtjax.models._layers import MLP
+from mtjax.models._layers import InputLayer
+from mtjax.models._registry import register
+
+
+def _check_tower(name: str, tower: Sequence[int]) -> None:
+  if not tower or tower[-1] != 1:
+    raise ValueError(f"mtjax: {name}: tower must be a sequence of widths ending in 1 (a logit), got {tuple(tower)}.")
+
+
+def _shared_input(module: nn.Module, x, bottom: Sequence[int], dropout: float, train: bool) -> jax.Array:
+  h, _ = InputLayer(module.features, name="input")(x)
+  if bottom:
+    h = MLP(tuple(bottom), dropout=dropout, name="bottom")(h, train=train)
+  return h
+
+
+def _tower(name: str, tower: Sequence[int], dropout: float, h: jax.Array, train: bool) -> jax.Array:
+  return MLP(tuple(tower), dropout=dropout, activate_last=False, name=name)(h, train=train)[:, 0]
+
+
+@register("esmm")
+class ESMM(nn.Module):
+  r"""Entire Space Multi-task Model: CTR and CVR towers on a shared embedding.
+
+  .. math::
+    p_{\mathrm{CTR}} = \sigma(a), \quad p_{\mathrm{CVR}} = \sigma(b), \quad
+    p_{\mathrm{CTCVR}} = p_{\mathrm{CTR}}\, p_{\mathrm{CVR}},
+    \qquad a = t_{\mathrm{ctr}}(e(x)),\ b = t_{\mathrm{cvr}}(e(x)),
+
+  where the embedding :math:`e` is shared by both towers. Train it with
+  :func:`mtjax.losses.esmm_loss` (CTR and CTCVR losses over all impressions, none on pCVR), which
+  computes :math:`\log p_{\mathrm{CTCVR}} = \log\sigma(a) + \log\sigma(b)` in log space.
+
+  Option beyond the paper: ``bottom`` adds a shared MLP between the embedding and the towers
+  (some libraries share one; the paper shares only the embedding lookup).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from mtjax import models
+    >>> model = models.ESMM(tower=(8, 1))
+    >>> x = jnp.ones((5, 6))
+    >>> outputs, aux = model.apply(model.init(jax.random.key(0), x), x)
+    >>> outputs.shape, aux['log_p_ctcvr'].shape
+    ((2, 5), (5,))
+    >>> bool(jnp.allclose(aux['log_p_ctcvr'], aux['log_p_ctr'] + aux['log_p_cvr']))
+    True
+
+  Attributes:
+    tower: widths of the CTR and CVR towers, ending in 1.
+    features: a :class:`FeatureSpec` to embed a feature dict (``None``: dense ``[B, D]`` input).
+    bottom: widths of an optional shared MLP (``()``: the paper, embedding shared only).
+    dropout: dropout rate after hidden activations (train only).
+
+  Returns (of ``__call__``):
+    ``(outputs [2, B], aux)``: outputs are (CTR logit, CVR logit); ``aux`` holds ``[B]``
+    ``log_p_ctr``, ``log_p_cvr`` and ``log_p_ctcvr``.
+
+  References:
+    Ma, Zhao, Huang, Wang, Hu, Zhu, Gai, *Entire Space Multi-Task Model: An Effective Approach
+    for Estimating Post-Click Conversion Rate*, SIGIR 2018.
+  """
+
+  tower: Sequence[int] = (64, 32, 1)
+  features: Optional[FeatureSpec] = None
+  bottom: Sequence[int] = ()
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:
+    _check_tower("ESMM", self.tower)
+    h = _shared_input(self, x, self.bottom, self.dropout, train)
+    ctr = _tower("tower_ctr", self.tower, self.dropout, h, train)
+    cvr = _tower("tower_cvr", self.tower, self.dropout, h, train)
+    outputs = jnp.stack([ctr, cvr])
+    lp = esmm_log_probs(outputs)
+    return outputs, {k: lp[k] for k in ("log_p_ctr", "log_p_cvr", "log_p_ctcvr")}
+
+
+@register("esm2")
+class ESM2(nn.Module):
+  r"""ESM^2: entire-space multi-task model with post-click behaviour decomposition.
+
+  Impression -> click -> {DAction (cart / wish), OAction (other)} -> buy, with four heads on a
+  shared embedding:
+  :math:`Y_1 = p(\text{click})`, :math:`Y_2 = p(\text{DAction} \mid \text{click})`,
+  :math:`Y_3 = p(\text{buy} \mid \text{DAction})`, :math:`Y_4 = p(\text{buy} \mid \text{OAction})`,
+
+  .. math::
+    p_{\mathrm{CTAVR}} = Y_1 Y_2, \qquad p_{\mathrm{CVR}} = (1 - Y_2) Y_4 + Y_2 Y_3, \qquad
+    p_{\mathrm{CTCVR}} = Y_1\, p_{\mathrm{CVR}}.
+
+  The outputs are the ``[3, B]`` logits of the three supervised entire-space probabilities
+  (pCTR, pCTAVR, pCTCVR), computed exactly in log space (log-sum-exp of log-sigmoids, see
+  :func:`mtjax.losses.esm2_composite_logits`); train them with :func:`mtjax.losses.esm2_loss`
+  (three BCEs on click, click & DAction, click & buy). :math:`Y_2, Y_3, Y_4` are never supervised
+  directly; the head logits are in ``aux['head_logits']``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from mtjax import models
+    >>> model = models.ESM2(tower=(8, 1))
+    >>> x = jnp.ones((5, 6))
+    >>> outputs, aux = model.apply(model.init(jax.random.key(0), x), x)
+    >>> outputs.shape, aux['head_logits'].shape, aux['log_p_cvr'].shape
+    ((3, 5), (4, 5), (5,))
+
+  Attributes:
+    tower: widths of each of the four head towers, ending in 1.
+    features: a :class:`FeatureSpec` to embed a feature dict (``None``: dense ``[B, D]`` input).
+    bottom: widths of an optional shared MLP (``()``: embedding shared only, as in the paper).
+    dropout: dropout rate after hidden activations (train only).
+
+  Returns (of ``__call__``):
+    ``(outputs [3, B], aux)``: outputs are the (pCTR, pCTAVR, pCTCVR) logits; ``aux`` holds
+    ``head_logits [4, B]`` (Y1..Y4) and the ``[B]`` log-probabilities ``log_p_ctr``,
+    ``log_p_ctavr``, ``log_p_cvr``, ``log_p_ctcvr``.
+
+  References:
+    Wen, Zhang, Lin, Yang, Feng, Lin, Zhang, *Entire Space Multi-Task Modeling via Post-Click
+    Behavior Decomposition for Conversion Rate Prediction*, SIGIR 2020.
+  """
+
+  tower: Sequence[int] = (64, 32, 1)
+  features: Optional[FeatureSpec] = None
+  bottom: Sequence[int] = ()
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:
+    _check_tower("ESM2", self.tower)
+    h = _shared_input(self, x, self.bottom, self.dropout, train)
+    names = ("tower_click", "tower_daction", "tower_buy_daction", "tower_buy_oaction")
+    heads = jnp.stack([_tower(n, self.tower, self.dropout, h, train) for n in names])
+    lp = esm2_log_probs(heads)
+    outputs = jnp.stack([lp[f"log_p_{k}"] - lp[f"log_1m_{k}"] for k in ("ctr", "ctavr", "ctcvr")])
+    aux = {"head_logits": heads}
+    aux.update({k: lp[k] for k in ("log_p_ctr", "log_p_ctavr", "log_p_cvr", "log_p_ctcvr")})
+    return outputs, aux
