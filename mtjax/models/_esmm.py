@@ -67,7 +67,8 @@ class ESMM(nn.Module):
 
   Returns (of ``__call__``):
     ``(outputs [2, B], aux)``: outputs are (CTR logit, CVR logit); ``aux`` holds ``[B]``
-    ``log_p_ctr``, ``log_p_cvr`` and ``log_p_ctcvr``.
+    ``log_p_ctr``, ``log_p_cvr`` and ``log_p_ctcvr``, and ``task_log_probs [2, B]`` (pCTR, pCTCVR:
+    the supervised events, which ``mtjax.training.evaluate`` scores).
 
   References:
     Ma, Zhao, Huang, Wang, Hu, Zhu, Gai, *Entire Space Multi-Task Model: An Effective Approach
@@ -87,7 +88,10 @@ class ESMM(nn.Module):
     cvr = _tower("tower_cvr", self.tower, self.dropout, h, train)
     outputs = jnp.stack([ctr, cvr])
     lp = esmm_log_probs(outputs)
-    return outputs, {k: lp[k] for k in ("log_p_ctr", "log_p_cvr", "log_p_ctcvr")}
+    aux = {k: lp[k] for k in ("log_p_ctr", "log_p_cvr", "log_p_ctcvr")}
+    # The probabilities of the two supervised events (click, click & conversion): what evaluation scores.
+    aux["task_log_probs"] = jnp.stack([lp["log_p_ctr"], lp["log_p_ctcvr"]])
+    return outputs, aux
 
 
 @register("esm2")
