@@ -1,0 +1,461 @@
+"""Generates the notebooks of this folder with nbformat (run: ``python notebooks/_build.py``).
+
+The notebooks are committed without outputs; edit them here, not in Jupyter, so they stay valid
+and reviewable. Each reads ``MTJAX_FAST=1`` from the environment to use its script's fast
+setting (CI executes them that way, see ``tests/research/test_notebooks.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import nbformat
+from nbformat import v4
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+SETUP = '''\
+import os
+import sys
+
+FAST = os.environ.get("MTJAX_FAST", "0") == "1"  # MTJAX_FAST=1: the tiny CI setting
+
+# The ablation code lives in research/ next to this folder: make it importable.
+root = os.getcwd()
+while not os.path.exists(os.path.join(root, "research", "_common.py")) and os.path.dirname(root) != root:
+  root = os.path.dirname(root)
+sys.path.insert(0, os.path.join(root, "research"))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import matplotlib.pyplot as plt
+import mtjax
+
+from IPython.display import display
+
+%matplotlib inline
+
+
+def show(fig):
+  """Displays a figure whatever the backend (some mtjax plotting helpers select Agg) and closes it."""
+  display(fig)
+  plt.close(fig)
+
+
+print("fast setting" if FAST else "full setting", "| jax", jax.__version__, "| mtjax", mtjax.__version__)'''
+
+
+def md(text: str):
+  return v4.new_markdown_cell(text.strip("\n"))
+
+
+def code(text: str):
+  return v4.new_code_cell(text.strip("\n"))
+
+
+def notebook(cells) -> nbformat.NotebookNode:
+  nb = v4.new_notebook()
+  for i, cell in enumerate(cells):
+    cell["id"] = f"cell-{i:02d}"  # deterministic ids: rebuilding gives identical files
+  nb.cells = cells
+  nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+  nb.metadata["language_info"] = {"name": "python"}
+  return nb
+
+
+def mmoe_synthetic() -> nbformat.NotebookNode:
+  return notebook([
+      md(r"""
+# MMoE synthetic ablation: does task correlation decide who wins?
+
+Ma et al. (*Modeling Task Relationships in Multi-task Learning with Multi-gate Mixture-of-Experts*,
+KDD 2018) built a synthetic benchmark in which the **correlation of two regression tasks is a
+knob**, and trained three architectures on it:
+
+* **Shared-Bottom**: one shared layer under two towers (hard parameter sharing);
+* **OMoE**: 8 experts mixed by *one* softmax gate shared by both tasks;
+* **MMoE**: the same experts, one gate *per task*.
+
+They report three trends: (1) every model does better when the tasks are more correlated;
+(2) MMoE's loss grows the least as the correlation drops; (3) both MoE models beat Shared-Bottom.
+This notebook reproduces the experiment with `mtjax` and checks the three claims. The code is
+in `research/mmoe_synthetic_ablation.py`; the notebook calls it and tells the story.
+"""),
+      code(SETUP),
+      md(r"""
+## The data
+
+`mtjax.data.mmoe_synthetic(n, p)` draws two orthonormal vectors $u_1, u_2$, sets
+$w_1 = u_1$, $w_2 = p\,u_1 + \sqrt{1-p^2}\,u_2$ (so $\cos(w_1, w_2) = p$) and
+$y_k = w_k^\top x + \sum_{i=1}^{10} \sin(\alpha_i w_k^\top x + \beta_i) + \epsilon$.
+The sines make the label correlation lower than $p$ and the tasks non-linear.
+"""),
+      code(r'''
+for p in (0.5, 0.9, 1.0):
+  ds = mtjax.data.mmoe_synthetic(5000, p, seed=0)
+  r = np.corrcoef(ds.labels)[0, 1]
+  print(f"p = {p:.1f}: Pearson correlation of the two labels = {r:.3f}")
+'''),
+      md(r"""
+## The models and their sizes
+
+The paper's sizes: 8 experts of one 16-unit ReLU layer, towers of one 8-unit layer, and a
+113-unit shared bottom so that Shared-Bottom has about as many parameters as the MoE models.
+`jax.eval_shape` counts parameters without running anything.
+"""),
+      code(r'''
+import mmoe_synthetic_ablation as ablation
+
+cfg = ablation.FAST if FAST else ablation.FULL
+x = jnp.zeros((2, ablation.FULL.dim))
+for name, model in ablation.build_models(ablation.FULL).items():
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
+  print(f"{name:14s} {ablation.count_params(shapes):6d} parameters")
+'''),
+      md(r"""
+## Training
+
+Every run is `optax.chain(mtjax.linear(num_tasks=2), adam)` on per-task gradients from
+`mtjax.task_grads` (for plain linear scalarization this is just the gradient of the summed MSE).
+All (correlation, seed, learning rate) replicas of one model train at once with `jax.vmap`
+inside one `lax.scan`, so each model compiles once. As in the paper, each seed draws a fresh data
+set and initialisation, and the Adam learning rate is picked per model and correlation on a
+validation split.
+"""),
+      code(r'''
+res = ablation.run(cfg)
+print(ablation.table(res))
+'''),
+      md(r"""
+## Loss against correlation
+
+Lower is better. The paper's picture: every curve rises as the correlation drops, MMoE's the
+least, and the two MoE curves lie below Shared-Bottom.
+"""),
+      code(r'''
+fig = ablation.plot_loss_vs_correlation(res)
+show(fig)
+'''),
+      code(r'''
+fig = ablation.plot_learning_curves(res, split="test")
+show(fig)
+'''),
+      md(r"""
+## Do the paper's trends hold?
+"""),
+      code(r'''
+print(ablation.verdict(res))
+'''),
+      md(r"""
+Reading the verdict: the per-seed spread is large because every seed draws a different target
+function (new $\alpha, \beta, u$), so some data sets are much harder than others; the paired
+comparison (same data, different models) in the last line is the sharper test. With the fast
+setting (`MTJAX_FAST=1`) the models are tiny and barely trained, so the verdict is meaningless
+there; the full setting's numbers are recorded in `research/README.md`.
+"""),
+  ])
+
+
+def method_comparison() -> nbformat.NotebookNode:
+  return notebook([
+      md(r"""
+# Gradient methods on conflicting tasks
+
+When tasks share parameters their gradients can point in opposing directions. Gradient-level
+MTL methods combine the per-task gradients differently: **linear** scalarization sums them;
+**PCGrad** projects away conflicting components; **GradVac** aligns them toward a learned target
+similarity; **MGDA** takes the min-norm point of their convex hull; **PE-LTR** does the same
+under per-task lower bounds; **GradNorm**, **DWA** and **uncertainty weighting** learn task weights.
+In `mtjax` every method is an optax transform that takes per-task gradients and returns one
+update, so they are swapped by changing one line.
+"""),
+      code(SETUP),
+      md(r"""
+## One step by hand
+
+Per-task gradients in (`mtjax.task_grads`), one update out (`optax.chain(method, optimizer)`).
+The data set `mtjax.data.conflicting_tasks` has three binary tasks: tasks 0 and 1 agree and task 2
+conflicts with both, which the gradient cosines already show at initialisation.
+"""),
+      code(r'''
+ds = mtjax.data.conflicting_tasks(num_samples=2000, seed=0)
+model = mtjax.models.MMoE(num_tasks=3, num_experts=2, expert=(8,), tower=(4, 1), features=ds.spec)
+batch = ds.batch(np.arange(512))
+params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["x"])["params"]
+loss_fn = mtjax.losses.make_loss_fn(model, "bce", has_aux=False)
+losses, grads = jax.jit(mtjax.task_grads(loss_fn))(params, batch)  # jit: eager op-by-op is slow
+
+shared = mtjax.shared_mask(exclude="tower_|gate_")  # surgery only on the shared experts/embeddings
+print("task losses:", np.round(losses, 4))
+print("task-gradient cosines (shared parameters):")
+print(np.round(mtjax.analysis.cosine_similarity(grads, shared=shared)[0], 3))
+
+tx = optax.chain(mtjax.pcgrad(key=0, num_tasks=3, shared=shared), optax.adam(1e-3))
+state = tx.init(params)
+updates, state = jax.jit(tx.update)(grads, state, params, task_losses=losses)
+params = optax.apply_updates(params, updates)
+print("PCGrad task coefficients of this step:", np.round(state[0].weights, 3))
+'''),
+      md(r"""
+## The comparison
+
+`research/method_comparison.py` runs `mtjax.experiment.compare` (the engine of `mtjax compare`):
+every method trains the same MMoE on the same split, several seeds each. The table has the test
+AUC per task, the macro AUC, $\Delta_m\%$ against linear scalarization,
+
+$$\Delta_m\% = \frac{100}{T}\sum_t \frac{\mathrm{AUC}_t - \mathrm{AUC}_t^{\text{linear}}}{\mathrm{AUC}_t^{\text{linear}}},$$
+
+and the median milliseconds per training step (per-task gradients included).
+"""),
+      code(r'''
+import copy
+import tempfile
+import method_comparison as comparison
+
+setting = copy.deepcopy(comparison.FAST if FAST else comparison.FULL)
+if FAST:
+  setting["methods"] = ["linear", "pcgrad"]  # keep CI short
+res = comparison.run(setting, out_dir=tempfile.mkdtemp())
+'''),
+      code(r'''
+fig = comparison.plot_summary(res)
+show(fig)
+'''),
+      md(r"""
+## Conflict over training and the weights each method chose
+
+The conflict fraction is the share of task pairs whose whole-model gradient cosine is negative;
+it is logged by the training loop from the same per-task gradients (no second backward).
+The weights are what each method's state recorded at every logged step.
+"""),
+      code(r'''
+fig = comparison.plot_conflict(res)
+show(fig)
+fig = comparison.plot_weights(res)
+show(fig)
+'''),
+      md(r"""
+Differences between methods on this small, synthetic problem are small compared with the seed
+spread; the full table (3 seeds, all eight methods) is in `research/README.md`. Methods that
+solve a small optimisation per step (MGDA, PE-LTR) or project gradients (PCGrad, GradVac) cost
+more per step than linear scalarization; the ms/step column puts a price on each.
+"""),
+  ])
+
+
+def gradient_similarity() -> nbformat.NotebookNode:
+  return notebook([
+      md(r"""
+# Task-gradient similarity over training and across layers
+
+GradVac (Wang et al., *Gradient Vaccine*, ICLR 2021) is motivated by observations on
+multilingual models: the cosine similarity between task gradients **settles to a level** after
+the first phase of training, that level **differs between layers**, and it is **higher for more
+related tasks**. We measure all three with `mtjax.analysis` on a Shared-Bottom network trained on
+the two regression tasks of `mtjax.data.mmoe_synthetic`, whose relatedness is a knob (the cosine
+$p$ of the two tasks' weight vectors).
+"""),
+      code(SETUP),
+      md(r"""
+## Similarity per layer from one set of per-task gradients
+
+`mtjax.analysis.cosine_similarity` turns the per-task gradients into one $T \times T$ cosine
+matrix per parameter group, from per-leaf Gram matrices (no concatenation, no second backward).
+The groups can be the whole model, each layer, each leaf, or any function of the parameter paths;
+here: each shared layer from the input up (the towers are task-specific, so they are left out
+with `shared=`).
+"""),
+      code(r'''
+import gradient_similarity as gs
+
+cfg = gs.FAST if FAST else gs.FULL
+ds = mtjax.data.mmoe_synthetic(2048, 0.5, dim=cfg.dim, seed=0)
+model = mtjax.models.SharedBottom(num_tasks=2, bottom=cfg.bottom, tower=cfg.tower)
+batch = ds.batch(np.arange(512))
+params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["x"])["params"]
+loss_fn = mtjax.losses.make_loss_fn(model, "mse", has_aux=False)
+losses, grads = jax.jit(mtjax.task_grads(loss_fn))(params, batch)
+shared = mtjax.shared_mask(exclude="tower_")
+cos = mtjax.analysis.cosine_similarity(grads, granularity=gs.depth_groups, shared=shared)
+print("per-layer cosine of the two task gradients at initialisation:", np.round(cos[:, 0, 1], 3))
+print("gradient norms per layer and task:")
+print(np.round(mtjax.analysis.gradient_norms(grads, granularity=gs.depth_groups, shared=shared), 3))
+'''),
+      md(r"""
+## Tracking during training
+
+Inside the jitted step, `mtjax.analysis.track(grads, direction, granularity=..., shared=...)`
+returns the cosine matrices per group, the conflict indicator, gradient norms and the alignment
+$\cos(g_t, d)$ of every task with the method's combined direction $d$ (the view after the
+method's surgery). `research/gradient_similarity.py` trains with `linear` and `pcgrad` at several
+task correlations and seeds, and collects the statistics in `mtjax.analysis.SimilarityHistory`.
+"""),
+      code(r'''
+res = gs.run(cfg)
+print(gs.layer_table(res))
+print()
+print(gs.observations(res))
+'''),
+      code(r'''
+fig = gs.plot_over_steps(res)
+show(fig)
+fig = gs.plot_by_correlation(res)
+show(fig)
+'''),
+      md(r"""
+## Depth x training time
+
+The same numbers as a heatmap: each row is a shared layer, each column a block of steps. After a
+transient, every row keeps its own colour: one global similarity target (as PCGrad's zero, or a
+single GradVac target) would be wrong for some layers, which is why GradVac keeps one target per
+layer.
+"""),
+      code(r'''
+fig = gs.plot_layer_step_heatmap(res)
+show(fig)
+fig = gs.plot_heatmaps(res)
+show(fig)
+'''),
+      md(r"""
+## After the method's surgery
+
+How well does the update direction serve every task, and how often do the two task gradients
+conflict (negative whole-model cosine)? PCGrad only changes the steps with a conflict.
+"""),
+      code(r'''
+print(gs.alignment_table(res))
+fig = gs.plot_alignment(res)
+show(fig)
+'''),
+      md(r"""
+A caveat on data: with Bernoulli labels (e.g. `mtjax.data.conflicting_tasks`), once the model
+reaches the noise floor the mini-batch gradients are dominated by independent label noise and all
+cosines decay to about zero; the low-noise regression tasks keep a systematic residual, as large
+models on large data do. The full run's tables are in `research/README.md`.
+"""),
+  ])
+
+
+def toy_landscape() -> nbformat.NotebookNode:
+  return notebook([
+      md(r"""
+# The two-task toy landscape of CAGrad and Nash-MTL
+
+Liu et al. (*Conflict-Averse Gradient Descent*, NeurIPS 2021) and Navon et al. (*Multi-Task
+Learning as a Bargaining Game*, ICML 2022) illustrate MTL optimisers on two objectives over
+$x \in \mathbb R^2$:
+
+$$L_i(x) = c_+(x_2)\, g_i(x) + c_-(x_2)\, h_i(x),\qquad c_\pm = \max(\tanh(\pm x_2/2), 0),$$
+
+$$g_1 = \log\max(|\tfrac12(-x_1-7) - \tanh(-x_2)|, \epsilon) + 6,\quad
+g_2 = \log\max(|\tfrac12(-x_1+3) + \tanh(-x_2) + 2|, \epsilon) + 6,$$
+
+$$h_1 = \tfrac{1}{10}\big((x_1-7)^2 + 0.1(x_2+8)^2\big) - 20,\quad
+h_2 = \tfrac{1}{10}\big((x_1+7)^2 + 0.1(x_2+8)^2\big) - 20 .$$
+
+The upper half-plane has a narrow logarithmic valley per task; the lower half-plane two
+quadratic bowls, and the Pareto set is (nearly) the segment $x_1 \in [-7, 7]$ at $x_2 \approx -8$.
+"""),
+      code(SETUP),
+      code(r'''
+import toy_landscape as toy
+
+cfg = toy.FAST if FAST else toy.FULL
+t = np.linspace(-10, 10, 300)
+xx = np.stack(np.meshgrid(t, t, indexing="xy"), -1)
+L = toy.toy_losses(xx, xp=np)
+front, front_points = toy.pareto_front(cfg.grid)
+fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+for ax, z, title in zip(axes[:2], L, ["$L_1$", "$L_2$"]):
+  cs = ax.contourf(t, t, z, levels=30, cmap="viridis")
+  ax.plot(front_points[:, 0], front_points[:, 1], "r.", ms=1)
+  ax.set_title(title)
+  fig.colorbar(cs, ax=ax)
+axes[2].plot(front[:, 0], front[:, 1], "r")
+axes[2].set_xlabel("$L_1$")
+axes[2].set_ylabel("$L_2$")
+axes[2].set_title("Pareto front")
+show(fig)
+'''),
+      md(r"""
+## One trajectory with the public API
+
+A method is the first element of an optax chain; the toy's "per-task gradients" are the two
+rows of the Jacobian, which `mtjax.task_grads` computes from a function returning the two losses.
+"""),
+      code(r'''
+tx = optax.chain(mtjax.mgda(num_tasks=2), optax.adam(cfg.learning_rate))
+grad_fn = mtjax.task_grads(lambda x: toy.toy_losses(x))
+
+@jax.jit
+def descend(x):
+  def step(carry, _):
+    x, state = carry
+    losses, grads = grad_fn(x)
+    updates, state = tx.update(grads, state, x, task_losses=losses)
+    return (optax.apply_updates(x, updates), state), x
+  _, xs = jax.lax.scan(step, (x, tx.init(x)), None, length=cfg.steps)
+  return xs
+
+xs = np.asarray(descend(jnp.array([-8.5, 7.5])))
+print("MGDA from (-8.5, 7.5) ends at", xs[-1].round(3), "with losses", toy.toy_losses(xs[-1], xp=np).round(3))
+'''),
+      md(r"""
+## Several methods from several starting points
+
+Linear scalarization (sum of gradients), PCGrad, GradVac, MGDA and PE-LTR (the fast setting runs
+a subset), from CAGrad's three starting points plus two more. A final point "reached the
+front" when no point of the brute-force Pareto front is better in both losses by more than a
+small tolerance. Methods that weight tasks by loss values (DWA, uncertainty, GradNorm) are left
+out: the losses here are negative.
+"""),
+      code(r'''
+res = toy.run(cfg)
+print(toy.table(res))
+'''),
+      code(r'''
+fig = toy.plot_trajectories(res)
+show(fig)
+fig = toy.plot_loss_space(res)
+show(fig)
+'''),
+      md(r"""
+What to look for: with CAGrad's small Adam step, averaged gradients (linear) and the methods
+that stay close to them follow one task's valley in the upper half-plane and can stall there,
+while MGDA, which always moves along a common descent direction, leaves the valleys and stops
+at the first Pareto-stationary point it meets -- often an end of the front rather than a
+balanced trade-off. The full run's table is in `research/README.md`.
+"""),
+  ])
+
+
+NOTEBOOKS = {
+    "01_mmoe_synthetic_ablation.ipynb": mmoe_synthetic,
+    "02_method_comparison.ipynb": method_comparison,
+    "03_gradient_similarity.ipynb": gradient_similarity,
+    "04_toy_landscape.ipynb": toy_landscape,
+}
+
+
+def build() -> dict:
+  """``{file name: notebook}`` of every notebook (validated, no outputs)."""
+  out = {}
+  for name, fn in NOTEBOOKS.items():
+    nb = fn()
+    nbformat.validate(nb)
+    out[name] = nb
+  return out
+
+
+def main(argv=None) -> None:
+  for name, nb in build().items():
+    path = os.path.join(HERE, name)
+    nbformat.write(nb, path)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
