@@ -12,8 +12,10 @@ per-task gradients, the method, Adam. Reported, all measured in this one run:
 * every method's full step, as a ratio to the summed-loss step and to the bare per-task step;
 * the temporary memory of each compiled strategy (XLA memory analysis).
 
-Timings are medians over many steps after compilation; on a shared CPU only the ratios of one
-run are meaningful. Usage: python benchmarks/step_time.py [--tasks 3 10] [--steps 30] [--quick]
+Timings are medians over many steps after compilation, taken in interleaved rounds (every
+function is timed in every round) so that drifts of the machine hit all alike; on a CPU only the
+ratios of one run are meaningful.
+Usage: python benchmarks/step_time.py [--tasks 3 10] [--steps 30] [--strategies loop map vmap] [--methods ...]
 """
 
 from __future__ import annotations
@@ -64,22 +66,39 @@ def build(num_tasks, batch_size=1024, dim=128, seed=0):
   return params, {"x": x, "y": y}, loss_fn
 
 
-def timeit(fn, args, steps, warmup=3, carry=None):
-  """Median seconds per call; with ``carry`` the call returns new carried args (donation)."""
-  for _ in range(warmup):
-    out = fn(*args)
-    if carry:
-      args = carry(args, out)
-    jax.block_until_ready(out)
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    out = fn(*args)
-    jax.block_until_ready(out)
-    times.append(time.perf_counter() - t0)
-    if carry:
-      args = carry(args, out)
-  return statistics.median(times)
+class Interleaved:
+  """Times several jitted functions in interleaved rounds, so that slow drifts of the machine
+  (frequency, other processes) hit every function alike; reports the median per call.
+
+  ``add(name, fn, args, carry)``: with ``carry`` the call returns new carried args (donated
+  buffers are replaced by the outputs, as in a training loop).
+  """
+
+  def __init__(self, warmup: int = 2):
+    self.entries = {}
+    self.warmup = warmup
+
+  def add(self, name, fn, args, carry=None):
+    for _ in range(self.warmup):  # compile and warm up
+      out = fn(*args)
+      jax.block_until_ready(out)
+      if carry:
+        args = carry(args, out)
+    self.entries[name] = [fn, args, carry, []]
+
+  def run(self, rounds: int, per_round: int = 3):
+    for _ in range(rounds):
+      for entry in self.entries.values():
+        fn, args, carry, times = entry
+        for _ in range(per_round):
+          t0 = time.perf_counter()
+          out = fn(*args)
+          jax.block_until_ready(out)
+          times.append(time.perf_counter() - t0)
+          if carry:
+            args = carry(args, out)
+        entry[1] = args
+    return {name: statistics.median(e[3]) for name, e in self.entries.items()}
 
 
 def temp_bytes(jitted, *args):
@@ -90,36 +109,29 @@ def temp_bytes(jitted, *args):
     return -1
 
 
-def run(num_tasks, steps, quick=False):
+def run(num_tasks, steps, strategies=STRATEGIES, methods=None):
   params, batch, loss_fn = build(num_tasks)
-  rows = []
-  fwd = jax.jit(loss_fn)
-  single = jax.jit(jax.grad(lambda p, b: loss_fn(p, b)[0]))
-  f = timeit(fwd, (params, batch), steps)
-  s = timeit(single, (params, batch), steps)
-  floor = f + num_tasks * (s - f)
-  rows.append(("forward F", f, None, None, None))
-  rows.append(("single-task grad S", s, None, None, None))
-  rows.append(("floor F + T(S-F)", floor, None, None, None))
-  bare = {}
-  for strat in STRATEGIES:
-    tg = jax.jit(mtjax.task_grads(loss_fn, strategy=strat))
-    bare[strat] = timeit(tg, (params, batch), steps)
-    rows.append((f"task_grads[{strat}]", bare[strat], bare[strat] / floor, None, temp_bytes(tg, params, batch)))
   auto = mtjax.default_strategy()
-
   adam = optax.adam(1e-3)
+  copy = lambda t: jax.tree.map(jnp.array, t)
+  carry = lambda args, out: (out[0], out[1], args[2])
+  timer = Interleaved()
+  memory = {}
+
+  timer.add("forward", jax.jit(loss_fn), (params, batch))
+  timer.add("single", jax.jit(jax.grad(lambda p, b: loss_fn(p, b)[0])), (params, batch))
+  for strat in strategies:
+    tg = jax.jit(mtjax.task_grads(loss_fn, strategy=strat))
+    memory[strat] = temp_bytes(tg, params, batch)
+    timer.add(f"task_grads[{strat}]", tg, (params, batch))
 
   def summed_step(p, o, b):
     g = jax.grad(lambda q: loss_fn(q, b).sum())(p)
     u, o = adam.update(g, o, p)
     return optax.apply_updates(p, u), o
 
-  summed = jax.jit(summed_step, donate_argnums=(0, 1))
-  copy = lambda t: jax.tree.map(jnp.array, t)
-  carry = lambda args, out: (out[0], out[1], args[2])
-  t_sum = timeit(summed, (copy(params), adam.init(params), batch), steps, carry=carry)
-  rows.append(("summed-loss step (1 backward)", t_sum, None, 1.0, None))
+  timer.add("summed", jax.jit(summed_step, donate_argnums=(0, 1)), (copy(params), adam.init(params), batch),
+            carry)
 
   def make_step(tx, strat):
     tg = mtjax.task_grads(loss_fn, strategy=strat)
@@ -134,39 +146,55 @@ def run(num_tasks, steps, quick=False):
   def bare_tx():
     def update(g, o, p=None, **kw):
       del kw
-      s_ = jax.tree.map(lambda x: jnp.sum(x, 0), g)
-      return adam.update(s_, o, p)
+      return adam.update(jax.tree.map(lambda x: jnp.sum(x, 0), g), o, p)
     return optax.GradientTransformationExtraArgs(adam.init, update)
 
-  base = {}
-  for strat in ((auto,) if quick else STRATEGIES):
+  failed = {}
+  for strat in strategies:
     tx = bare_tx()
-    t_b = timeit(make_step(tx, strat), (copy(params), tx.init(params), batch), steps, carry=carry)
-    base[strat] = t_b
-    rows.append((f"per-task step [{strat}] (sum+Adam)", t_b, None, t_b / t_sum, None))
-  for name, factory in method_factories(num_tasks).items():
-    for strat in ((auto,) if quick else STRATEGIES):
+    timer.add(f"bare[{strat}]", make_step(tx, strat), (copy(params), tx.init(params), batch), carry)
+    for name, factory in method_factories(num_tasks).items():
+      if methods and name not in methods:
+        continue
       tx = optax.chain(factory(), adam)
       try:
-        t_m = timeit(make_step(tx, strat), (copy(params), tx.init(params), batch), steps, carry=carry)
+        timer.add(f"{name}[{strat}]", make_step(tx, strat), (copy(params), tx.init(params), batch), carry)
       except Exception as e:  # report, do not hide
-        rows.append((f"{name} [{strat}] FAILED: {type(e).__name__}: {str(e)[:80]}", float("nan"), None, None, None))
-        continue
-      rows.append((f"{name} [{strat}]", t_m, t_m / base[strat], t_m / t_sum, None))
-  return rows, floor, bare, auto
+        failed[f"{name}[{strat}]"] = f"{type(e).__name__}: {str(e)[:80]}"
+  t = timer.run(rounds=max(1, steps // 3))
+  f, s_ = t["forward"], t["single"]
+  floor = f + num_tasks * (s_ - f)
+  rows = [("forward F", f, None, None, None), ("single-task grad S", s_, None, None, None),
+          ("floor F + T(S-F)", floor, None, None, None)]
+  for strat in strategies:
+    k = f"task_grads[{strat}]"
+    rows.append((k, t[k], t[k] / floor, None, memory[strat]))
+  rows.append(("summed-loss step (1 backward)", t["summed"], None, 1.0, None))
+  for strat in strategies:
+    b = t[f"bare[{strat}]"]
+    rows.append((f"per-task step [{strat}] (sum+Adam)", b, None, b / t["summed"], None))
+  for name in method_factories(num_tasks):
+    for strat in strategies:
+      k = f"{name}[{strat}]"
+      if k in t:
+        rows.append((k, t[k], t[k] / t[f"bare[{strat}]"], t[k] / t["summed"], None))
+      elif k in failed:
+        rows.append((f"{k} FAILED {failed[k]}", float("nan"), None, None, None))
+  return rows, floor, {s: t[f"task_grads[{s}]"] for s in strategies}, auto
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--tasks", type=int, nargs="+", default=[3, 10])
   parser.add_argument("--steps", type=int, default=30)
-  parser.add_argument("--quick", action="store_true", help="only the auto strategy for method steps")
+  parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+  parser.add_argument("--methods", nargs="+", default=None)
   args = parser.parse_args(argv)
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
   print("MMoE: input 128, 8 experts [256,128], towers [64,1], BCE, batch 1024; median of "
         f"{args.steps} steps after compilation")
   for t in args.tasks:
-    rows, floor, bare, auto = run(t, args.steps, args.quick)
+    rows, floor, bare, auto = run(t, args.steps, tuple(args.strategies), args.methods)
     print(f"\n## T = {t}   (auto strategy = {auto}; ratio column: task_grads / floor, or method / per-task step)")
     print(f"{'what':48s} {'ms/step':>9s} {'ratio':>7s} {'/summed':>8s} {'temp MiB':>9s}")
     for name, sec, ratio, vs_sum, mem in rows:
@@ -174,7 +202,8 @@ def main(argv=None):
       vsum = f"{vs_sum:8.2f}" if vs_sum is not None else " " * 8
       m = f"{mem / 2**20:9.1f}" if mem is not None and mem >= 0 else " " * 9
       print(f"{name:48s} {sec * 1e3:9.2f} {r} {vsum} {m}")
-    print(f"default strategy '{auto}': task_grads / floor = {bare[auto] / floor:.3f}")
+    if auto in bare:
+      print(f"default strategy '{auto}': task_grads / floor = {bare[auto] / floor:.3f}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ from mtjax import losses
 from mtjax import metrics
 from mtjax import models
 from mtjax import training
+from mtjax._src.config import runtime_checks
+from mtjax._src.config import runtime_checks_enabled
+from mtjax._src.config import set_runtime_checks
 from mtjax._src.task_grads import default_strategy
 from mtjax._src.task_grads import multi_input_task_grads
 from mtjax._src.task_grads import task_grads
@@ -46,6 +49,9 @@ __all__ = (
     "shared_mask",
     "gram_weighting",
     "WeightingInputs",
+    "runtime_checks",
+    "runtime_checks_enabled",
+    "set_runtime_checks",
     # transforms
     "linear",
     "LinearState",

@@ -148,5 +148,5 @@ def test_multi_input_bad_inputs():
 
 
 def test_auto_resolves_per_backend():
-  assert mtjax.default_strategy("cpu") == "loop"
+  assert mtjax.default_strategy("cpu") == "map"
   assert mtjax.default_strategy("gpu") == "vmap"

@@ -168,3 +168,23 @@ def test_gram_free_methods_reject_nonfinite_gradients(factory):
     jax.block_until_ready(jax.jit(tx.update)(bad, state, task_losses=jnp.ones(3)))
   out, _ = jax.jit(tx.update)(g, state, task_losses=jnp.ones(3))
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))
+
+
+def test_runtime_checks_switch():
+  g = _tree(3)
+  tx = mtjax.linear(num_tasks=3)
+  state = tx.init(None)
+  bad_losses = jnp.array([1.0, jnp.nan, 2.0])
+  with mtjax.runtime_checks(False):
+    assert not mtjax.runtime_checks_enabled()
+    # Traced with checks off: no error, no callback in the program.
+    out, _ = jax.jit(tx.update)(g, state, task_losses=bad_losses)
+    lowered = jax.jit(lambda *a, **k: tx.update(*a, **k)).lower(g, state, task_losses=bad_losses)
+    assert "callback" not in lowered.as_text()
+    # Concrete values are always checked.
+    with pytest.raises(ValueError, match="non-finite task losses"):
+      tx.update(g, state, task_losses=bad_losses)
+  assert mtjax.runtime_checks_enabled()
+  # The switch is read at trace time: a function traced now has the checks again.
+  lowered = jax.jit(lambda *a, **k: tx.update(*a, **k)).lower(g, state, task_losses=bad_losses)
+  assert "callback" in lowered.as_text()

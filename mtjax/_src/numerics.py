@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtjax._src import config
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -85,6 +87,8 @@ def check_finite(x: jax.Array, what: str) -> None:
     if not np.all(np.isfinite(arr)):
       _raise_nonfinite(arr, what=what)
     return
+  if not config.runtime_checks_enabled():
+    return
 
   def fail(v):
     if not np.all(np.isfinite(np.asarray(v))):  # re-check: under vmap the cond is a select, both branches run
@@ -103,6 +107,8 @@ def check_condition(bad: jax.Array, message: str) -> None:
   if _is_concrete(bad):
     if bool(np.asarray(bad)):
       raise ValueError(message)
+    return
+  if not config.runtime_checks_enabled():
     return
 
   def fail(b):

@@ -8,10 +8,7 @@ import numpy as np
 
 
 def _plt():
-  import matplotlib
-
-  matplotlib.use("Agg", force=False)
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # no backend switch: headless runs get Agg, notebooks keep inline
 
   return plt
 

@@ -210,10 +210,7 @@ def format_table(table: dict, names, prim, *, seeds: int, baseline: str) -> str:
 
 def plot_learning_curves(results: dict, names: Sequence[str], path: str) -> None:
   """Training loss per task (one panel per task), one curve per method (mean over seeds)."""
-  import matplotlib
-
-  matplotlib.use("Agg", force=False)
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # no backend switch: headless runs get Agg, notebooks keep inline
 
   t = len(names)
   fig, axes = plt.subplots(1, t, figsize=(4 * t, 3.2), squeeze=False)
