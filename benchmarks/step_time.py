@@ -9,7 +9,9 @@ per-task gradients, the method, Adam. Reported, all measured in this one run:
 * bare per-task gradients per strategy (`mtjax.task_grads` alone) and its ratio to the floor;
 * summed-loss step: one backward of sum_t L_t + Adam ("linear scalarization, one backward");
 * bare per-task-gradient step: task_grads + plain task sum + Adam;
-* every method's full step, as a ratio to the summed-loss step and to the bare per-task step;
+* every method's full step, as a ratio to the summed-loss step and to the bare per-task step,
+  compiled without the in-graph NaN/inf callbacks (as ``mtjax.training.fit`` runs it), and for the
+  default strategy also with them (``+checks``: the default of a hand-written loop);
 * the temporary memory of each compiled strategy (XLA memory analysis).
 
 Timings are medians over many steps after compilation, taken in interleaved rounds (every
@@ -156,11 +158,14 @@ def run(num_tasks, steps, strategies=STRATEGIES, methods=None):
     for name, factory in method_factories(num_tasks).items():
       if methods and name not in methods:
         continue
-      tx = optax.chain(factory(), adam)
-      try:
-        timer.add(f"{name}[{strat}]", make_step(tx, strat), (copy(params), tx.init(params), batch), carry)
-      except Exception as e:  # report, do not hide
-        failed[f"{name}[{strat}]"] = f"{type(e).__name__}: {str(e)[:80]}"
+      variants = [(f"{name}[{strat}]", False)] + ([(f"{name}[{strat}]+checks", True)] if strat == auto else [])
+      for label, checks in variants:
+        tx = optax.chain(factory(), adam)
+        try:
+          with mtjax.runtime_checks(checks):  # read when the step is traced (first call, in add)
+            timer.add(label, make_step(tx, strat), (copy(params), tx.init(params), batch), carry)
+        except Exception as e:  # report, do not hide
+          failed[label] = f"{type(e).__name__}: {str(e)[:80]}"
   t = timer.run(rounds=max(1, steps // 3))
   f, s_ = t["forward"], t["single"]
   floor = f + num_tasks * (s_ - f)
@@ -175,11 +180,11 @@ def run(num_tasks, steps, strategies=STRATEGIES, methods=None):
     rows.append((f"per-task step [{strat}] (sum+Adam)", b, None, b / t["summed"], None))
   for name in method_factories(num_tasks):
     for strat in strategies:
-      k = f"{name}[{strat}]"
-      if k in t:
-        rows.append((k, t[k], t[k] / t[f"bare[{strat}]"], t[k] / t["summed"], None))
-      elif k in failed:
-        rows.append((f"{k} FAILED {failed[k]}", float("nan"), None, None, None))
+      for k in (f"{name}[{strat}]", f"{name}[{strat}]+checks"):
+        if k in t:
+          rows.append((k, t[k], t[k] / t[f"bare[{strat}]"], t[k] / t["summed"], None))
+        elif k in failed:
+          rows.append((f"{k} FAILED {failed[k]}", float("nan"), None, None, None))
   return rows, floor, {s: t[f"task_grads[{s}]"] for s in strategies}, auto
 
 
