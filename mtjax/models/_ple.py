@@ -67,6 +67,32 @@ class ExtractionLevel(nn.Module):
     return jnp.stack(task_outputs, 0), shared_output, jnp.stack(task_gates, 0), shared_gate
 
 
+def stack_levels(model, level_cls, task_inputs, shared_input, *, train: bool):
+  """Runs ``model.num_levels`` extraction levels of ``level_cls`` and the task towers.
+
+  Shared by PLE and STEM-Net (called inside the model's ``nn.compact`` ``__call__``, so the levels
+  are the model's submodules ``level_0``, ``level_1``, ...). Level ``j`` takes each task's fused
+  output and the shared stream of level ``j - 1``; only non-final levels have a shared gate.
+  Returns ``(outputs [T, B], aux)``.
+  """
+  level_gates, shared_gates = [], []
+  for j in range(model.num_levels):
+    final = j == model.num_levels - 1
+    task_out, shared_out, gates, shared_gate = level_cls(
+        model.num_tasks, model.num_specific_experts, model.num_shared_experts, tuple(model.expert), final,
+        dropout=model.dropout, gate_hidden=tuple(model.gate_hidden), gate_bias=model.gate_bias,
+        gate_dropout=model.gate_dropout, gate_dropout_mode=model.gate_dropout_mode,
+        expert_impl=model.expert_impl, name=f"level_{j}")(task_inputs, shared_input, train=train)
+    level_gates.append(gates)
+    if not final:
+      shared_gates.append(shared_gate)
+    task_inputs, shared_input = [task_out[k] for k in range(model.num_tasks)], shared_out
+  outputs = _experts.towers(model.tower, model.num_tasks, task_inputs, dropout=model.dropout, train=train)
+  aux = {"gates": level_gates[-1], "level_gates": tuple(level_gates), "shared_gates": tuple(shared_gates),
+         "task_outputs": jnp.stack(task_inputs, 0)}
+  return outputs, aux
+
+
 @register("ple")
 class PLE(nn.Module):
   r"""Progressive Layered Extraction.
@@ -151,23 +177,7 @@ class PLE(nn.Module):
   def __call__(self, x, *, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:
     self._check()
     x, _ = InputLayer(self.features, name="input")(x)
-    task_inputs, shared_input = [x] * self.num_tasks, x
-    level_gates, shared_gates = [], []
-    for j in range(self.num_levels):
-      final = j == self.num_levels - 1
-      task_out, shared_out, gates, shared_gate = ExtractionLevel(
-          self.num_tasks, self.num_specific_experts, self.num_shared_experts, tuple(self.expert), final,
-          dropout=self.dropout, gate_hidden=tuple(self.gate_hidden), gate_bias=self.gate_bias,
-          gate_dropout=self.gate_dropout, gate_dropout_mode=self.gate_dropout_mode,
-          expert_impl=self.expert_impl, name=f"level_{j}")(task_inputs, shared_input, train=train)
-      level_gates.append(gates)
-      if not final:
-        shared_gates.append(shared_gate)
-      task_inputs, shared_input = [task_out[k] for k in range(self.num_tasks)], shared_out
-    outputs = _experts.towers(self.tower, self.num_tasks, task_inputs, dropout=self.dropout, train=train)
-    aux = {"gates": level_gates[-1], "level_gates": tuple(level_gates), "shared_gates": tuple(shared_gates),
-           "task_outputs": jnp.stack(task_inputs, 0)}
-    return outputs, aux
+    return stack_levels(self, ExtractionLevel, [x] * self.num_tasks, x, train=train)
 
 
 @register("cgc")

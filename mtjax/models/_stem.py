@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from mtjax.models import _experts
 from mtjax.models._features import FeatureSpec
 from mtjax.models._layers import InputLayer
+from mtjax.models._ple import stack_levels
 from mtjax.models._registry import register
 
 
@@ -181,19 +182,4 @@ class STEM(nn.Module):
     if self.num_specific_experts < 1 or self.num_shared_experts < 1:
       raise ValueError("mtjax: STEM needs num_specific_experts >= 1 and num_shared_experts >= 1.")
     task_inputs, shared_input = self._streams(x)
-    level_gates, shared_gates = [], []
-    for j in range(self.num_levels):
-      final = j == self.num_levels - 1
-      task_out, shared_out, gates, shared_gate = STEMLevel(
-          self.num_tasks, self.num_specific_experts, self.num_shared_experts, tuple(self.expert), final,
-          dropout=self.dropout, gate_hidden=tuple(self.gate_hidden), gate_bias=self.gate_bias,
-          gate_dropout=self.gate_dropout, gate_dropout_mode=self.gate_dropout_mode,
-          expert_impl=self.expert_impl, name=f"level_{j}")(task_inputs, shared_input, train=train)
-      level_gates.append(gates)
-      if not final:
-        shared_gates.append(shared_gate)
-      task_inputs, shared_input = [task_out[k] for k in range(self.num_tasks)], shared_out
-    outputs = _experts.towers(self.tower, self.num_tasks, task_inputs, dropout=self.dropout, train=train)
-    aux = {"gates": level_gates[-1], "level_gates": tuple(level_gates), "shared_gates": tuple(shared_gates),
-           "task_outputs": jnp.stack(task_inputs, 0)}
-    return outputs, aux
+    return stack_levels(self, STEMLevel, task_inputs, shared_input, train=train)
