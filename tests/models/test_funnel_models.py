@@ -65,7 +65,11 @@ def test_shapes_and_dtypes(name, spec_name):
   assert not np.allclose(eval_out, train_out)  # dropout is active in training only
   np.testing.assert_array_equal(eval_out, model.apply(variables, x)[0])
   if name == "esmm":
-    assert {k: v.shape for k, v in eval_aux.items()} == {k: (B,) for k in ("log_p_ctr", "log_p_cvr", "log_p_ctcvr")}
+    assert {k: v.shape for k, v in eval_aux.items()} == {
+        **{k: (B,) for k in ("log_p_ctr", "log_p_cvr", "log_p_ctcvr")}, "task_log_probs": (2, B)}
+    # Evaluation scores the supervised events: pCTR and pCTCVR.
+    np.testing.assert_array_equal(eval_aux["task_log_probs"],
+                                  np.stack([eval_aux["log_p_ctr"], eval_aux["log_p_ctcvr"]]))
   elif name == "esm2":
     assert eval_aux["head_logits"].shape == (4, B)
   else:
