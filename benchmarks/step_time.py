@@ -10,8 +10,8 @@ per-task gradients, the method, Adam. Reported, all measured in this one run:
 * summed-loss step: one backward of sum_t L_t + Adam ("linear scalarization, one backward");
 * bare per-task-gradient step: task_grads + plain task sum + Adam;
 * every method's full step, as a ratio to the summed-loss step and to the bare per-task step,
-  compiled without the in-graph NaN/inf callbacks (as ``mtjax.training.fit`` runs it), and for the
-  default strategy also with them (``+checks``: the default of a hand-written loop);
+  compiled without mtjax's in-graph runtime checks (NaN/inf, feasibility; ``mtjax.runtime_checks(False)``),
+  and for the default strategy also with them (``+checks``: the default, as in ``mtjax.training.fit``);
 * the temporary memory of each compiled strategy (XLA memory analysis).
 
 Timings are medians over many steps after compilation, taken in interleaved rounds (every

@@ -188,3 +188,45 @@ def test_runtime_checks_switch():
   # The switch is read at trace time: a function traced now has the checks again.
   lowered = jax.jit(lambda *a, **k: tx.update(*a, **k)).lower(g, state, task_losses=bad_losses)
   assert "callback" in lowered.as_text()
+
+
+@pytest.mark.parametrize("factory,conds", [
+    (lambda: mtjax.pcgrad(num_tasks=3), 1),  # losses + Gram diagonal: one test
+    (lambda: mtjax.linear(num_tasks=3), 1),  # losses + update: one test
+    (lambda: mtjax.mgda(num_tasks=3, normalization="loss"), 2),  # + its own non-negative-loss check
+])
+def test_checks_are_one_cond_with_a_pure_callback(factory, conds):
+  # One on-device test per update, through a pure (not side-effecting) callback: a side-effecting
+  # one makes XLA:CPU run the whole step in sequence (see numerics.enforce).
+  g = _tree(3)
+  tx = factory()
+  state = tx.init(None)
+  text = str(jax.make_jaxpr(lambda g, l: tx.update(g, state, task_losses=l))(g, jnp.ones(3)))
+  assert "debug_callback" not in text
+  assert text.count("pure_callback") == conds
+
+
+def test_enforce_under_vmap_raises_only_for_failing_members():
+  g = _tree(3)
+  tx = mtjax.pcgrad(num_tasks=3)
+  state = tx.init(None)
+  batched = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), g)  # two independent problems
+  run = jax.jit(jax.vmap(lambda g, l: tx.update(g, state, task_losses=l)[0]))
+  good = jnp.ones((2, 3))
+  out = run(batched, good)  # the cond is a select under vmap: the callback runs and must not raise
+  ref = tx.update(g, state, task_losses=jnp.ones(3))[0]
+  np.testing.assert_allclose(out["trunk"]["Dense_0"]["kernel"][0], ref["trunk"]["Dense_0"]["kernel"], rtol=1e-6)
+  bad = good.at[1, 2].set(jnp.nan)
+  with pytest.raises(Exception, match="mtjax: non-finite task losses"):
+    jax.block_until_ready(run(batched, bad))
+
+
+def test_enforce_keeps_values_and_gradients():
+  x = jnp.arange(3.0)
+  f = jax.jit(lambda x: numerics.enforce(x * 2, numerics.condition_check(x[0] > 5, "mtjax: too big")))
+  np.testing.assert_array_equal(f(x), 2 * x)
+  np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(f(x)))(x), jnp.full(3, 2.0))
+  with pytest.raises(Exception, match="mtjax: too big"):
+    jax.block_until_ready(f(x + 10))
+  with pytest.raises(ValueError, match="mtjax: too big"):  # concrete: at once
+    numerics.enforce(x, numerics.condition_check(jnp.asarray(True), "mtjax: too big"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -67,52 +67,82 @@ def _is_concrete(x) -> bool:
     return False
 
 
-def _raise_nonfinite(values, *, what: str):
-  values = np.asarray(values)
-  raise ValueError(
-      f"mtjax: non-finite {what} detected ({values.tolist()}). Check the loss for NaN/inf "
-      "(log of 0, division by zero, exploding logits) before the gradient method sees it."
-  )
+def _nonfinite_message(what: str, values) -> str:
+  return (f"mtjax: non-finite {what} detected ({np.asarray(values).tolist()}). Check the loss for NaN/inf "
+          "(log of 0, division by zero, exploding logits) before the gradient method sees it.")
 
 
-def check_finite(x: jax.Array, what: str) -> None:
-  """Raises a clear error when ``x`` holds NaN or inf.
+class Check(NamedTuple):
+  """A pending runtime check on traced values (see :func:`enforce`)."""
 
-  Outside ``jit`` this is a plain ``ValueError``. Under ``jit`` the check stays on device and only
-  calls back to the host in the failing branch (no per-step host sync); the ``ValueError`` then
-  surfaces wrapped in a ``JaxRuntimeError`` whose message contains the same text.
+  bad: jax.Array  # bool scalar: the check failed
+  message: Union[str, Callable[[Any], str]]  # the error text, or a function of the operand
+  operand: Any = None  # values shown in the message (re-checked on the host)
+  host_bad: Optional[Callable[[Any], bool]] = None  # the failure test on the host, from the operand
+
+
+def finite_check(x: jax.Array, what: str) -> Optional[Check]:
+  """A check that ``x`` holds no NaN/inf; raises at once when ``x`` is concrete.
+
+  Returns ``None`` when there is nothing left to check on device (concrete values, or runtime
+  checks switched off); otherwise a :class:`Check` to pass to :func:`enforce`.
   """
   if _is_concrete(x):
     arr = np.asarray(x)
     if not np.all(np.isfinite(arr)):
-      _raise_nonfinite(arr, what=what)
-    return
+      raise ValueError(_nonfinite_message(what, arr))
+    return None
   if not config.runtime_checks_enabled():
-    return
-
-  def fail(v):
-    if not np.all(np.isfinite(np.asarray(v))):  # re-check: under vmap the cond is a select, both branches run
-      _raise_nonfinite(v, what=what)
-
-  jax.lax.cond(
-      jnp.any(~jnp.isfinite(x)),
-      lambda v: jax.debug.callback(fail, v),
-      lambda v: None,
-      x,
-  )
+    return None
+  return Check(jnp.any(~jnp.isfinite(x)), lambda v: _nonfinite_message(what, v), x,
+               lambda v: not np.all(np.isfinite(v)))
 
 
-def check_condition(bad: jax.Array, message: str) -> None:
-  """Raises ``ValueError(message)`` when the boolean scalar ``bad`` is true (jit-safe, see check_finite)."""
+def condition_check(bad: jax.Array, message: str) -> Optional[Check]:
+  """A check that the boolean scalar ``bad`` is false; raises ``ValueError(message)`` at once when concrete."""
   if _is_concrete(bad):
-    if bool(np.asarray(bad)):
+    if bool(np.any(np.asarray(bad))):
       raise ValueError(message)
-    return
+    return None
   if not config.runtime_checks_enabled():
-    return
+    return None
+  return Check(jnp.asarray(bad), message)
 
-  def fail(b):
-    if np.any(np.asarray(b)):  # re-check: under vmap the cond is a select, both branches run
-      raise ValueError(message)
 
-  jax.lax.cond(bad, lambda b: jax.debug.callback(fail, b), lambda b: None, bad)
+def enforce(value: Any, *checks: Optional[Check]) -> Any:
+  """Returns ``value``, made to depend on one on-device test of all ``checks``.
+
+  Under ``jit`` the checks become ONE ``lax.cond`` on ``any(failed)``; only its failing branch
+  calls the host, through a ``jax.pure_callback`` that re-tests each check (under ``vmap`` the cond
+  is a select that runs both branches) and raises the first failing one's ``ValueError``, which
+  surfaces as a ``JaxRuntimeError`` carrying the same message. The branch returns a zero that is
+  added to ``value``, so the check cannot be dead-code eliminated while ``value`` is used.
+
+  Why a pure callback and not ``jax.debug.callback``: a side-effecting callback anywhere in a
+  compiled CPU program makes XLA run the whole program's operations in sequence (measured: a 100
+  independent matmuls program 1.5x slower, an MMoE training step ~4 ms slower per callback on 2
+  cores); a pure callback whose result is used does not.
+
+  Args:
+    value: a pytree; every leaf depends on the checks afterwards (a ``+ 0``, fused by XLA).
+    *checks: :class:`Check` records or ``None`` (skipped).
+  """
+  checks = tuple(c for c in checks if c is not None)
+  if not checks:
+    return value
+  flags = jax.lax.stop_gradient(jnp.stack([jnp.reshape(jnp.asarray(c.bad), ()) for c in checks]))
+  operands = jax.lax.stop_gradient(tuple(c.operand for c in checks))
+
+  def host(flags, operands):
+    flags = np.asarray(flags)
+    for i, c in enumerate(checks):
+      failed = np.any(flags[..., i]) if c.host_bad is None else c.host_bad(operands[i])
+      if failed:
+        raise ValueError(c.message(operands[i]) if callable(c.message) else c.message)
+    return np.zeros(flags.shape[:-1], np.float32)
+
+  def failing(args):
+    return jax.pure_callback(host, jax.ShapeDtypeStruct((), jnp.float32), *args, vmap_method="broadcast_all")
+
+  token = jax.lax.cond(jnp.any(flags), failing, lambda args: jnp.zeros((), jnp.float32), (flags, operands))
+  return jax.tree.map(lambda v: v + token.astype(jnp.result_type(v)), value)

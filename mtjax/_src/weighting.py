@@ -84,23 +84,27 @@ def num_groups(groups: GroupSpec, params: PyTree, shared: tree_lib.SharedSpec) -
 
 
 def check_task_losses(task_losses, num_tasks: int, *, required: bool, method: str, check_finite: bool):
-  """Validates ``task_losses`` (shape ``[T]``, finite) and returns it as an array or ``None``."""
+  """Validates ``task_losses`` (shape ``[T]``; finite when concrete).
+
+  Returns ``(task_losses or None, pending)``: ``pending`` is the device-side finiteness
+  :class:`~mtjax._src.numerics.Check` for traced losses (``None`` otherwise), for the caller to
+  :func:`~mtjax._src.numerics.enforce` on something the update depends on.
+  """
   if task_losses is None:
     if required:
       raise ValueError(
           f"mtjax: {method} needs the per-task losses: call tx.update(task_grads, state, params, "
           "task_losses=losses) with losses of shape [T] (mtjax.task_grads returns them)."
       )
-    return None
+    return None, None
   task_losses = jnp.asarray(task_losses)
   if task_losses.shape != (num_tasks,):
     raise ValueError(
         f"mtjax: {method}: task_losses must have shape ({num_tasks},) (one loss per task), "
         f"got {task_losses.shape}."
     )
-  if check_finite:
-    numerics.check_finite(task_losses, f"task losses passed to {method}")
-  return task_losses
+  pending = numerics.finite_check(task_losses, f"task losses passed to {method}") if check_finite else None
+  return task_losses, pending
 
 
 def compute_grams(shared_leaves: Sequence[jax.Array], ids: Sequence[int], k: int) -> jax.Array:
@@ -145,7 +149,8 @@ def gram_weighting(
     requires_task_losses: raise a ``ValueError`` when ``task_losses`` is not passed.
     task_specific: ``"sum"`` (plain sum of task gradients on task-specific leaves, the default of
       DESIGN.md) or ``"weighted"`` (apply the task weights there too; needs ``[T]`` weights).
-    check_finite: check the Gram diagonal and losses for NaN/inf (jit-safe, host call only on failure).
+    check_finite: check the Gram diagonal and losses for NaN/inf (one on-device test per update;
+      the host is called only when it fails, see ``numerics.enforce``).
     record_weights: store the weights used at each step in the state's ``weights`` field (set
       ``False`` when ``weights_fn`` keeps its own learned weights there, e.g. GradNorm).
   """
@@ -163,8 +168,8 @@ def gram_weighting(
     del extra_args
     t = tree_lib.check_task_axis(updates, num_tasks, name=f"the task gradients given to {method}")
     tree_lib.check_params_match(updates, params)
-    losses = check_task_losses(task_losses, t, required=requires_task_losses, method=method,
-                               check_finite=check_finite)
+    losses, losses_check = check_task_losses(task_losses, t, required=requires_task_losses, method=method,
+                                             check_finite=check_finite)
     mask = tree_lib.resolve_shared(shared, updates, params)
     flat_with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
     leaves = [leaf for _, leaf in flat_with_path]
@@ -173,6 +178,7 @@ def gram_weighting(
 
     leaf_group: dict[int, int] = {}
     grams = None
+    grams_check = None
     if shared_idx:
       ids = group_ids(groups, [paths[i] for i in shared_idx])
       leaf_group = dict(zip(shared_idx, ids))
@@ -180,12 +186,16 @@ def gram_weighting(
         k = max(ids) + 1 if max(ids) >= 0 else 1
         grams = compute_grams([leaves[i] for i in shared_idx], ids, k)
         if check_finite:
-          numerics.check_finite(jnp.diagonal(grams, axis1=-2, axis2=-1), f"task gradients given to {method}")
+          grams_check = numerics.finite_check(jnp.diagonal(grams, axis1=-2, axis2=-1),
+                                              f"task gradients given to {method}")
     elif needs_gram:
       raise ValueError(f"mtjax: {method}: the shared= mask marks no leaf as shared; nothing to weight.")
 
     weights, new_state = weights_fn(WeightingInputs(grams, losses, t), state)
     weights = jnp.asarray(weights)
+    if grams is not None:  # one on-device test of both; every update leaf depends on the weights
+      weights = numerics.enforce(weights, losses_check, grams_check)
+      losses_check = None
 
     out = []
     for i, leaf in enumerate(leaves):
@@ -205,11 +215,14 @@ def gram_weighting(
       else:
         out.append(jnp.sum(leaf, axis=0))
 
-    if check_finite and grams is None:  # no Gram diagonal to look at: check the update itself
-      bad = jnp.logical_not(jnp.all(jnp.stack([jnp.all(jnp.isfinite(o)) for o in out])))
-      numerics.check_condition(
-          bad, f"mtjax: non-finite task gradients given to {method} (NaN/inf in the update). Check the "
-          "loss for NaN/inf (log of 0, division by zero, exploding logits).")
+    if grams is None:  # no Gram diagonal to look at: check the update itself
+      update_check = None
+      if check_finite:
+        bad = jnp.logical_not(jnp.all(jnp.stack([jnp.all(jnp.isfinite(o)) for o in out])))
+        update_check = numerics.condition_check(
+            bad, f"mtjax: non-finite task gradients given to {method} (NaN/inf in the update). Check "
+            "the loss for NaN/inf (log of 0, division by zero, exploding logits).")
+      out = numerics.enforce(out, losses_check, update_check)
     if record_weights and hasattr(new_state, "weights") and jnp.size(new_state.weights) > 0:
       new_state = new_state._replace(weights=jnp.broadcast_to(weights, new_state.weights.shape).astype(
           new_state.weights.dtype))

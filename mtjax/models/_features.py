@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -43,6 +43,13 @@ class FeatureSpec:
   A batch of features is a mapping ``name -> array``: ``[B]`` ints for a categorical field,
   ``[B]`` or ``[B, dim]`` floats for a dense one. Extra keys (labels, domain ids) are ignored.
 
+  ``oov`` says what happens to a categorical id outside ``[0, vocab_size)`` (unseen at
+  vocabulary-building time, or a corrupt id): ``"reserved"`` (default) maps it to the table's
+  reserved last row, one shared learned "unknown" embedding -- the usual choice of production
+  ranking systems, where new ids arrive all the time; ``"error"`` raises a ``ValueError`` naming
+  the field (eagerly, or from inside ``jit`` through mtjax's runtime checks) -- for data that
+  should be clean. Every model that takes this spec honours it.
+
   Example:
     >>> import mtjax
     >>> spec = mtjax.models.FeatureSpec(
@@ -53,8 +60,11 @@ class FeatureSpec:
 
   categorical: Sequence[Categorical] = ()
   dense: Sequence[Dense] = ()
+  oov: str = "reserved"
 
   def __post_init__(self):
+    if self.oov not in ("reserved", "error"):
+      raise ValueError(f"mtjax: FeatureSpec.oov must be 'reserved' or 'error', got {self.oov!r}.")
     object.__setattr__(self, "categorical", tuple(self.categorical))
     object.__setattr__(self, "dense", tuple(self.dense))
     names = [f.name for f in self.categorical] + [f.name for f in self.dense]
@@ -88,8 +98,8 @@ class FeatureEmbedding(nn.Module):
     spec: the :class:`FeatureSpec`.
     width_multiplier: each categorical embedding is ``embed_dim * width_multiplier`` wide
       (STEM-Net uses ``T + 1`` to split one table into task-specific and shared parts).
-    oov: ``"reserved"`` (default) maps ids outside ``[0, vocab_size)`` to the reserved last row;
-      ``"error"`` raises (eagerly, or through a jit-safe check) instead.
+    oov: overrides ``spec.oov`` when set: ``"reserved"`` maps ids outside ``[0, vocab_size)`` to
+      the reserved last row; ``"error"`` raises (eagerly, or through a jit-safe check) instead.
 
   Returns ``(x, field_embeddings)``: the ``[B, D]`` concatenation and a dict of per-field
   ``[B, embed_dim * width_multiplier]`` embeddings (models such as STEM-Net and PEPNet need the parts).
@@ -97,12 +107,13 @@ class FeatureEmbedding(nn.Module):
 
   spec: FeatureSpec
   width_multiplier: int = 1
-  oov: str = "reserved"
+  oov: Optional[str] = None
 
   @nn.compact
   def __call__(self, batch: Mapping[str, Any]):
-    if self.oov not in ("reserved", "error"):
-      raise ValueError(f"mtjax: FeatureEmbedding.oov must be 'reserved' or 'error', got {self.oov!r}.")
+    oov = self.spec.oov if self.oov is None else self.oov
+    if oov not in ("reserved", "error"):
+      raise ValueError(f"mtjax: FeatureEmbedding.oov must be 'reserved' or 'error', got {oov!r}.")
     missing = [n for n in self.spec.names if n not in batch]
     if missing:
       raise ValueError(f"mtjax: the batch lacks feature(s) {missing}; it has {sorted(batch)}.")
@@ -112,9 +123,10 @@ class FeatureEmbedding(nn.Module):
       if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(f"mtjax: categorical feature {f.name!r} must hold integer ids, got {ids.dtype}.")
       bad = (ids < 0) | (ids >= f.vocab_size)
-      if self.oov == "error":
+      if oov == "error":
         from mtjax._src import numerics  # local import keeps models importable standalone
-        numerics.check_condition(jnp.any(bad), f"mtjax: feature {f.name!r} has ids outside [0, {f.vocab_size}).")
+        ids = numerics.enforce(ids, numerics.condition_check(
+            jnp.any(bad), f"mtjax: feature {f.name!r} has ids outside [0, {f.vocab_size})."))
       ids = jnp.where(bad, f.vocab_size, ids)
       table = nn.Embed(f.vocab_size + 1, f.embed_dim * self.width_multiplier, name=f"embed_{f.name}",
                        embedding_init=nn.initializers.normal(stddev=0.05))

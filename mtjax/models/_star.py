@@ -21,10 +21,10 @@ def _check_domain_ids(domain_ids: jax.Array, num_domains: int) -> jax.Array:
     raise ValueError(f"mtjax: domain ids must be integers, got {domain_ids.dtype}.")
   if domain_ids.ndim != 1:
     raise ValueError(f"mtjax: domain ids must be a vector [B], got shape {domain_ids.shape}.")
-  numerics.check_condition(jnp.any((domain_ids < 0) | (domain_ids >= num_domains)),
-                           f"mtjax: domain ids must lie in [0, {num_domains}); set num_domains to the "
-                           "number of domains or remap the ids.")
-  return domain_ids
+  return numerics.enforce(domain_ids, numerics.condition_check(
+      jnp.any((domain_ids < 0) | (domain_ids >= num_domains)),
+      f"mtjax: domain ids must lie in [0, {num_domains}); set num_domains to the number of domains or "
+      "remap the ids."))
 
 
 class PartitionedNorm(nn.Module):

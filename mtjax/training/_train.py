@@ -17,7 +17,6 @@ import optax
 from mtjax import analysis
 from mtjax import losses as losses_lib
 from mtjax import metrics as metrics_lib
-from mtjax._src.config import runtime_checks
 from mtjax._src.task_grads import task_grads
 from mtjax.training import _checkpoint
 
@@ -175,6 +174,15 @@ def _to_host(tree):
   return jax.tree.map(lambda x: np.asarray(x).tolist(), tree)
 
 
+def _mtjax_message(error: BaseException) -> Optional[str]:
+  """The ``mtjax: ...`` message of a failed in-graph check inside a runtime error, or ``None``."""
+  for line in str(error).splitlines():
+    i = line.find("ValueError: mtjax: ")
+    if i >= 0:
+      return line[i + len("ValueError: "):].strip()
+  return None
+
+
 def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, strategy: str = "auto",
         task_losses=None, multi_task_loss=None, eval_ds=None, eval_every: int = 0, eval_batch_size: int = 4096,
         log_every: int = 10, out_dir: Optional[str] = None, checkpoint_every: int = 0, resume: bool = True,
@@ -235,20 +243,22 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
     bar = tqdm(total=steps, initial=start, desc=desc, leave=False, dynamic_ncols=True)
   log_file = open(log_path, "a") if log_path else None
   end = steps if stop_after is None else min(steps, start + stop_after)
-  # The loop checks every step's losses on the host, so the step is compiled without the in-graph
-  # NaN/inf callbacks (their dispatch cost is ~10% of a small CPU step; mtjax._src.config).
-  checks_off = runtime_checks(False)
-  checks_off.__enter__()
   try:
     for step in range(start, end):
       batch = next(it)
-      t0 = time.perf_counter()
-      state, m = step_fn(state, batch)
-      m = jax.device_get(m)
-      times.append(time.perf_counter() - t0)
       done = step + 1
+      t0 = time.perf_counter()
+      try:  # the step keeps mtjax's in-graph checks (NaN/inf, ids out of range, infeasible bounds)
+        state, m = step_fn(state, batch)
+        m = jax.device_get(m)
+      except jax.errors.JaxRuntimeError as e:
+        message = _mtjax_message(e)
+        if message is None:
+          raise
+        raise ValueError(f"{message} [at training step {done}]") from e
+      times.append(time.perf_counter() - t0)
       if not np.all(np.isfinite(m["losses"])):
-        raise FloatingPointError(f"mtjax: non-finite task losses {m['losses'].tolist()} at step {done} "
+        raise ValueError(f"mtjax: non-finite task losses {m['losses'].tolist()} at step {done} "
                                  "(or NaN/inf gradients at the step before); lower the learning rate or "
                                  "check the data and the loss.")
       if log_every and (done % log_every == 0 or done == end):
@@ -271,7 +281,6 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
       if ckpt_dir and checkpoint_every and (done % checkpoint_every == 0 or done == steps):
         _checkpoint.save(ckpt_dir, state, step=done, data_state=it.state(), config=config)
   finally:
-    checks_off.__exit__(None, None, None)
     if bar is not None:
       bar.close()
     if log_file:

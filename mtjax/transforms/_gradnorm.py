@@ -239,10 +239,10 @@ def gradnorm(
     weights = state.weights
     dtype = weights.dtype
     losses = inputs.task_losses.astype(dtype)
-    numerics.check_condition(
+    losses = numerics.enforce(losses, numerics.condition_check(
         jnp.any(losses < 0),
         "mtjax: gradnorm: task losses must be nonnegative (GradNorm divides by L(0) and raises loss "
-        "ratios to the power alpha); shift or reformulate negative losses.")
+        "ratios to the power alpha); shift or reformulate negative losses."))
     # L(0): the running mean over the first `init_steps` updates, then frozen.
     count = state.count
     in_init = count < init_steps

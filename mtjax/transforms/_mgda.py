@@ -164,11 +164,11 @@ def mgda(
       norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
       if uses_losses:
         losses = inputs.task_losses.astype(gram.dtype)
-        numerics.check_condition(
+        losses = numerics.enforce(losses, numerics.condition_check(
             jnp.any(losses < 0),
             f"mtjax: mgda: normalization={normalization!r} divides by the task losses, which must be "
             "non-negative; got a negative loss. Use normalization='l2' or 'none' for losses that "
-            "can be negative.")
+            "can be negative."))
         normalizers = losses if normalization == "loss" else losses * norms
       else:
         normalizers = norms

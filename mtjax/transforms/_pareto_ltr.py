@@ -167,8 +167,8 @@ def pareto_ltr(
     gram = inputs.grams[0]
     c = jnp.asarray(lower_bounds)
     if not concrete:
-      numerics.check_condition(jnp.any(~(c >= 0)), negative_msg)
-      numerics.check_condition(jnp.sum(c) > 1.0 + _SUM_SLACK, too_big_msg)
+      c = numerics.enforce(c, numerics.condition_check(jnp.any(~(c >= 0)), negative_msg),
+                           numerics.condition_check(jnp.sum(c) > 1.0 + _SUM_SLACK, too_big_msg))
     return pareto_ltr_weights(gram, c), state
 
   return weighting.gram_weighting(

@@ -1,5 +1,6 @@
 """Training loop: exact resume from checkpoints, clear checkpoint errors, logs and metrics."""
 
+import dataclasses
 import json
 import os
 
@@ -99,3 +100,29 @@ def test_evaluate_matches_metrics_module():
   scores, _ = model.apply({"params": res.state.params}, ds.batch(np.arange(len(ds)))["x"])
   for t, name in enumerate(ds.task_names):
     assert ev[name]["auc"] == pytest.approx(mtjax.metrics.auc(ds.labels[t], np.asarray(scores[t])), abs=1e-6)
+
+
+def test_nonfinite_data_and_bad_ids_are_clear_errors():
+  ds, model, tx = _setup("pcgrad")
+  # A NaN feature makes the task losses NaN: the transform's in-graph check stops training with
+  # the mtjax message and the step number (no silent NaN parameters).
+  features = dict(ds.features)
+  features["dense"] = features["dense"].copy()
+  features["dense"][:, 0] = np.nan
+  bad = data.MultiTaskDataset(features=features, labels=ds.labels, task_names=ds.task_names, spec=ds.spec,
+                              task_types=ds.task_types)
+  with pytest.raises(ValueError, match=r"mtjax: non-finite task losses .*\[at training step 1\]"):
+    training.fit(model, tx, bad, steps=3, batch_size=64, progress=False)
+  # With the in-graph checks compiled out, the loop's own host-side check still stops it.
+  with mtjax.runtime_checks(False):
+    with pytest.raises(ValueError, match=r"mtjax: non-finite task losses .* at step 1"):
+      training.fit(model, tx, bad, steps=3, batch_size=64, progress=False)
+  # Ids outside the vocabulary with oov="error" are an error inside the jitted step too.
+  strict = models.MMoE(num_tasks=3, num_experts=2, expert=(8,), tower=(4, 1), features=dataclasses.replace(ds.spec, oov="error"))
+  features = dict(ds.features)
+  features["cat_0"] = features["cat_0"].copy()
+  features["cat_0"][5] = ds.spec.categorical[0].vocab_size + 3
+  out_of_range = data.MultiTaskDataset(features=features, labels=ds.labels, task_names=ds.task_names,
+                                       spec=ds.spec, task_types=ds.task_types)
+  with pytest.raises(ValueError, match=r"mtjax: feature 'cat_0' has ids outside"):
+    training.fit(strict, tx, out_of_range, steps=30, batch_size=64, progress=False)

@@ -489,3 +489,31 @@ def test_adam_on_summed_loss_lowers_every_task_loss(name):
   before = task_losses(params)
   after = task_losses(train(params))
   assert bool(jnp.all(after < 0.7 * before)), (name, before, after)
+
+
+def test_out_of_vocabulary_ids_reserved_row_or_clear_error():
+  import dataclasses
+  model = models.MMoE(num_tasks=2, num_experts=2, expert=(4,), tower=(1,), features=SPEC_A)
+  x = {"user": jnp.array([0, 6, 7, -1]), "item": jnp.array([3, 3, 3, 3]), "price": jnp.ones(4),
+       "ctx": jnp.ones((4, 2))}
+  variables = model.init(jax.random.PRNGKey(0), x)
+  table = variables["params"]["input"]["embedding"]["embed_user"]["embedding"]
+  assert table.shape[0] == 7 + 1  # one reserved row past the vocabulary
+  # "reserved" (default): ids 7 and -1 both read the reserved row, valid ids their own.
+  emb = models.FeatureEmbedding(SPEC_A)
+  ev = {"params": variables["params"]["input"]["embedding"]}
+  _, fields = emb.apply(ev, x)
+  np.testing.assert_array_equal(fields["user"][2], table[7])
+  np.testing.assert_array_equal(fields["user"][3], table[7])
+  np.testing.assert_array_equal(fields["user"][1], table[6])
+  # "error": eagerly a ValueError, under jit a runtime error with the same message; valid ids pass.
+  strict = models.MMoE(num_tasks=2, num_experts=2, expert=(4,), tower=(1,),
+                       features=dataclasses.replace(SPEC_A, oov="error"))
+  with pytest.raises(ValueError, match="mtjax: feature 'user' has ids outside \\[0, 7\\)"):
+    strict.apply(variables, x)
+  with pytest.raises(Exception, match="mtjax: feature 'user' has ids outside \\[0, 7\\)"):
+    jax.block_until_ready(jax.jit(strict.apply)(variables, x))
+  ok = {**x, "user": jnp.array([0, 1, 2, 6])}
+  np.testing.assert_array_equal(jax.jit(strict.apply)(variables, ok)[0], model.apply(variables, ok)[0])
+  with pytest.raises(ValueError, match="oov must be 'reserved' or 'error'"):
+    models.FeatureSpec(categorical=SPEC_A.categorical, oov="drop")
