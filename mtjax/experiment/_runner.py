@@ -159,7 +159,10 @@ def compare(cfg: _config.ExperimentConfig, methods: Sequence[dict], *, seeds: Se
     mcfg = cfg.replace(method={k: v for k, v in m.items() if k != "label"}, name=f"{cfg.name}-{label}")
     for s in seeds:
       sub = os.path.join(out_dir, label, f"seed_{s}") if out_dir else None
-      results.setdefault(label, []).append(run(mcfg, seed=s, out_dir=sub, progress=progress, data=data, plots=False))
+      res = run(mcfg, seed=s, out_dir=sub, progress=progress, data=data, plots=False)
+      results.setdefault(label, []).append(res)
+      scores = ", ".join(f"{n} {p[0]} {res.test[n][p[0]]:.4f}" for n, p in zip(names, prim))
+      echo(f"  {label:<12s} seed {s}: {scores}; {res.ms_per_step:.2f} ms/step")
   table = summarize(results, names, prim, baseline=baseline)
   text = format_table(table, names, prim, seeds=len(seeds), baseline=baseline)
   echo(text)

@@ -240,7 +240,7 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
   bar = None
   if progress:
     from tqdm.auto import tqdm
-    bar = tqdm(total=steps, initial=start, desc=desc, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # off when not a TTY
   log_file = open(log_path, "a") if log_path else None
   end = steps if stop_after is None else min(steps, start + stop_after)
   try:
