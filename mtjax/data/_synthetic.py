@@ -157,6 +157,9 @@ def funnel_synthetic(num_samples: int = 10000, *, num_users: int = 200, num_item
     seed: the generator seed (sub-streams ``(seed, 0)`` model, ``(seed, 1)`` calibration,
       ``(seed, 2)`` samples).
     embed_dim: embedding width put in the spec.
+    task_types: ``"binary"`` or ``"regression"`` per task (default: all binary).
+    regression_scale: ``s`` of regression tasks.
+    regression_noise: ``sigma`` of regression tasks (noise relative to the signal, before scaling).
 
   Returns:
     A :class:`MultiTaskDataset`.
@@ -233,8 +236,9 @@ def conflicting_tasks(num_samples: int = 4000, num_tasks: int = 3, *,
                       task_cosines: Union[None, float, Sequence[Sequence[float]], np.ndarray] = None,
                       vocab_sizes: Sequence[int] = (20, 50, 100), dense_dim: int = 8, latent_dim: int = 4,
                       nonlinearity: float = 0.5, num_sines: int = 5, signal: float = 3.0, seed: int = 0,
-                      embed_dim: int = 8) -> MultiTaskDataset:
-  r"""``T`` binary tasks on shared categorical + dense inputs, with controlled (partly conflicting) task directions.
+                      embed_dim: int = 8, task_types: Optional[Sequence[str]] = None,
+                      regression_scale: float = 10.0, regression_noise: float = 0.5) -> MultiTaskDataset:
+  r"""``T`` tasks on shared categorical + dense inputs, with controlled (partly conflicting) task directions.
 
   Each categorical value has a fixed latent vector (``latent_dim`` entries ~ N(0, 1)); a sample's
   latent input :math:`h \in \mathbb R^D` is the concatenation of its fields' latent vectors and
@@ -251,14 +255,28 @@ def conflicting_tasks(num_samples: int = 4000, num_tasks: int = 3, *,
   generator), :math:`\eta` = ``nonlinearity``, :math:`\gamma` = ``signal``. Negative cosines make
   tasks pull the shared representation in opposite directions: their gradients conflict.
 
+  A task of type ``"regression"`` (``task_types``) is instead a real-valued target on another
+  scale, like watch time next to clicks:
+
+  .. math::
+    y_t = s \, (g_t + \sigma \epsilon), \qquad \epsilon \sim \mathcal N(0, 1),
+
+  with :math:`g_t` the bracket above, :math:`s` = ``regression_scale`` and :math:`\sigma` =
+  ``regression_noise`` (so the Bayes MSE is :math:`(s \sigma)^2`). Its squared-error gradients
+  are about :math:`s^2` times larger than the binary tasks' cross-entropy ones: with plain
+  summed losses it dominates the shared parameters, the classic case for gradient balancing.
+
   Default ``task_cosines``: tasks ``0 .. T-2`` agree with each other (0.5) and the last task
-  conflicts with all of them (-0.5). The default call (3 tasks, 4,000 samples, 3 categorical
-  fields + one 8-wide dense field) is the embedded default dataset of ``mtjax compare``; with
-  ``signal = 3`` and ``nonlinearity = 0.5`` the true probabilities reach an AUC of about 0.9 per
-  task and the label correlations are about +0.2 (tasks 0, 1) and -0.2 (either with task 2).
+  conflicts with all of them (-0.5). With ``signal = 3`` and ``nonlinearity = 0.5`` the true
+  probabilities reach an AUC of about 0.9 per binary task and the label correlations are about
+  +0.2 (tasks 0, 1) and -0.2 (either with task 2). ``mtjax compare``'s embedded default is
+  20,000 samples with ``task_types=("binary", "binary", "regression")``: two click-like tasks and
+  a conflicting watch-time-like one at 10x scale (Bayes MSE 25).
 
   Layout: features ``cat_0 .. cat_{F-1}`` (int32 ids) and ``dense`` (``[N, dense_dim]``);
-  tasks ``task_0 .. task_{T-1}`` (binary); ``extras['true_probability']`` is ``[N, T]``;
+  tasks ``task_0 .. task_{T-1}``; ``extras['true_probability']`` is ``[N, T]`` (the Bernoulli
+  probability of binary tasks, ``sigmoid(signal * g_t)`` for regression ones) and
+  ``extras['true_mean']`` ``[N, T]`` the noise-free regression target ``s g_t`` (0 for binary tasks);
   ``metadata`` holds ``w [T, D]``, ``task_cosines``, ``alpha``, ``beta`` and the latent tables.
 
   Examples:
@@ -282,6 +300,9 @@ def conflicting_tasks(num_samples: int = 4000, num_tasks: int = 3, *,
     signal: ``gamma``.
     seed: seed of ``np.random.default_rng``.
     embed_dim: embedding width put in the spec.
+    task_types: ``"binary"`` or ``"regression"`` per task (default: all binary).
+    regression_scale: ``s`` of regression tasks.
+    regression_noise: ``sigma`` of regression tasks (noise relative to the signal, before scaling).
 
   Returns:
     A :class:`MultiTaskDataset`.
@@ -305,6 +326,13 @@ def conflicting_tasks(num_samples: int = 4000, num_tasks: int = 3, *,
     raise ValueError(f"mtjax: task_cosines must be a symmetric [T, T] = [{num_tasks}, {num_tasks}] matrix with unit "
                      "diagonal that is positive semi-definite (a scalar must lie in [-1/(T-1), 1]); got "
                      f"{np.asarray(task_cosines).tolist()}.")
+  types = ("binary",) * num_tasks if task_types is None else tuple(task_types)
+  if len(types) != num_tasks or any(t not in ("binary", "regression") for t in types):
+    raise ValueError(f"mtjax: conflicting_tasks: task_types must be {num_tasks} of 'binary' / 'regression', "
+                     f"got {task_types!r}.")
+  if not regression_scale > 0 or not regression_noise >= 0:
+    raise ValueError(f"mtjax: conflicting_tasks needs regression_scale > 0 and regression_noise >= 0, got "
+                     f"{regression_scale}, {regression_noise}.")
   vocab_sizes = tuple(int(v) for v in vocab_sizes)
   dim = len(vocab_sizes) * latent_dim + dense_dim
   if dim < num_tasks or min(vocab_sizes, default=1) < 1:
@@ -325,7 +353,12 @@ def conflicting_tasks(num_samples: int = 4000, num_tasks: int = 3, *,
   z = w @ h.T  # [T, N]
   g = z + (nonlinearity / np.sqrt(max(num_sines, 1))) * _sines(z, alpha, beta)
   prob = _sigmoid(signal * g)
-  labels = rng.random(prob.shape) < prob
+  labels = (rng.random(prob.shape) < prob).astype(np.float64)
+  regression = np.array([t == "regression" for t in types])
+  true_mean = np.where(regression[:, None], regression_scale * g, 0.0)
+  if regression.any():  # drawn after the binary labels: binary tasks do not change with task_types
+    noisy = regression_scale * (g + regression_noise * rng.standard_normal(g.shape))
+    labels = np.where(regression[:, None], noisy, labels)
 
   names = tuple(f"cat_{f}" for f in range(len(vocab_sizes)))
   feats = {n: i.astype(np.int32) for n, i in zip(names, ids)}
@@ -337,6 +370,8 @@ def conflicting_tasks(num_samples: int = 4000, num_tasks: int = 3, *,
       labels=labels.astype(np.float32),
       task_names=tuple(f"task_{t}" for t in range(num_tasks)),
       spec=spec,
-      extras={"true_probability": prob.T.astype(np.float32)},
+      task_types=types,
+      extras={"true_probability": prob.T.astype(np.float32), "true_mean": true_mean.T.astype(np.float32)},
       metadata={"name": "conflicting_tasks", "w": w, "task_cosines": cos, "alpha": alpha, "beta": beta,
-                "tables": tables, "nonlinearity": nonlinearity, "signal": signal, "seed": seed})
+                "tables": tables, "nonlinearity": nonlinearity, "signal": signal, "seed": seed,
+                "regression_scale": regression_scale, "regression_noise": regression_noise})

@@ -8,14 +8,18 @@ from mtjax.experiment._config import load
 
 DEFAULT_COMPARE = {
     "name": "default",
-    "data": {"name": "conflicting", "num_samples": 20000, "seed": 0},
+    "data": {"name": "conflicting", "num_samples": 20000, "seed": 0,
+             "task_types": ["binary", "binary", "regression"]},
     "model": {"name": "mmoe", "num_experts": 4, "expert": [64, 32], "tower": [16, 1]},
     "method": {"name": "linear"},
     "optimizer": {"name": "adam", "learning_rate": 0.003},
     "train": {"steps": 600, "batch_size": 256, "log_every": 10},
     "seeds": [0, 1],
 }
-"""The embedded default of ``mtjax compare``: a small MMoE on 3 synthetic partly conflicting tasks."""
+"""The embedded default of ``mtjax compare``: a small MMoE on 3 synthetic partly conflicting tasks,
+two click-like binary tasks and a watch-time-like regression task on a 10x scale
+(:func:`mtjax.data.conflicting_tasks`): with plain summed losses the regression task dominates
+the shared parameters, which gradient methods trade off differently."""
 
 DEFAULT_METHODS = ("linear", "pcgrad", "gradvac", "mgda", "pareto_ltr", "gradnorm", "dwa", "uncertainty")
 

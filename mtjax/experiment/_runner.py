@@ -177,13 +177,25 @@ def compare(cfg: _config.ExperimentConfig, methods: Sequence[dict], *, seeds: Se
   return {"table": table, "results": results, "text": text}
 
 
+def macro_metric(prim) -> str:
+  """The metric the macro column averages: the primary metric of most tasks (AUC on a tie).
+
+  Tasks with another metric (e.g. the MSE of a regression task next to binary tasks) are left out
+  of the macro average -- averaging an AUC with an MSE means nothing; Delta_m% covers every task.
+  """
+  kinds = [p[0] for p in prim]
+  return max(sorted(set(kinds)), key=lambda k: (kinds.count(k), k == "auc"))
+
+
 def summarize(results: dict, names: Sequence[str], prim, *, baseline: str) -> dict:
   table = {}
+  macro = macro_metric(prim)
+  in_macro = np.array([p[0] == macro for p in prim])
   for label, runs in results.items():
     per_task = np.array([[r.test[n][p[0]] for n, p in zip(names, prim)] for r in runs])  # [S, T]
     table[label] = {"mean": per_task.mean(0).tolist(), "std": per_task.std(0).tolist(),
-                    "macro": float(per_task.mean()), "ms_per_step": float(np.median([r.ms_per_step for r in runs])),
-                    "per_seed": per_task.tolist()}
+                    "macro": float(per_task[:, in_macro].mean()), "macro_metric": macro,
+                    "ms_per_step": float(np.median([r.ms_per_step for r in runs])), "per_seed": per_task.tolist()}
   base_label = baseline if baseline in table else next(iter(table))
   base = np.asarray(table[base_label]["mean"])
   lower = [p[1] for p in prim]
@@ -195,7 +207,8 @@ def summarize(results: dict, names: Sequence[str], prim, *, baseline: str) -> di
 
 def format_table(table: dict, names, prim, *, seeds: int, baseline: str) -> str:
   metric_names = [f"{n} {p[0].upper()}" for n, p in zip(names, prim)]
-  header = ["method"] + metric_names + ["macro", f"Δm% vs {table['_baseline']}", "ms/step"]
+  header = ["method"] + metric_names + [f"macro {macro_metric(prim).upper()}", f"Δm% vs {table['_baseline']}",
+                                        "ms/step"]
   rows = []
   for label, row in table.items():
     if label.startswith("_"):

@@ -116,6 +116,35 @@ def test_conflicting_tasks_matches_formula():
   assert [f.vocab_size for f in ds.spec.categorical] == [20, 50, 100]
 
 
+def test_conflicting_tasks_regression_task():
+  kw = dict(num_samples=20000, seed=3)
+  binary = data.conflicting_tasks(**kw)
+  mixed = data.conflicting_tasks(**kw, task_types=("binary", "binary", "regression"), regression_scale=10.0,
+                                 regression_noise=0.5)
+  assert mixed.task_types == ("binary", "binary", "regression")
+  # The binary tasks are the same draws; the regression target is s * (g + sigma * eps).
+  np.testing.assert_array_equal(mixed.labels[:2], binary.labels[:2])
+  md = mixed.metadata
+  h = np.concatenate([md["tables"][f][mixed.features[f"cat_{f}"]] for f in range(3)]
+                     + [mixed.features["dense"].astype(np.float64)], axis=1)
+  z = h @ md["w"][2]
+  m = len(md["alpha"])
+  g = z + md["nonlinearity"] / np.sqrt(m) * sum(np.sin(md["alpha"][i] * z + md["beta"][i]) for i in range(m))
+  np.testing.assert_allclose(mixed.extras["true_mean"][:, 2], 10.0 * g, rtol=1e-5, atol=1e-4)
+  np.testing.assert_array_equal(mixed.extras["true_mean"][:, :2], 0.0)
+  residual = mixed.labels[2].astype(np.float64) - mixed.extras["true_mean"][:, 2]
+  assert abs(residual.mean()) < 0.1 and abs(residual.std() - 5.0) < 0.1  # Bayes MSE (s sigma)^2 = 25
+  # The regression task still conflicts with the binary ones, and is on a 10x larger scale.
+  assert np.corrcoef(mixed.labels[0], mixed.labels[2])[0, 1] < -0.1
+  assert mixed.labels[2].std() > 5 * mixed.labels[0].std()
+  with pytest.raises(ValueError, match="task_types"):
+    data.conflicting_tasks(10, 3, task_types=("binary", "regression"))
+  with pytest.raises(ValueError, match="task_types"):
+    data.conflicting_tasks(10, 2, task_types=("binary", "ranking"))
+  with pytest.raises(ValueError, match="regression_scale"):
+    data.conflicting_tasks(10, 2, regression_scale=0.0)
+
+
 def test_conflicting_tasks_label_correlations():
   ds = data.conflicting_tasks(20000, seed=0)
   c = np.corrcoef(ds.labels.astype(np.float64))

@@ -102,3 +102,22 @@ def test_list(capsys):
   assert cli.main(["list"]) == 0
   out = capsys.readouterr().out
   assert "mmoe" in out and "pcgrad" in out and "conflicting" in out
+
+
+def test_compare_table_macro_leaves_out_other_metrics():
+  from types import SimpleNamespace
+  from mtjax.experiment import _runner
+  names = ["click", "like", "watch_time"]
+  prim = [("auc", False), ("auc", False), ("mse", True)]
+  run = lambda a, b, m: SimpleNamespace(test={"click": {"auc": a}, "like": {"auc": b}, "watch_time": {"mse": m}},
+                                        ms_per_step=1.0)
+  table = _runner.summarize({"linear": [run(0.8, 0.7, 20.0)], "mgda": [run(0.9, 0.8, 30.0)]}, names, prim,
+                            baseline="linear")
+  assert table["mgda"]["macro_metric"] == "auc"
+  assert table["mgda"]["macro"] == pytest.approx(0.85)  # the MSE is not averaged with AUCs
+  # Delta_m% covers every task, with the sign of each metric: (+12.5 + 14.29 - 50) / 3.
+  assert table["mgda"]["delta_m"] == pytest.approx((12.5 + 100 / 7 - 50) / 3)
+  text = _runner.format_table(table, names, prim, seeds=1, baseline="linear")
+  assert "macro AUC" in text.splitlines()[0]
+  assert _runner.macro_metric([("mse", True), ("mse", True), ("auc", False)]) == "mse"
+  assert _runner.macro_metric([("mse", True), ("auc", False)]) == "auc"

@@ -263,13 +263,17 @@ def test_method_comparison_fast(tmp_path, capsys):
   for m in mc.FAST["methods"]:
     assert f"| {m}" in out
     row = res["table"][m]
-    assert len(row["mean"]) == 3 and all(0.0 <= v <= 1.0 for v in row["mean"])
+    # two binary tasks (AUC) and a regression task (MSE)
+    assert len(row["mean"]) == 3 and all(0.0 <= v <= 1.0 for v in row["mean"][:2]) and row["mean"][2] > 0
+    assert row["macro"] == pytest.approx(np.mean(row["mean"][:2]))  # the macro AUC leaves the MSE out
     assert row["ms_per_step"] > 0
+  assert "task_2 MSE" in out and "macro AUC" in out
   assert res["table"]["linear"]["delta_m"] == 0.0
-  # Delta_m% recomputed in plain NumPy from the per-task AUCs
+  # Delta_m% recomputed in plain NumPy: AUC higher is better, MSE lower is better
   base = np.asarray(res["table"]["linear"]["mean"])
+  sign = np.array([1.0, 1.0, -1.0])
   for m in mc.FAST["methods"]:
-    ref = 100.0 * np.mean((np.asarray(res["table"][m]["mean"]) - base) / base)
+    ref = 100.0 * np.mean(sign * (np.asarray(res["table"][m]["mean"]) - base) / base)
     assert res["table"][m]["delta_m"] == pytest.approx(ref, abs=1e-9)
   for f in ("learning_curves.png", "delta_m_and_speed.png", "conflict_over_steps.png", "task_weights.png"):
     assert _is_png(tmp_path / f)
