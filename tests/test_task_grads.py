@@ -120,6 +120,7 @@ def test_multi_input_task_grads():
         (lambda p, b: _loss_fn(p, b).sum(), "1-D vector"),
         (lambda p, b: jnp.stack([_loss_fn(p, b)] * 2), "1-D vector"),
         (lambda p, b: _loss_fn(p, b)[:0], "empty"),
+        (lambda p, b: (_loss_fn(p, b), {"aux": 1.0}), "returned a tuple.*has_aux=True"),
     ],
 )
 def test_bad_loss_fn_raises(bad, match):

@@ -27,6 +27,10 @@ def default_strategy(backend: str | None = None) -> str:
 
 
 def _check_losses(losses, where: str):
+  if isinstance(losses, (tuple, list, dict)):
+    raise ValueError(
+        f"mtjax: {where}: loss_fn returned a {type(losses).__name__}, not a [T] vector of task losses. If it "
+        "returns (losses, aux), pass has_aux=True; otherwise return jnp.stack([loss_0, loss_1, ...]).")
   shape = jnp.shape(losses)
   if len(shape) != 1:
     raise ValueError(

@@ -9,3 +9,4 @@ from mtjax.training._train import init_state
 from mtjax.training._train import make_predict_fn
 from mtjax.training._train import make_train_step
 from mtjax.training._train import method_weights
+from mtjax.training._train import shard_batch

@@ -174,6 +174,21 @@ def _to_host(tree):
   return jax.tree.map(lambda x: np.asarray(x).tolist(), tree)
 
 
+def shard_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh, data_axis: str = "data") -> dict:
+  """Puts a batch on ``mesh``, split along its batch dimension over ``data_axis``.
+
+  The batch dimension is the first of every feature array and the second of ``labels`` /
+  ``mask`` (``[T, B]``, task axis first).
+  """
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  out = {}
+  for key, value in batch.items():
+    spec = P(None, data_axis) if key in ("labels", "mask") else P(data_axis)
+    out[key] = jax.tree.map(lambda a, spec=spec: jax.device_put(a, NamedSharding(mesh, spec)), value)
+  return out
+
+
 def _mtjax_message(error: BaseException) -> Optional[str]:
   """The ``mtjax: ...`` message of a failed in-graph check inside a runtime error, or ``None``."""
   for line in str(error).splitlines():
@@ -187,7 +202,8 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
         task_losses=None, multi_task_loss=None, eval_ds=None, eval_every: int = 0, eval_batch_size: int = 4096,
         log_every: int = 10, out_dir: Optional[str] = None, checkpoint_every: int = 0, resume: bool = True,
         progress: bool = True, track_similarity: bool = True, config: Optional[dict] = None,
-        desc: str = "train", stop_after: Optional[int] = None) -> FitResult:
+        desc: str = "train", stop_after: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None,
+        data_axis: str = "data") -> FitResult:
   """Trains ``model`` with the multi-task transform chain ``tx`` on a :class:`mtjax.data.MultiTaskDataset`.
 
   Each step draws a shuffled batch (order fixed by ``seed`` and the epoch), computes per-task
@@ -206,6 +222,13 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
     task_losses: per-task loss specs (default from ``train_ds.task_types``).
     multi_task_loss: a loss over all outputs at once (ESMM-style), see ``mtjax.losses.make_loss_fn``.
     stop_after: stop after this many steps in this call (to simulate an interruption in tests).
+    mesh: data-parallel training over the devices of a ``jax.sharding.Mesh``: every batch is split
+      along ``data_axis`` (its batch dimension), the state is replicated, and ``jit``'s SPMD
+      partitioner inserts the reductions, so the per-task losses, gradients and Gram matrices the
+      method sees are those of the whole batch and the update equals the one-device update (up to
+      floating-point summation order; tested on 8 CPU devices). ``batch_size`` must be a
+      multiple of the mesh's ``data_axis`` size.
+    data_axis: the mesh axis that splits the batch.
   """
   from mtjax.data import BatchIterator
 
@@ -213,6 +236,12 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
     raise ValueError("mtjax: fit needs steps >= 1 and batch_size >= 1.")
   if task_losses is None and multi_task_loss is None:
     task_losses = default_task_losses(train_ds.task_types)
+  if mesh is not None:
+    if data_axis not in mesh.shape:
+      raise ValueError(f"mtjax: fit: the mesh has axes {tuple(mesh.shape)}, not data_axis={data_axis!r}.")
+    if batch_size % mesh.shape[data_axis]:
+      raise ValueError(f"mtjax: fit: batch_size={batch_size} must be a multiple of the {mesh.shape[data_axis]} "
+                       f"devices of mesh axis {data_axis!r}.")
   it = BatchIterator(train_ds, batch_size, seed=seed)
   state = init_state(model, tx, train_ds.batch(np.arange(min(batch_size, len(train_ds))))["x"], seed=seed)
   log_path = None
@@ -230,6 +259,8 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
         f.writelines(keep)
   elif log_path and os.path.exists(log_path):
     os.remove(log_path)
+  if mesh is not None:
+    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   step_fn = make_train_step(model, tx, task_losses=task_losses, multi_task_loss=multi_task_loss,
                             masked=train_ds.masks is not None, strategy=strategy, mutable=tuple(state.variables),
                             track_similarity=track_similarity)
@@ -246,6 +277,8 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
   try:
     for step in range(start, end):
       batch = next(it)
+      if mesh is not None:
+        batch = shard_batch(batch, mesh, data_axis)
       done = step + 1
       t0 = time.perf_counter()
       try:  # the step keeps mtjax's in-graph checks (NaN/inf, ids out of range, infeasible bounds)
