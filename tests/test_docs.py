@@ -1,0 +1,52 @@
+"""Documentation that runs: every docstring example in the package, and the README's code blocks."""
+
+import doctest
+import importlib
+import os
+import pkgutil
+import re
+import tomllib
+
+import pytest
+
+import mtjax
+
+MODULES = sorted(m.name for m in pkgutil.walk_packages(mtjax.__path__, "mtjax.") if not m.name.endswith("__main__"))
+README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+
+
+def _blocks(lang):
+  text = open(README, encoding="utf-8").read()
+  return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name):
+  module = importlib.import_module(name)
+  result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS, report=False)
+  assert result.failed == 0, f"{result.failed} of {result.attempted} docstring examples of {name} failed"
+  if name.startswith("mtjax.transforms._"):  # every method documents a runnable example
+    assert result.attempted > 0, f"{name} has no docstring example"
+
+
+@pytest.mark.parametrize("index", range(len(_blocks("python"))))
+def test_readme_python_blocks_run(index, capsys):
+  code = _blocks("python")[index]
+  exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
+  capsys.readouterr()
+
+
+def test_readme_config_is_valid():
+  from mtjax import experiment
+  (block,) = _blocks("toml")
+  cfg = experiment.from_dict(tomllib.loads(block))  # validated up front, as `mtjax run` does
+  assert cfg.model["name"] == "mmoe" and cfg.method["name"] == "pcgrad"
+
+
+def test_readme_lists_every_method_and_model():
+  text = open(README, encoding="utf-8").read()
+  from mtjax.experiment import _registry
+  for name in _registry.METHODS:
+    assert f"mtjax.{name}(" in text, f"README's method table lacks {name}"
+  for name in mtjax.models.available():
+    assert name.lower().replace("_", "") in text.lower().replace("-", "").replace("_", ""), name
