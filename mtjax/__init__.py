@@ -38,6 +38,26 @@ from mtjax.transforms import pareto_ltr
 from mtjax.transforms import pcgrad
 from mtjax.transforms import uncertainty
 from mtjax.transforms import uncertainty_objective
+from mtjax.transforms import AlignedMTLState
+from mtjax.transforms import CAGradState
+from mtjax.transforms import ConFIGState
+from mtjax.transforms import DualProjState
+from mtjax.transforms import FairGradState
+from mtjax.transforms import GradDropState
+from mtjax.transforms import IMTLState
+from mtjax.transforms import NashMTLState
+from mtjax.transforms import RLWState
+from mtjax.transforms import UPGradState
+from mtjax.transforms import aligned_mtl
+from mtjax.transforms import cagrad
+from mtjax.transforms import config
+from mtjax.transforms import dualproj
+from mtjax.transforms import fairgrad
+from mtjax.transforms import graddrop
+from mtjax.transforms import imtl
+from mtjax.transforms import nash_mtl
+from mtjax.transforms import rlw
+from mtjax.transforms import upgrad
 
 __version__ = "0.1.0"
 
@@ -70,6 +90,27 @@ __all__ = (
     "uncertainty",
     "UncertaintyState",
     "uncertainty_objective",
+    # transforms beyond the required set
+    "cagrad",
+    "CAGradState",
+    "imtl",
+    "IMTLState",
+    "aligned_mtl",
+    "AlignedMTLState",
+    "upgrad",
+    "UPGradState",
+    "dualproj",
+    "DualProjState",
+    "config",
+    "ConFIGState",
+    "fairgrad",
+    "FairGradState",
+    "nash_mtl",
+    "NashMTLState",
+    "rlw",
+    "RLWState",
+    "graddrop",
+    "GradDropState",
     # subpackages
     "analysis",
     "data",

@@ -98,15 +98,27 @@ def finite_check(x: jax.Array, what: str) -> Optional[Check]:
                lambda v: not np.all(np.isfinite(v)))
 
 
-def condition_check(bad: jax.Array, message: str) -> Optional[Check]:
-  """A check that the boolean scalar ``bad`` is false; raises ``ValueError(message)`` at once when concrete."""
+def condition_check(bad: jax.Array, message: Union[str, Callable[[Any], str]],
+                    operand: Any = None) -> Optional[Check]:
+  """A check that the boolean scalar ``bad`` is false; raises ``ValueError(message)`` at once when concrete.
+
+  ``message`` may be a function of ``operand`` (values to show in the error, e.g. a solver's
+  residual), called on the host with the concrete values.
+  """
+  def text(values):
+    return message(values) if callable(message) else message
+
   if _is_concrete(bad):
     if bool(np.any(np.asarray(bad))):
-      raise ValueError(message)
+      raise ValueError(text(jax.tree.map(np.asarray, operand) if _all_concrete(operand) else None))
     return None
   if not config.runtime_checks_enabled():
     return None
-  return Check(jnp.asarray(bad), message)
+  return Check(jnp.asarray(bad), message, operand)
+
+
+def _all_concrete(tree) -> bool:
+  return all(_is_concrete(x) for x in jax.tree.leaves(tree))
 
 
 def enforce(value: Any, *checks: Optional[Check]) -> Any:

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtjax._src import numerics
 
@@ -231,3 +232,445 @@ def project_simplex(v: jax.Array, total: jax.typing.ArrayLike = 1.0) -> jax.Arra
   rho = jnp.maximum(jnp.max(jnp.where(positive, jnp.arange(1, n + 1), 0)), 1)
   tau = (css[rho - 1] - total) / rho.astype(dtype)
   return jnp.maximum(v - tau, 0.0)
+
+
+def _masked_pinv(matrix: jax.Array, mask: jax.Array) -> jax.Array:
+  """Pseudo-inverse of ``matrix[mask][:, mask]``, embedded with zeros outside the mask."""
+  both = mask[:, None] & mask[None, :]
+  return jnp.linalg.pinv(jnp.where(both, matrix, jnp.zeros_like(matrix)))
+
+
+class NonnegQPResult(NamedTuple):
+  r"""Result of :func:`nonneg_qp`.
+
+  Attributes:
+    solution: ``[T]`` minimizer ``v >= 0``.
+    residual: natural KKT residual ``max_i |min(v_i, (A v + q)_i)|`` (``0`` at the solution).
+    iterations: number of active-set steps taken.
+  """
+
+  solution: jax.Array
+  residual: jax.Array
+  iterations: jax.Array
+
+
+def nonneg_qp(matrix: jax.Array, linear: jax.Array, *, max_iters: int = 100,
+              tol: jax.typing.ArrayLike = 1e-6) -> NonnegQPResult:
+  r"""Convex quadratic program over the non-negative orthant, by a primal active-set method.
+
+  .. math::
+    v^\star = \arg\min_{v \ge 0} \; \tfrac12 v^\top A v + q^\top v,
+
+  for a symmetric positive semi-definite ``[T, T]`` matrix :math:`A` (e.g. a task Gram matrix).
+  Lawson-Hanson's active-set method generalized from least squares to a quadratic: starting at
+  :math:`v = 0` with no free variable, the variable whose gradient :math:`(Av + q)_j` is most
+  negative is freed, the equality-constrained problem on the free set :math:`P` is solved
+  exactly (:math:`A_{PP} z_P = -q_P`, by pseudo-inverse, so a singular :math:`A_{PP}` is fine),
+  and :math:`v` moves to :math:`z` -- or, if :math:`z` leaves the orthant, as far towards it as
+  :math:`v \ge 0` allows, freeing nothing and dropping the blocking variables. It stops when
+  every fixed variable has :math:`(Av + q)_j \ge -\text{tol} \max_i A_{ii}` or after
+  ``max_iters`` steps (in exact arithmetic it terminates after finitely many steps; the cap
+  guards against rounding cycles). Everything runs on device under ``jit`` (one
+  ``lax.while_loop``; vmappable).
+
+  Used by :func:`mtjax.upgrad` and :func:`mtjax.dualproj`: projecting :math:`J^\top u` onto the
+  dual cone :math:`\{x : J x \ge 0\}` is :math:`J^\top (u + v^\star)` with :math:`A = J J^\top`
+  and :math:`q = A u`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from mtjax._src import solvers
+    >>> gram = jnp.array([[18., -22.], [-22., 38.]])
+    >>> result = solvers.nonneg_qp(gram, gram[:, 0])  # project g_1 onto {x: J x >= 0}
+    >>> [round(x, 4) for x in result.solution.tolist()]
+    [0.0, 0.5789]
+
+  Args:
+    matrix: ``[T, T]`` symmetric positive semi-definite matrix :math:`A`.
+    linear: ``[T]`` linear term :math:`q`.
+    max_iters: static cap on the active-set steps.
+    tol: tolerance on the negative part of the gradient, relative to :math:`\max_i A_{ii}`
+      (traceable).
+
+  Returns:
+    A :class:`NonnegQPResult`.
+
+  References:
+    Lawson and Hanson, *Solving Least Squares Problems*, Prentice-Hall, 1974, chapter 23.
+  """
+  if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 0:
+    raise ValueError(f"mtjax: max_iters must be a static non-negative Python int, got {max_iters!r}.")
+  matrix = jnp.asarray(matrix)
+  dtype = numerics.gram_dtype(jnp.result_type(matrix, linear))
+  matrix = matrix.astype(dtype)
+  linear = jnp.asarray(linear).astype(dtype)
+  n = linear.shape[0]
+  tol = jnp.asarray(tol, dtype) * jnp.maximum(jnp.max(jnp.diagonal(matrix)), jnp.finfo(dtype).tiny)
+  eye = jnp.arange(n)
+
+  def gradient(v):
+    return jnp.matmul(matrix, v, precision=numerics.HIGHEST) + linear
+
+  def cond(carry):
+    it, _, _, _, done = carry
+    return (it < max_iters) & ~done
+
+  def body(carry):
+    it, v, free, need_free, _ = carry
+    violation = jnp.where(free, jnp.inf, gradient(v))
+    j = jnp.argmin(violation)
+    optimal = need_free & (violation[j] >= -tol)
+    free_now = jnp.where(need_free, free | (eye == j), free)
+    z = -jnp.matmul(_masked_pinv(matrix, free_now), jnp.where(free_now, linear, 0.0), precision=numerics.HIGHEST)
+    z = jnp.where(free_now, z, 0.0)
+    feasible = jnp.all(jnp.where(free_now, z > 0, True))
+    # Move towards z as far as v >= 0 allows and drop the blocking variable(s).
+    blocking = free_now & (z <= 0)
+    ratios = jnp.where(blocking, numerics.safe_div(v, v - z), jnp.inf)
+    k = jnp.argmin(ratios)
+    step = jnp.clip(ratios[k], 0.0, 1.0)
+    moved = jnp.maximum(v + step * (z - v), 0.0)
+    dropped = free_now & ((moved <= 0) | (eye == k))
+    moved = jnp.where(dropped, 0.0, moved)
+    v_next = jnp.where(feasible, z, moved)
+    free_next = jnp.where(feasible, free_now, free_now & ~dropped)
+    keep = optimal
+    return (it + 1, jnp.where(keep, v, v_next), jnp.where(keep, free, free_next),
+            jnp.where(keep, need_free, feasible), optimal)
+
+  init = (jnp.asarray(0, jnp.int32), jnp.zeros((n,), dtype), jnp.zeros((n,), bool), jnp.asarray(True),
+          jnp.asarray(False))
+  it, v, _, _, _ = jax.lax.while_loop(cond, body, init)
+  residual = jnp.max(jnp.abs(jnp.minimum(v, gradient(v))))
+  return NonnegQPResult(solution=v, residual=residual, iterations=it)
+
+
+class CAGradDualResult(NamedTuple):
+  r"""Result of :func:`cagrad_dual`.
+
+  Attributes:
+    weights: ``[T]`` minimizer ``w`` of the dual on the simplex.
+    norm: :math:`\|g_w\| = \sqrt{w^\top G w}` on the Gram divided by its largest diagonal entry
+      (below the rounding floor it is treated as ``0``, see :func:`cagrad_dual`).
+    gap: Frank-Wolfe duality gap at ``w`` on that scaled Gram, divided by
+      :math:`\max(1, \max_i |\partial_i F|)` (``0`` at the optimum).
+    iterations: number of active-set steps taken.
+  """
+
+  weights: jax.Array
+  norm: jax.Array
+  gap: jax.Array
+  iterations: jax.Array
+
+
+def cagrad_dual(gram: jax.Array, c: jax.typing.ArrayLike, *, max_iters: int = 100,
+                tol: jax.typing.ArrayLike = 1e-6) -> CAGradDualResult:
+  r"""The dual problem of CAGrad on the simplex, by an exact active-set method.
+
+  With :math:`b = \mathbf 1 / T` (so :math:`g_0 = J^\top b` is the average gradient),
+  :math:`a = G b` and :math:`r = c \|g_0\| = c \sqrt{b^\top G b}`, it solves
+
+  .. math::
+    w^\star = \arg\min_{w \in \Delta_T} F(w), \qquad F(w) = a^\top w + r \sqrt{w^\top G w}
+    = g_0 \cdot g_w + c \|g_0\| \|g_w\|, \qquad g_w = J^\top w.
+
+  Method (Wolfe's active-set scheme for the min-norm point, carried over to :math:`F`): on a
+  support :math:`S` the minimizer of :math:`F` on the affine hull :math:`\{w_S : \mathbf 1^\top w =
+  1\}` has a closed form. With :math:`K = \begin{bmatrix} G_S & \mathbf 1 \\ \mathbf 1^\top & 0
+  \end{bmatrix}`, :math:`(x_0, \cdot) = K^+ (0, 1)` (the affine min-norm point,
+  :math:`n_0^2 = x_0^\top G x_0`) and :math:`(p, \cdot) = K^+ (-a_S, 0)` (:math:`q = p^\top G p`),
+  stationarity :math:`a + r G w / \|g_w\| = \nu \mathbf 1` gives :math:`w = x_0 + \tau p` with
+  :math:`\|g_w\|^2 = n_0^2 + \tau^2 q` and :math:`\tau = \|g_w\| / r`, i.e.
+  :math:`\|g_w\| = n_0 / \sqrt{1 - q / r^2}` when :math:`q < r^2` (otherwise :math:`F` decreases
+  without bound along :math:`p`). Starting from the best vertex, each step either moves to that
+  minimizer when it lies in the simplex and then adds the vertex with the smallest
+  :math:`\partial F / \partial w_i` (stopping when the Frank-Wolfe gap
+  :math:`\nabla F \cdot w - \min_i \partial_i F` is at most
+  :math:`(\text{tol} + 10 T \epsilon) \max(1, \max_i |\partial_i F|)`), or moves towards it (along
+  :math:`p` when unbounded) until a weight reaches zero and drops that vertex. Every step lowers
+  :math:`F`, so the method terminates; ``max_iters`` caps it under rounding. The Gram is first
+  divided by its largest diagonal entry, which makes ``tol`` relative.
+
+  When :math:`\|g_w\|` is at the rounding floor (:math:`\|g_w\|^2 \le 100\, T \epsilon` on the
+  scaled Gram) the point has :math:`g_w = 0`, where :math:`F` is not differentiable; its
+  optimality is then certified with the subgradient :math:`(1 - \min(c, 1))\, a` (i.e.
+  :math:`u = -\min(1, 1/c)\, g_0 / \|g_0\|` in :math:`\partial \|\cdot\|(0)`), which is exact for
+  :math:`c \ge 1` (then :math:`F \ge 0 = F(w)`), and :func:`mtjax.cagrad` uses the primal point
+  :math:`d = g_0 + r u = (1 - \min(c, 1))\, g_0` that this subgradient certifies.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from mtjax._src import solvers
+    >>> gram = jnp.array([[18., -22.], [-22., 38.]])   # rows [-4, 1, 1] and [6, 1, 1]
+    >>> [round(x, 4) for x in solvers.cagrad_dual(gram, 0.5).weights.tolist()]
+    [1.0, 0.0]
+
+  Args:
+    gram: ``[T, T]`` symmetric positive semi-definite Gram matrix.
+    c: the CAGrad radius :math:`c \ge 0` (traceable).
+    max_iters: static cap on the active-set steps.
+    tol: tolerance on the Frank-Wolfe gap (traceable).
+
+  Returns:
+    A :class:`CAGradDualResult`.
+
+  References:
+    Liu, Liu, Jin, Stone and Liu, *Conflict-Averse Gradient Descent for Multi-task Learning*,
+    NeurIPS 2021. Wolfe, *Finding the Nearest Point in a Polytope*, Mathematical Programming, 1976.
+  """
+  if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 0:
+    raise ValueError(f"mtjax: max_iters must be a static non-negative Python int, got {max_iters!r}.")
+  gram = jnp.asarray(gram)
+  dtype = numerics.gram_dtype(gram.dtype)
+  gram, _ = scale_gram(gram.astype(dtype))
+  t = gram.shape[0]
+  c = jnp.asarray(c, dtype)
+  tol = jnp.asarray(tol, dtype)
+  eye = jnp.arange(t)
+  b = jnp.full((t,), 1.0 / t, dtype)
+
+  def mv(x):
+    return jnp.matmul(gram, x, precision=numerics.HIGHEST)
+
+  a = mv(b)
+  radius = c * jnp.sqrt(jnp.maximum(jnp.dot(b, a, precision=numerics.HIGHEST), 0.0))
+  zero_floor = jnp.asarray(100.0 * t * np.finfo(dtype).eps, dtype)  # ||g_w||^2 below this is 0
+  certificate = (1.0 - jnp.minimum(c, 1.0)) * a  # subgradient of F at a point with g_w = 0
+
+  def norm_sq(x):
+    return jnp.maximum(jnp.dot(x, mv(x), precision=numerics.HIGHEST), 0.0)
+
+  def objective(x):
+    return jnp.dot(a, x, precision=numerics.HIGHEST) + radius * jnp.sqrt(norm_sq(x))
+
+  def grad(x):
+    sq = norm_sq(x)
+    positive = sq > zero_floor
+    norm = jnp.sqrt(jnp.where(positive, sq, 1.0))
+    return jnp.where(positive, a + radius * mv(x) / norm, certificate)
+
+  def affine_min(support):
+    ones = jnp.where(support, 1.0, 0.0).astype(dtype)
+    kkt = jnp.concatenate([
+        jnp.concatenate([jnp.where(support[:, None] & support[None, :], gram, 0.0), ones[:, None]], axis=1),
+        jnp.concatenate([ones, jnp.zeros((1,), dtype)])[None, :],
+    ], axis=0)
+    rhs = jnp.stack([jnp.concatenate([jnp.zeros((t,), dtype), jnp.ones((1,), dtype)]),
+                     jnp.concatenate([-jnp.where(support, a, 0.0), jnp.zeros((1,), dtype)])], axis=1)
+    sol = jnp.matmul(jnp.linalg.pinv(kkt), rhs, precision=numerics.HIGHEST)[:t]
+    x0 = jnp.where(support, sol[:, 0], 0.0)
+    p = jnp.where(support, sol[:, 1], 0.0)
+    n0_sq, q = norm_sq(x0), norm_sq(p)
+    r_sq = radius * radius
+    bounded = q < r_sq * (1.0 - 1e-6)
+    shrink = jnp.where(bounded, 1.0 - q / jnp.where(bounded, r_sq, 1.0), 1.0)
+    tau = jnp.where(bounded & (radius > 0),
+                    jnp.sqrt(n0_sq / shrink) / jnp.where(radius > 0, radius, 1.0), 0.0)
+    return x0 + tau * p, bounded, p
+
+  rounding = jnp.asarray(10.0 * t * np.finfo(dtype).eps, dtype)
+
+  def gap_of(x):
+    # The gap, relative to the gradient's magnitude (its rounding error grows with it).
+    g = grad(x)
+    gap = jnp.dot(g, x, precision=numerics.HIGHEST) - jnp.min(g)
+    return gap / jnp.maximum(1.0, jnp.max(jnp.abs(g))), jnp.argmin(g)
+
+  def cond(carry):
+    it, _, _, done = carry
+    return (it < max_iters) & ~done
+
+  def body(carry):
+    it, w, support, _ = carry
+    y, bounded, p = affine_min(support)
+    feasible = bounded & jnp.all(jnp.where(support, y >= 0, True))
+    # Feasible: move to the affine minimizer, then stop or add the best vertex.
+    y_pos = jnp.maximum(jnp.where(support, y, 0.0), 0.0)
+    y_pos = y_pos / jnp.maximum(jnp.sum(y_pos), jnp.finfo(dtype).tiny)
+    y_ok = jnp.all(jnp.isfinite(y_pos)) & (objective(y_pos) <= objective(w) + 1e-6 * jnp.abs(objective(w)) + tol)
+    w_feas = jnp.where(y_ok, y_pos, w)
+    gap, best = gap_of(w_feas)
+    optimal = gap <= tol + rounding
+    support_feas = support | ((eye == best) & ~optimal)
+    # Infeasible (or unbounded): move towards y (along p) until a weight hits zero; drop it.
+    direction = jnp.where(bounded, y - w, p)
+    blocking = support & (direction < 0)
+    ratios = jnp.where(blocking, numerics.safe_div(w, -direction), jnp.inf)
+    k = jnp.argmin(ratios)
+    step = jnp.where(bounded, jnp.minimum(ratios[k], 1.0), ratios[k])
+    step = jnp.where(jnp.isfinite(step), step, 0.0)
+    moved = jnp.maximum(w + step * direction, 0.0)
+    dropped = (eye == k) & jnp.isfinite(ratios[k])
+    moved = jnp.where(dropped, 0.0, moved)
+    moved = moved / jnp.maximum(jnp.sum(moved), jnp.finfo(dtype).tiny)
+    w_next = jnp.where(feasible, w_feas, moved)
+    support_next = jnp.where(feasible, support_feas, support & ~dropped & (moved > 0))
+    done = feasible & optimal
+    return it + 1, w_next, support_next, done
+
+  vertex_values = a + radius * jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+  start = jnp.argmin(vertex_values)
+  w0 = (eye == start).astype(dtype)
+  done0 = radius <= 0  # c = 0 or g_0 = 0: F = a.w is not used (d = g_0)
+  it, w, _, _ = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), w0, eye == start, done0))
+  sq = norm_sq(w)
+  norm = jnp.where(sq > zero_floor, jnp.sqrt(sq), 0.0)
+  gap, _ = gap_of(w)
+  return CAGradDualResult(weights=w, norm=norm, gap=gap, iterations=it)
+
+
+# Status codes of :func:`balance_newton`.
+SOLVED, STATIONARY, NOT_CONVERGED = 0, 1, 2
+
+
+class BalanceResult(NamedTuple):
+  r"""Result of :func:`balance_newton`.
+
+  Attributes:
+    weights: ``[T]`` solution ``v > 0`` on the active tasks; zeros on inactive tasks, and zeros
+      everywhere when ``status == STATIONARY``.
+    status: int32 ``SOLVED`` (0), ``STATIONARY`` (1: no solution exists, see
+      :func:`balance_newton`) or ``NOT_CONVERGED`` (2: the cap was reached).
+    decrement: squared Newton decrement :math:`\lambda^2` at the last iterate.
+    iterations: number of Newton steps taken.
+  """
+
+  weights: jax.Array
+  status: jax.Array
+  decrement: jax.Array
+  iterations: jax.Array
+
+
+def balance_newton(cosines: jax.Array, coef: jax.Array, alpha: jax.typing.ArrayLike, active: jax.Array, *,
+                   max_iters: int = 100, tol: jax.typing.ArrayLike = 1e-10) -> BalanceResult:
+  r"""Solves the balance equations :math:`(C v)_i = c_i\, v_i^{-1/\alpha}`, :math:`v > 0`.
+
+  This is Nash-MTL's :math:`v \odot C v = \mathbf 1` (:math:`\alpha = 1`, :math:`c = \mathbf 1`)
+  and FairGrad's :math:`G w = w^{-1/\alpha}` written on the cosine matrix :math:`C` of the task
+  gradients (see :func:`mtjax.fairgrad` for the change of variables). The equations are the
+  stationarity conditions of the strictly convex potential
+
+  .. math::
+    \Phi(v) = \tfrac12 v^\top C v - \sum_i c_i\, \phi_\alpha(v_i), \qquad
+    \phi_\alpha(v) = \frac{v^{1 - 1/\alpha} - 1}{1 - 1/\alpha} \quad (\log v \text{ for } \alpha = 1),
+
+  which is minimized by Newton's method with a fraction-to-boundary rule (no weight shrinks by
+  more than 95% in a step) and a vectorized Armijo backtracking line search, on device under
+  ``jit`` with a static iteration cap. The start is the solution for orthogonal gradients,
+  :math:`v_i = c_i^{\alpha / (1 + \alpha)}`.
+
+  Outcomes (``status``):
+
+  * ``SOLVED``: the squared Newton decrement :math:`\lambda^2 = \nabla\Phi^\top H^{-1}
+    \nabla\Phi` is at most ``tol`` plus its rounding floor (the decrement of the worst-case
+    rounding error of :math:`\nabla \Phi`), i.e. the equations hold to the dtype's resolution.
+  * ``STATIONARY``: :math:`\Phi` is unbounded below (or its infimum is not attained) exactly when
+    some :math:`u \ge 0`, :math:`u \ne 0` has :math:`C u = 0`, i.e. when :math:`0` is in the convex
+    hull of the (normalized) active task gradients -- the point is Pareto-stationary and no
+    direction improves every task, so no solution exists. Newton's iterates then grow along
+    :math:`u` geometrically; the certificate :math:`u^\top C u \le 100\, T \epsilon` with
+    :math:`u = v / \sum_i v_i` detects it. ``weights`` are zero.
+  * ``NOT_CONVERGED``: neither after ``max_iters`` steps (``weights`` is the last iterate).
+
+  Inactive tasks (``active`` false, e.g. zero gradients) are left out of the equations and get
+  a zero weight.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from mtjax._src import solvers
+    >>> cosines = jnp.array([[1.0, -0.5], [-0.5, 1.0]])
+    >>> result = solvers.balance_newton(cosines, jnp.ones(2), 1.0, jnp.array([True, True]))
+    >>> [round(x, 4) for x in result.weights.tolist()], int(result.status)  # v (1 - 0.5) v = 1
+    ([1.4142, 1.4142], 0)
+
+  Args:
+    cosines: ``[T, T]`` cosine matrix :math:`C` (unit diagonal on the active tasks).
+    coef: ``[T]`` positive coefficients :math:`c` (at most 1 keeps the start well scaled).
+    alpha: :math:`\alpha > 0` (traceable).
+    active: ``[T]`` bools: the tasks in the equations.
+    max_iters: static cap on the Newton steps.
+    tol: tolerance on :math:`\lambda^2` (traceable).
+
+  Returns:
+    A :class:`BalanceResult`.
+
+  References:
+    Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik and Fetaya, *Multi-Task Learning as a
+    Bargaining Game*, ICML 2022. Ban and Ji, *Fair Resource Allocation in Multi-Task Learning*,
+    ICML 2024. Boyd and Vandenberghe, *Convex Optimization*, 2004, sections 9.5 and 11.
+  """
+  if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 0:
+    raise ValueError(f"mtjax: max_iters must be a static non-negative Python int, got {max_iters!r}.")
+  cosines = jnp.asarray(cosines)
+  dtype = numerics.gram_dtype(cosines.dtype)
+  t = cosines.shape[0]
+  eps = np.finfo(dtype).eps
+  active = jnp.asarray(active, bool)
+  both = active[:, None] & active[None, :]
+  cos = jnp.where(both, cosines.astype(dtype), 0.0)
+  coef = jnp.where(active, jnp.asarray(coef).astype(dtype), 1.0)
+  alpha = jnp.asarray(alpha, dtype)
+  inv_alpha = 1.0 / alpha
+  beta = 1.0 - inv_alpha
+  safe_beta = jnp.where(beta == 0, 1.0, beta)
+  tol = jnp.asarray(tol, dtype)
+  stationary_tol = jnp.asarray(100.0 * t * eps, dtype)
+  steps = jnp.asarray(0.5, dtype) ** jnp.arange(20, dtype=dtype)  # backtracking candidates
+
+  def mv(x):
+    return jnp.matmul(x, cos, precision=numerics.HIGHEST)  # works on [T] and [K, T]
+
+  def potential(v):  # v: [K, T], positive on the active tasks
+    act, c = active[None, :], coef[None, :]
+    log_v = jnp.log(jnp.where(act, v, 1.0))
+    phi = jnp.where(beta == 0, log_v, jnp.expm1(beta * log_v) / safe_beta)
+    quad = 0.5 * jnp.sum(v * mv(v), axis=-1)
+    return quad - jnp.sum(jnp.where(act, c * phi, -0.5 * jnp.square(v - 1.0)), axis=-1)
+
+  def newton(v):
+    log_v = jnp.log(jnp.where(active, v, 1.0))
+    power = coef * jnp.exp(-inv_alpha * log_v)  # c_i v_i^(-1/alpha)
+    cv = mv(v)
+    grad = jnp.where(active, cv - power, v - 1.0)
+    hess = cos + jnp.diag(jnp.where(active, inv_alpha * power / jnp.where(active, v, 1.0), 1.0))
+    # Worst-case rounding of the gradient: its decrement is the floor lambda^2 can reach.
+    err = jnp.where(active, 4.0 * t * eps * (jnp.matmul(jnp.abs(v), jnp.abs(cos)) + power), 0.0)
+    sol = jnp.linalg.solve(hess, jnp.stack([-grad, err], axis=1))
+    delta = sol[:, 0]
+    decrement = -jnp.dot(grad, delta, precision=numerics.HIGHEST)
+    floor = jnp.dot(err, sol[:, 1], precision=numerics.HIGHEST)
+    return grad, delta, decrement, floor
+
+  def classify(v, decrement, floor):
+    u = jnp.where(active, v, 0.0)
+    u = u / jnp.maximum(jnp.sum(u), jnp.finfo(dtype).tiny)
+    stationary = jnp.dot(u, mv(u), precision=numerics.HIGHEST) <= stationary_tol
+    solved = ~stationary & (decrement <= tol + 4.0 * floor)
+    return jnp.where(stationary, STATIONARY, jnp.where(solved, SOLVED, NOT_CONVERGED)).astype(jnp.int32)
+
+  def cond(carry):
+    it, _, status, _, _, _ = carry
+    return (it < max_iters) & (status == NOT_CONVERGED)
+
+  def body(carry):
+    it, v, _, decrement_now, grad, delta = carry
+    shrinking = active & (delta < 0)
+    to_boundary = jnp.min(jnp.where(shrinking, 0.95 * v / jnp.where(shrinking, -delta, 1.0), jnp.inf))
+    t_max = jnp.minimum(1.0, to_boundary)
+    candidates = v[None, :] + (t_max * steps)[:, None] * delta[None, :]
+    slope = jnp.dot(grad, delta, precision=numerics.HIGHEST)
+    armijo = potential(candidates) <= potential(v[None, :]) + 1e-4 * t_max * steps * slope
+    first = jnp.where(jnp.any(armijo), jnp.argmax(armijo), steps.shape[0] - 1)  # largest Armijo step
+    # Close to the solution the potential's decrease (~lambda^2 / 2) drowns in its rounding, so
+    # Armijo cannot be tested: take the (quadratically convergent) full step there.
+    first = jnp.where(decrement_now <= 1e-2, 0, first)
+    v_next = jnp.where(active, jnp.maximum(candidates[first], jnp.finfo(dtype).tiny), 1.0)
+    grad, delta, decrement, floor = newton(v_next)
+    return it + 1, v_next, classify(v_next, decrement, floor), decrement, grad, delta
+
+  v0 = jnp.where(active, jnp.exp(alpha / (1.0 + alpha) * jnp.log(coef)), 1.0)
+  grad0, delta0, decrement0, floor0 = newton(v0)
+  it, v, status, decrement, _, _ = jax.lax.while_loop(
+      cond, body, (jnp.asarray(0, jnp.int32), v0, classify(v0, decrement0, floor0), decrement0, grad0, delta0))
+  v = jnp.where(active & (status != STATIONARY), v, 0.0)
+  return BalanceResult(weights=v, status=status, decrement=decrement, iterations=it)

@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mtjax._src import numerics
@@ -229,6 +230,24 @@ def gram_weighting(
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def static_int(value, name: str, method: str) -> int:
+  """A hyperparameter that shapes a loop (an iteration cap) as a static non-negative Python int.
+
+  Raises a ``ValueError`` naming ``optax.inject_hyperparams``' ``static_args`` when ``value`` is
+  traced.
+  """
+  try:
+    out = int(np.asarray(value))
+  except Exception:  # a tracer: e.g. optax.inject_hyperparams without static_args
+    raise ValueError(
+        f"mtjax: {method}: {name} must be a static Python int (it sets a solver's loop bound); "
+        f"with optax.inject_hyperparams pass static_args=('{name}',)."
+    ) from None
+  if out < 0 or out != np.asarray(value):
+    raise ValueError(f"mtjax: {method}: {name} must be a non-negative int, got {value!r}.")
+  return out
 
 
 def init_weights(num_tasks: Optional[int], num_groups_: int = 0) -> jax.Array:

@@ -28,6 +28,16 @@ METHODS = {
     "gradnorm": mtjax.gradnorm,
     "dwa": mtjax.dwa,
     "uncertainty": mtjax.uncertainty,
+    "cagrad": mtjax.cagrad,
+    "imtl": mtjax.imtl,
+    "aligned_mtl": mtjax.aligned_mtl,
+    "upgrad": mtjax.upgrad,
+    "dualproj": mtjax.dualproj,
+    "config": mtjax.config,
+    "fairgrad": mtjax.fairgrad,
+    "nash_mtl": mtjax.nash_mtl,
+    "rlw": mtjax.rlw,
+    "graddrop": mtjax.graddrop,
 }
 
 OPTIMIZERS = {

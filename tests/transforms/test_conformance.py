@@ -7,7 +7,8 @@ property tests need to know about each case. Per case the file checks: chaining 
 float64; zero / identical / opposite / tiny / huge gradients; T = 1 and T = 8; convergence of
 ``optax.chain(method, optax.sgd)`` inside ``lax.scan`` on a toy two-task problem; clear errors
 for bad input; the state contract; and the cross-method properties (no conflict for
-MGDA / PE-LTR, PCGrad without conflict = plain sum, permutation equivariance of the
+MGDA / PE-LTR / UPGrad / DualProj / CAGrad with c >= 1, PCGrad without conflict = plain sum,
+permutation equivariance of the
 deterministic methods, shared-mask semantics).
 
 To keep the runtime small, each case compiles a handful of functions once (``functools.cache``
@@ -69,7 +70,8 @@ class Case(NamedTuple):
     per_task: names of per-task hyperparameters, permuted together with the tasks.
     degree: ``d(s J) = s^degree d(J)`` on the shared leaves at the first step (``s > 0``).
     no_conflict: the direction never conflicts with a task (``J d >= -tol``).
-    toy_lr: SGD step size on the toy problem.
+    toy_lr: SGD step size on the toy problem, or an optax schedule (methods whose update does not
+      shrink at the Pareto set, e.g. Nash-MTL's ``||d|| = sqrt(T)``, need a decaying one).
     toy_blocks: coordinate blocks of the toy problem's ``x`` that the method treats separately
       (per-layer / per-leaf surgery stops where every block is Pareto-stationary on its own).
   """
@@ -84,7 +86,7 @@ class Case(NamedTuple):
   per_task: tuple = ()
   degree: int = 1
   no_conflict: bool = False
-  toy_lr: float = 0.1
+  toy_lr: Any = 0.1
   toy_blocks: tuple = ((0, 1, 2, 3),)
 
   def make(self, num_tasks: int, **overrides) -> optax.GradientTransformationExtraArgs:
@@ -97,6 +99,12 @@ def _mgda(normalization, apply_to="raw", **kw):
 
 
 MGDA_STATIC = ("num_tasks", "max_iters")
+SOLVER_STATIC = ("num_tasks", "max_iters")
+
+
+def decaying_lr(base, halflife):
+  """``base / (1 + count / halflife)``: for updates whose norm does not vanish at the Pareto set."""
+  return lambda count: base / (1.0 + count / halflife)
 DWA_STATIC = ("num_tasks", "steps_per_epoch", "window")
 GRADNORM_STATIC = ("num_tasks", "steps_per_epoch")
 
@@ -141,12 +149,39 @@ CASES = [
     Case("uncertainty-init", mtjax.uncertainty, lambda t: dict(num_tasks=t, init_log_var=-0.5,
                                                                  learning_rate=1e-3), True,
          task_specific="weighted"),
+    # Beyond the required set.
+    Case("cagrad", mtjax.cagrad, lambda t: dict(num_tasks=t, c=0.4), False, static_args=SOLVER_STATIC),
+    # c >= 1: the ball contains 0, so the direction conflicts with no task.
+    Case("cagrad-c1.5-rescale", mtjax.cagrad, lambda t: dict(num_tasks=t, c=1.5, rescale="1/(1+c^2)"), False,
+         static_args=SOLVER_STATIC, no_conflict=True),
+    Case("imtl", mtjax.imtl, lambda t: dict(num_tasks=t), False),
+    Case("aligned_mtl", mtjax.aligned_mtl, lambda t: dict(num_tasks=t), False),
+    Case("upgrad", mtjax.upgrad, lambda t: dict(num_tasks=t), False, static_args=SOLVER_STATIC),
+    Case("upgrad-exact", mtjax.upgrad, lambda t: dict(num_tasks=t, regularization=0.0), False,
+         static_args=SOLVER_STATIC, no_conflict=True),
+    Case("dualproj", mtjax.dualproj, lambda t: dict(num_tasks=t), False, static_args=SOLVER_STATIC),
+    Case("dualproj-exact", mtjax.dualproj, lambda t: dict(num_tasks=t, regularization=0.0), False,
+         static_args=SOLVER_STATIC, no_conflict=True),
+    Case("config", mtjax.config, lambda t: dict(num_tasks=t), False),
+    # ||d||^2 = T whatever the scale (degree 0): a decaying step on the toy problem.
+    Case("fairgrad", mtjax.fairgrad, lambda t: dict(num_tasks=t, alpha=1.0), False, static_args=SOLVER_STATIC,
+         degree=0, toy_lr=decaying_lr(0.3, 4.0)),
+    Case("fairgrad-alpha0.5", mtjax.fairgrad, lambda t: dict(num_tasks=t, alpha=0.5), False,
+         static_args=SOLVER_STATIC, degree=1 / 3, toy_lr=decaying_lr(0.3, 4.0)),
+    Case("nash_mtl", mtjax.nash_mtl, lambda t: dict(num_tasks=t), False, static_args=SOLVER_STATIC, degree=0,
+         toy_lr=decaying_lr(0.3, 4.0)),
+    Case("rlw", mtjax.rlw, lambda t: dict(key=0, num_tasks=t), False, deterministic=False,
+         task_specific="weighted"),
+    # Unbiased for the summed gradient but noisy at the Pareto set: a decaying step, as for SGD.
+    Case("graddrop", mtjax.graddrop, lambda t: dict(key=0, num_tasks=t), False, deterministic=False,
+         toy_lr=decaying_lr(0.3, 4.0)),
 ]
 CASE_BY_NAME = {c.name: c for c in CASES}
 assert len(CASE_BY_NAME) == len(CASES)
 
 ALL = pytest.mark.parametrize("name", [c.name for c in CASES])
-DEFAULT_CASES = ("linear", "pcgrad", "gradvac", "mgda", "pareto_ltr", "gradnorm", "dwa", "uncertainty")
+DEFAULT_CASES = ("linear", "pcgrad", "gradvac", "mgda", "pareto_ltr", "gradnorm", "dwa", "uncertainty", "cagrad",
+                 "imtl", "aligned_mtl", "upgrad", "dualproj", "config", "fairgrad", "nash_mtl", "rlw", "graddrop")
 # Each method's default case in the fast tier, the option variants marked slow.
 ALL_DEFAULTS_FAST = pytest.mark.parametrize(
     "name", [c.name if c.name in DEFAULT_CASES else pytest.param(c.name, marks=pytest.mark.slow) for c in CASES])
