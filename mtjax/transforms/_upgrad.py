@@ -89,8 +89,9 @@ def upgrad(
   Properties: :math:`d` conflicts with no task, :math:`g_t \cdot d \ge -\varepsilon
   \operatorname{tr}(G)\, w_t` (exactly :math:`\ge 0` for ``regularization=0``); it is linear under
   positive scaling of the tasks, :math:`d(\operatorname{diag}(s) J) = \frac1T \sum_i s_i
-  \pi_{\mathcal C}(g_i)` for :math:`s > 0` (exactly for ``regularization=0``, to
-  :math:`O(\varepsilon)` otherwise); it equals the mean gradient when no two gradients
+  \pi_{\mathcal C}(g_i)` for :math:`s > 0` (exactly for ``regularization=0``; approximately
+  otherwise, while :math:`\varepsilon \operatorname{tr}(G)` is small next to every
+  :math:`\|g_i\|^2`); it equals the mean gradient when no two gradients
   conflict; and it is permutation equivariant.
 
   .. warning::
