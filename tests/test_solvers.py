@@ -268,3 +268,95 @@ def test_scale_gram():
 def test_docstring_examples():
   result = doctest.testmod(solvers, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0 and result.failed == 0
+
+
+# ----------------------------------------------------------------------------- the solvers of the
+# transforms beyond the required set: non-negative QP, CAGrad's dual, the balance equations
+
+
+def np_nonneg_qp_brute_force(a, q):
+  """KKT point of min_{v >= 0} 1/2 v^T A v + q^T v by enumerating free sets (float64)."""
+  n = q.shape[0]
+  best, best_f = None, np.inf
+  for size in range(n + 1):
+    for free in itertools.combinations(range(n), size):
+      idx = list(free)
+      v = np.zeros(n)
+      if idx:
+        v[idx] = np.linalg.lstsq(a[np.ix_(idx, idx)], -q[idx], rcond=None)[0]
+        if np.linalg.norm(a[np.ix_(idx, idx)] @ v[idx] + q[idx]) > 1e-9 * max(1.0, np.abs(a).max()):
+          continue
+      if np.any(v < -1e-12) or np.any(a @ v + q < -1e-9 * max(1.0, np.abs(a).max())):
+        continue
+      f = 0.5 * v @ a @ v + q @ v
+      if f < best_f - 1e-14:
+        best, best_f = np.maximum(v, 0.0), f
+  return best, best_f
+
+
+_NNQP = jax.jit(lambda a, q: solvers.nonneg_qp(a, q))
+
+
+@pytest.mark.parametrize("num_tasks", [1, 3, 6])
+def test_nonneg_qp_matches_brute_force(num_tasks):
+  rng = np.random.default_rng(num_tasks)
+  for p in (2, 8):  # p = 2 < T: a singular matrix
+    jac = _random_jacobian(rng, num_tasks, p, common=0.5)
+    a = jac @ jac.T
+    q = a @ rng.normal(size=num_tasks)  # in the range of A: the QP is bounded
+    result = _NNQP(jnp.asarray(a, jnp.float32), jnp.asarray(q, jnp.float32))
+    v = np.asarray(result.solution, np.float64)
+    _, best = np_nonneg_qp_brute_force(a, q)
+    assert np.all(v >= 0)
+    f = 0.5 * v @ a @ v + q @ v
+    np.testing.assert_allclose(f, best, atol=1e-4 * max(1.0, abs(best)))
+    assert float(result.residual) <= 1e-4 * np.abs(a).max()
+    assert int(result.iterations) <= 3 * num_tasks + 2
+
+
+def test_nonneg_qp_vmaps_and_iteration_cap():
+  rng = np.random.default_rng(0)
+  jac = _random_jacobian(rng, 4, 6, common=0.0)
+  a = jnp.asarray(jac @ jac.T, jnp.float32)
+  batch = jax.jit(jax.vmap(lambda q: solvers.nonneg_qp(a, q).solution))(a)  # the UPGrad batch
+  for i in range(4):
+    np.testing.assert_allclose(batch[i], _NNQP(a, a[i]).solution, rtol=1e-6, atol=1e-7)
+  capped = solvers.nonneg_qp(a, -jnp.ones(4), max_iters=1)
+  assert int(capped.iterations) == 1
+  with pytest.raises(ValueError, match="max_iters"):
+    solvers.nonneg_qp(a, a[0], max_iters=-1)
+
+
+def test_cagrad_dual_is_optimal_and_scale_invariant():
+  rng = np.random.default_rng(1)
+  solve = jax.jit(lambda g, c: solvers.cagrad_dual(g, c))
+  for num_tasks, c in ((2, 0.5), (4, 0.4), (6, 2.0), (5, 0.9)):
+    jac = _random_jacobian(rng, num_tasks, 8, common=0.3)
+    gram = jac @ jac.T
+    result = solve(jnp.asarray(gram, jnp.float32), c)
+    w = np.asarray(result.weights, np.float64)
+    assert np.all(w >= 0) and abs(w.sum() - 1) < 1e-5
+
+    def objective(x):
+      b = np.full(num_tasks, 1.0 / num_tasks)
+      return x @ gram @ b + c * np.sqrt(b @ gram @ b) * np.sqrt(max(x @ gram @ x, 0.0))
+
+    others = rng.dirichlet(np.full(num_tasks, 0.5), size=300)
+    assert objective(w) <= min(objective(x) for x in others) + 1e-5 * np.abs(gram).max()
+    assert float(result.gap) <= 1e-5
+    scaled = solve(jnp.asarray(1e8 * gram, jnp.float32), c)
+    np.testing.assert_allclose(scaled.weights, w, atol=1e-4)
+
+
+def test_balance_newton_statuses():
+  solve = jax.jit(lambda cos, coef, alpha, active: solvers.balance_newton(cos, coef, alpha, active))
+  two = jnp.ones(2, bool)
+  solved = solve(jnp.array([[1.0, 0.3], [0.3, 1.0]]), jnp.ones(2), 1.0, two)
+  np.testing.assert_allclose(solved.weights, 1.0 / np.sqrt(1.3), rtol=1e-5)  # v (1 + 0.3) v = 1
+  assert int(solved.status) == solvers.SOLVED
+  opposite = solve(jnp.array([[1.0, -1.0], [-1.0, 1.0]]), jnp.ones(2), 1.0, two)
+  assert int(opposite.status) == solvers.STATIONARY and np.all(np.asarray(opposite.weights) == 0)
+  inactive = solve(jnp.array([[1.0, 0.0], [0.0, 0.0]]), jnp.ones(2), 2.0, jnp.array([True, False]))
+  np.testing.assert_allclose(inactive.weights, [1.0, 0.0], rtol=1e-6)  # v^(1 + 1/2) = 1
+  capped = solvers.balance_newton(jnp.array([[1.0, -0.99], [-0.99, 1.0]]), jnp.ones(2), 1.0, two, max_iters=1)
+  assert int(capped.status) == solvers.NOT_CONVERGED
