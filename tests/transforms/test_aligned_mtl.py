@@ -44,7 +44,7 @@ def test_oracle():
   assert isinstance(state, mtjax.AlignedMTLState)
 
 
-@pytest.mark.parametrize("num_tasks", [1, 2, 4, 7])
+@pytest.mark.parametrize("num_tasks", [1, 3, 7])
 def test_matches_svd_reference(num_tasks):
   rng = np.random.default_rng(num_tasks)
   jac = random_jac(rng, num_tasks, 1.0) * rng.uniform(0.2, 5.0, size=(num_tasks, 1))

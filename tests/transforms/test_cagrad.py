@@ -60,7 +60,7 @@ def test_oracle_and_rescale():
   np.testing.assert_allclose(np_cagrad(J_ORACLE, 0.5), expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("num_tasks", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("num_tasks", [1, 3, 8])
 def test_matches_primal_reference(num_tasks):
   rng = np.random.default_rng(num_tasks)
   for common in (0.5, 1.5):

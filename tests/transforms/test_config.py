@@ -43,7 +43,7 @@ def test_oracle():
   assert isinstance(state, mtjax.ConFIGState)
 
 
-@pytest.mark.parametrize("num_tasks", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("num_tasks", [1, 3, 8])
 def test_matches_reference_with_equal_cosines(num_tasks):
   rng = np.random.default_rng(num_tasks)
   for common in (0.0, 1.0):

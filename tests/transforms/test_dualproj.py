@@ -44,7 +44,7 @@ def test_oracle():
   np.testing.assert_allclose(np_dualproj(J_ORACLE, 0.0)[1], [5 / 9, 10 / 9, 10 / 9], atol=1e-12)
 
 
-@pytest.mark.parametrize("num_tasks", [1, 2, 4, 8])
+@pytest.mark.parametrize("num_tasks", [1, 4, 8])
 def test_matches_reference_and_does_not_conflict(num_tasks):
   rng = np.random.default_rng(num_tasks)
   for common in (0.0, 1.0):

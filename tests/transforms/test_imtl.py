@@ -43,7 +43,7 @@ def test_oracle():
   np.testing.assert_allclose(np.sum(state.weights), 1.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("num_tasks", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("num_tasks", [1, 3, 8])
 def test_matches_paper_closed_form_and_projections_are_equal(num_tasks):
   rng = np.random.default_rng(num_tasks)
   for common in (0.0, 2.0):

@@ -59,7 +59,7 @@ def test_oracle():
   np.testing.assert_allclose(exact, [0.2924, 1.9006, 1.9006], atol=1e-4)
 
 
-@pytest.mark.parametrize("num_tasks", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("num_tasks", [1, 3, 8])
 def test_matches_reference(num_tasks):
   rng = np.random.default_rng(num_tasks)
   for common in (0.0, 1.5):
