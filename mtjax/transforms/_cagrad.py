@@ -146,7 +146,7 @@ def cagrad(
     radius = jnp.asarray(c)
     if not numerics._is_concrete(radius):  # pylint: disable=protected-access
       radius = numerics.enforce(radius, numerics.condition_check(
-          ~(radius >= 0), f"mtjax: cagrad: c must be >= 0 (the radius of the ball around the mean gradient)."))
+          ~(radius >= 0), "mtjax: cagrad: c must be >= 0 (the radius of the ball around the mean gradient)."))
     return cagrad_weights(inputs.grams[0], radius, rescale, max_iters=max_iters, tol=tol), state
 
   return weighting.gram_weighting(
