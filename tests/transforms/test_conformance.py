@@ -84,7 +84,7 @@ class Case(NamedTuple):
   deterministic: bool = True
   task_specific: str = "sum"
   per_task: tuple = ()
-  degree: int = 1
+  degree: float = 1
   no_conflict: bool = False
   toy_lr: Any = 0.1
   toy_blocks: tuple = ((0, 1, 2, 3),)
