@@ -48,5 +48,5 @@ def test_readme_lists_every_method_and_model():
   from mtjax.experiment import _registry
   for name in _registry.METHODS:
     assert f"mtjax.{name}(" in text, f"README's method table lacks {name}"
-  for name in mtjax.models.available():
+  for name in set(mtjax.models.available()) - {"my_linear"}:  # registered by a docstring example
     assert name.lower().replace("_", "") in text.lower().replace("-", "").replace("_", ""), name
