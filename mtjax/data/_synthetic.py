@@ -36,9 +36,14 @@ def mmoe_synthetic(num_samples: int, correlation: float, *, dim: int = 100, scal
   with orthonormal :math:`u_1, u_2 \in \mathbb R^d` (QR of a Gaussian matrix) and
   :math:`\alpha_i, \beta_i \sim \mathcal N(0, 1)` shared by both tasks. ``p`` is the cosine of
   :math:`w_1, w_2`; the Pearson correlation of :math:`y_1, y_2` falls as ``p`` falls. The paper
-  leaves ``c, m, alpha, beta``, the noise and the size open; the defaults here are
-  ``d = 100, c = 1, m = 10, sigma = 0.01``. All draws come from ``np.random.default_rng(seed)``
-  in this order: ``u`` (``[d, 2]`` Gaussian), ``alpha``, ``beta``, ``x``, the noise.
+  leaves ``c, m, alpha, beta`` and the size open; the defaults here are
+  ``d = 100, c = 1, m = 10, sigma = 0.01``. It writes the noise as :math:`\mathcal N(0, 0.01)`,
+  which in the usual notation is a variance (``noise=0.1``); the default takes 0.01 as the standard
+  deviation. Either is small next to the label variance, which is not normalized: its mean
+  :math:`\sum_i \sin(\beta_i) e^{-\alpha_i^2 c^2 / 2}` and its variance (about 1 to 6 with the
+  defaults) vary from seed to seed. All draws come from ``np.random.default_rng(seed)`` in this
+  order: ``u`` (``[d, 2]`` Gaussian), ``alpha``, ``beta``, ``x``, the noise, so one seed gives the
+  same ``u, alpha, beta, x`` and noise, hence the same task-1 labels, at every ``p``.
 
   Features are one dense float32 array ``[N, d]`` (``spec`` is None), labels ``[2, N]``
   (``task_types = ('regression', 'regression')``); ``metadata`` holds ``w [2, d]``, ``alpha``,
