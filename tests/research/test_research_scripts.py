@@ -7,6 +7,7 @@ against hand-derived values and plain NumPy.
 """
 
 import importlib
+import json
 import math
 import os
 import sys
@@ -121,43 +122,109 @@ def test_mmoe_paper_sizes():
   assert abs(counts["Shared-Bottom"] - counts["MMoE"]) / counts["MMoE"] < 0.15
 
 
+def test_mmoe_paired_statistics():
+  ab = _load("mmoe_synthetic_ablation")
+  a, b = np.array([2.0, 3.0, 1.5, 4.0]), np.array([1.0, 2.0, 1.0, 2.0])
+  r = np.log(a / b)
+  p = ab.paired(a, b)
+  se = math.sqrt(sum((v - r.mean()) ** 2 for v in r) / 3) / 2  # sample std / sqrt(n), by hand
+  assert p["log_mean"] == pytest.approx(r.mean()) and p["log_se"] == pytest.approx(se)
+  assert p["ratio"] == pytest.approx(math.exp(r.mean())) and p["t"] == pytest.approx(r.mean() / se)
+  assert (p["above"], p["below"], p["n"]) == (4, 0, 4)
+  same = ab.summary([0.5, 0.5, 0.5])  # no spread: infinitely many standard errors from 0
+  assert same["log_se"] == 0.0 and same["t"] == math.inf
+  one = ab.summary([0.3])  # one seed: no standard error, never significant
+  assert math.isnan(one["log_se"]) and math.isnan(one["t"])
+  assert ab.summary([0.0, 0.0])["t"] == 0.0
+
+
+def _trend_res(losses):
+  return {"config": {"correlations": [0.5, 0.9, 1.0]}, "losses": {"end": np.asarray(losses, np.float64)}}
+
+
 def test_mmoe_trends_logic():
   ab = _load("mmoe_synthetic_ablation")
-  res = {"config": {"correlations": [0.5, 0.9, 1.0]}}
-  # [model, corr, seed]: SB 3/2/1, OMoE 2.5/1.5/0.9, MMoE 0.9/0.85/0.8 -> all three claims hold
-  res["final"] = np.array([[[3.0], [2.0], [1.0]], [[2.5], [1.5], [0.9]], [[0.9], [0.85], [0.8]]])
-  tr = ab.trends(res)
+  noise = np.array([1.0, 1.1, 0.9, 1.05])  # per-seed difficulty, shared by every run of a seed
+  jitter = np.array([[1.0, 1.02, 0.98, 1.0], [1.01, 0.99, 1.0, 1.0], [0.99, 1.0, 1.01, 1.0]])
+  # [model, corr, seed]: SB 3/2/1, OMoE 2.5/1.5/0.9, MMoE 0.9/0.85/0.8 (x difficulty x jitter)
+  base = np.array([[3.0, 2.0, 1.0], [2.5, 1.5, 0.9], [0.9, 0.85, 0.8]])
+  losses = base[:, :, None] * noise[None, None, :] * jitter[None, :, :]
+  tr = ab.trends(_trend_res(losses))
   assert tr["every_model_better_at_higher_correlation"] and tr["mmoe_degrades_least"]
   assert tr["both_moe_beat_shared_bottom"]
-  assert tr["degradation"] == pytest.approx({"Shared-Bottom": 2.0, "OMoE": 1.6, "MMoE": 0.1})
-  assert tr["relative_degradation"]["MMoE"] == pytest.approx(0.9 / 0.8 - 1.0)
-  # MMoE worse at 0.9 than at 0.5, and OMoE loses to Shared-Bottom at correlation 1.0
-  res["final"][2, 1, 0] = 1.3
-  res["final"][1, 2, 0] = 1.05
-  tr = ab.trends(res)
-  assert not tr["every_model_better_at_higher_correlation"]
-  assert tr["better_at_higher"] == {"Shared-Bottom": True, "OMoE": True, "MMoE": False}
-  assert not tr["both_moe_beat_shared_bottom"] and tr["moe_beat_shared_bottom"] == {"OMoE": False, "MMoE": True}
-  assert tr["paired_wins_over_shared_bottom"] == {"OMoE": "2/3", "MMoE": "3/3"}
-  assert not tr["mmoe_degrades_least"] or tr["degradation"]["MMoE"] <= min(tr["degradation"].values())
+  # the paired degradation is the per-seed log ratio; difficulty cancels, the jitter does not
+  for i, m in enumerate(ab.MODEL_NAMES):
+    ref = np.log(losses[i, 0] / losses[i, 2])
+    assert tr["degradation"][m]["log_mean"] == pytest.approx(ref.mean())
+    assert tr["better_at_higher"][m]["lowest_vs_highest"]["above"] == 4
+  d = np.log(losses[2, 0] / losses[2, 2]) - np.log(losses[0, 0] / losses[0, 2])
+  assert tr["mmoe_degradation_minus"]["Shared-Bottom"]["log_mean"] == pytest.approx(d.mean())
+  assert tr["mmoe_degradation_minus"]["Shared-Bottom"]["below"] == 4
+  won = tr["moe_vs_shared_bottom"]["MMoE"]["pooled"]
+  assert (won["below"], won["n"]) == (12, 12)
+
+  # MMoE worse at 0.9 than at 0.5 in every seed: its ordering fails although 0.5 vs 1.0 still holds
+  broken = losses.copy()
+  broken[2, 1] = broken[2, 0] * 1.05
+  tr = ab.trends(_trend_res(broken))
+  assert tr["better_at_higher"]["MMoE"]["lowest_vs_highest"]["t"] > ab.SIGNIFICANT
+  assert not tr["better_at_higher"]["MMoE"]["holds"] and not tr["every_model_better_at_higher_correlation"]
+  assert tr["better_at_higher"]["Shared-Bottom"]["holds"] and tr["better_at_higher"]["OMoE"]["holds"]
+
+  # OMoE loses to Shared-Bottom at correlation 1.0 in every seed: claim 3 fails for OMoE only
+  broken = losses.copy()
+  broken[1, 2] = broken[0, 2] * 1.1
+  tr = ab.trends(_trend_res(broken))
+  assert not tr["both_moe_beat_shared_bottom"]
+  assert not tr["moe_vs_shared_bottom"]["OMoE"]["holds"] and tr["moe_vs_shared_bottom"]["MMoE"]["holds"]
+  assert tr["moe_vs_shared_bottom"]["OMoE"]["per_correlation"][2]["below"] == 0
+
+  # a mean in the right direction but within the seed noise is not evidence
+  rng = np.random.default_rng(0)
+  flat = np.exp(rng.normal(0.0, 0.5, (3, 3, 4)))
+  flat[:, 0] = flat[:, 2] * np.array([1.5, 0.8, 1.3, 0.9])  # mean log ratio > 0, t < 2
+  tr = ab.trends(_trend_res(flat))
+  p = tr["better_at_higher"]["Shared-Bottom"]["lowest_vs_highest"]
+  assert p["log_mean"] > 0 and p["t"] < ab.SIGNIFICANT and not tr["better_at_higher"]["Shared-Bottom"]["holds"]
+  # the text says the same
+  text = ab.verdict(_trend_res(losses) | {"models": {}})
+  assert text.count(": yes") == 4 + 1 + 3 and "NO" not in text
+
+
+def test_mmoe_end_window():
+  ab = _load("mmoe_synthetic_ablation")
+  steps = np.arange(100, 2001, 100)
+  assert np.flatnonzero(ab.end_mask(steps, ab.FULL)).tolist() == [18, 19]  # steps 1900 and 2000
+  assert ab.end_mask(np.array([40, 80, 120]), ab.FAST).tolist() == [False, False, True]
 
 
 def test_mmoe_synthetic_ablation_fast(tmp_path, capsys):
   ab = _load("mmoe_synthetic_ablation")
   res = ab.main(["--fast", "--out", str(tmp_path)])
   out = capsys.readouterr().out
-  assert "| model" in out and "Paper's trends" in out
+  assert "| model" in out and "Paper's trends" in out and "End of training" in out and "learning curve" in out
   for m in ab.MODEL_NAMES:
     assert f"| {m}" in out
   cfg = ab.FAST
-  assert res["final"].shape == (3, len(cfg.correlations), len(cfg.seeds))
-  assert np.all(np.isfinite(res["final"])) and np.all(res["final"] > 0)
-  # training lowers the test loss of every model (first vs last evaluation, mean over replicas)
-  for m in ab.MODEL_NAMES:
-    curve = res["models"][m]["test_curve"]
+  for metric in ("end", "curve"):
+    loss = res["losses"][metric]
+    assert loss.shape == (3, len(cfg.correlations), len(cfg.seeds))
+    assert np.all(np.isfinite(loss)) and np.all(loss > 0)
+  # the end-of-training loss is the mean of the last evaluations of the selected curve (NumPy)
+  for i, m in enumerate(ab.MODEL_NAMES):
+    curve = ab.selected_curves(res, m)  # [K, C, S]
+    mask = ab.end_mask(res["models"][m]["steps"], cfg)
+    np.testing.assert_allclose(res["losses"]["end"][i], curve[mask].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(res["losses"]["curve"][i], curve.mean(0), rtol=1e-6)
+    # training lowers the test loss of every model (first vs last evaluation, mean over replicas)
     assert curve[-1].mean() < curve[0].mean()
-  for f in ("loss_vs_correlation.png", "learning_curves_test.png", "learning_curves_train.png"):
+  assert res["label_corr"].shape == (len(cfg.correlations), len(cfg.seeds))
+  assert np.all(res["label_corr"][-1] > 0.95)  # p = 1: the labels differ by the noise only
+  for f in ("loss_vs_correlation.png", "learning_curves_test.png", "learning_curves_train.png",
+            "correlation_gap.png"):
     assert _is_png(tmp_path / f)
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert set(saved["trends"]) == {"end", "curve"} and np.asarray(saved["losses"]["end"]).shape == (3, 3, 2)
 
 
 def test_mmoe_replica_data_paired():
@@ -166,13 +233,27 @@ def test_mmoe_replica_data_paired():
   cfg = dataclasses.replace(ab.FAST, seeds=(0, 1), learning_rates=(1e-3, 1e-2), num_train=64, num_valid=8,
                             num_test=8, batch_size=16)
   arrays = ab.make_data(cfg)
+  raw = ab.make_data(dataclasses.replace(cfg, standardize_labels=False))
   reps = ab.data_replicas(cfg)
   assert reps == [(p, s) for p in cfg.correlations for s in (0, 1)]
   assert arrays["x_train"].shape == (len(reps), 64, cfg.dim) and arrays["y_train"].shape == (len(reps), 2, 64)
   for r, (p, s) in enumerate(reps):
-    ref = ab.data_lib.mmoe_synthetic(80, p, dim=cfg.dim, seed=s)
+    ref = ab.data_lib.mmoe_synthetic(80, p, dim=cfg.dim, noise=cfg.noise, seed=s)
     np.testing.assert_array_equal(arrays["x_train"][r], ref.features[:64])
-    np.testing.assert_array_equal(arrays["y_test"][r], ref.labels[:, 72:])
+    np.testing.assert_array_equal(raw["y_test"][r], ref.labels[:, 72:])
+    # standardized with the training split's statistics, applied to every split
+    mean = ref.labels[:, :64].astype(np.float64).mean(1, keepdims=True)
+    std = ref.labels[:, :64].astype(np.float64).std(1, keepdims=True)
+    np.testing.assert_allclose(arrays["y_train"][r].mean(1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(arrays["y_train"][r].std(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(arrays["y_test"][r], (ref.labels[:, 72:] - mean) / std, rtol=1e-5, atol=1e-5)
+    assert abs(arrays["label_corr"][r] - np.corrcoef(ref.labels[:, :64].astype(np.float64))[0, 1]) < 1e-9
+  # pairing: a seed's task-1 labels are the same at every correlation, task 2's are not
+  first = {s: r for r, (p, s) in enumerate(reps) if p == cfg.correlations[0]}
+  for r, (p, s) in enumerate(reps):
+    np.testing.assert_array_equal(raw["y_train"][r, 0], raw["y_train"][first[s], 0])
+    if p != cfg.correlations[0]:
+      assert not np.array_equal(raw["y_train"][r, 1], raw["y_train"][first[s], 1])
   # batches: each epoch is a permutation of the training set
   idx = ab.batch_indices(cfg, [0, 1], 0, 8)  # two epochs of 4 batches, two replica seeds
   assert idx.shape == (2, 8, 16)
