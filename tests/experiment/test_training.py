@@ -126,3 +126,24 @@ def test_nonfinite_data_and_bad_ids_are_clear_errors():
                                        spec=ds.spec, task_types=ds.task_types)
   with pytest.raises(ValueError, match=r"mtjax: feature 'cat_0' has ids outside"):
     training.fit(strict, tx, out_of_range, steps=30, batch_size=64, progress=False)
+
+
+def test_progress_bar_shows_steps_and_task_losses(monkeypatch):
+  import io
+  import sys
+
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  ds, model, tx = _setup("pcgrad")
+  term = Terminal()
+  monkeypatch.setattr(sys, "stderr", term)
+  training.fit(model, tx, ds, steps=4, batch_size=64, log_every=2, progress=True, desc="demo")
+  out = term.getvalue()
+  assert "demo" in out and "4/4" in out and "task_0=" in out and "task_2=" in out, out
+  # Not a terminal (a CI log): no progress bar at all.
+  plain = io.StringIO()
+  monkeypatch.setattr(sys, "stderr", plain)
+  training.fit(model, tx, ds, steps=2, batch_size=64, progress=True)
+  assert plain.getvalue() == ""
