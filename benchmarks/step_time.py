@@ -12,6 +12,8 @@ per-task gradients, the method, Adam. Reported, all measured in this one run:
 * every method's full step, as a ratio to the summed-loss step and to the bare per-task step,
   compiled without mtjax's in-graph runtime checks (NaN/inf, feasibility; ``mtjax.runtime_checks(False)``),
   and for the default strategy also with them (``+checks``: the default, as in ``mtjax.training.fit``);
+* ``[deferred]`` rows: the weightings that do not read the gradients (linear, DWA, uncertainty,
+  RLW) with ``task_grads(deferred=True)``, i.e. one backward pass of ``sum_t w_t L_t``;
 * the temporary memory of each compiled strategy (XLA memory analysis).
 
 Timings are medians over many steps after compilation, taken in interleaved rounds (every
@@ -67,6 +69,9 @@ def extra_method_factories(num_tasks):
       "graddrop": lambda: mtjax.graddrop(key=0, num_tasks=t),
   }
 
+
+# Weightings that do not read the gradients: with task_grads(deferred=True) their update is one backward.
+DEFERRED = ("linear", "dwa", "uncertainty", "rlw")
 
 GRAM_BASED = ("pcgrad", "gradvac", "mgda", "pareto_ltr", "gradnorm", "cagrad", "imtl", "aligned_mtl", "upgrad",
               "dualproj", "config", "fairgrad", "nash_mtl")
@@ -153,8 +158,8 @@ def run(num_tasks, steps, strategies=STRATEGIES, methods=None, extra=True):
   timer.add("summed", jax.jit(summed_step, donate_argnums=(0, 1)), (copy(params), adam.init(params), batch),
             carry)
 
-  def make_step(tx, strat):
-    tg = mtjax.task_grads(loss_fn, strategy=strat)
+  def make_step(tx, strat, deferred=False):
+    tg = mtjax.task_grads(loss_fn, strategy=strat, deferred=deferred)
 
     def step(p, o, b):
       losses, grads = tg(p, b)
@@ -187,6 +192,15 @@ def run(num_tasks, steps, strategies=STRATEGIES, methods=None, extra=True):
             timer.add(label, make_step(tx, strat), (copy(params), tx.init(params), batch), carry)
         except Exception as e:  # report, do not hide
           failed[label] = f"{type(e).__name__}: {str(e)[:80]}"
+  if auto in strategies:  # deferred per-task gradients: one backward for weightings that ignore gradients
+    factories = {**method_factories(num_tasks), **extra_method_factories(num_tasks)}
+    for name in DEFERRED:
+      if methods and name not in methods:
+        continue
+      tx = optax.chain(factories[name](), adam)
+      with mtjax.runtime_checks(False):
+        timer.add(f"{name}[deferred]", make_step(tx, auto, deferred=True), (copy(params), tx.init(params), batch),
+                  carry)
   t = timer.run(rounds=max(1, steps // 3))
   f, s_ = t["forward"], t["single"]
   floor = f + num_tasks * (s_ - f)
@@ -206,6 +220,9 @@ def run(num_tasks, steps, strategies=STRATEGIES, methods=None, extra=True):
           rows.append((k, t[k], t[k] / t[f"bare[{strat}]"], t[k] / t["summed"], None))
         elif k in failed:
           rows.append((f"{k} FAILED {failed[k]}", float("nan"), None, None, None))
+    k = f"{name}[deferred]"
+    if k in t:
+      rows.append((k, t[k], t[k] / t[f"bare[{auto}]"], t[k] / t["summed"], None))
   return rows, floor, {s: t[f"task_grads[{s}]"] for s in strategies}, auto
 
 

@@ -17,6 +17,7 @@ from mtjax._src.config import runtime_checks_enabled
 from mtjax._src.config import set_runtime_checks
 from mtjax._src.task_grads import default_strategy
 from mtjax._src.task_grads import multi_input_task_grads
+from mtjax._src.task_grads import TaskJacobian
 from mtjax._src.task_grads import task_grads
 from mtjax._src.tree import shared_mask
 from mtjax._src.weighting import WeightingInputs
@@ -64,6 +65,7 @@ __version__ = "0.1.0"
 __all__ = (
     # per-task gradients and the weighting core
     "task_grads",
+    "TaskJacobian",
     "multi_input_task_grads",
     "default_strategy",
     "shared_mask",

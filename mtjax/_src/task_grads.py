@@ -12,6 +12,87 @@ PyTree = Any
 STRATEGIES = ("auto", "loop", "map", "vmap")
 
 
+def _rows(vjp_fn, num_tasks: int, dtype, strategy: str) -> PyTree:
+  """The T Jacobian rows ``vjp_fn(e_t)``, stacked on a leading task axis, by ``strategy``."""
+  strat = default_strategy() if strategy == "auto" else strategy
+  eye = jnp.eye(num_tasks, dtype=dtype)
+  if strat == "loop":
+    rows = [vjp_fn(eye[t])[0] for t in range(num_tasks)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+  if strat == "map":
+    return jax.lax.map(lambda c: vjp_fn(c)[0], eye)
+  return jax.vmap(lambda c: vjp_fn(c)[0])(eye)
+
+
+@jax.tree_util.register_pytree_node_class
+class TaskJacobian:
+  r"""Per-task gradients not yet computed: the task losses' VJP after the shared forward pass.
+
+  ``mtjax.task_grads(loss_fn, deferred=True)`` returns one in place of the stacked gradients.
+  Every mtjax transform accepts it where it accepts task gradients, and pays only for what it
+  needs:
+
+  * methods whose weights do not read the gradients (``linear``, ``dwa``, ``uncertainty``,
+    ``rlw``) form :math:`\sum_t w_t g_t = J^	op w` with ONE backward pass (two when task-specific
+    leaves take the plain sum, ``task_specific="sum"`` with a ``shared=`` mask);
+  * every other method calls :meth:`materialize` (the T backward passes of ``strategy``) and gives
+    exactly the result it gives on ``task_grads(loss_fn)``.
+
+  It is a pytree (the VJP's residuals are its leaves), so it crosses ``jit`` boundaries. Code
+  outside mtjax that expects arrays should call :meth:`materialize`.
+
+  Attributes:
+    num_tasks: ``T``.
+    strategy: how :meth:`materialize` computes the T rows (``"auto"``, ``"loop"``, ``"map"``, ``"vmap"``).
+  """
+
+  def __init__(self, vjp_fn, num_tasks: int, dtype, strategy: str = "auto", param_struct=None):
+    self.vjp_fn = vjp_fn
+    self.num_tasks = int(num_tasks)
+    self.dtype = jnp.dtype(dtype)
+    self.strategy = strategy
+    # (treedef, ((shape, dtype), ...)) of the differentiated params: static, hashable
+    self.param_struct = param_struct
+
+  @classmethod
+  def from_vjp(cls, vjp_fn, num_tasks: int, dtype, strategy: str, params) -> "TaskJacobian":
+    leaves, treedef = jax.tree.flatten(params)
+    struct = (treedef, tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves))
+    return cls(vjp_fn, num_tasks, dtype, strategy, struct)
+
+  def tree_flatten(self):
+    return (self.vjp_fn,), (self.num_tasks, self.dtype, self.strategy, self.param_struct)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(children[0], *aux)
+
+  def weighted_sum(self, weights: jax.Array) -> PyTree:
+    r""":math:`\sum_t w_t \nabla L_t = J^\top w`, params-shaped, with one backward pass."""
+    weights = jnp.asarray(weights)
+    if weights.shape != (self.num_tasks,):
+      raise ValueError(f"mtjax: TaskJacobian.weighted_sum needs {self.num_tasks} weights, got shape {weights.shape}.")
+    return self.vjp_fn(weights.astype(self.dtype))[0]
+
+  def materialize(self) -> PyTree:
+    """The per-task gradients, every leaf ``[T, *param.shape]`` (T backward passes)."""
+    return _rows(self.vjp_fn, self.num_tasks, self.dtype, self.strategy)
+
+  def shapes(self) -> PyTree:
+    """``jax.ShapeDtypeStruct`` leaves ``[T, *param.shape]``: the materialized structure, no compute."""
+    if self.param_struct is None:  # built by hand from a VJP: trace it abstractly
+      grad = jax.eval_shape(lambda: self.vjp_fn(jnp.zeros((self.num_tasks,), self.dtype))[0])
+      return jax.tree.map(lambda g: jax.ShapeDtypeStruct((self.num_tasks,) + tuple(g.shape), g.dtype), grad)
+    treedef, specs = self.param_struct
+    return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct((self.num_tasks,) + shape, dtype)
+                                        for shape, dtype in specs])
+
+
+def materialize(task_grads: Any) -> PyTree:
+  """``task_grads`` itself, or the stacked gradients of a :class:`TaskJacobian`."""
+  return task_grads.materialize() if isinstance(task_grads, TaskJacobian) else task_grads
+
+
 def default_strategy(backend: str | None = None) -> str:
   """The strategy ``"auto"`` resolves to on ``backend`` (default: JAX's default backend).
 
@@ -51,6 +132,7 @@ def task_grads(
     strategy: str = "auto",
     has_aux: bool = False,
     argnums: int = 0,
+    deferred: bool = False,
 ) -> Callable[..., Any]:
   r"""Transforms ``loss_fn(params, ...) -> [T]`` into a function returning losses and per-task gradients.
 
@@ -66,6 +148,12 @@ def task_grads(
     program and less temporary memory; the fastest on CPU in our benchmark.
   * ``"vmap"``: ``jax.vmap`` of the VJP over the T cotangents (batched backward; may win on GPU/TPU).
   * ``"auto"``: :func:`default_strategy` for the default backend.
+
+  With ``deferred=True`` the function runs only the shared forward pass and returns a
+  :class:`TaskJacobian` instead of the stacked gradients; a transform then computes just what it
+  needs: ONE backward pass for the methods whose weights do not read the gradients (``linear``,
+  ``dwa``, ``uncertainty``, ``rlw``), the T rows (by ``strategy``) for the others, with the same
+  results either way.
 
   Examples:
     >>> import jax.numpy as jnp, mtjax
@@ -84,6 +172,7 @@ def task_grads(
     strategy: one of ``"auto"``, ``"loop"``, ``"map"``, ``"vmap"``.
     has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
     argnums: index of the parameters argument.
+    deferred: return a :class:`TaskJacobian` (no backward pass yet) instead of the gradients.
 
   Returns:
     A function with the signature of ``loss_fn`` returning ``(task_losses, task_grads)``.
@@ -115,15 +204,10 @@ def task_grads(
       losses, vjp_fn = jax.vjp(f, params)
     _check_losses(losses, "task_grads")
     num_tasks = losses.shape[0]
-    eye = jnp.eye(num_tasks, dtype=losses.dtype)
-
-    if strat == "loop":
-      rows = [vjp_fn(eye[t])[0] for t in range(num_tasks)]
-      grads = jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
-    elif strat == "map":
-      grads = jax.lax.map(lambda c: vjp_fn(c)[0], eye)
-    else:  # vmap
-      grads = jax.vmap(lambda c: vjp_fn(c)[0])(eye)
+    if deferred:
+      grads = TaskJacobian.from_vjp(vjp_fn, num_tasks, losses.dtype, strat, params)
+    else:
+      grads = _rows(vjp_fn, num_tasks, losses.dtype, strat)
     return ((losses, aux), grads) if has_aux else (losses, grads)
 
   return wrapped

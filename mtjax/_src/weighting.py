@@ -28,6 +28,7 @@ import optax
 
 from mtjax._src import numerics
 from mtjax._src import tree as tree_lib
+from mtjax._src.task_grads import TaskJacobian
 
 PyTree = Any
 GroupSpec = Union[None, str, Callable[[Sequence[str]], Sequence[int]]]
@@ -167,6 +168,12 @@ def gram_weighting(
 
   def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
     del extra_args
+    jacobian = None
+    if isinstance(updates, TaskJacobian):  # deferred per-task gradients (task_grads(deferred=True))
+      if needs_gram:
+        updates = updates.materialize()
+      else:  # weights from the state and losses only: J^T w needs one backward pass, not T
+        jacobian, updates = updates, updates.shapes()
     t = tree_lib.check_task_axis(updates, num_tasks, name=f"the task gradients given to {method}")
     tree_lib.check_params_match(updates, params)
     losses, losses_check = check_task_losses(task_losses, t, required=requires_task_losses, method=method,
@@ -198,23 +205,29 @@ def gram_weighting(
       weights = numerics.enforce(weights, losses_check, grams_check)
       losses_check = None
 
-    out = []
-    for i, leaf in enumerate(leaves):
+    def combine(i, leaf):  # the update of leaf i from its [T, ...] task gradients
       if mask[i]:
         if weights.ndim == 1:
-          w = weights
-        else:
-          gid = leaf_group[i]
-          if gid < 0:
-            raise ValueError(f"mtjax: {method}: leaf '{paths[i]}' is in no group but the weights are per group.")
-          w = weights[gid]
-        out.append(numerics.weighted_task_sum(w, leaf))
-      elif task_specific == "weighted":
+          return numerics.weighted_task_sum(weights, leaf)
+        gid = leaf_group[i]
+        if gid < 0:
+          raise ValueError(f"mtjax: {method}: leaf '{paths[i]}' is in no group but the weights are per group.")
+        return numerics.weighted_task_sum(weights[gid], leaf)
+      if task_specific == "weighted":
         if weights.ndim != 1:
           raise ValueError(f"mtjax: {method}: task_specific='weighted' needs one weight per task, not per group.")
-        out.append(numerics.weighted_task_sum(weights, leaf))
-      else:
-        out.append(jnp.sum(leaf, axis=0))
+        return numerics.weighted_task_sum(weights, leaf)
+      return jnp.sum(leaf, axis=0)
+
+    if jacobian is not None and weights.ndim == 1:
+      out = jax.tree.leaves(jacobian.weighted_sum(weights))
+      if not all(mask) and task_specific == "sum":  # task-specific leaves: plain sum, cotangent 1
+        plain = jax.tree.leaves(jacobian.weighted_sum(jnp.ones_like(weights)))
+        out = [o if m else p for o, p, m in zip(out, plain, mask)]
+    else:
+      if jacobian is not None:  # per-group weights: the rows are needed after all
+        leaves = jax.tree.leaves(jacobian.materialize())
+      out = [combine(i, leaf) for i, leaf in enumerate(leaves)]
 
     if grams is None:  # no Gram diagonal to look at: check the update itself
       update_check = None

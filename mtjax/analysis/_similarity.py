@@ -16,11 +16,14 @@ import numpy as np
 from mtjax._src import numerics
 from mtjax._src import tree as tree_lib
 from mtjax._src import weighting
+from mtjax._src.task_grads import TaskJacobian
+from mtjax._src.task_grads import materialize
 
 PyTree = Any
 
 
 def _grams(task_grads: PyTree, groups, shared) -> jax.Array:
+  task_grads = materialize(task_grads)  # a deferred TaskJacobian: its T rows
   tree_lib.check_task_axis(task_grads)
   mask = tree_lib.resolve_shared(shared, task_grads)
   leaves = jax.tree.leaves(task_grads)
@@ -63,6 +66,8 @@ def cosine_similarity(task_grads: PyTree, *, granularity: str = "model", shared=
 
 def group_names(task_grads: PyTree, *, granularity: str = "model", shared=None) -> list[str]:
   """Labels of the groups of :func:`cosine_similarity` (static, no computation)."""
+  if isinstance(task_grads, TaskJacobian):
+    task_grads = task_grads.shapes()
   abstract = jax.tree.map(lambda g: jax.ShapeDtypeStruct(jnp.shape(g), jnp.result_type(g)), task_grads)
   mask = tree_lib.resolve_shared(shared, abstract)
   paths = [p for p, m in zip(tree_lib.leaf_paths(abstract), mask) if m]
@@ -112,6 +117,7 @@ def update_alignment(task_grads: PyTree, update: PyTree, *, granularity: str = "
   the optimizer) still conflicts with task ``t`` (negative) or serves it (positive). Pass the
   *descent direction* ``d`` (the method's output), not the sign-flipped optimizer update.
   """
+  task_grads = materialize(task_grads)
   stacked = jax.tree.map(lambda g, u: jnp.concatenate([g, u[None].astype(g.dtype)], axis=0), task_grads, update)
   cos = cosine_similarity(stacked, granularity=granularity, shared=shared)
   return cos[:, :-1, -1]
@@ -125,6 +131,7 @@ def track(task_grads: PyTree, update: Optional[PyTree] = None, *, granularity: s
   (whole model), 'conflict_groups': [K], 'norms': [T], 'alignment': [T] (only with update)}``.
   All are computed from per-leaf Grams of the given gradients: no extra backward pass.
   """
+  task_grads = materialize(task_grads)  # once, for every statistic below
   grams = _grams(task_grads, granularity, shared)
   cos_groups = numerics.cosine_from_gram(grams)
   total = jnp.sum(grams, axis=0)

@@ -83,7 +83,9 @@ def make_train_step(model, tx, *, task_losses="bce", multi_task_loss=None, maske
   """
   loss_fn = losses_lib.make_loss_fn(model, task_losses, mask_key="mask" if masked else None, train=True,
                                     mutable=tuple(mutable), has_aux=True, multi_task_loss=multi_task_loss)
-  grad_fn = task_grads(loss_fn, strategy=strategy, has_aux=True)
+  # Without similarity tracking the per-task gradients stay deferred (a TaskJacobian): methods whose
+  # weights do not read the gradients (linear, DWA, uncertainty, RLW) then need one backward pass.
+  grad_fn = task_grads(loss_fn, strategy=strategy, has_aux=True, deferred=not track_similarity)
 
   def step(state: TrainState, batch):
     rng, dropout_key = jax.random.split(state.rng)

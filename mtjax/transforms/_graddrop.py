@@ -12,6 +12,7 @@ import optax
 from mtjax._src import numerics
 from mtjax._src import tree as tree_lib
 from mtjax._src import weighting
+from mtjax._src.task_grads import materialize
 from mtjax.transforms._pcgrad import seed_key
 
 
@@ -127,6 +128,7 @@ def graddrop(
   def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
     del extra_args
     method = "graddrop"
+    updates = materialize(updates)  # a deferred TaskJacobian: GradDrop masks the per-task rows
     t = tree_lib.check_task_axis(updates, num_tasks, name=f"the task gradients given to {method}")
     tree_lib.check_params_match(updates, params)
     _, losses_check = weighting.check_task_losses(task_losses, t, required=False, method=method,
