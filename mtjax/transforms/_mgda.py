@@ -6,7 +6,6 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from mtjax._src import numerics
@@ -28,19 +27,6 @@ class MGDAState(NamedTuple):
   """
 
   weights: jax.Array
-
-
-def _static_int(value, name: str) -> int:
-  try:
-    out = int(np.asarray(value))
-  except Exception:  # a tracer: e.g. optax.inject_hyperparams without static_args
-    raise ValueError(
-        f"mtjax: mgda: {name} must be a static Python int (it sets the solver's loop bound); "
-        f"with optax.inject_hyperparams pass static_args=('{name}',)."
-    ) from None
-  if out < 0 or out != np.asarray(value):
-    raise ValueError(f"mtjax: mgda: {name} must be a non-negative int, got {value!r}.")
-  return out
 
 
 def normalized_gram(gram: jax.Array, normalizers: Optional[jax.Array]) -> jax.Array:
@@ -150,7 +136,7 @@ def mgda(
     raise ValueError(f"mtjax: mgda: normalization must be one of {NORMALIZATIONS}, got {normalization!r}.")
   if apply_to not in APPLY_TO:
     raise ValueError(f"mtjax: mgda: apply_to must be one of {APPLY_TO}, got {apply_to!r}.")
-  max_iters = _static_int(max_iters, "max_iters")
+  max_iters = weighting.static_int(max_iters, "max_iters", "mgda")
   uses_losses = normalization in ("loss", "loss+")
 
   def init_state(params):
