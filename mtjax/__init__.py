@@ -17,6 +17,12 @@ from mtjax._src.config import runtime_checks_enabled
 from mtjax._src.config import set_runtime_checks
 from mtjax._src.task_grads import default_strategy
 from mtjax._src.task_grads import multi_input_task_grads
+from mtjax._src.sparse import SparseRows
+from mtjax._src.sparse import densify
+from mtjax._src.sparse import embedding_lookup
+from mtjax._src.sparse import representation
+from mtjax._src.task_grads import RepJacobian
+from mtjax._src.task_grads import SharedJacobian
 from mtjax._src.task_grads import TaskJacobian
 from mtjax._src.task_grads import task_grads
 from mtjax._src.tree import shared_mask
@@ -66,6 +72,12 @@ __all__ = (
     # per-task gradients and the weighting core
     "task_grads",
     "TaskJacobian",
+    "RepJacobian",
+    "SharedJacobian",
+    "SparseRows",
+    "densify",
+    "embedding_lookup",
+    "representation",
     "multi_input_task_grads",
     "default_strategy",
     "shared_mask",

@@ -1,27 +1,176 @@
-"""Per-task gradients: one update's worth of Jacobian rows with a leading task axis."""
+"""Per-task gradients: one update's worth of Jacobian rows with a leading task axis.
+
+``task_grads(loss_fn)`` returns the rows as a pytree (``[T, *param.shape]`` leaves, or
+:class:`~mtjax._src.sparse.SparseRows` for embedding tables looked up through
+:func:`mtjax.embedding_lookup`), or a lazy Jacobian that a transform asks for exactly what it
+needs: :class:`TaskJacobian` (``deferred=True``), :class:`RepJacobian` (``strategy="rep"``) and
+:class:`SharedJacobian` (``strategy="shared"``).
+
+A lazy Jacobian answers one question for the Gram core, ``gram_and_combiner(layout, need_gram)``:
+the ``[K, T, T]`` Gram matrices of the leaves the layout puts in Grams, and a function from the
+method's weights to the update leaves.
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from mtjax._src import rows as rows_lib
+from mtjax._src import sparse as sparse_lib
+from mtjax._src.sparse import SparseRows
 
 PyTree = Any
-STRATEGIES = ("auto", "loop", "map", "vmap")
+STRATEGIES = ("auto", "loop", "map", "vmap", "rep", "shared")
+ROW_STRATEGIES = ("auto", "loop", "map", "vmap")
+REP_GRAMS = ("sum", "stack")
 
 
-def _rows(vjp_fn, num_tasks: int, dtype, strategy: str) -> PyTree:
-  """The T Jacobian rows ``vjp_fn(e_t)``, stacked on a leading task axis, by ``strategy``."""
-  strat = default_strategy() if strategy == "auto" else strategy
-  eye = jnp.eye(num_tasks, dtype=dtype)
+def _resolve(strategy: str) -> str:
+  return default_strategy() if strategy == "auto" else strategy
+
+
+def _index(tree, t):
+  return jax.tree.map(lambda x: x[t], tree)
+
+
+def map_rows(fn: Callable, cots: PyTree, strategy: str, chunk_size: Optional[int] = None) -> PyTree:
+  """``fn(c)`` for every ``c`` along the leading axis of ``cots``, stacked (loop / map / vmap).
+
+  ``chunk_size = c`` computes ``c`` of them at a time (``lax.map`` with ``batch_size=c``: each chunk
+  vmapped), bounding the backward pass's temporaries to ``c`` rows.
+  """
+  strat = _resolve(strategy)
+  n = jax.tree.leaves(cots)[0].shape[0]
+  if chunk_size is not None and chunk_size < n and strat != "loop":
+    return jax.lax.map(fn, cots, batch_size=int(chunk_size))
   if strat == "loop":
-    rows = [vjp_fn(eye[t])[0] for t in range(num_tasks)]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+    outs = [fn(_index(cots, t)) for t in range(n)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
   if strat == "map":
-    return jax.lax.map(lambda c: vjp_fn(c)[0], eye)
-  return jax.vmap(lambda c: vjp_fn(c)[0])(eye)
+    return jax.lax.map(fn, cots)
+  return jax.vmap(fn)(cots)
+
+
+def _rows(vjp_fn, num_tasks: int, dtype, strategy: str, chunk_size: Optional[int] = None) -> PyTree:
+  """The T Jacobian rows ``vjp_fn(e_t)[0]``, stacked on a leading task axis."""
+  return map_rows(lambda c: vjp_fn(c)[0], jnp.eye(num_tasks, dtype=dtype), strategy, chunk_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan: how the differentiated inputs ("x": dense leaves, then one tap per sparse lookup) map
+# back to the parameters.
+
+
+class TableInfo(NamedTuple):
+  leaf: int
+  table_shape: tuple
+  taps: tuple  # ((tap index, mode), ...)
+
+
+class Plan(NamedTuple):
+  """Static map from the differentiated inputs ``x = dense leaves + taps`` back to the param leaves."""
+
+  treedef: Any
+  leaf_specs: tuple  # ((shape, dtype), ...) per param leaf
+  dense: tuple  # param leaf of x[j], j < len(dense)
+  tables: tuple  # TableInfo per sparse table
+
+  @property
+  def num_x(self) -> int:
+    return len(self.dense) + sum(len(t.taps) for t in self.tables)
+
+  def x_of_leaf(self) -> list[list[int]]:
+    """For every param leaf, the x indices that carry its gradient."""
+    out: list[list[int]] = [[] for _ in self.leaf_specs]
+    for j, leaf in enumerate(self.dense):
+      out[leaf].append(j)
+    base = len(self.dense)
+    for t in self.tables:
+      out[t.leaf].extend(base + k for k, _ in t.taps)
+    return out
+
+  def table_rows(self, t: TableInfo, tap_values: Sequence[jax.Array], ids: Sequence[jax.Array], lead: tuple):
+    """Canonical ids ``[N]`` and values ``[*lead, N, *row]`` of one table's lookups."""
+    all_ids, all_vals = [], []
+    row = t.table_shape[1:]
+    for (k, mode) in t.taps:
+      cid, valid = sparse_lib.canonical_ids(ids[k], t.table_shape[0], mode)
+      v = jnp.reshape(tap_values[k], lead + (-1,) + row)
+      v = v * jnp.reshape(valid, (1,) * len(lead) + valid.shape + (1,) * len(row)).astype(v.dtype)
+      all_ids.append(cid)
+      all_vals.append(v)
+    if len(all_ids) == 1:
+      return all_ids[0], all_vals[0]
+    return jnp.concatenate(all_ids), jnp.concatenate(all_vals, axis=len(lead))
+
+  def to_update(self, xcot: Sequence[Optional[jax.Array]], ids) -> list:
+    """Params-shaped leaves from a cotangent of x (``None`` entries are zeros)."""
+    out: list = [None] * len(self.leaf_specs)
+    for j, leaf in enumerate(self.dense):
+      out[leaf] = xcot[j]
+    base = len(self.dense)
+    for t in self.tables:
+      taps = {k: xcot[base + k] for k, _ in t.taps}
+      present = {k: v for k, v in taps.items() if v is not None}
+      if present:
+        sub = TableInfo(t.leaf, t.table_shape, tuple(tm for tm in t.taps if tm[0] in present))
+        cid, vals = self.table_rows(sub, present, ids, ())
+        out[t.leaf] = sparse_lib.scatter_rows(cid, vals, t.table_shape)
+    for i, (shape, dtype) in enumerate(self.leaf_specs):
+      if out[i] is None:
+        out[i] = jnp.zeros(shape, dtype)
+    return out
+
+  def to_rows(self, xrows: Sequence[Optional[jax.Array]], ids, num_tasks: int, leaves: Optional[set] = None) -> list:
+    """Per-task rows per param leaf (``[T, ...]`` or :class:`SparseRows`); ``None`` outside ``leaves``."""
+    out: list = [None] * len(self.leaf_specs)
+    for j, leaf in enumerate(self.dense):
+      if leaves is None or leaf in leaves:
+        shape, dtype = self.leaf_specs[leaf]
+        out[leaf] = xrows[j] if xrows[j] is not None else jnp.zeros((num_tasks,) + shape, dtype)
+    base = len(self.dense)
+    for t in self.tables:
+      if leaves is not None and t.leaf not in leaves:
+        continue
+      vals = {}
+      for k, _ in t.taps:
+        v = xrows[base + k]
+        if v is None:
+          v = jnp.zeros((num_tasks,) + tuple(ids[k].shape) + t.table_shape[1:], self.leaf_specs[t.leaf][1])
+        vals[k] = v
+      cid, v = self.table_rows(t, vals, ids, (num_tasks,))
+      out[t.leaf] = SparseRows(cid, v, t.table_shape)
+    return out
+
+  def unflatten(self, leaves: Sequence[Any]) -> PyTree:
+    return jax.tree.unflatten(self.treedef, list(leaves))
+
+  def shapes(self, num_tasks: int) -> PyTree:
+    return self.unflatten([jax.ShapeDtypeStruct((num_tasks,) + tuple(s), d) for s, d in self.leaf_specs])
+
+
+def _add(a, b):
+  if a is None:
+    return b
+  if b is None:
+    return a
+  return a + b
+
+
+def _check_weights(weights, num_tasks: int, what: str) -> jax.Array:
+  weights = jnp.asarray(weights)
+  if weights.shape != (num_tasks,):
+    raise ValueError(f"mtjax: {what} needs {num_tasks} weights, got shape {weights.shape}.")
+  return weights
+
+
+# ------------------------------------------------------------------------------------------------
+# Lazy Jacobians
 
 
 @jax.tree_util.register_pytree_node_class
@@ -33,8 +182,11 @@ class TaskJacobian:
   needs:
 
   * methods whose weights do not read the gradients (``linear``, ``dwa``, ``uncertainty``,
-    ``rlw``) form :math:`\sum_t w_t g_t = J^	op w` with ONE backward pass (two when task-specific
+    ``rlw``) form :math:`\sum_t w_t g_t = J^\top w` with ONE backward pass (two when task-specific
     leaves take the plain sum, ``task_specific="sum"`` with a ``shared=`` mask);
+  * a method whose Gram covers only some leaves (``gram_leaves=``, GradNorm's last shared layer:
+    the "subset" strategy) gets the T rows of those leaves only, then the update from one
+    backward pass of :math:`\sum_t w_t L_t`;
   * every other method calls :meth:`materialize` (the T backward passes of ``strategy``) and gives
     exactly the result it gives on ``task_grads(loss_fn)``.
 
@@ -46,13 +198,17 @@ class TaskJacobian:
     strategy: how :meth:`materialize` computes the T rows (``"auto"``, ``"loop"``, ``"map"``, ``"vmap"``).
   """
 
-  def __init__(self, vjp_fn, num_tasks: int, dtype, strategy: str = "auto", param_struct=None):
+  def __init__(self, vjp_fn, num_tasks: int, dtype, strategy: str = "auto", param_struct=None, plan=None,
+               ids=(), chunk_size=None):
     self.vjp_fn = vjp_fn
     self.num_tasks = int(num_tasks)
     self.dtype = jnp.dtype(dtype)
     self.strategy = strategy
     # (treedef, ((shape, dtype), ...)) of the differentiated params: static, hashable
     self.param_struct = param_struct
+    self.plan = plan  # None: vjp_fn(c) -> (params-shaped grads,); else vjp_fn(c) -> (dense list, taps list)
+    self.ids = tuple(ids)
+    self.chunk_size = chunk_size
 
   @classmethod
   def from_vjp(cls, vjp_fn, num_tasks: int, dtype, strategy: str, params) -> "TaskJacobian":
@@ -61,25 +217,61 @@ class TaskJacobian:
     return cls(vjp_fn, num_tasks, dtype, strategy, struct)
 
   def tree_flatten(self):
-    return (self.vjp_fn,), (self.num_tasks, self.dtype, self.strategy, self.param_struct)
+    return (self.vjp_fn, self.ids), (self.num_tasks, self.dtype, self.strategy, self.param_struct, self.plan,
+                                     self.chunk_size)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(children[0], *aux)
+    num_tasks, dtype, strategy, struct, plan, chunk = aux
+    return cls(children[0], num_tasks, dtype, strategy, struct, plan, children[1], chunk)
+
+  def _xcot(self, c) -> list:
+    out = self.vjp_fn(c)
+    if self.plan is None:
+      return jax.tree.leaves(out[0])
+    return list(out[0]) + list(out[1])
+
+  def _leaves_from_x(self, xs: list) -> list:
+    return xs if self.plan is None else self.plan.to_update(xs, self.ids)
+
+  def _treedef(self):
+    if self.plan is not None:
+      return self.plan.treedef
+    return jax.tree.structure(self.shapes())
 
   def weighted_sum(self, weights: jax.Array) -> PyTree:
     r""":math:`\sum_t w_t \nabla L_t = J^\top w`, params-shaped, with one backward pass."""
-    weights = jnp.asarray(weights)
-    if weights.shape != (self.num_tasks,):
-      raise ValueError(f"mtjax: TaskJacobian.weighted_sum needs {self.num_tasks} weights, got shape {weights.shape}.")
-    return self.vjp_fn(weights.astype(self.dtype))[0]
+    weights = _check_weights(weights, self.num_tasks, "TaskJacobian.weighted_sum")
+    leaves = self._leaves_from_x(self._xcot(weights.astype(self.dtype)))
+    return jax.tree.unflatten(self._treedef(), leaves)
+
+  def _x_rows(self, select: Optional[Sequence[int]] = None) -> list:
+    """Rows of the x entries (all, or only ``select``), ``None`` elsewhere."""
+    if select is None:
+      return list(map_rows(self._xcot, jnp.eye(self.num_tasks, dtype=self.dtype), self.strategy, self.chunk_size))
+    sel = list(select)
+
+    def pick(c):
+      xs = self._xcot(c)
+      return [xs[j] for j in sel]
+
+    got = map_rows(pick, jnp.eye(self.num_tasks, dtype=self.dtype), self.strategy, self.chunk_size)
+    out: list = [None] * (self.plan.num_x if self.plan is not None else len(jax.tree.leaves(self.shapes())))
+    for j, r in zip(sel, got):
+      out[j] = r
+    return out
 
   def materialize(self) -> PyTree:
-    """The per-task gradients, every leaf ``[T, *param.shape]`` (T backward passes)."""
-    return _rows(self.vjp_fn, self.num_tasks, self.dtype, self.strategy)
+    """The per-task gradients, every leaf ``[T, *param.shape]`` or :class:`SparseRows` (T backward passes)."""
+    xr = self._x_rows()
+    if self.plan is None:
+      return jax.tree.unflatten(self._treedef(), xr)
+    return self.plan.unflatten(self.plan.to_rows(xr, self.ids, self.num_tasks))
 
   def shapes(self) -> PyTree:
     """``jax.ShapeDtypeStruct`` leaves ``[T, *param.shape]``: the materialized structure, no compute."""
+    if self.plan is not None:
+      return self.plan.shapes(self.num_tasks)
     if self.param_struct is None:  # built by hand from a VJP: trace it abstractly
       grad = jax.eval_shape(lambda: self.vjp_fn(jnp.zeros((self.num_tasks,), self.dtype))[0])
       return jax.tree.map(lambda g: jax.ShapeDtypeStruct((self.num_tasks,) + tuple(g.shape), g.dtype), grad)
@@ -87,10 +279,284 @@ class TaskJacobian:
     return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct((self.num_tasks,) + shape, dtype)
                                         for shape, dtype in specs])
 
+  def default_mask(self, num_leaves: int) -> list[bool]:
+    return [True] * num_leaves
+
+  def gram_and_combiner(self, layout: rows_lib.Layout, need_gram: bool):
+    """See the module docstring: the Grams the layout asks for and ``weights -> update leaves``."""
+    n = len(layout.mask)
+    shared = [i for i in range(n) if layout.mask[i]]
+    in_gram = [i for i in range(n) if layout.group[i] >= 0]
+    if need_gram and shared and len(in_gram) == len(shared):  # every shared leaf in a Gram: all T rows
+      leaves = rows_lib.flatten(self.materialize())[0]
+      return rows_lib.rows_gram_and_combiner(leaves, layout, True)
+    grams = None
+    if need_gram:  # the "subset" strategy: rows of the Gram leaves only
+      if self.plan is None:
+        select = in_gram
+      else:
+        x_of = self.plan.x_of_leaf()
+        select = sorted(j for i in in_gram for j in x_of[i])
+      xr = self._x_rows(select)
+      if self.plan is None:
+        sub = [xr[i] if i in in_gram else None for i in range(n)]
+      else:
+        sub = self.plan.to_rows(xr, self.ids, self.num_tasks, leaves=set(in_gram))
+      grams = rows_lib.compute_grams([sub[i] for i in in_gram], [layout.group[i] for i in in_gram],
+                                     max(layout.num_groups, 1))
+
+    def combine(weights):
+      if weights.ndim != 1:  # per-group weights: the rows of every leaf are needed after all
+        leaves = rows_lib.flatten(self.materialize())[0]
+        return [rows_lib.combine_leaf(i, leaf, weights, layout) for i, leaf in enumerate(leaves)]
+      out = jax.tree.leaves(self.weighted_sum(weights))
+      ts = rows_lib.task_specific_weights(weights, layout)
+      if not all(layout.mask) and ts is None:  # task-specific leaves: plain sum, cotangent 1
+        plain = jax.tree.leaves(self.weighted_sum(jnp.ones_like(weights)))
+        out = [o if m else p for o, p, m in zip(out, plain, layout.mask)]
+      return out
+
+    return grams, combine
+
+
+def _split_x(xs: Sequence[Any], idx: Sequence[int]):
+  return [xs[j] for j in idx]
+
+
+def _merge_x(base: Sequence[Any], idx: Sequence[int], values: Sequence[Any]) -> list:
+  out = list(base)
+  for j, v in zip(idx, values):
+    out[j] = v
+  return out
+
+
+def _z_gram(z_rows: PyTree, batch_axis: Optional[int], rep_gram: str) -> jax.Array:
+  """``[1, T, T]`` Gram of the representation's per-task gradients."""
+  total = None
+  for r in jax.tree.leaves(z_rows):
+    if rep_gram == "sum" and batch_axis is not None:
+      r = jnp.sum(r, axis=(batch_axis % (r.ndim - 1)) + 1)
+    g = rows_lib.leaf_gram(r)
+    total = g if total is None else total + g
+  return total[None]
+
+
+class _RepBase:
+  """Shared machinery of :class:`RepJacobian` and :class:`SharedJacobian`."""
+
+  num_tasks: int
+  plan: Plan
+
+  def shapes(self) -> PyTree:
+    return self.plan.shapes(self.num_tasks)
+
+  def _head_update(self, weights, idx_h, ids) -> list:
+    """x cotangent of the heads' own inputs for loss weights ``weights`` (one backward pass)."""
+    cot = self.head_vjp(weights.astype(self.dtype))
+    out: list = [None] * self.plan.num_x
+    for j, v in zip(idx_h, cot[1]):
+      out[j] = v
+    return out
+
+  def _full_x_rows(self) -> list:
+    """The exact per-task rows of every x entry: trunk rows through z plus the heads' own rows."""
+    out: list = [None] * self.plan.num_x
+    trunk = map_rows(lambda c: self.trunk_vjp(c)[0], self.z_rows, self.strategy, self.chunk_size)
+    for j, r in zip(self.idx_z, trunk):
+      out[j] = r
+    head = map_rows(lambda c: self.head_vjp(c)[1], jnp.eye(self.num_tasks, dtype=self.dtype), self.strategy,
+                    self.chunk_size)
+    for j, r in zip(self.idx_h, head):
+      out[j] = _add(out[j], r)
+    return out
+
+  def materialize(self) -> PyTree:
+    """The exact full per-task gradients (every leaf ``[T, ...]`` or :class:`SparseRows`)."""
+    return self.plan.unflatten(self.plan.to_rows(self._full_x_rows(), self.ids, self.num_tasks))
+
+  def weighted_sum(self, weights: jax.Array) -> PyTree:
+    r""":math:`J^\top w`, params-shaped: one backward through the heads and one through the trunk."""
+    weights = _check_weights(weights, self.num_tasks, f"{type(self).__name__}.weighted_sum")
+    zc, xh = self.head_vjp(weights.astype(self.dtype))
+    xz = self.trunk_vjp(zc)[0]
+    xs: list = [None] * self.plan.num_x
+    for j, v in zip(self.idx_z, xz):
+      xs[j] = v
+    for j, v in zip(self.idx_h, xh):
+      xs[j] = _add(xs[j], v)
+    return self.plan.unflatten(self.plan.to_update(xs, self.ids))
+
+
+@jax.tree_util.register_pytree_node_class
+class RepJacobian(_RepBase):
+  r"""``strategy="rep"``: per-task gradients of the shared representation only (MGDA-UB).
+
+  Holds :math:`\partial L_t/\partial z` for every task (``z_rows``, the per-task VJPs through the
+  task heads only) and the trunk's and heads' VJPs. A Gram-based method gets the Gram of these
+  representation gradients (summed over the batch axis by default, ``rep_gram="sum"``, as LibMTL's
+  ``rep_grad``; every sample's gradient stacked with ``rep_gram="stack"``, Sener & Koltun's
+  :math:`Z`), and its weights produce the update with ONE backward pass through the trunk, cotangent
+  :math:`\sum_t w_t \partial L_t/\partial z`, while the heads' parameters get the gradient of
+  :math:`\sum_t L_t` (of :math:`\sum_t w_t L_t` with ``task_specific="weighted"``).
+
+  The approximation: the weights come from :math:`\partial L_t/\partial z` instead of the parameter
+  gradients :math:`(\partial z/\partial\theta)^\top \partial L_t/\partial z`; they coincide when the
+  trunk's Jacobian is orthogonal (MGDA-UB's bound). Methods with several Gram groups cannot use it.
+  """
+
+  def __init__(self, z_rows, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, batch_axis, rep_gram,
+               strategy="auto", chunk_size=None):
+    self.z_rows = z_rows
+    self.trunk_vjp = trunk_vjp
+    self.head_vjp = head_vjp
+    self.ids = tuple(ids)
+    self.num_tasks = int(num_tasks)
+    self.dtype = jnp.dtype(dtype)
+    self.plan = plan
+    self.idx_z = tuple(idx_z)
+    self.idx_h = tuple(idx_h)
+    self.batch_axis = batch_axis
+    self.rep_gram = rep_gram
+    self.strategy = strategy
+    self.chunk_size = chunk_size
+
+  def tree_flatten(self):
+    return (self.z_rows, self.trunk_vjp, self.head_vjp, self.ids), (
+        self.num_tasks, self.dtype, self.plan, self.idx_z, self.idx_h, self.batch_axis, self.rep_gram,
+        self.strategy, self.chunk_size)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  def default_mask(self, num_leaves: int) -> list[bool]:
+    return [True] * num_leaves
+
+  def gram(self) -> jax.Array:
+    """``[1, T, T]``: the Gram of the representation's per-task gradients."""
+    return _z_gram(self.z_rows, self.batch_axis, self.rep_gram)
+
+  def gram_and_combiner(self, layout: rows_lib.Layout, need_gram: bool):
+    if layout.mask_given and not all(layout.mask):
+      raise ValueError(
+          f"mtjax: {layout.method}: strategy='rep' weights the gradients of the marked representation; the "
+          "shared part is the trunk that computes it, so build the method without shared=.")
+    if layout.num_groups > 1:
+      raise ValueError(
+          f"mtjax: {layout.method}: strategy='rep' gives one Gram (of the representation's gradients) but the "
+          f"method asks for {layout.num_groups} Gram groups; use the whole-model granularity.")
+    grams = self.gram() if need_gram else None
+
+    def combine(weights):
+      w = weights if weights.ndim == 1 else weights[0]
+      ts = rows_lib.task_specific_weights(weights, layout)
+      head_w = jnp.ones_like(w) if ts is None else ts
+      zc = jax.tree.map(lambda r: jnp.tensordot(w.astype(r.dtype), r, axes=1), self.z_rows)
+      xs = self._head_update(head_w, self.idx_h, self.ids)
+      for j, v in zip(self.idx_z, self.trunk_vjp(zc)[0]):
+        xs[j] = _add(xs[j], v)
+      return self.plan.to_update(xs, self.ids)
+
+    return grams, combine
+
+
+@jax.tree_util.register_pytree_node_class
+class SharedJacobian(_RepBase):
+  r"""``strategy="shared"``: the exact per-task gradients of the trunk's parameters only.
+
+  TorchJD's ``mtl_backward(losses, features=z)``: the T cotangents :math:`\partial L_t/\partial z`
+  (per-task VJPs through the heads, with respect to ``z`` only) are backpropagated through the trunk
+  (batched by ``strategy``), giving the rows of every parameter that ``z`` depends on (its "shared"
+  parameters; a parameter that the heads also read directly, such as an embedding table feeding
+  both the experts and the gates, gets that path's per-task rows added, so its rows are exact). The
+  heads' own parameters get the gradient of :math:`\sum_t L_t` from ONE backward pass (of
+  :math:`\sum_t w_t L_t` with ``task_specific="weighted"``). A method then computes exactly what it
+  computes on the full rows with ``shared=`` the trunk's parameters, without T backward passes
+  through the heads' parameter gradients.
+  """
+
+  def __init__(self, z_rows, x_rows, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, idx_rows,
+               idx_pure_head, rows_leaves, strategy="auto", chunk_size=None):
+    self.z_rows = z_rows
+    self.x_rows = x_rows  # rows of idx_rows (trunk rows + the heads' rows of overlapping inputs)
+    self.trunk_vjp = trunk_vjp
+    self.head_vjp = head_vjp
+    self.ids = tuple(ids)
+    self.num_tasks = int(num_tasks)
+    self.dtype = jnp.dtype(dtype)
+    self.plan = plan
+    self.idx_z = tuple(idx_z)
+    self.idx_h = tuple(idx_h)  # inputs of the head VJP (overlap first, then pure head)
+    self.idx_rows = tuple(idx_rows)
+    self.idx_pure_head = tuple(idx_pure_head)
+    self.rows_leaves = tuple(rows_leaves)  # param leaves with rows (the trunk's)
+    self.strategy = strategy
+    self.chunk_size = chunk_size
+
+  def tree_flatten(self):
+    return (self.z_rows, self.x_rows, self.trunk_vjp, self.head_vjp, self.ids), (
+        self.num_tasks, self.dtype, self.plan, self.idx_z, self.idx_h, self.idx_rows, self.idx_pure_head,
+        self.rows_leaves, self.strategy, self.chunk_size)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  def default_mask(self, num_leaves: int) -> list[bool]:
+    rows = set(self.rows_leaves)
+    return [i in rows for i in range(num_leaves)]
+
+  def _row_leaves(self) -> list:
+    xr: list = [None] * self.plan.num_x
+    for j, r in zip(self.idx_rows, self.x_rows):
+      xr[j] = r
+    return self.plan.to_rows(xr, self.ids, self.num_tasks, leaves=set(self.rows_leaves))
+
+  def gram_and_combiner(self, layout: rows_lib.Layout, need_gram: bool):
+    rows = set(self.rows_leaves)
+    for i, m in enumerate(layout.mask):
+      if m and i not in rows:
+        raise ValueError(
+            f"mtjax: {layout.method}: leaf '{layout.paths[i]}' is marked shared but the representation does not "
+            "depend on it; with strategy='shared' only the trunk's parameters can be shared (leave shared= "
+            "unset to share exactly those).")
+    leaves = self._row_leaves()
+    grams = None
+    if need_gram:
+      idx = [i for i in range(len(leaves)) if layout.group[i] >= 0]
+      if not idx:
+        raise ValueError(f"mtjax: {layout.method}: no trunk parameter is in a Gram.")
+      grams = rows_lib.compute_grams([leaves[i] for i in idx], [layout.group[i] for i in idx],
+                                     max(layout.num_groups, 1))
+
+    def combine(weights):
+      ts = rows_lib.task_specific_weights(weights, layout)
+      head_w = jnp.ones((self.num_tasks,), self.dtype) if ts is None else ts
+      out: list = [None] * len(leaves)
+      for i, leaf in enumerate(leaves):
+        if leaf is not None:
+          out[i] = rows_lib.combine_leaf(i, leaf, weights, layout)
+      pure = set(self.idx_pure_head)
+      if pure:
+        xs = self._head_update(head_w, self.idx_h, self.ids)
+        xs = [v if j in pure else None for j, v in enumerate(xs)]
+        head = self.plan.to_update(xs, self.ids)
+        out = [o if o is not None else h for o, h in zip(out, head)]
+      return [o if o is not None else jnp.zeros(s, d) for o, (s, d) in zip(out, self.plan.leaf_specs)]
+
+    return grams, combine
+
+
+LAZY_JACOBIANS = (TaskJacobian, RepJacobian, SharedJacobian)
+
+
+def is_lazy(x) -> bool:
+  return isinstance(x, LAZY_JACOBIANS)
+
 
 def materialize(task_grads: Any) -> PyTree:
-  """``task_grads`` itself, or the stacked gradients of a :class:`TaskJacobian`."""
-  return task_grads.materialize() if isinstance(task_grads, TaskJacobian) else task_grads
+  """``task_grads`` itself, or the stacked gradients of a lazy Jacobian."""
+  return task_grads.materialize() if is_lazy(task_grads) else task_grads
 
 
 def default_strategy(backend: str | None = None) -> str:
@@ -133,6 +599,9 @@ def task_grads(
     has_aux: bool = False,
     argnums: int = 0,
     deferred: bool = False,
+    sparse: bool = True,
+    chunk_size: Optional[int] = None,
+    rep_gram: str = "sum",
 ) -> Callable[..., Any]:
   r"""Transforms ``loss_fn(params, ...) -> [T]`` into a function returning losses and per-task gradients.
 
@@ -140,7 +609,7 @@ def task_grads(
   task_grads)`` with ``has_aux`` -- where every leaf of ``task_grads`` is ``[T, *param.shape]``:
   row ``t`` is :math:`\nabla_\theta L_t(\theta)`. This is the input every mtjax transform expects.
 
-  Strategies (all give the same result):
+  Strategies for the full rows (all give the same result):
 
   * ``"loop"``: one shared forward (``jax.vjp``), then T VJPs with unit cotangents ``e_t``,
     unrolled. Cost ~ ``F + T * B``, the floor for a full per-task Jacobian.
@@ -149,11 +618,28 @@ def task_grads(
   * ``"vmap"``: ``jax.vmap`` of the VJP over the T cotangents (batched backward; may win on GPU/TPU).
   * ``"auto"``: :func:`default_strategy` for the default backend.
 
+  ``chunk_size=c`` computes ``c`` rows at a time (vmapped within a chunk, chunks in sequence), for
+  many tasks: the backward temporaries hold ``c`` rows, the output all T.
+
+  Strategies that split the loss at the representation marked with :func:`mtjax.representation`
+  (every mtjax model marks one) return a lazy Jacobian instead of rows:
+
+  * ``"rep"`` (:class:`RepJacobian`, MGDA-UB): per-task gradients of the representation ``z``
+    only, weights from their Gram, ONE backward through the trunk. An approximation
+    (``rep_gram="sum"`` sums the per-sample gradients over the batch axis, ``"stack"`` keeps them).
+  * ``"shared"`` (:class:`SharedJacobian`): the exact per-task gradients of the trunk's
+    parameters, the heads' parameters from one backward pass.
+
+  Embedding tables looked up through :func:`mtjax.embedding_lookup` (every mtjax model does)
+  and used for nothing else get :class:`~mtjax._src.sparse.SparseRows` leaves: the per-sample
+  cotangents of the looked-up rows, exact, never ``[T, V, d]`` (``sparse=False``: dense rows).
+
   With ``deferred=True`` the function runs only the shared forward pass and returns a
   :class:`TaskJacobian` instead of the stacked gradients; a transform then computes just what it
   needs: ONE backward pass for the methods whose weights do not read the gradients (``linear``,
-  ``dwa``, ``uncertainty``, ``rlw``), the T rows (by ``strategy``) for the others, with the same
-  results either way.
+  ``dwa``, ``uncertainty``, ``rlw``), the rows of the Gram's leaves and one backward pass for a
+  method given ``gram_leaves=`` (the "subset" strategy), the T rows (by ``strategy``) for the
+  others, with the same results either way.
 
   Examples:
     >>> import jax.numpy as jnp, mtjax
@@ -169,10 +655,13 @@ def task_grads(
   Args:
     loss_fn: function of ``params`` (argument ``argnums``) and anything else, returning a 1-D
       array of T task losses (or ``(losses, aux)`` with ``has_aux=True``).
-    strategy: one of ``"auto"``, ``"loop"``, ``"map"``, ``"vmap"``.
+    strategy: one of ``"auto"``, ``"loop"``, ``"map"``, ``"vmap"``, ``"rep"``, ``"shared"``.
     has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
     argnums: index of the parameters argument.
     deferred: return a :class:`TaskJacobian` (no backward pass yet) instead of the gradients.
+    sparse: keep the per-task gradients of embedding tables as looked-up rows.
+    chunk_size: compute at most this many task rows at a time (``None``: all at once).
+    rep_gram: ``"sum"`` or ``"stack"``, the representation Gram of ``strategy="rep"``.
 
   Returns:
     A function with the signature of ``loss_fn`` returning ``(task_losses, task_grads)``.
@@ -184,31 +673,147 @@ def task_grads(
     raise ValueError(f"mtjax: unknown task_grads strategy {strategy!r}; expected one of {STRATEGIES}.")
   if not isinstance(argnums, int):
     raise ValueError("mtjax: task_grads differentiates one argument; argnums must be an int.")
+  if rep_gram not in REP_GRAMS:
+    raise ValueError(f"mtjax: task_grads: rep_gram must be one of {REP_GRAMS}, got {rep_gram!r}.")
+  if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
+    raise ValueError(f"mtjax: task_grads: chunk_size must be a positive int or None, got {chunk_size!r}.")
+  split = strategy in ("rep", "shared")
+  row_strategy = "auto" if split else strategy
 
   @functools.wraps(loss_fn)
   def wrapped(*args, **kwargs):
-    strat = default_strategy() if strategy == "auto" else strategy
+    strat = _resolve(row_strategy)
     params = args[argnums]
+    leaves, treedef = jax.tree.flatten(params)
+    specs = tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves)
 
-    def f(p):
+    def call(p_leaves, rec):
       call_args = list(args)
-      call_args[argnums] = p
-      return loss_fn(*call_args, **kwargs)
-
-    if has_aux:
-      out = jax.eval_shape(f, params)
-      if not (isinstance(out, tuple) and len(out) == 2):
+      call_args[argnums] = jax.tree.unflatten(treedef, list(p_leaves))
+      with sparse_lib.recording(rec):
+        out = loss_fn(*call_args, **kwargs)
+      if has_aux and not (isinstance(out, tuple) and len(out) == 2):
         raise ValueError("mtjax: task_grads(has_aux=True): loss_fn must return (task_losses, aux).")
-      losses, vjp_fn, aux = jax.vjp(f, params, has_aux=True)
+      return out if has_aux else (out, None)
+
+    if not (sparse or split):  # nothing to look for: the plain VJP
+      losses, vjp_fn, aux = jax.vjp(lambda p: call(jax.tree.leaves(p), None), params, has_aux=True)
+      _check_losses(losses, "task_grads")
+      num_tasks = losses.shape[0]
+      if deferred:
+        grads = TaskJacobian.from_vjp(vjp_fn, num_tasks, losses.dtype, strat, params)
+        grads.chunk_size = chunk_size
+      else:
+        grads = _rows(vjp_fn, num_tasks, losses.dtype, strat, chunk_size)
+      return ((losses, aux), grads) if has_aux else (losses, grads)
+
+    # 1. Discovery: which lookups read which param leaves, and is the table used for anything else?
+    probes = []
+
+    def probe_fn(ls):
+      pr = sparse_lib.Probe(ls)
+      probes.append(pr)
+      return call(ls, pr)
+
+    closed, (out_shape, _) = jax.make_jaxpr(probe_fn, return_shape=True)(leaves)
+    probe = probes[-1]
+    _check_losses(jax.ShapeDtypeStruct(out_shape.shape, out_shape.dtype), "task_grads")
+    used = sparse_lib.used_inputs(closed)
+    sparse_leaves = set()
+    if sparse:
+      looked = {lk.leaf for lk in probe.lookups if lk.leaf is not None}
+      sparse_leaves = {i for i in looked if not used[i] and len(specs[i][0]) >= 1}
+    taps_info, tap_of_lookup, tables = [], [], {}
+    for lk in probe.lookups:
+      if lk.leaf in sparse_leaves:
+        k = len(taps_info)
+        taps_info.append(jax.ShapeDtypeStruct(lk.ids_shape + lk.table_shape[1:], lk.dtype))
+        tap_of_lookup.append(k)
+        tables.setdefault(lk.leaf, []).append((k, lk.mode))
+      else:
+        tap_of_lookup.append(None)
+    dense_idx = tuple(i for i in range(len(leaves)) if i not in sparse_leaves)
+    plan = Plan(treedef, specs, dense_idx,
+                tuple(TableInfo(i, specs[i][0], tuple(tables[i])) for i in sorted(tables)))
+    num_dense = len(dense_idx)
+    taps0 = [jnp.zeros(s.shape, s.dtype) for s in taps_info]
+    x0 = [leaves[i] for i in dense_idx] + taps0
+
+    def full_leaves(xs):
+      ls = list(leaves)
+      for j, i in enumerate(dense_idx):
+        ls[i] = xs[j]
+      return ls
+
+    def run(xs, mode, z_in=None):
+      rec = sparse_lib.Tapper(probe.lookups, tap_of_lookup, xs[num_dense:], mode, z_in)
+      return call(full_leaves(xs), rec), rec
+
+    if not split:
+      def g(dense_xs, taps):
+        (losses, aux), rec = run(list(dense_xs) + list(taps), "full")
+        return losses, (aux, tuple(rec.ids[k] for k in range(len(taps_info))))
+
+      losses, vjp_fn, (aux, ids) = jax.vjp(g, x0[:num_dense], x0[num_dense:], has_aux=True)
+      num_tasks = losses.shape[0]
+      jac = TaskJacobian(vjp_fn, num_tasks, losses.dtype, strat, (treedef, specs), plan, ids, chunk_size)
+      grads = jac if deferred else jac.materialize()
+      return ((losses, aux), grads) if has_aux else (losses, grads)
+
+    # 2. Split at the representation: trunk Z(x) -> z, heads F(x, z) -> losses.
+    if probe.rep is None:
+      raise ValueError(
+          f"mtjax: task_grads(strategy={strategy!r}) needs the shared representation marked with "
+          "mtjax.representation(z) in the model or loss_fn; none was marked.")
+
+    def z_fn(xs):
+      try:
+        run(list(xs), "trunk")
+      except sparse_lib.RepReached as e:
+        return e.z
+      raise ValueError("mtjax: task_grads: the representation was not reached.")  # pragma: no cover
+
+    def f_fn(xs, z):
+      (losses, aux), rec = run(list(xs), "head", z)
+      return losses, (aux, tuple(rec.ids.get(k) for k in range(len(taps_info))))
+
+    z_struct = probe.rep.struct
+    z0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), z_struct)
+    used_z = sparse_lib.used_inputs(jax.make_jaxpr(z_fn)(x0))
+    used_f = sparse_lib.used_inputs(jax.make_jaxpr(lambda xs, z: f_fn(xs, z)[0])(x0, z0))[:len(x0)]
+    idx_z = [j for j in range(len(x0)) if used_z[j]]
+
+    z, trunk_vjp = jax.vjp(lambda xz: z_fn(_merge_x(x0, idx_z, xz)), _split_x(x0, idx_z))
+    if strategy == "rep":
+      idx_h = [j for j in range(len(x0)) if used_f[j]]
     else:
-      losses, vjp_fn = jax.vjp(f, params)
-    _check_losses(losses, "task_grads")
+      x_of = plan.x_of_leaf()
+      rows_leaves = sorted({i for i in range(len(leaves)) if any(used_z[j] for j in x_of[i])})
+      x_rows_set = sorted({j for i in rows_leaves for j in x_of[i]})
+      overlap = [j for j in x_rows_set if used_f[j]]
+      pure = [j for j in range(len(x0)) if used_f[j] and j not in set(x_rows_set)]
+      idx_h = overlap + pure
+    losses, head_vjp, (aux, ids) = jax.vjp(lambda zz, xh: f_fn(_merge_x(x0, idx_h, xh), zz), z,
+                                           _split_x(x0, idx_h), has_aux=True)
     num_tasks = losses.shape[0]
-    if deferred:
-      grads = TaskJacobian.from_vjp(vjp_fn, num_tasks, losses.dtype, strat, params)
+    eye = jnp.eye(num_tasks, dtype=losses.dtype)
+    if strategy == "rep":
+      z_rows = map_rows(lambda c: head_vjp(c)[0], eye, strat, chunk_size)
+      jac = RepJacobian(z_rows, trunk_vjp, head_vjp, ids, num_tasks, losses.dtype, plan, idx_z, idx_h,
+                        probe.rep.batch_axis, rep_gram, strat, chunk_size)
     else:
-      grads = _rows(vjp_fn, num_tasks, losses.dtype, strat)
-    return ((losses, aux), grads) if has_aux else (losses, grads)
+      n_over = len(overlap)
+      z_rows, over_rows = map_rows(lambda c: (head_vjp(c)[0], head_vjp(c)[1][:n_over]), eye, strat, chunk_size)
+      trunk_rows = map_rows(lambda c: trunk_vjp(c)[0], z_rows, strat, chunk_size)
+      by_x = dict(zip(idx_z, trunk_rows))
+      for j, r in zip(overlap, over_rows):
+        by_x[j] = _add(by_x.get(j), r)
+      x_rows = [by_x.get(j) for j in x_rows_set]
+      x_rows = [r if r is not None else jnp.zeros((num_tasks,) + tuple(jnp.shape(x0[j])), jnp.result_type(x0[j]))
+                for r, j in zip(x_rows, x_rows_set)]
+      jac = SharedJacobian(z_rows, x_rows, trunk_vjp, head_vjp, ids, num_tasks, losses.dtype, plan, idx_z, idx_h,
+                           x_rows_set, pure, rows_leaves, strat, chunk_size)
+    return ((losses, aux), jac) if has_aux else (losses, jac)
 
   return wrapped
 

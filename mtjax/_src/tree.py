@@ -8,6 +8,8 @@ from typing import Any, Callable, Sequence, Union
 import jax
 import numpy as np
 
+from mtjax._src.sparse import is_sparse
+
 PyTree = Any
 SharedSpec = Union[None, PyTree, Callable[[PyTree], PyTree]]
 
@@ -30,8 +32,8 @@ def path_str(path) -> str:
 
 
 def leaf_paths(tree: PyTree) -> list[str]:
-  """Paths of the leaves of ``tree`` in flattening order."""
-  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  """Paths of the leaves of ``tree`` in flattening order (a :class:`SparseRows` is one leaf)."""
+  return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_sparse)[0]]
 
 
 def check_task_axis(task_grads: PyTree, num_tasks: int | None = None, *, name: str = "task_grads") -> int:
@@ -41,7 +43,7 @@ def check_task_axis(task_grads: PyTree, num_tasks: int | None = None, *, name: s
     ValueError: naming the offending leaf and the shapes when a leaf has no leading axis,
       leaves disagree, or ``num_tasks`` is given and differs.
   """
-  flat = jax.tree_util.tree_flatten_with_path(task_grads)[0]
+  flat = jax.tree_util.tree_flatten_with_path(task_grads, is_leaf=is_sparse)[0]
   if not flat:
     raise ValueError(f"mtjax: {name} is an empty pytree; expected leaves with a leading task axis.")
   found = None
@@ -73,7 +75,7 @@ def check_params_match(task_grads: PyTree, params: PyTree | None) -> None:
   """When params are given, checks that leaf shapes equal the task-gradient leaves minus the task axis."""
   if params is None:
     return
-  g_flat, g_def = jax.tree_util.tree_flatten_with_path(task_grads)
+  g_flat, g_def = jax.tree_util.tree_flatten_with_path(task_grads, is_leaf=is_sparse)
   p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)
   if g_def != p_def:
     raise ValueError(
@@ -128,17 +130,17 @@ def shared_mask(
 
 def resolve_shared(shared: SharedSpec, task_grads: PyTree, params: PyTree | None = None) -> list[bool]:
   """Turns a ``shared=`` spec into one static bool per leaf of ``task_grads`` (flattening order)."""
-  num_leaves = len(jax.tree_util.tree_leaves(task_grads))
+  num_leaves = len(jax.tree_util.tree_leaves(task_grads, is_leaf=is_sparse))
   if shared is None:
     return [True] * num_leaves
   if callable(shared):
     # The callable sees a params-shaped tree; without params, use the per-task slice shapes.
     target = params if params is not None else jax.tree.map(
-        lambda g: jax.ShapeDtypeStruct(np.shape(g)[1:], g.dtype), task_grads)
+        lambda g: jax.ShapeDtypeStruct(np.shape(g)[1:], g.dtype), task_grads, is_leaf=is_sparse)
     mask = shared(target)
   else:
     mask = shared
-  g_def = jax.tree_util.tree_structure(task_grads)
+  g_def = jax.tree_util.tree_structure(task_grads, is_leaf=is_sparse)
   try:
     flat_mask = g_def.flatten_up_to(mask)
   except (ValueError, TypeError) as e:

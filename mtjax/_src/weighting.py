@@ -27,8 +27,9 @@ import numpy as np
 import optax
 
 from mtjax._src import numerics
+from mtjax._src import rows as rows_lib
 from mtjax._src import tree as tree_lib
-from mtjax._src.task_grads import TaskJacobian
+from mtjax._src.task_grads import is_lazy
 
 PyTree = Any
 GroupSpec = Union[None, str, Callable[[Sequence[str]], Sequence[int]]]
@@ -76,6 +77,29 @@ def group_ids(groups: GroupSpec, paths: Sequence[str]) -> list[int]:
   raise ValueError(f"mtjax: unknown granularity {groups!r}; expected one of {GRANULARITIES} or a callable.")
 
 
+GramLeavesSpec = Union[None, str, Sequence[str], Callable[[Sequence[str]], Sequence[bool]]]
+
+
+def gram_leaf_flags(gram_leaves: GramLeavesSpec, paths: Sequence[str], method: str = "mtjax") -> list[bool]:
+  """Which shared leaves enter the Gram: all (``None``), path regexes (``re.search``) or a callable."""
+  if gram_leaves is None:
+    return [True] * len(paths)
+  if callable(gram_leaves):
+    flags = [bool(f) for f in gram_leaves(list(paths))]
+    if len(flags) != len(paths):
+      raise ValueError(f"mtjax: {method}: gram_leaves callable returned {len(flags)} flags for {len(paths)} "
+                       "shared leaves.")
+  else:
+    import re  # pylint: disable=import-outside-toplevel
+    pats = [gram_leaves] if isinstance(gram_leaves, str) else list(gram_leaves)
+    regs = [re.compile(p) for p in pats]
+    flags = [any(r.search(p) for r in regs) for p in paths]
+  if paths and not any(flags):
+    raise ValueError(f"mtjax: {method}: gram_leaves={gram_leaves!r} selects none of the shared leaves "
+                     f"{list(paths)[:8]}{' ...' if len(paths) > 8 else ''}.")
+  return flags
+
+
 def num_groups(groups: GroupSpec, params: PyTree, shared: tree_lib.SharedSpec) -> int:
   """Number of Gram groups ``K`` for ``params`` (used by ``init`` to shape per-group state)."""
   probe = jax.tree.map(lambda p: jax.ShapeDtypeStruct((1,) + jnp.shape(p), jnp.result_type(p)), params)
@@ -109,18 +133,14 @@ def check_task_losses(task_losses, num_tasks: int, *, required: bool, method: st
   return task_losses, pending
 
 
-def compute_grams(shared_leaves: Sequence[jax.Array], ids: Sequence[int], k: int) -> jax.Array:
-  """``[K, T, T]`` Gram stack: per-leaf Grams summed into their groups."""
-  num_tasks = shared_leaves[0].shape[0]
-  dtype = numerics.gram_dtype(jnp.result_type(*shared_leaves))
-  sums: list = [None] * k
-  for leaf, i in zip(shared_leaves, ids):
-    if i < 0:
-      continue
-    g = numerics.leaf_gram(leaf).astype(dtype)
-    sums[i] = g if sums[i] is None else sums[i] + g
-  sums = [s if s is not None else jnp.zeros((num_tasks, num_tasks), dtype) for s in sums]
-  return jnp.stack(sums)
+def compute_grams(shared_leaves: Sequence[Any], ids: Sequence[int], k: int) -> jax.Array:
+  """``[K, T, T]`` Gram stack: per-leaf Grams (dense or :class:`SparseRows`) summed into their groups."""
+  return rows_lib.compute_grams(shared_leaves, ids, k)
+
+
+# Extra argument of ``update`` through which a wrapper (mtjax.amortized) hands the core fixed task
+# weights: the weights function is skipped, the state is returned unchanged.
+FIXED_WEIGHTS = "mtjax_fixed_weights"
 
 
 def gram_weighting(
@@ -136,6 +156,7 @@ def gram_weighting(
     task_specific: str = "sum",
     check_finite: bool = True,
     record_weights: bool = True,
+    gram_leaves: GramLeavesSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a multi-task transform from a weights function (see the module docstring).
 
@@ -155,6 +176,10 @@ def gram_weighting(
       the host is called only when it fails, see ``numerics.enforce``).
     record_weights: store the weights used at each step in the state's ``weights`` field (set
       ``False`` when ``weights_fn`` keeps its own learned weights there, e.g. GradNorm).
+    gram_leaves: restrict the Gram to these shared leaves (path regex(es), or a callable
+      ``paths -> bools``); the weights still apply to every shared leaf. With a deferred
+      :class:`~mtjax.TaskJacobian` only these leaves' rows are computed, and the update is one
+      backward pass of ``sum_t w_t L_t`` (the "subset" strategy).
   """
   if task_specific not in ("sum", "weighted"):
     raise ValueError(f"mtjax: {method}: task_specific must be 'sum' or 'weighted', got {task_specific!r}.")
@@ -167,67 +192,56 @@ def gram_weighting(
     return init_state_fn(params)
 
   def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
+    fixed = extra_args.pop(FIXED_WEIGHTS, None)
     del extra_args
-    jacobian = None
-    if isinstance(updates, TaskJacobian):  # deferred per-task gradients (task_grads(deferred=True))
-      if needs_gram:
-        updates = updates.materialize()
-      else:  # weights from the state and losses only: J^T w needs one backward pass, not T
-        jacobian, updates = updates, updates.shapes()
-    t = tree_lib.check_task_axis(updates, num_tasks, name=f"the task gradients given to {method}")
-    tree_lib.check_params_match(updates, params)
-    losses, losses_check = check_task_losses(task_losses, t, required=requires_task_losses, method=method,
-                                             check_finite=check_finite)
-    mask = tree_lib.resolve_shared(shared, updates, params)
-    flat_with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    lazy = updates if is_lazy(updates) else None
+    struct = lazy.shapes() if lazy is not None else updates
+    t = tree_lib.check_task_axis(struct, num_tasks, name=f"the task gradients given to {method}")
+    tree_lib.check_params_match(struct, params)
+    losses, losses_check = check_task_losses(task_losses, t, required=requires_task_losses and fixed is None,
+                                             method=method, check_finite=check_finite)
+    flat_with_path, treedef = rows_lib.flatten_with_path(struct)
     leaves = [leaf for _, leaf in flat_with_path]
     paths = [tree_lib.path_str(p) for p, _ in flat_with_path]
+    if shared is None:
+      mask = lazy.default_mask(len(leaves)) if lazy is not None else [True] * len(leaves)
+    else:
+      mask = tree_lib.resolve_shared(shared, struct, params)
     shared_idx = [i for i, m in enumerate(mask) if m]
 
-    leaf_group: dict[int, int] = {}
-    grams = None
-    grams_check = None
+    group = [-1] * len(leaves)
+    k = 1
     if shared_idx:
-      ids = group_ids(groups, [paths[i] for i in shared_idx])
-      leaf_group = dict(zip(shared_idx, ids))
-      if needs_gram:
-        k = max(ids) + 1 if max(ids) >= 0 else 1
-        grams = compute_grams([leaves[i] for i in shared_idx], ids, k)
-        if check_finite:
-          grams_check = numerics.finite_check(jnp.diagonal(grams, axis1=-2, axis2=-1),
-                                              f"task gradients given to {method}")
-    elif needs_gram:
+      shared_paths = [paths[i] for i in shared_idx]
+      ids = group_ids(groups, shared_paths)
+      flags = gram_leaf_flags(gram_leaves, shared_paths, method)
+      ids = [i if f else -1 for i, f in zip(ids, flags)]
+      for i, gid in zip(shared_idx, ids):
+        group[i] = gid
+      k = max(ids) + 1 if max(ids) >= 0 else 1
+    elif needs_gram and fixed is None:
       raise ValueError(f"mtjax: {method}: the shared= mask marks no leaf as shared; nothing to weight.")
+    layout = rows_lib.Layout(tuple(mask), tuple(group), k, task_specific, tuple(paths), method, shared is not None)
+    need = needs_gram and fixed is None and bool(shared_idx)
+    if lazy is not None:
+      grams, combine = lazy.gram_and_combiner(layout, need)
+    else:
+      grams, combine = rows_lib.rows_gram_and_combiner(leaves, layout, need)
+    grams_check = None
+    if grams is not None and check_finite:
+      grams_check = numerics.finite_check(jnp.diagonal(grams, axis1=-2, axis2=-1),
+                                          f"task gradients given to {method}")
 
-    weights, new_state = weights_fn(WeightingInputs(grams, losses, t), state)
-    weights = jnp.asarray(weights)
+    if fixed is not None:  # weights handed in by a wrapper (amortized): no solve, state unchanged
+      weights, new_state = jnp.asarray(fixed), state
+    else:
+      weights, new_state = weights_fn(WeightingInputs(grams, losses, t), state)
+      weights = jnp.asarray(weights)
     if grams is not None:  # one on-device test of both; every update leaf depends on the weights
       weights = numerics.enforce(weights, losses_check, grams_check)
       losses_check = None
 
-    def combine(i, leaf):  # the update of leaf i from its [T, ...] task gradients
-      if mask[i]:
-        if weights.ndim == 1:
-          return numerics.weighted_task_sum(weights, leaf)
-        gid = leaf_group[i]
-        if gid < 0:
-          raise ValueError(f"mtjax: {method}: leaf '{paths[i]}' is in no group but the weights are per group.")
-        return numerics.weighted_task_sum(weights[gid], leaf)
-      if task_specific == "weighted":
-        if weights.ndim != 1:
-          raise ValueError(f"mtjax: {method}: task_specific='weighted' needs one weight per task, not per group.")
-        return numerics.weighted_task_sum(weights, leaf)
-      return jnp.sum(leaf, axis=0)
-
-    if jacobian is not None and weights.ndim == 1:
-      out = jax.tree.leaves(jacobian.weighted_sum(weights))
-      if not all(mask) and task_specific == "sum":  # task-specific leaves: plain sum, cotangent 1
-        plain = jax.tree.leaves(jacobian.weighted_sum(jnp.ones_like(weights)))
-        out = [o if m else p for o, p, m in zip(out, plain, mask)]
-    else:
-      if jacobian is not None:  # per-group weights: the rows are needed after all
-        leaves = jax.tree.leaves(jacobian.materialize())
-      out = [combine(i, leaf) for i, leaf in enumerate(leaves)]
+    out = combine(weights)
 
     if grams is None:  # no Gram diagonal to look at: check the update itself
       update_check = None
@@ -237,7 +251,7 @@ def gram_weighting(
             bad, f"mtjax: non-finite task gradients given to {method} (NaN/inf in the update). Check "
             "the loss for NaN/inf (log of 0, division by zero, exploding logits).")
       out = numerics.enforce(out, losses_check, update_check)
-    if record_weights and hasattr(new_state, "weights") and jnp.size(new_state.weights) > 0:
+    if fixed is None and record_weights and hasattr(new_state, "weights") and jnp.size(new_state.weights) > 0:
       new_state = new_state._replace(weights=jnp.broadcast_to(weights, new_state.weights.shape).astype(
           new_state.weights.dtype))
     return jax.tree_util.tree_unflatten(treedef, out), new_state

@@ -16,7 +16,10 @@ import numpy as np
 from mtjax._src import numerics
 from mtjax._src import tree as tree_lib
 from mtjax._src import weighting
-from mtjax._src.task_grads import TaskJacobian
+from mtjax._src import rows as rows_lib
+from mtjax._src.sparse import SparseRows
+from mtjax._src.sparse import is_sparse
+from mtjax._src.task_grads import is_lazy
 from mtjax._src.task_grads import materialize
 
 PyTree = Any
@@ -26,7 +29,7 @@ def _grams(task_grads: PyTree, groups, shared) -> jax.Array:
   task_grads = materialize(task_grads)  # a deferred TaskJacobian: its T rows
   tree_lib.check_task_axis(task_grads)
   mask = tree_lib.resolve_shared(shared, task_grads)
-  leaves = jax.tree.leaves(task_grads)
+  leaves = rows_lib.flatten(task_grads)[0]
   paths = tree_lib.leaf_paths(task_grads)
   idx = [i for i, m in enumerate(mask) if m]
   if not idx:
@@ -66,9 +69,10 @@ def cosine_similarity(task_grads: PyTree, *, granularity: str = "model", shared=
 
 def group_names(task_grads: PyTree, *, granularity: str = "model", shared=None) -> list[str]:
   """Labels of the groups of :func:`cosine_similarity` (static, no computation)."""
-  if isinstance(task_grads, TaskJacobian):
+  if is_lazy(task_grads):
     task_grads = task_grads.shapes()
-  abstract = jax.tree.map(lambda g: jax.ShapeDtypeStruct(jnp.shape(g), jnp.result_type(g)), task_grads)
+  abstract = jax.tree.map(lambda g: jax.ShapeDtypeStruct(jnp.shape(g), g.dtype if is_sparse(g) else jnp.result_type(g)),
+                          task_grads, is_leaf=is_sparse)
   mask = tree_lib.resolve_shared(shared, abstract)
   paths = [p for p, m in zip(tree_lib.leaf_paths(abstract), mask) if m]
   ids = weighting.group_ids(granularity, paths)
@@ -118,9 +122,41 @@ def update_alignment(task_grads: PyTree, update: PyTree, *, granularity: str = "
   *descent direction* ``d`` (the method's output), not the sign-flipped optimizer update.
   """
   task_grads = materialize(task_grads)
+  if any(is_sparse(g) for g in rows_lib.flatten(task_grads)[0]):  # <g_t, d> and |d| without densifying
+    return _sparse_alignment(task_grads, update, granularity, shared)
   stacked = jax.tree.map(lambda g, u: jnp.concatenate([g, u[None].astype(g.dtype)], axis=0), task_grads, update)
   cos = cosine_similarity(stacked, granularity=granularity, shared=shared)
   return cos[:, :-1, -1]
+
+
+def _sparse_alignment(task_grads: PyTree, update: PyTree, granularity, shared) -> jax.Array:
+  tree_lib.check_task_axis(task_grads)
+  leaves = rows_lib.flatten(task_grads)[0]
+  ups = jax.tree.leaves(update)
+  mask = tree_lib.resolve_shared(shared, task_grads)
+  paths = tree_lib.leaf_paths(task_grads)
+  idx = [i for i, m in enumerate(mask) if m]
+  if not idx:
+    raise ValueError("mtjax: the shared= mask selects no leaf; nothing to compare.")
+  ids = weighting.group_ids(granularity, [paths[i] for i in idx])
+  k = max(ids) + 1
+  t = leaves[0].shape[0]
+  dots = [jnp.zeros((t,), jnp.float32) for _ in range(k)]
+  sq = [jnp.zeros((), jnp.float32) for _ in range(k)]
+  gram = rows_lib.compute_grams([leaves[i] for i in idx], ids, k)
+  for i, gid in zip(idx, ids):
+    if gid < 0:
+      continue
+    g, u = leaves[i], ups[i]
+    if isinstance(g, SparseRows):
+      d = g.dot(u)
+    else:
+      d = jnp.reshape(g, (t, -1)).astype(jnp.float32) @ jnp.reshape(u, (-1,)).astype(jnp.float32)
+    dots[gid] = dots[gid] + d.astype(jnp.float32)
+    sq[gid] = sq[gid] + jnp.sum(jnp.square(u.astype(jnp.float32)))
+  norms_g = jnp.sqrt(jnp.maximum(jnp.diagonal(gram, axis1=-2, axis2=-1), 0)).astype(jnp.float32)
+  norm_u = jnp.sqrt(jnp.stack(sq))[:, None]
+  return numerics.safe_div(jnp.stack(dots), norms_g * norm_u)
 
 
 def track(task_grads: PyTree, update: Optional[PyTree] = None, *, granularity: str = "layer",

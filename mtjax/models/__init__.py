@@ -6,6 +6,7 @@ class or by name with ``mtjax.models.get(name, **config)``.
 
 from mtjax.models._features import Categorical
 from mtjax.models._features import Dense
+from mtjax.models._features import Embed
 from mtjax.models._features import FeatureEmbedding
 from mtjax.models._features import FeatureSpec
 from mtjax.models._layers import InputLayer

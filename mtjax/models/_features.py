@@ -82,6 +82,40 @@ class FeatureSpec:
     return tuple(f.name for f in self.categorical) + tuple(f.name for f in self.dense)
 
 
+class Embed(nn.Module):
+  """An embedding table looked up through :func:`mtjax.embedding_lookup`: a drop-in for ``flax.linen.Embed``.
+
+  Its parameter is ``embedding`` ``[num_embeddings, features]`` (the same name as ``nn.Embed``'s);
+  because the lookup is marked, :func:`mtjax.task_grads` keeps the table's per-task gradients as
+  the looked-up rows (exact, never ``[T, V, d]``). Use it in your own models in place of
+  ``nn.Embed``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, mtjax
+    >>> emb = mtjax.models.Embed(100, 4)
+    >>> variables = emb.init(jax.random.key(0), jnp.array([1, 2]))
+    >>> emb.apply(variables, jnp.array([1, 2, 1])).shape
+    (3, 4)
+
+  Attributes:
+    num_embeddings: rows ``V``.
+    features: row width ``d``.
+    embedding_init: initializer of the table.
+    mode: ids outside ``[0, V)``: ``"fill"`` (zeros, no gradient) or ``"clip"``.
+  """
+
+  num_embeddings: int
+  features: int
+  embedding_init: Any = nn.initializers.normal(stddev=0.05)
+  mode: str = "fill"
+
+  @nn.compact
+  def __call__(self, ids):
+    from mtjax._src.sparse import embedding_lookup  # pylint: disable=import-outside-toplevel
+    table = self.param("embedding", self.embedding_init, (self.num_embeddings, self.features))
+    return embedding_lookup(table, ids, mode=self.mode)
+
+
 def _dense_value(batch: Mapping[str, Any], f: Dense) -> jax.Array:
   v = jnp.asarray(batch[f.name], jnp.float32)
   if v.ndim == 1:
@@ -128,8 +162,7 @@ class FeatureEmbedding(nn.Module):
         ids = numerics.enforce(ids, numerics.condition_check(
             jnp.any(bad), f"mtjax: feature {f.name!r} has ids outside [0, {f.vocab_size})."))
       ids = jnp.where(bad, f.vocab_size, ids)
-      table = nn.Embed(f.vocab_size + 1, f.embed_dim * self.width_multiplier, name=f"embed_{f.name}",
-                       embedding_init=nn.initializers.normal(stddev=0.05))
+      table = Embed(f.vocab_size + 1, f.embed_dim * self.width_multiplier, name=f"embed_{f.name}")
       e = table(ids)
       fields[f.name] = e
       parts.append(e)

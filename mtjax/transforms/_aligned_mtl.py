@@ -62,6 +62,7 @@ def aligned_mtl(
     scale: str = "min",
     reduction: str = "mean",
     shared: tree_lib.SharedSpec = None,
+    gram_leaves: weighting.GramLeavesSpec = None,
     task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Aligned-MTL: make the task gradients orthogonal with equal norms, then combine them.
@@ -113,6 +114,10 @@ def aligned_mtl(
       of the shared leaves only.
     task_specific: ``"sum"`` (plain sum of the task gradients on task-specific leaves) or
       ``"weighted"`` (apply the Aligned-MTL coefficients there too).
+    gram_leaves: restrict the Gram to these shared leaves (path regex(es) or a callable
+      ``paths -> bools``); the weights still apply to every shared leaf. With
+      ``mtjax.task_grads(..., deferred=True)`` only their rows are computed and the update is
+      one backward pass (the "subset" strategy).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`AlignedMTLState`.
@@ -137,5 +142,5 @@ def aligned_mtl(
     return jnp.matmul(balance, omega, precision=numerics.HIGHEST), state
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="aligned_mtl", num_tasks=num_tasks, shared=shared,
+      weights_fn, init_state, method="aligned_mtl", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
       task_specific=task_specific)

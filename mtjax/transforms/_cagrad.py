@@ -60,6 +60,7 @@ def cagrad(
     max_iters: int = 100,
     tol: jax.typing.ArrayLike = 1e-6,
     shared: tree_lib.SharedSpec = None,
+    gram_leaves: weighting.GramLeavesSpec = None,
     task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""CAGrad: the best worst-task improvement in a ball around the average gradient.
@@ -124,6 +125,10 @@ def cagrad(
       Gram of the shared leaves only.
     task_specific: ``"sum"`` (plain sum of the task gradients on task-specific leaves) or
       ``"weighted"`` (apply the CAGrad weights there too).
+    gram_leaves: restrict the Gram to these shared leaves (path regex(es) or a callable
+      ``paths -> bools``); the weights still apply to every shared leaf. With
+      ``mtjax.task_grads(..., deferred=True)`` only their rows are computed and the update is
+      one backward pass (the "subset" strategy).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`CAGradState`.
@@ -150,5 +155,5 @@ def cagrad(
     return cagrad_weights(inputs.grams[0], radius, rescale, max_iters=max_iters, tol=tol), state
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="cagrad", num_tasks=num_tasks, shared=shared,
+      weights_fn, init_state, method="cagrad", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
       task_specific=task_specific)

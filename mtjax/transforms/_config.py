@@ -42,6 +42,7 @@ def config(
     *,
     num_tasks: Optional[int] = None,
     shared: tree_lib.SharedSpec = None,
+    gram_leaves: weighting.GramLeavesSpec = None,
     task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""ConFIG: the direction with equal cosine to every task gradient, scaled by their projections.
@@ -94,6 +95,10 @@ def config(
       Gram of the shared leaves only.
     task_specific: ``"sum"`` (plain sum of the task gradients on task-specific leaves) or
       ``"weighted"`` (apply the ConFIG coefficients there too).
+    gram_leaves: restrict the Gram to these shared leaves (path regex(es) or a callable
+      ``paths -> bools``); the weights still apply to every shared leaf. With
+      ``mtjax.task_grads(..., deferred=True)`` only their rows are computed and the update is
+      one backward pass (the "subset" strategy).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`ConFIGState`.
@@ -111,5 +116,5 @@ def config(
     return config_weights(inputs.grams[0]), state
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="config", num_tasks=num_tasks, shared=shared,
+      weights_fn, init_state, method="config", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
       task_specific=task_specific)

@@ -33,6 +33,7 @@ def dualproj(
     max_iters: int = 100,
     tol: jax.typing.ArrayLike = 1e-7,
     shared: tree_lib.SharedSpec = None,
+    gram_leaves: weighting.GramLeavesSpec = None,
     task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""DualProj: project the mean task gradient onto the dual cone of the task gradients.
@@ -84,6 +85,10 @@ def dualproj(
       of the shared leaves only.
     task_specific: ``"sum"`` (plain sum of the task gradients on task-specific leaves) or
       ``"weighted"`` (apply the DualProj weights there too).
+    gram_leaves: restrict the Gram to these shared leaves (path regex(es) or a callable
+      ``paths -> bools``); the weights still apply to every shared leaf. With
+      ``mtjax.task_grads(..., deferred=True)`` only their rows are computed and the update is
+      one backward pass (the "subset" strategy).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`DualProjState`.
@@ -106,5 +111,5 @@ def dualproj(
     return project_to_dual_cone(matrix, base, max_iters=max_iters, tol=tol), state
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="dualproj", num_tasks=num_tasks, shared=shared,
+      weights_fn, init_state, method="dualproj", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
       task_specific=task_specific)

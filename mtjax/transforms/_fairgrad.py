@@ -76,6 +76,7 @@ def fairgrad(
     max_iters: int = 100,
     tol: jax.typing.ArrayLike = 1e-10,
     shared: tree_lib.SharedSpec = None,
+    gram_leaves: weighting.GramLeavesSpec = None,
     task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""FairGrad: task weights from :math:`\alpha`-fair utility maximization, :math:`G w = w^{-1/\alpha}`.
@@ -141,6 +142,10 @@ def fairgrad(
       Gram of the shared leaves only.
     task_specific: ``"sum"`` (plain sum of the task gradients on task-specific leaves) or
       ``"weighted"`` (apply the FairGrad weights there too).
+    gram_leaves: restrict the Gram to these shared leaves (path regex(es) or a callable
+      ``paths -> bools``); the weights still apply to every shared leaf. With
+      ``mtjax.task_grads(..., deferred=True)`` only their rows are computed and the update is
+      one backward pass (the "subset" strategy).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`FairGradState`.
@@ -167,5 +172,5 @@ def fairgrad(
     return weights, state._replace(status=result.status)
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="fairgrad", num_tasks=num_tasks, shared=shared,
+      weights_fn, init_state, method="fairgrad", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
       task_specific=task_specific)

@@ -89,6 +89,7 @@ def gradvac(
     beta: float | jax.Array = 0.5,
     granularity: weighting.GroupSpec = "model",
     shared: tree_lib.SharedSpec = None,
+    gram_leaves: weighting.GramLeavesSpec = None,
     reduction: str = "sum",
     task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
@@ -156,6 +157,10 @@ def gradvac(
     reduction: ``"sum"`` (the paper) or ``"mean"`` of the adjusted gradients.
     task_specific: ``"sum"`` (plain sum of the task gradients on task-specific leaves) or
       ``"weighted"`` (needs ``granularity="model"``).
+    gram_leaves: restrict the Gram to these shared leaves (path regex(es) or a callable
+      ``paths -> bools``); the weights still apply to every shared leaf. With
+      ``mtjax.task_grads(..., deferred=True)`` only their rows are computed and the update is
+      one backward pass (the "subset" strategy).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`GradVacState`.
@@ -208,5 +213,5 @@ def gradvac(
     return weights, state._replace(key=next_key, targets=targets.astype(state.targets.dtype))
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="gradvac", num_tasks=num_tasks, shared=shared,
+      weights_fn, init_state, method="gradvac", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
       groups=granularity, task_specific=task_specific)

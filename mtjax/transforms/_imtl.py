@@ -50,6 +50,7 @@ def imtl(
     *,
     num_tasks: Optional[int] = None,
     shared: tree_lib.SharedSpec = None,
+    gram_leaves: weighting.GramLeavesSpec = None,
     task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""IMTL-G: the update whose projections onto every task's unit gradient are equal.
@@ -99,6 +100,10 @@ def imtl(
       Gram of the shared leaves only.
     task_specific: ``"sum"`` (plain sum of the task gradients on task-specific leaves) or
       ``"weighted"`` (apply the IMTL-G weights there too).
+    gram_leaves: restrict the Gram to these shared leaves (path regex(es) or a callable
+      ``paths -> bools``); the weights still apply to every shared leaf. With
+      ``mtjax.task_grads(..., deferred=True)`` only their rows are computed and the update is
+      one backward pass (the "subset" strategy).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`IMTLState`.
@@ -116,5 +121,5 @@ def imtl(
     return imtl_weights(inputs.grams[0]), state
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="imtl", num_tasks=num_tasks, shared=shared,
+      weights_fn, init_state, method="imtl", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
       task_specific=task_specific)

@@ -58,6 +58,7 @@ def mgda(
     max_iters: int = 250,
     tol: jax.typing.ArrayLike = 1e-6,
     shared: tree_lib.SharedSpec = None,
+    gram_leaves: weighting.GramLeavesSpec = None,
     task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""MGDA: descend along the min-norm element of the convex hull of the task gradients.
@@ -121,6 +122,10 @@ def mgda(
       Gram of the shared leaves only.
     task_specific: ``"sum"`` (plain sum of the task gradients on task-specific leaves) or
       ``"weighted"`` (apply the MGDA coefficients there too).
+    gram_leaves: restrict the Gram to these shared leaves (path regex(es) or a callable
+      ``paths -> bools``); the weights still apply to every shared leaf. With
+      ``mtjax.task_grads(..., deferred=True)`` only their rows are computed and the update is
+      one backward pass (the "subset" strategy).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`MGDAState`.
@@ -166,5 +171,5 @@ def mgda(
     return weights, state
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="mgda", num_tasks=num_tasks, shared=shared,
+      weights_fn, init_state, method="mgda", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
       requires_task_losses=uses_losses, task_specific=task_specific)

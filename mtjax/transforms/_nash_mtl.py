@@ -45,6 +45,7 @@ def nash_mtl(
     max_iters: int = 100,
     tol: jax.typing.ArrayLike = 1e-10,
     shared: tree_lib.SharedSpec = None,
+    gram_leaves: weighting.GramLeavesSpec = None,
     task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Nash-MTL: the tasks bargain over the update; the Nash bargaining solution wins.
@@ -117,6 +118,10 @@ def nash_mtl(
       Gram of the shared leaves only.
     task_specific: ``"sum"`` (plain sum of the task gradients on task-specific leaves) or
       ``"weighted"`` (apply the Nash-MTL weights there too).
+    gram_leaves: restrict the Gram to these shared leaves (path regex(es) or a callable
+      ``paths -> bools``); the weights still apply to every shared leaf. With
+      ``mtjax.task_grads(..., deferred=True)`` only their rows are computed and the update is
+      one backward pass (the "subset" strategy).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`NashMTLState`.
@@ -143,5 +148,5 @@ def nash_mtl(
     return weights, state._replace(status=result.status)
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="nash_mtl", num_tasks=num_tasks, shared=shared,
+      weights_fn, init_state, method="nash_mtl", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
       task_specific=task_specific)

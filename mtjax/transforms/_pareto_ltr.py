@@ -75,6 +75,7 @@ def pareto_ltr(
     *,
     num_tasks: Optional[int] = None,
     shared: tree_lib.SharedSpec = None,
+    gram_leaves: weighting.GramLeavesSpec = None,
     task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""PE-LTR: Pareto-efficient task weights with per-task lower bounds (priorities).
@@ -132,6 +133,10 @@ def pareto_ltr(
       Gram of the shared leaves only.
     task_specific: ``"sum"`` (plain sum of the task gradients on task-specific leaves) or
       ``"weighted"`` (apply the PE-LTR weights there too).
+    gram_leaves: restrict the Gram to these shared leaves (path regex(es) or a callable
+      ``paths -> bools``); the weights still apply to every shared leaf. With
+      ``mtjax.task_grads(..., deferred=True)`` only their rows are computed and the update is
+      one backward pass (the "subset" strategy).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`ParetoLTRState`.
@@ -172,5 +177,5 @@ def pareto_ltr(
     return pareto_ltr_weights(gram, c), state
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="pareto_ltr", num_tasks=num_tasks, shared=shared,
+      weights_fn, init_state, method="pareto_ltr", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
       task_specific=task_specific)

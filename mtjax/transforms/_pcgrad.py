@@ -106,6 +106,7 @@ def pcgrad(
     *,
     num_tasks: Optional[int] = None,
     shared: tree_lib.SharedSpec = None,
+    gram_leaves: weighting.GramLeavesSpec = None,
     reduction: str = "sum",
     task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
@@ -154,6 +155,10 @@ def pcgrad(
     reduction: ``"sum"`` (the paper) or ``"mean"`` of the projected gradients.
     task_specific: ``"sum"`` (plain sum of the task gradients on task-specific leaves) or
       ``"weighted"`` (apply the PCGrad task weights there too).
+    gram_leaves: restrict the Gram to these shared leaves (path regex(es) or a callable
+      ``paths -> bools``); the weights still apply to every shared leaf. With
+      ``mtjax.task_grads(..., deferred=True)`` only their rows are computed and the update is
+      one backward pass (the "subset" strategy).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`PCGradState`.
@@ -179,5 +184,5 @@ def pcgrad(
     return weights, state._replace(key=next_key)
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="pcgrad", num_tasks=num_tasks, shared=shared,
+      weights_fn, init_state, method="pcgrad", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
       task_specific=task_specific)

@@ -61,6 +61,7 @@ def upgrad(
     max_iters: int = 100,
     tol: jax.typing.ArrayLike = 1e-7,
     shared: tree_lib.SharedSpec = None,
+    gram_leaves: weighting.GramLeavesSpec = None,
     task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""UPGrad: average the task gradients, each projected onto the dual cone of all of them.
@@ -121,6 +122,10 @@ def upgrad(
       of the shared leaves only.
     task_specific: ``"sum"`` (plain sum of the task gradients on task-specific leaves) or
       ``"weighted"`` (apply the UPGrad weights there too).
+    gram_leaves: restrict the Gram to these shared leaves (path regex(es) or a callable
+      ``paths -> bools``); the weights still apply to every shared leaf. With
+      ``mtjax.task_grads(..., deferred=True)`` only their rows are computed and the update is
+      one backward pass (the "subset" strategy).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`UPGradState`.
@@ -144,5 +149,5 @@ def upgrad(
     return jnp.mean(projected, axis=0), state
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="upgrad", num_tasks=num_tasks, shared=shared,
+      weights_fn, init_state, method="upgrad", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
       task_specific=task_specific)
