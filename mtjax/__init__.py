@@ -28,7 +28,9 @@ from mtjax._src.task_grads import task_grads
 from mtjax._src.tree import shared_mask
 from mtjax._src.weighting import WeightingInputs
 from mtjax._src.weighting import gram_weighting
+from mtjax.transforms import AmortizedState
 from mtjax.transforms import DWAState
+from mtjax.transforms import amortized
 from mtjax.transforms import GradNormState
 from mtjax.transforms import GradVacState
 from mtjax.transforms import LinearState
@@ -125,6 +127,8 @@ __all__ = (
     "RLWState",
     "graddrop",
     "GradDropState",
+    "amortized",
+    "AmortizedState",
     # subpackages
     "analysis",
     "data",

@@ -141,6 +141,8 @@ def compute_grams(shared_leaves: Sequence[Any], ids: Sequence[int], k: int) -> j
 # Extra argument of ``update`` through which a wrapper (mtjax.amortized) hands the core fixed task
 # weights: the weights function is skipped, the state is returned unchanged.
 FIXED_WEIGHTS = "mtjax_fixed_weights"
+# Attribute set on the update function of every transform built here (mtjax.amortized checks it).
+CORE_MARK = "mtjax_gram_core"
 
 
 def gram_weighting(
@@ -256,6 +258,7 @@ def gram_weighting(
           new_state.weights.dtype))
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
+  setattr(update_fn, CORE_MARK, True)
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 

@@ -37,3 +37,5 @@ from mtjax.transforms._rlw import RLWState
 from mtjax.transforms._rlw import rlw
 from mtjax.transforms._graddrop import GradDropState
 from mtjax.transforms._graddrop import graddrop
+from mtjax.transforms._amortized import AmortizedState
+from mtjax.transforms._amortized import amortized
