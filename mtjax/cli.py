@@ -11,6 +11,8 @@ USAGE = """examples:
   mtjax compare                                  # the embedded default: MMoE, 3 synthetic conflicting tasks, 8 methods
   mtjax compare --methods linear,pcgrad,mgda --seeds 0 1 2 --steps 1000
   mtjax compare my_experiment.toml --out runs/cmp
+  mtjax compare --strategy rep --methods linear,pcgrad,mgda   # weights from representation gradients
+  mtjax compare --methods pcgrad,mgda --every 16 --strategy subset  # amortized weights, one backward between
   mtjax run my_experiment.toml --out runs/one    # one configuration, with checkpoints if train.checkpoint_every > 0
   mtjax list                                     # models, methods, datasets, optimizers
 """
@@ -27,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
   r.add_argument("--steps", type=int, default=None, help="override train.steps")
   r.add_argument("--no-progress", action="store_true")
   r.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in the output folder")
+  _speed_args(r)
   c = sub.add_parser("compare", help="train one model with several methods and print a table")
   c.add_argument("config", nargs="?", default=None, help="experiment TOML file (default: the embedded default)")
   c.add_argument("--methods", default=None, help="comma-separated method names (default: all required methods)")
@@ -35,8 +38,26 @@ def _parser() -> argparse.ArgumentParser:
   c.add_argument("--samples", type=int, default=None, help="override data.num_samples (synthetic data)")
   c.add_argument("--out", default=None, help="output folder (default: runs/compare-<name>)")
   c.add_argument("--no-progress", action="store_true")
+  _speed_args(c)
   sub.add_parser("list", help="list models, methods, datasets and optimizers")
   return p
+
+
+def _speed_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--strategy", default=None,
+                 help="override train.strategy: auto, loop, map, vmap, rep, shared or subset")
+  p.add_argument("--chunk-size", type=int, default=None, help="override train.chunk_size (task rows at a time)")
+  p.add_argument("--every", type=int, default=None, help="amortized weights: recompute every k steps (method.every)")
+  p.add_argument("--ema", type=float, default=None, help="amortized weights: EMA factor (method.ema)")
+
+
+def _method_override(method, args):
+  method = dict(method) if isinstance(method, dict) else {"name": method}
+  if getattr(args, "every", None) is not None:
+    method["every"] = args.every
+  if getattr(args, "ema", None) is not None:
+    method["ema"] = args.ema
+  return method
 
 
 def _override(raw: dict, args) -> dict:
@@ -49,6 +70,12 @@ def _override(raw: dict, args) -> dict:
     raw["seeds"] = list(args.seeds)
   if getattr(args, "samples", None) is not None:
     raw["data"]["num_samples"] = args.samples
+  if getattr(args, "strategy", None) is not None:
+    raw.setdefault("train", {})["strategy"] = args.strategy
+  if getattr(args, "chunk_size", None) is not None:
+    raw.setdefault("train", {})["chunk_size"] = args.chunk_size
+  if "method" in raw:
+    raw["method"] = _method_override(raw["method"], args)
   return raw
 
 
@@ -100,14 +127,15 @@ def main(argv=None) -> int:
     names = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else
              list(raw.pop("methods", experiment.DEFAULT_METHODS)))
     raw.pop("methods", None)
-    methods = [m if isinstance(m, dict) else {"name": m} for m in names]
+    methods = [_method_override(m, args) for m in names]
     for m in methods:  # validate every method up front, before any training
       experiment.from_dict({**raw, "method": m})
     cfg = experiment.from_dict({**raw, "method": methods[0]})
     out = args.out or os.path.join("runs", f"compare-{cfg.name}")
     t0 = time.time()
     print(f"mtjax compare: model {cfg.model['name']}, data {cfg.data['name']}, {len(methods)} methods x "
-          f"{len(cfg.seeds)} seed(s), {cfg.train.steps} steps of batch {cfg.train.batch_size}")
+          f"{len(cfg.seeds)} seed(s), {cfg.train.steps} steps of batch {cfg.train.batch_size}, "
+          f"strategy {cfg.train.strategy}" + (f", weights every {args.every} steps" if args.every else ""))
     experiment.compare(cfg, methods, seeds=cfg.seeds, out_dir=out, progress=not args.no_progress)
     print(f"test metrics (mean over seeds); total {time.time() - t0:.0f} s; table, results and "
           f"learning_curves.png in {out}")

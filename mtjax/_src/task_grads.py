@@ -436,6 +436,10 @@ class RepJacobian(_RepBase):
     """``[1, T, T]``: the Gram of the representation's per-task gradients."""
     return _z_gram(self.z_rows, self.batch_axis, self.rep_gram)
 
+  def similarity_gram(self) -> jax.Array:
+    """``[T, T]``: the Gram this Jacobian holds without more backward passes (the representation's)."""
+    return self.gram()[0]
+
   def gram_and_combiner(self, layout: rows_lib.Layout, need_gram: bool):
     if layout.mask_given and not all(layout.mask):
       raise ValueError(
@@ -505,6 +509,11 @@ class SharedJacobian(_RepBase):
   def default_mask(self, num_leaves: int) -> list[bool]:
     rows = set(self.rows_leaves)
     return [i in rows for i in range(num_leaves)]
+
+  def similarity_gram(self) -> jax.Array:
+    """``[T, T]``: the Gram of the trunk parameters' rows (held already, no backward pass)."""
+    leaves = [x for x in self._row_leaves() if x is not None]
+    return rows_lib.compute_grams(leaves, [0] * len(leaves), 1)[0]
 
   def _row_leaves(self) -> list:
     xr: list = [None] * self.plan.num_x

@@ -15,6 +15,9 @@ An experiment file has four tables and two top-level keys::
 
     [method]                      # a transform from mtjax.experiment.METHODS and its arguments
     name = "pcgrad"
+    # gram_leaves = "expert"      # weights from the Gram of these leaves only (strategy "subset")
+    # every = 16                  # amortized: recompute the weights every 16 steps (mtjax.amortized)
+    # ema = 0.9                   # amortized: EMA of the weights (CR-MOGM)
 
     [optimizer]                   # an optax optimizer and its arguments
     name = "adam"
@@ -23,7 +26,10 @@ An experiment file has four tables and two top-level keys::
     [train]
     steps = 600
     batch_size = 256
-    strategy = "auto"             # task_grads strategy
+    strategy = "auto"             # per-task gradients: auto | loop | map | vmap | rep | shared | subset
+    chunk_size = 0                # at most this many task rows at a time (0: all)
+    rep_gram = "sum"              # strategy "rep": "sum" (over the batch) or "stack" (per sample)
+    sparse = true                 # exact sparse per-task gradients of embedding tables
     seed = 0
     eval_every = 200              # 0: only at the end
     log_every = 10
@@ -59,6 +65,9 @@ class TrainConfig:
   checkpoint_every: int = 0
   eval_batch_size: int = 4096
   track_similarity: bool = True
+  chunk_size: int = 0
+  rep_gram: str = "sum"
+  sparse: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +113,27 @@ def _train_config(raw: Mapping[str, Any]) -> TrainConfig:
   for k in ("eval_every", "log_every", "checkpoint_every"):
     if getattr(cfg, k) < 0:
       raise ConfigError(f"train.{k} must be >= 0, got {getattr(cfg, k)}")
+  from mtjax._src.task_grads import REP_GRAMS
   from mtjax._src.task_grads import STRATEGIES
-  if cfg.strategy not in STRATEGIES:
-    raise ConfigError(f"train.strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
+  strategies = STRATEGIES + ("subset",)
+  if cfg.strategy not in strategies:
+    raise ConfigError(f"train.strategy must be one of {strategies}, got {cfg.strategy!r}")
+  if cfg.chunk_size < 0:
+    raise ConfigError(f"train.chunk_size must be >= 0 (0: all task rows at once), got {cfg.chunk_size}")
+  if cfg.rep_gram not in REP_GRAMS:
+    raise ConfigError(f"train.rep_gram must be one of {REP_GRAMS}, got {cfg.rep_gram!r}")
   return cfg
+
+
+AMORTIZE_KEYS = ("every", "ema")
+
+
+def _check_amortize(method: Mapping[str, Any]) -> None:
+  every, ema = method.get("every"), method.get("ema")
+  if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+    raise ConfigError(f"method.every must be an int >= 1 (recompute the weights every k steps), got {every!r}")
+  if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0 <= ema < 1):
+    raise ConfigError(f"method.ema must be a number in [0, 1), got {ema!r}")
 
 
 def _named_table(raw: Mapping[str, Any], table: str, known: Mapping[str, Any]) -> dict:
@@ -157,8 +183,10 @@ def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
                reserved=reg.DATA_RESERVED)
   check_kwargs("model", reg.model_class(model["name"]), {k: v for k, v in model.items() if k != "name"},
                reserved=reg.MODEL_RESERVED)
-  check_kwargs("method", reg.METHODS[method["name"]], {k: v for k, v in method.items() if k != "name"},
+  check_kwargs("method", reg.METHODS[method["name"]],
+               {k: v for k, v in method.items() if k != "name" and k not in AMORTIZE_KEYS},
                reserved=reg.METHOD_RESERVED)
+  _check_amortize(method)
   check_kwargs("optimizer", reg.OPTIMIZERS[optimizer["name"]],
                {k: v for k, v in optimizer.items() if k != "name"})
   lr = optimizer.get("learning_rate")

@@ -74,7 +74,7 @@ def build_tx(cfg: _config.ExperimentConfig, *, num_tasks: int, seed: int, steps_
   """The optax chain ``method -> optimizer`` of a config."""
   name = cfg.method["name"]
   factory = reg.METHODS[name]
-  kwargs = {k: v for k, v in cfg.method.items() if k != "name"}
+  kwargs = {k: v for k, v in cfg.method.items() if k != "name" and k not in _config.AMORTIZE_KEYS}
   params = inspect.signature(factory).parameters
   if "num_tasks" in params:
     kwargs["num_tasks"] = num_tasks
@@ -86,11 +86,19 @@ def build_tx(cfg: _config.ExperimentConfig, *, num_tasks: int, seed: int, steps_
     kwargs["lower_bounds"] = [0.5 / num_tasks] * num_tasks  # each task keeps half its uniform share
   try:
     method = factory(**kwargs)
+    if amortized_every(cfg) > 1 or cfg.method.get("ema") is not None:
+      from mtjax.transforms import amortized
+      method = amortized(method, every=amortized_every(cfg), ema=cfg.method.get("ema"))
   except (TypeError, ValueError) as e:
     raise _config.ConfigError(f"method {name!r}: {e}") from None
   opt_kwargs = {k: v for k, v in cfg.optimizer.items() if k != "name"}
   opt_kwargs.setdefault("learning_rate", 1e-3)
   return optax.chain(method, reg.OPTIMIZERS[cfg.optimizer["name"]](**opt_kwargs))
+
+
+def amortized_every(cfg: _config.ExperimentConfig) -> int:
+  """``method.every`` (1 when the method is not amortized)."""
+  return int(cfg.method.get("every", 1))
 
 
 def model_loss(cfg: _config.ExperimentConfig):
@@ -101,6 +109,12 @@ def model_loss(cfg: _config.ExperimentConfig):
   if special is not None and cfg.model["name"] in ("esmm", "esm2", "aitm"):
     return None, special
   return None, None
+
+
+def track_similarity(cfg: _config.ExperimentConfig) -> bool:
+  """Whether a run logs task-gradient similarity: off when it would cost the rows that amortized
+  weights (``method.every > 1``) or the subset strategy exist to avoid."""
+  return cfg.train.track_similarity and amortized_every(cfg) == 1 and cfg.train.strategy != "subset"
 
 
 def run(cfg: _config.ExperimentConfig, *, seed: Optional[int] = None, out_dir: Optional[str] = None,
@@ -118,8 +132,9 @@ def run(cfg: _config.ExperimentConfig, *, seed: Optional[int] = None, out_dir: O
                      strategy=cfg.train.strategy, task_losses=task_losses, multi_task_loss=multi, eval_ds=valid,
                      eval_every=cfg.train.eval_every, eval_batch_size=cfg.train.eval_batch_size,
                      log_every=cfg.train.log_every, out_dir=out_dir, checkpoint_every=cfg.train.checkpoint_every,
-                     progress=progress, track_similarity=cfg.train.track_similarity, config=cfg.to_dict(),
-                     desc=f"{cfg.method['name']} s{seed}")
+                     progress=progress, track_similarity=track_similarity(cfg), config=cfg.to_dict(),
+                     desc=f"{cfg.method['name']} s{seed}", sparse=cfg.train.sparse,
+                     chunk_size=cfg.train.chunk_size or None, rep_gram=cfg.train.rep_gram)
   test_metrics = training.evaluate(model, res.state, test, batch_size=cfg.train.eval_batch_size)
   history = res.history
   if out_dir:  # after a resume the log file holds the whole run, the in-memory history only its end

@@ -17,6 +17,7 @@ import optax
 from mtjax import analysis
 from mtjax import losses as losses_lib
 from mtjax import metrics as metrics_lib
+from mtjax._src import numerics
 from mtjax._src.task_grads import task_grads
 from mtjax.training import _checkpoint
 
@@ -73,19 +74,26 @@ def default_task_losses(task_types: Sequence[str]) -> tuple:
 
 def make_train_step(model, tx, *, task_losses="bce", multi_task_loss=None, masked: bool = False,
                     strategy: str = "auto", mutable: Sequence[str] = (), track_similarity: bool = True,
-                    donate: bool = True) -> Callable:
+                    donate: bool = True, sparse: bool = True, chunk_size: Optional[int] = None,
+                    rep_gram: str = "sum") -> Callable:
   """A jitted ``step(state, batch) -> (state, metrics)``: forward, per-task gradients, method, optimizer.
 
   ``metrics`` holds ``losses [T]``, ``weights [T]`` (the method's, ones if it records none) and,
   with ``track_similarity``, the whole-model task-gradient ``cosine [T, T]`` and ``conflict``
-  fraction, computed from the same per-task gradients (no second backward). The state buffers
-  are donated, so the input state must not be used after the call.
+  fraction, computed from the same per-task gradients (no second backward): with
+  ``strategy="rep"`` those of the representation's gradients, with ``"shared"`` those of the
+  trunk's parameters. ``strategy="subset"`` (weights from the Gram of a method's ``gram_leaves``,
+  one backward for the update) keeps the Jacobian deferred and tracks no similarity. The state
+  buffers are donated, so the input state must not be used after the call.
   """
+  if strategy == "subset":
+    track_similarity = False
   loss_fn = losses_lib.make_loss_fn(model, task_losses, mask_key="mask" if masked else None, train=True,
                                     mutable=tuple(mutable), has_aux=True, multi_task_loss=multi_task_loss)
   # Without similarity tracking the per-task gradients stay deferred (a TaskJacobian): methods whose
   # weights do not read the gradients (linear, DWA, uncertainty, RLW) then need one backward pass.
-  grad_fn = task_grads(loss_fn, strategy=strategy, has_aux=True, deferred=not track_similarity)
+  grad_fn = task_grads(loss_fn, strategy="auto" if strategy == "subset" else strategy, has_aux=True,
+                       deferred=not track_similarity, sparse=sparse, chunk_size=chunk_size, rep_gram=rep_gram)
 
   def step(state: TrainState, batch):
     rng, dropout_key = jax.random.split(state.rng)
@@ -96,8 +104,12 @@ def make_train_step(model, tx, *, task_losses="bce", multi_task_loss=None, maske
     w = method_weights(opt_state)
     metrics = {"losses": task_losses_, "weights": jnp.ones_like(task_losses_) if w is None else w}
     if track_similarity:
-      stats = analysis.track(grads, granularity="model")
-      metrics["cosine"], metrics["conflict"] = stats["cosine"], stats["conflict"]
+      if hasattr(grads, "similarity_gram"):  # rep / shared: the Gram they hold, no extra backward pass
+        cos = numerics.cosine_from_gram(grads.similarity_gram())
+        metrics["cosine"], metrics["conflict"] = cos, analysis.conflict_fraction(cos)
+      else:
+        stats = analysis.track(grads, granularity="model")
+        metrics["cosine"], metrics["conflict"] = stats["cosine"], stats["conflict"]
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, variables=variables, rng=rng)
     return new_state, metrics
 
@@ -205,7 +217,8 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
         log_every: int = 10, out_dir: Optional[str] = None, checkpoint_every: int = 0, resume: bool = True,
         progress: bool = True, track_similarity: bool = True, config: Optional[dict] = None,
         desc: str = "train", stop_after: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None,
-        data_axis: str = "data") -> FitResult:
+        data_axis: str = "data", sparse: bool = True, chunk_size: Optional[int] = None,
+        rep_gram: str = "sum") -> FitResult:
   """Trains ``model`` with the multi-task transform chain ``tx`` on a :class:`mtjax.data.MultiTaskDataset`.
 
   Each step draws a shuffled batch (order fixed by ``seed`` and the epoch), computes per-task
@@ -231,8 +244,21 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
       floating-point summation order; tested on 8 CPU devices). ``batch_size`` must be a
       multiple of the mesh's ``data_axis`` size.
     data_axis: the mesh axis that splits the batch.
+    strategy: how per-task gradients are computed (see :func:`mtjax.task_grads`): ``"auto"``,
+      ``"loop"``, ``"map"``, ``"vmap"`` (full rows), ``"rep"`` (representation gradients, one
+      trunk backward), ``"shared"`` (exact rows of the trunk's parameters only), or ``"subset"``
+      (a deferred Jacobian: rows only of the method's ``gram_leaves``, then one backward pass;
+      no similarity tracking).
+    track_similarity: log task-gradient cosines and conflict (needs the rows every step: turn it
+      off for deferred, amortized or subset speed).
+    sparse: exact sparse per-task gradients for embedding tables (see :func:`mtjax.embedding_lookup`).
+    chunk_size: at most this many task rows at a time (many tasks), see :func:`mtjax.task_grads`.
+    rep_gram: ``"sum"`` or ``"stack"``: the representation Gram of ``strategy="rep"``.
   """
   from mtjax.data import BatchIterator
+
+  if strategy == "subset":  # a deferred Jacobian: no rows to compare
+    track_similarity = False
 
   if steps < 1 or batch_size < 1:
     raise ValueError("mtjax: fit needs steps >= 1 and batch_size >= 1.")
@@ -265,7 +291,8 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   step_fn = make_train_step(model, tx, task_losses=task_losses, multi_task_loss=multi_task_loss,
                             masked=train_ds.masks is not None, strategy=strategy, mutable=tuple(state.variables),
-                            track_similarity=track_similarity)
+                            track_similarity=track_similarity, sparse=sparse,
+                            chunk_size=chunk_size, rep_gram=rep_gram)
   predict_fn = make_predict_fn(model) if eval_ds is not None else None
   start = int(state.step)
   history, evals, times = [], [], []
