@@ -103,7 +103,7 @@ def amortized(
     if w is None:
       raise ValueError("mtjax: amortized: build the wrapped method with num_tasks=T so that its state records "
                        "its task weights.")
-    return AmortizedState(count=jnp.zeros((), jnp.int32), weights=jnp.asarray(w, jnp.float32), inner_state=inner)
+    return AmortizedState(count=jnp.zeros((), jnp.int32), weights=jnp.array(w, jnp.float32), inner_state=inner)
 
   def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
     extra_args.pop(weighting.FIXED_WEIGHTS, None)
