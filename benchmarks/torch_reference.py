@@ -10,13 +10,21 @@ warm-up. Rows:
   (``torch.autograd.grad(L_t, params, retain_graph=True)`` per task, summed), i.e. plain
   per-task gradients; and, when TorchJD is installed, its PCGrad / MGDA / UPGrad steps
   (``torchjd.autojac.backward(losses)`` then ``jac_to_grad(params, aggregator)``: the whole-model
-  Jacobian, as an MMoE user would call it).
+  Jacobian, as an MMoE user would call it), and the same aggregators through TorchJD's features
+  API (``[mtl_backward]`` rows): ``torchjd.autojac.mtl_backward(losses, features=experts)`` with
+  the stacked expert outputs ``[B, E, H]`` as the shared features, i.e. the Jacobian of the
+  experts' parameters only (gates and towers get the plain sum of their task gradients), then
+  ``jac_to_grad(expert_params, aggregator)``.
 * mtjax: the summed-loss step, the bare per-task-gradient step (``mtjax.task_grads`` + plain sum),
   and PCGrad / MGDA / UPGrad steps (``optax.chain(method, optax.adam)``), with the default
-  ``task_grads`` strategy and the default runtime checks on.
+  ``task_grads`` strategy, and again with ``task_grads(strategy="shared")`` (``[shared]`` rows:
+  mtjax's MMoE marks its expert outputs as the representation, so these compute exactly what the
+  ``[mtl_backward]`` rows compute: the experts' per-task rows, the heads summed); the default
+  runtime checks on.
 
 Columns: ms/step, the ratio to the framework's own summed-loss step, and, for the mtjax rows, the
-ratio of mtjax's absolute time to the matching PyTorch row (< 1: mtjax is faster).
+ratio of mtjax's absolute time to the matching PyTorch row (< 1: mtjax is faster; a ``[shared]``
+row is matched with the ``[mtl_backward]`` row of the same method).
 
 Not part of the test suite or of the project's dependencies. Set up (CPU builds)::
 
@@ -35,6 +43,15 @@ import time
 
 import numpy as np
 
+MTL_TAG = "[mtl_backward]"  # TorchJD's features API; matched with mtjax's strategy="shared" rows
+SHARED_TAG = "[shared]"
+
+
+def pair_key(framework: str, name: str) -> str:
+  """The key that pairs a PyTorch row with the mtjax row of the same computation."""
+  base = name.split(" (")[0]  # "pcgrad (TorchJD 0.18.0)" -> "pcgrad", "summed-loss step (1 backward)" -> ...
+  return base.replace(MTL_TAG, SHARED_TAG) if framework == "torch" else base
+
 
 def torch_setup(num_tasks, x_np, y_np, seed=0):
   import torch
@@ -52,13 +69,17 @@ def torch_setup(num_tasks, x_np, y_np, seed=0):
       self.towers = nn.ModuleList(
           nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 1)) for _ in range(num_tasks))
 
-    def forward(self, x):
+    def forward_with_features(self, x):
+      """``([T] logits [B], expert outputs [B, E, H])``: the experts' outputs are the shared features."""
       experts = torch.stack([e(x) for e in self.experts], dim=1)  # [B, E, H]
       logits = []
       for gate, tower in zip(self.gates, self.towers):
         g = torch.softmax(gate(x), dim=-1)  # [B, E]
         logits.append(tower(torch.einsum("be,beh->bh", g, experts))[:, 0])
-      return torch.stack(logits)  # [T, B]
+      return logits, experts
+
+    def forward(self, x):
+      return torch.stack(self.forward_with_features(x)[0])  # [T, B]
 
   model = MMoE()
   x = torch.as_tensor(x_np)
@@ -68,6 +89,12 @@ def torch_setup(num_tasks, x_np, y_np, seed=0):
   def task_losses():
     logits = model(x)
     return nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(dim=1)
+
+  def task_losses_and_features():
+    """T separate losses (one graph per task after the features, as mtl_backward needs) and the features."""
+    logits, features = model.forward_with_features(x)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    return [bce(logit, y[t]) for t, logit in enumerate(logits)], features
 
   opt = torch.optim.Adam(params, lr=1e-3)
 
@@ -92,7 +119,7 @@ def torch_setup(num_tasks, x_np, y_np, seed=0):
     from importlib import metadata
 
     from torchjd import aggregation
-    from torchjd.autojac import backward, jac_to_grad
+    from torchjd.autojac import backward, jac_to_grad, mtl_backward
   except ImportError:
     print("(TorchJD not installed: no PyTorch-library method rows)")
     return steps
@@ -105,11 +132,29 @@ def torch_setup(num_tasks, x_np, y_np, seed=0):
       opt.step()
     return step
 
+  expert_params = [p for e in model.experts for p in e.parameters()]
+
+  def jd_mtl(aggregator):
+    def step():
+      opt.zero_grad(set_to_none=True)
+      losses, features = task_losses_and_features()
+      # the Jacobian of the experts' parameters (the features' leaves); the gates' and towers'
+      # parameters get their task's gradient in .grad (summed over tasks)
+      mtl_backward(losses, features=features)
+      jac_to_grad(expert_params, aggregator)
+      opt.step()
+    return step
+
   version = metadata.version("torchjd")
   for name in ("PCGrad", "MGDA", "UPGrad"):
     try:
       steps[f"{name.lower()} (TorchJD {version})"] = jd(getattr(aggregation, name)())
     except ImportError as e:  # UPGrad needs torchjd[quadprog_projector]
+      print(f"(TorchJD {name} unavailable: {e})")
+  for name in ("PCGrad", "MGDA", "UPGrad"):
+    try:
+      steps[f"{name.lower()} {MTL_TAG} (TorchJD {version})"] = jd_mtl(getattr(aggregation, name)())
+    except ImportError as e:
       print(f"(TorchJD {name} unavailable: {e})")
   return steps
 
@@ -133,7 +178,7 @@ def jax_setup(num_tasks, x_np, y_np, seed=0):
 
   adam = optax.adam(1e-3)
 
-  def make(tx=None):
+  def make(tx=None, strategy="auto"):
     """A jitted step with donated params/opt state; ``tx=None``: the summed-loss step."""
     opt = tx if tx is not None else adam
 
@@ -142,7 +187,7 @@ def jax_setup(num_tasks, x_np, y_np, seed=0):
         g = jax.grad(lambda q: loss_fn(q, b).sum())(p)
         u, o = adam.update(g, o, p)
       else:
-        losses, grads = mtjax.task_grads(loss_fn)(p, b)
+        losses, grads = mtjax.task_grads(loss_fn, strategy=strategy)(p, b)
         u, o = tx.update(grads, o, p, task_losses=losses)
       return optax.apply_updates(p, u), o
 
@@ -162,13 +207,14 @@ def jax_setup(num_tasks, x_np, y_np, seed=0):
     return optax.GradientTransformationExtraArgs(adam.init, update)
 
   t = num_tasks
-  return {
-      "summed-loss step (1 backward)": make(),
-      "per-task gradients (loop of T backward) + sum": make(bare()),
-      "pcgrad": make(optax.chain(mtjax.pcgrad(key=0, num_tasks=t), adam)),
-      "mgda": make(optax.chain(mtjax.mgda(num_tasks=t), adam)),
-      **({"upgrad": make(optax.chain(mtjax.upgrad(num_tasks=t), adam))} if hasattr(mtjax, "upgrad") else {}),
-  }, f"jax {jax.__version__} ({jax.default_backend()}), mtjax task_grads strategy '{mtjax.default_strategy()}'"
+  methods = {"pcgrad": lambda: mtjax.pcgrad(key=0, num_tasks=t), "mgda": lambda: mtjax.mgda(num_tasks=t),
+             "upgrad": lambda: mtjax.upgrad(num_tasks=t)}
+  steps = {"summed-loss step (1 backward)": make(), "per-task gradients (loop of T backward) + sum": make(bare())}
+  for name, method in methods.items():
+    steps[name] = make(optax.chain(method(), adam))
+  for name, method in methods.items():  # the experts' rows only: TorchJD's mtl_backward(features=experts)
+    steps[f"{name} {SHARED_TAG}"] = make(optax.chain(method(), adam), strategy="shared")
+  return steps, f"jax {jax.__version__} ({jax.default_backend()}), mtjax task_grads strategy '{mtjax.default_strategy()}'"
 
 
 def time_interleaved(fns: dict, rounds: int, per_round: int = 3, warmup: int = 3) -> dict:
@@ -209,14 +255,20 @@ def main(argv=None):
     print("|---|---|---|---|---|")
     torch_sum = ms[("torch", "summed-loss step (1 backward)")]
     jax_sum = ms[("mtjax", "summed-loss step (1 backward)")]
-    torch_by_method = {k.split(" ")[0]: v for (fw, k), v in ms.items() if fw == "torch"}
+    torch_by_key = {pair_key(fw, k): v for (fw, k), v in ms.items() if fw == "torch"}
+    shared_ratios = []
     for (fw, k), v in ms.items():
       own = torch_sum if fw == "torch" else jax_sum
       vs = ""
       if fw == "mtjax":
-        match = ms.get(("torch", k)) or torch_by_method.get(k)
+        match = torch_by_key.get(pair_key(fw, k))
         vs = f"{v / match:.2f}" if match else ""
+        if match and k.endswith(SHARED_TAG):
+          shared_ratios.append(f"{k.split(' ')[0]} {v / match:.2f}")
       print(f"| {fw} | {k} | {v:.2f} | {v / own:.2f} | {vs} |")
+    if shared_ratios:
+      print(f"\nmtjax task_grads(strategy='shared') / TorchJD mtl_backward(features=experts), same method: "
+            + ", ".join(shared_ratios))
 
 
 if __name__ == "__main__":
