@@ -107,6 +107,12 @@ def test_deferred_backward_passes(name, masked):
   assert len(BACKWARD_TRACES) == T
   if name in LOSS_ONLY:  # J^T w in one pass (they weight task-specific leaves too by default)
     assert deferred_passes == 1, deferred_passes
+  elif name == "gradnorm" and not masked:
+    # GradNorm's Gram is of the last shared layer only (the trunk; the tower is shared but outside the
+    # Gram): the "subset" strategy traces T passes for the trunk's rows (cheaper after XLA's dead-code
+    # elimination: only the trunk's rows are kept) + 1 pass of sum_t w_t L_t for the update. With the
+    # towers task-specific the last shared layer is every shared leaf, so it takes the T full rows.
+    assert deferred_passes == T + 1, deferred_passes
   else:
     assert deferred_passes == T, deferred_passes
 

@@ -1,0 +1,374 @@
+"""task_grads(strategy="rep") (MGDA-UB): NumPy float64 references on a tanh trunk with linear heads,
+exact equality with the full-Jacobian methods when the trunk is the identity, errors, backward passes."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mtjax
+from mtjax.transforms._pcgrad import projection_orders
+
+B, D, H = 12, 5, 4
+BACKWARD_TRACES = []
+
+
+@jax.custom_vjp
+def _counted(x):
+  return x
+
+
+def _counted_fwd(x):
+  return x, None
+
+
+def _counted_bwd(_, g):
+  BACKWARD_TRACES.append(1)  # once per traced backward pass through the trunk
+  return (g,)
+
+
+_counted.defvjp(_counted_fwd, _counted_bwd)
+
+
+def _is_bce(t):
+  return t % 2 == 1  # even tasks: MSE regression, odd tasks: binary cross-entropy on logits
+
+
+def _problem(num_tasks, seed=0, dtype=np.float32):
+  rng = np.random.default_rng(seed)
+  params = {"trunk": {"kernel": rng.normal(size=(D, H)) * 0.7, "bias": rng.normal(size=H) * 0.1},
+            "heads": {f"t{t}": {"kernel": rng.normal(size=H), "bias": np.asarray(rng.normal() * 0.1)}
+                      for t in range(num_tasks)}}
+  y = rng.normal(size=(B, num_tasks))
+  for t in range(num_tasks):
+    if _is_bce(t):
+      y[:, t] = rng.uniform(size=B) < 0.5
+  batch = {"x": rng.normal(size=(B, D)), "y": y}
+  as_jax = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
+  return params, batch, as_jax(params), as_jax(batch)
+
+
+def _loss_fn(params, batch):
+  z = jnp.tanh(batch["x"] @ params["trunk"]["kernel"] + params["trunk"]["bias"][None, :])
+  z = mtjax.representation(_counted(z), batch_axis=0)
+  losses = []
+  for t in range(batch["y"].shape[1]):
+    head = params["heads"][f"t{t}"]
+    p = z @ head["kernel"] + head["bias"]
+    y = batch["y"][:, t]
+    if _is_bce(t):
+      losses.append(jnp.mean(jax.nn.softplus(p) - y * p))
+    else:
+      losses.append(jnp.mean((p - y) ** 2))
+  return jnp.stack(losses)
+
+
+# ------------------------------------------------------------------------------------------------
+# The NumPy float64 reference: hand-derived gradients of the model above.
+
+
+def np_model(params, batch):
+  """``(z [B, H], losses [T], r [T, B])`` with ``r_t = dL_t / dp_t``."""
+  x, y = batch["x"], batch["y"]
+  z = np.tanh(x @ params["trunk"]["kernel"] + params["trunk"]["bias"])
+  losses, r = [], []
+  for t in range(y.shape[1]):
+    head = params["heads"][f"t{t}"]
+    p = z @ head["kernel"] + head["bias"]
+    if _is_bce(t):
+      losses.append(np.mean(np.logaddexp(0.0, p) - y[:, t] * p))
+      r.append((1.0 / (1.0 + np.exp(-p)) - y[:, t]) / B)
+    else:
+      losses.append(np.mean((p - y[:, t]) ** 2))
+      r.append(2.0 * (p - y[:, t]) / B)
+  return z, np.array(losses), np.array(r)
+
+
+def np_z_rows(params, r):
+  """``dL_t / dz = r_t v_t^T``: ``[T, B, H]``."""
+  return np.stack([np.outer(r[t], params["heads"][f"t{t}"]["kernel"]) for t in range(len(r))])
+
+
+def np_trunk_backward(params, batch, z, cot):
+  """Gradient of the trunk's parameters for the cotangent ``cot [B, H]`` at ``z``."""
+  dpre = cot * (1.0 - z ** 2)
+  return {"kernel": batch["x"].T @ dpre, "bias": dpre.sum(axis=0)}
+
+
+def np_rep_rows(z_rows, rep_gram):
+  """The rows whose Gram the method sees: batch-summed ``[T, H]`` or stacked per sample ``[T, B*H]``."""
+  return z_rows.sum(axis=1) if rep_gram == "sum" else z_rows.reshape(z_rows.shape[0], -1)
+
+
+def np_min_norm(gram):
+  """``argmin_{w in simplex} w^T G w`` by enumerating supports (KKT on the affine hull), float64."""
+  t = gram.shape[0]
+  best_w, best_f = None, np.inf
+  for size in range(1, t + 1):
+    for idx in map(list, itertools.combinations(range(t), size)):
+      kkt = np.block([[gram[np.ix_(idx, idx)], np.ones((size, 1))], [np.ones((1, size)), np.zeros((1, 1))]])
+      rhs = np.zeros(size + 1)
+      rhs[-1] = 1.0
+      sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
+      if np.linalg.norm(kkt @ sol - rhs) > 1e-9 * max(1.0, np.abs(kkt).max()) or np.any(sol[:size] < -1e-12):
+        continue
+      w = np.zeros(t)
+      w[idx] = np.maximum(sol[:size], 0.0)
+      w /= w.sum()
+      f = float(w @ gram @ w)
+      if f < best_f - 1e-15 * max(1.0, gram.max()):
+        best_w, best_f = w, f
+  return best_w
+
+
+def np_pcgrad_weights(rows, orders):
+  """PCGrad's task weights: the surgery on the rows, tracking each projected gradient's coefficients."""
+  t = rows.shape[0]
+  total = np.zeros(t)
+  for i in range(t):
+    c = np.eye(t)[i]
+    for j in orders[i]:
+      g = c @ rows
+      ip, nsq = g @ rows[j], rows[j] @ rows[j]
+      if ip < 0 and nsq > 0:
+        c[j] -= ip / nsq
+    total += c
+  return total
+
+
+def np_rep_update(params, batch, weights, head_weights):
+  """The "rep" update: trunk = backprop of sum_t w_t dL_t/dz, head t = head_weights_t * dL_t/d(head t)."""
+  z, _, r = np_model(params, batch)
+  z_rows = np_z_rows(params, r)
+  trunk = np_trunk_backward(params, batch, z, np.tensordot(weights, z_rows, axes=1))
+  heads = {f"t{t}": {"kernel": head_weights[t] * (z.T @ r[t]), "bias": head_weights[t] * r[t].sum()}
+           for t in range(len(r))}
+  return {"trunk": trunk, "heads": heads}
+
+
+def _assert_tree_close(actual, expected, rtol, atol=0.0):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for (path, a), e in zip(jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol, atol=atol,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_np_reference_gradients_match_autodiff():
+  """Guard on the reference: its per-task gradients are the exact ones of the JAX loss."""
+  params, batch, jp, jb = _problem(3)
+  with jax.enable_x64(True):
+    jp, jb = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (params, batch))
+    losses, rows = mtjax.task_grads(_loss_fn, strategy="loop")(jp, jb)
+    z, np_losses, r = np_model(params, batch)
+    np.testing.assert_allclose(losses, np_losses, rtol=1e-12)
+    z_rows = np_z_rows(params, r)
+    for t in range(3):
+      trunk = np_trunk_backward(params, batch, z, z_rows[t])
+      np.testing.assert_allclose(rows["trunk"]["kernel"][t], trunk["kernel"], rtol=1e-10, atol=1e-14)
+      np.testing.assert_allclose(rows["trunk"]["bias"][t], trunk["bias"], rtol=1e-10, atol=1e-14)
+      np.testing.assert_allclose(rows["heads"][f"t{t}"]["kernel"][t], z.T @ r[t], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("num_tasks,rep_gram", [(2, "sum"), (3, "stack"), (4, "sum")])
+def test_mgda_rep_matches_numpy(num_tasks, rep_gram):
+  params, batch, _, _ = _problem(num_tasks, seed=num_tasks)
+  with jax.enable_x64(True):
+    jp, jb = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (params, batch))
+    tx = mtjax.mgda(num_tasks=num_tasks)
+
+    @jax.jit
+    def step(p, b):
+      losses, jac = mtjax.task_grads(_loss_fn, strategy="rep", rep_gram=rep_gram)(p, b)
+      assert isinstance(jac, mtjax.RepJacobian)
+      return jac.gram()[0], tx.update(jac, tx.init(p), p, task_losses=losses)
+
+    gram, (update, state) = step(jp, jb)
+    _, _, r = np_model(params, batch)
+    rows = np_rep_rows(np_z_rows(params, r), rep_gram)
+    np_gram = rows @ rows.T
+    np.testing.assert_allclose(gram, np_gram, rtol=1e-10, atol=1e-16)
+    w = np_min_norm(np_gram)
+    np.testing.assert_allclose(state.weights, w, rtol=1e-6, atol=1e-7)  # the float32 record
+    expected = np_rep_update(params, batch, w, np.ones(num_tasks))
+    _assert_tree_close(update, expected, rtol=1e-8, atol=1e-12)
+
+
+def test_mgda_rep_weighted_task_specific_matches_numpy():
+  num_tasks = 3
+  params, batch, _, _ = _problem(num_tasks, seed=7)
+  with jax.enable_x64(True):
+    jp, jb = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (params, batch))
+    tx = mtjax.mgda(num_tasks=num_tasks, task_specific="weighted")
+
+    @jax.jit
+    def step(params, batch):
+      losses, jac = mtjax.task_grads(_loss_fn, strategy="rep")(params, batch)
+      return tx.update(jac, tx.init(params), params, task_losses=losses)[0]
+
+    update = step(jp, jb)
+    _, _, r = np_model(params, batch)
+    rows = np_rep_rows(np_z_rows(params, r), "sum")
+    w = np_min_norm(rows @ rows.T)
+    assert not np.allclose(w, w[0])  # the heads' weighting is visible
+    _assert_tree_close(update, np_rep_update(params, batch, w, w), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("rep_gram", ["sum", "stack"])
+def test_pcgrad_rep_matches_numpy(rep_gram):
+  num_tasks = 4
+  with jax.enable_x64(True):
+    tx = mtjax.pcgrad(key=3, num_tasks=num_tasks)
+
+    @jax.jit
+    def update_fn(params, state, batch):
+      losses, jac = mtjax.task_grads(_loss_fn, strategy="rep", rep_gram=rep_gram)(params, batch)
+      return tx.update(jac, state, params, task_losses=losses)
+
+    params, _, jp, _ = _problem(num_tasks, seed=11, dtype=jnp.float64)
+    state = tx.init(jp)
+    conflicts = 0
+    for seed in range(2):  # two steps: the state key advances, the reference replays its orders
+      _, batch, _, jb = _problem(num_tasks, seed=20 + seed, dtype=jnp.float64)
+      _, orders = projection_orders(state.key, num_tasks)
+      update, state = update_fn(jp, state, jb)
+      _, _, r = np_model(params, batch)
+      rows = np_rep_rows(np_z_rows(params, r), rep_gram)
+      conflicts += int(np.sum(rows @ rows.T < 0))
+      w = np_pcgrad_weights(rows, np.asarray(orders))
+      np.testing.assert_allclose(state.weights, w, rtol=1e-6, atol=1e-6)
+      _assert_tree_close(update, np_rep_update(params, batch, w, np.ones(num_tasks)), rtol=1e-8, atol=1e-12)
+    assert conflicts > 0  # the surgery did something
+
+
+# ------------------------------------------------------------------------------------------------
+# An identity trunk: z IS the shared parameter, so dL_t/dz are the exact rows of params['shared'].
+
+T_ID = 3
+GRAM_METHODS = {
+    "pcgrad": lambda **kw: mtjax.pcgrad(key=5, num_tasks=T_ID, **kw),
+    "mgda": lambda **kw: mtjax.mgda(num_tasks=T_ID, **kw),
+    "upgrad": lambda **kw: mtjax.upgrad(num_tasks=T_ID, **kw),
+    "cagrad": lambda **kw: mtjax.cagrad(num_tasks=T_ID, **kw),
+    "imtl": lambda **kw: mtjax.imtl(num_tasks=T_ID, **kw),
+    "aligned_mtl": lambda **kw: mtjax.aligned_mtl(num_tasks=T_ID, **kw),
+    "dualproj": lambda **kw: mtjax.dualproj(num_tasks=T_ID, **kw),
+    "config": lambda **kw: mtjax.config(num_tasks=T_ID, **kw),
+    "nash_mtl": lambda **kw: mtjax.nash_mtl(num_tasks=T_ID, **kw),
+    "fairgrad": lambda **kw: mtjax.fairgrad(num_tasks=T_ID, **kw),
+    "pareto_ltr": lambda **kw: mtjax.pareto_ltr([0.1] * T_ID, num_tasks=T_ID, **kw),
+    "gradvac": lambda **kw: mtjax.gradvac(key=5, num_tasks=T_ID, **kw),
+}
+
+
+def _identity_problem(seed=0):
+  rng = np.random.default_rng(seed)
+  params = {"heads": {f"t{t}": jnp.asarray(rng.normal(size=H), jnp.float64) for t in range(T_ID)},
+            "shared": jnp.asarray(rng.normal(size=(D, H)) * 0.6, jnp.float64)}
+  batch = {"x": jnp.asarray(rng.normal(size=(B, D)), jnp.float64),
+           "y": jnp.asarray(rng.normal(size=(B, T_ID)), jnp.float64)}
+  return params, batch
+
+
+def _identity_loss(params, batch):
+  z = mtjax.representation(params["shared"], batch_axis=None)  # the trunk is the identity
+  h = jnp.tanh(batch["x"] @ z)
+  preds = jnp.stack([h @ params["heads"][f"t{t}"] for t in range(T_ID)], axis=1)
+  return jnp.mean((preds - batch["y"]) ** 2, axis=0)
+
+
+STATEFUL = ("pcgrad", "gradvac")  # PRNG keys, GradVac's targets: two steps
+
+
+@functools.cache
+def _identity_jacobians(seed):
+  """``(params, losses, rep Jacobian, full rows)`` of one batch; computed once for all the methods (x64)."""
+  params, _ = _identity_problem()
+  _, batch = _identity_problem(seed)
+
+  @jax.jit
+  def grads(params, batch):
+    losses, jac = mtjax.task_grads(_identity_loss, strategy="rep")(params, batch)
+    _, rows = mtjax.task_grads(_identity_loss, strategy="loop")(params, batch)
+    return losses, jac, rows
+
+  return (params,) + grads(params, batch)
+
+
+@pytest.mark.parametrize("name,task_specific", [(n, "sum") for n in GRAM_METHODS]
+                         + [(n, "weighted") for n in ("mgda", "pcgrad")])
+def test_identity_trunk_equals_the_full_jacobian_method(name, task_specific):
+  with jax.enable_x64(True):
+    params = _identity_jacobians(1)[0]
+    mask = {"heads": {k: False for k in params["heads"]}, "shared": True}
+    rep_tx = GRAM_METHODS[name](task_specific=task_specific)
+    full_tx = GRAM_METHODS[name](shared=mask, task_specific=task_specific)
+
+    @jax.jit
+    def updates(params, losses, jac, rows, rep_state, full_state):
+      assert isinstance(jac, mtjax.RepJacobian)
+      return (rep_tx.update(jac, rep_state, params, task_losses=losses),
+              full_tx.update(rows, full_state, params, task_losses=losses))
+
+    rep_state, full_state = rep_tx.init(params), full_tx.init(params)
+    for seed in range(1, 3 if name in STATEFUL else 2):  # stateful methods advance alike
+      params, losses, jac, rows = _identity_jacobians(seed)
+      (rep_u, rep_state), (full_u, full_state) = updates(params, losses, jac, rows, rep_state, full_state)
+      _assert_tree_close(rep_u, full_u, rtol=1e-10, atol=1e-13)
+      assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(rep_u))
+    for a, b in zip(jax.tree.leaves(rep_state), jax.tree.leaves(full_state)):
+      if jnp.issubdtype(jnp.result_type(a), jnp.floating):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=name)
+      else:
+        np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_rep_errors():
+  params, batch, jp, jb = _problem(3, dtype=np.float32)
+  losses, jac = mtjax.task_grads(_loss_fn, strategy="rep")(jp, jb)
+  partial = mtjax.shared_mask(include="trunk")
+  tx = mtjax.mgda(num_tasks=3, shared=partial)
+  with pytest.raises(ValueError, match=r"mgda: strategy='rep'.*without shared="):
+    tx.update(jac, tx.init(jp), jp, task_losses=losses)
+  # A mask that marks every leaf shared is the default and is accepted.
+  tx = mtjax.mgda(num_tasks=3, shared=lambda p: jax.tree.map(lambda _: True, p))
+  update, _ = jax.eval_shape(lambda j: tx.update(j, tx.init(jp), jp, task_losses=losses), jac)
+  assert jax.tree.structure(update) == jax.tree.structure(jp)
+  tx = mtjax.gradvac(key=0, num_tasks=3, granularity="layer")  # trunk + one layer per head: 4 groups
+  with pytest.raises(ValueError, match=r"gradvac: strategy='rep' gives one Gram .* asks for 4 Gram groups"):
+    tx.update(jac, tx.init(jp), jp, task_losses=losses)
+  with pytest.raises(ValueError, match="rep_gram must be one of"):
+    mtjax.task_grads(_loss_fn, strategy="rep", rep_gram="x")
+  # No representation marked: a clear error.
+  unmarked = lambda p, b: jnp.stack([jnp.mean(b["x"] @ p["trunk"]["kernel"]), jnp.mean(p["trunk"]["bias"])])
+  with pytest.raises(ValueError, match=r"mtjax.representation\(z\).*none was marked"):
+    mtjax.task_grads(unmarked, strategy="rep")(jp, jb)
+
+
+def test_rep_traces_one_backward_pass_through_the_trunk():
+  num_tasks = 4
+  _, _, jp, jb = _problem(num_tasks, dtype=np.float32)
+  tx = mtjax.mgda(num_tasks=num_tasks)
+
+  def step(strategy):
+    losses, grads = mtjax.task_grads(_loss_fn, strategy=strategy)(jp, jb)
+    return tx.update(grads, tx.init(jp), jp, task_losses=losses)[0]
+
+  del BACKWARD_TRACES[:]
+  jax.make_jaxpr(lambda: step("rep"))()
+  assert len(BACKWARD_TRACES) == 1  # sum_t w_t dL_t/dz, once through the trunk
+  del BACKWARD_TRACES[:]
+  jax.make_jaxpr(lambda: step("loop"))()
+  assert len(BACKWARD_TRACES) == num_tasks  # the full rows: one trunk backward per task
+  # "shared" also needs every task's trunk rows: they are batched by lax.map, one traced body.
+  del BACKWARD_TRACES[:]
+  jax.make_jaxpr(lambda: mtjax.task_grads(_loss_fn, strategy="shared")(jp, jb)[1].x_rows)()
+  assert len(BACKWARD_TRACES) == 1
