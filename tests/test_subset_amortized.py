@@ -354,6 +354,32 @@ def test_fixed_weights_reuse_path_is_one_backward_pass(masked):
                      rtol=1e-5, atol=1e-6)
 
 
+def test_amortized_gradvac_one_group_record_reuses_as_task_weights():
+  """GradVac (granularity="model") records its [T] weights as [1, T]; the reuse step applies them as [T]:
+  one backward pass from a deferred Jacobian, and gram_leaves= / task_specific="weighted" work."""
+  params, batch = _problem(2)
+  for kw in ({"gram_leaves": "Dense_1"}, {"task_specific": "weighted", "shared": SHARED}):
+    method = mtjax.gradvac(key=1, num_tasks=T, **kw)
+    tx = mtjax.amortized(mtjax.gradvac(key=1, num_tasks=T, **kw), every=2)
+    _, rows = mtjax.task_grads(_loss_fn)(params, batch)
+    state = tx.init(params)
+    assert state.weights.shape == (1, T)
+    _, state = tx.update(rows, state, params)  # refresh
+    u, _ = tx.update(rows, state, params)  # reuse
+    ref, _ = method.update(rows, method.init(params), params)  # same key: the same weights on the same rows
+    _assert_tree_close(u, ref, rtol=1e-5, atol=1e-6, msg=f"{kw}: ")
+  tx = mtjax.amortized(mtjax.gradvac(key=1, num_tasks=T), every=2)
+  state = tx.init(params)
+
+  def step():
+    losses, grads = mtjax.task_grads(_loss_fn, strategy="loop", deferred=True)(params, batch)
+    return tx.update(grads, state, params, task_losses=losses)[0]
+
+  del BACKWARD_TRACES[:]
+  jax.make_jaxpr(step)()
+  assert len(BACKWARD_TRACES) == T + 1  # both branches of the cond: T rows on refresh, 1 pass on reuse
+
+
 def test_amortized_errors():
   with pytest.raises(ValueError, match="GradDrop and plain optax transforms"):
     mtjax.amortized(mtjax.graddrop(num_tasks=T), every=2)

@@ -110,6 +110,8 @@ def amortized(
     dtype = state.weights.dtype
 
     def fixed(grads, inner_state, w):
+      if w.ndim == 2 and w.shape[0] == 1:  # a one-group record (GradVac's [1, T]): the [T] weights it applied
+        w = w[0]
       return method.update(grads, inner_state, params, task_losses=task_losses,
                            **{weighting.FIXED_WEIGHTS: w}, **extra_args)[0]
 
