@@ -29,7 +29,11 @@ LOOKUP_MODES = ("fill", "clip")
 def _take(table, ids, mode: str):
   if mode == "clip":
     return jnp.take(table, ids, axis=0, mode="clip")
-  return jnp.take(table, ids, axis=0, mode="fill", fill_value=0)
+  out = jnp.take(table, ids, axis=0, mode="fill", fill_value=0)
+  # jnp.take wraps negative ids in [-V, -1] Python-style (to row V + id) even in "fill" mode; every id
+  # outside [0, V) must look up zeros and pass no gradient (as canonical_ids assumes).
+  keep = jnp.reshape(ids >= 0, tuple(jnp.shape(ids)) + (1,) * (jnp.ndim(table) - 1))
+  return jnp.where(keep, out, jnp.zeros((), out.dtype))
 
 
 def embedding_lookup(table: jax.Array, ids: jax.Array, *, mode: str = "fill") -> jax.Array:
