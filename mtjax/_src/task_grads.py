@@ -726,7 +726,7 @@ def task_grads(
 
     closed, (out_shape, _) = jax.make_jaxpr(probe_fn, return_shape=True)(leaves)
     probe = probes[-1]
-    _check_losses(jax.ShapeDtypeStruct(out_shape.shape, out_shape.dtype), "task_grads")
+    _check_losses(out_shape, "task_grads")  # a ShapeDtypeStruct, or the tuple a has_aux-less loss returned
     used = sparse_lib.used_inputs(closed)
     sparse_leaves = set()
     if sparse:
