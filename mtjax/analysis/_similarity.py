@@ -141,22 +141,25 @@ def _sparse_alignment(task_grads: PyTree, update: PyTree, granularity, shared) -
   ids = weighting.group_ids(granularity, [paths[i] for i in idx])
   k = max(ids) + 1
   t = leaves[0].shape[0]
-  dots = [jnp.zeros((t,), jnp.float32) for _ in range(k)]
-  sq = [jnp.zeros((), jnp.float32) for _ in range(k)]
   gram = rows_lib.compute_grams([leaves[i] for i in idx], ids, k)
+  acc = gram.dtype  # the dense path's dtype (float64 under x64), not float32
+  dots = [jnp.zeros((t,), acc) for _ in range(k)]
+  sq = [jnp.zeros((), acc) for _ in range(k)]
   for i, gid in zip(idx, ids):
     if gid < 0:
       continue
     g, u = leaves[i], ups[i]
+    u = u.astype(rows_lib.leaf_dtype(g))  # as the dense path, which stacks the update with the rows
     if isinstance(g, SparseRows):
       d = g.dot(u)
     else:
-      d = jnp.reshape(g, (t, -1)).astype(jnp.float32) @ jnp.reshape(u, (-1,)).astype(jnp.float32)
-    dots[gid] = dots[gid] + d.astype(jnp.float32)
-    sq[gid] = sq[gid] + jnp.sum(jnp.square(u.astype(jnp.float32)))
-  norms_g = jnp.sqrt(jnp.maximum(jnp.diagonal(gram, axis1=-2, axis2=-1), 0)).astype(jnp.float32)
+      d = jnp.matmul(jnp.reshape(g, (t, -1)).astype(acc), jnp.reshape(u, (-1,)).astype(acc),
+                     precision=jax.lax.Precision.HIGHEST)
+    dots[gid] = dots[gid] + d.astype(acc)
+    sq[gid] = sq[gid] + jnp.sum(jnp.square(u.astype(acc)))
+  norms_g = jnp.sqrt(jnp.maximum(jnp.diagonal(gram, axis1=-2, axis2=-1), 0))
   norm_u = jnp.sqrt(jnp.stack(sq))[:, None]
-  return numerics.safe_div(jnp.stack(dots), norms_g * norm_u)
+  return jnp.clip(numerics.safe_div(jnp.stack(dots), norms_g * norm_u), -1.0, 1.0)  # as cosine_from_gram
 
 
 def track(task_grads: PyTree, update: Optional[PyTree] = None, *, granularity: str = "layer",
