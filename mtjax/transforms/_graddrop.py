@@ -10,8 +10,11 @@ import numpy as np
 import optax
 
 from mtjax._src import numerics
+from mtjax._src import rows as rows_lib
 from mtjax._src import tree as tree_lib
 from mtjax._src import weighting
+from mtjax._src.sparse import SparseRows
+from mtjax._src.sparse import scatter_rows
 from mtjax._src.task_grads import materialize
 from mtjax.transforms._pcgrad import seed_key
 
@@ -46,6 +49,20 @@ def graddrop_leaf(task_leaf: jax.Array, uniform: jax.Array, leak: jax.Array) -> 
   return jnp.sum(masked, axis=0).astype(task_leaf.dtype), masked
 
 
+def _graddrop_sparse(leaf: SparseRows, key: jax.Array, leak: jax.Array):
+  """GradDrop on a sparse table: on the per-id summed task gradients, one uniform draw per looked-up row.
+
+  Returns ``(update [V, *row], masked [T, N, *row], g [T, N, *row])`` with ``g`` the per-id sums in
+  the accumulation dtype (padding slots: zeros, so they add nothing to the kept/total statistics).
+  """
+  uids, s = leaf.segments()  # [N], [T, N, *row]; unused slots have id V and zeros
+  row_shape = tuple(leaf.table_shape[1:])
+  uniform = jax.vmap(lambda u: jax.random.uniform(jax.random.fold_in(key, u), row_shape, jnp.float32))(uids)
+  rows, masked = graddrop_leaf(s, uniform, leak)  # [N, *row]
+  update = scatter_rows(uids, rows, leaf.table_shape)  # id V (padding) is dropped
+  return update, masked, s.astype(masked.dtype)
+
+
 def graddrop(
     key: int | jax.Array = 0,
     *,
@@ -73,6 +90,15 @@ def graddrop(
   ``optax.add_noise`` pattern), one draw per coordinate. Task-specific leaves (``shared=`` mask
   False) get the plain sum of their task gradients -- which is also what GradDrop gives there,
   since only one task has a non-zero gradient on them.
+
+  Sparse embedding tables (a :class:`~mtjax.SparseRows` leaf, from :func:`mtjax.embedding_lookup`):
+  GradDrop runs on the per-id sums of the task gradients of the rows the batch looked up (the
+  dense gradient's non-zero rows) and scatters the result into the ``[V, *row]`` update; rows
+  never looked up get a zero update, as on the dense gradient (every task gradient is 0 there).
+  Their uniforms are drawn per looked-up row, ``uniform(fold_in(fold_in(sub, i), id), row_shape)``
+  (``i`` the leaf index), so the draw differs from the one on the dense ``[T, V, *row]`` gradient
+  (``task_grads(..., sparse=False)``) but has the same distribution: i.i.d. uniforms per
+  coordinate, and the same update in distribution.
 
   Decisions: the paper applies GradDrop to the gradients with respect to a shared activation
   layer, after summing them over the batch; here it is applied to the per-task gradients of the
@@ -138,20 +164,23 @@ def graddrop(
       raise ValueError(f"mtjax: graddrop: leak has {leak_t.shape[0]} values but there are {t} tasks.")
     leak_t = jnp.broadcast_to(leak_t, (t,))
     mask = tree_lib.resolve_shared(shared, updates, params)
-    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    leaves, treedef = rows_lib.flatten(updates)  # a SparseRows stays one leaf
     next_key, sub = jax.random.split(state.key)
 
     out, bad = [], []
     kept, total = None, None
     for i, leaf in enumerate(leaves):
       if not mask[i]:
-        out.append(jnp.sum(leaf, axis=0))
+        out.append(rows_lib.leaf_sum(leaf))
         bad.append(jnp.any(~jnp.isfinite(out[-1])))
         continue
-      uniform = jax.random.uniform(jax.random.fold_in(sub, i), leaf.shape[1:], jnp.float32)
-      update, masked = graddrop_leaf(leaf, uniform, leak_t)
+      if isinstance(leaf, SparseRows):
+        update, masked, g = _graddrop_sparse(leaf, jax.random.fold_in(sub, i), leak_t)
+      else:
+        uniform = jax.random.uniform(jax.random.fold_in(sub, i), leaf.shape[1:], jnp.float32)
+        update, masked = graddrop_leaf(leaf, uniform, leak_t)
+        g = leaf.astype(masked.dtype)
       out.append(update)
-      g = leaf.astype(masked.dtype)
       bad.append(jnp.any(~jnp.isfinite(jnp.sum(jnp.abs(g), axis=0))))
       axes = tuple(range(1, g.ndim))
       k, s = jnp.sum(masked * g, axis=axes), jnp.sum(g * g, axis=axes)
