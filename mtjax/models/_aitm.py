@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtjax._src.sparse import representation
 from mtjax.models._features import FeatureSpec
 from mtjax.models._layers import MLP
 from mtjax.models._layers import InputLayer
@@ -76,6 +77,10 @@ class AITM(nn.Module):
   transfer, so task t's loss does not train task t-1's tower through the transfer (some
   implementations do this; the paper does not, the default is False).
 
+  Representation (for strategy='rep'/'shared'): the shared embedding (the input layer's output
+  ``[B, D]``, ``batch_axis=0``), the only part all tasks share; towers, transfers, attentions and
+  heads are the task heads.
+
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> from mtjax import models
@@ -123,6 +128,7 @@ class AITM(nn.Module):
     if not self.head or self.head[-1] != 1:
       raise ValueError(f"mtjax: AITM: head must be widths ending in 1, got {tuple(self.head)}.")
     h, _ = InputLayer(self.features, name="input")(x)
+    h = representation(h, batch_axis=0)
     d = self.tower[-1]
     k = self.attention_dim or d
     q = [MLP(tuple(self.tower), dropout=self.dropout, name=f"tower_{t}")(h, train=train)

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtjax._src.sparse import representation
 from mtjax.losses._funnel import esm2_log_probs
 from mtjax.losses._funnel import esmm_log_probs
 from mtjax.models._features import FeatureSpec
@@ -22,10 +23,11 @@ def _check_tower(name: str, tower: Sequence[int]) -> None:
 
 
 def _shared_input(module: nn.Module, x, bottom: Sequence[int], dropout: float, train: bool) -> jax.Array:
+  """The part every tower reads (embedding, then the optional bottom MLP), marked as the representation."""
   h, _ = InputLayer(module.features, name="input")(x)
   if bottom:
     h = MLP(tuple(bottom), dropout=dropout, name="bottom")(h, train=train)
-  return h
+  return representation(h, batch_axis=0)
 
 
 def _tower(name: str, tower: Sequence[int], dropout: float, h: jax.Array, train: bool) -> jax.Array:
@@ -47,6 +49,10 @@ class ESMM(nn.Module):
 
   Option beyond the paper: ``bottom`` adds a shared MLP between the embedding and the towers
   (some libraries share one; the paper shares only the embedding lookup).
+
+  Representation (for strategy='rep'/'shared'): the input both towers share, ``[B, D]``
+  (``batch_axis=0``): the embedding output, or the ``bottom`` MLP's output when there is one; the
+  CTR and CVR towers are the task heads.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -112,6 +118,10 @@ class ESM2(nn.Module):
   :func:`mtjax.losses.esm2_composite_logits`); train them with :func:`mtjax.losses.esm2_loss`
   (three BCEs on click, click & DAction, click & buy). :math:`Y_2, Y_3, Y_4` are never supervised
   directly; the head logits are in ``aux['head_logits']``.
+
+  Representation (for strategy='rep'/'shared'): the input the four towers share, ``[B, D]``
+  (``batch_axis=0``): the embedding output, or the ``bottom`` MLP's output when there is one; the
+  towers (and the log-space composition of their outputs) are the task heads.
 
   Examples:
     >>> import jax, jax.numpy as jnp

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtjax._src.sparse import representation
 from mtjax.models import _experts
 from mtjax.models._features import FeatureSpec
 from mtjax.models._layers import InputLayer
@@ -30,6 +31,9 @@ class MMoE(nn.Module):
   dropped with probability ``p`` after the softmax and the rest renormalized, one mask per batch
   (``gate_dropout_mode="batch"``) or per sample (``"sample"``), drawn from the ``'dropout'`` RNG;
   eval is deterministic. Zhao et al. used ``p = 0.1``; the default 0 is the plain MMoE.
+
+  Representation (for strategy='rep'/'shared'): the stacked expert outputs ``[E, B, H]``
+  (``batch_axis=1``, for either ``expert_impl``); the gates and the towers are the task heads.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -91,6 +95,8 @@ class MMoE(nn.Module):
     x, _ = InputLayer(self.features, name="input")(x)
     expert_outputs = _experts.Experts(self.num_experts, tuple(self.expert), dropout=self.dropout,
                                       impl=self.expert_impl, name="experts")(x, train=train)
+    # The shared representation (both expert impls return [E, B, H]); the mixtures read the marked value.
+    expert_outputs = representation(expert_outputs, batch_axis=1)
     if self._single_gate:
       g = self._gate("gate")(x, train=train)
       gates = jnp.broadcast_to(g[None], (self.num_tasks,) + g.shape)
@@ -112,6 +118,9 @@ class OMoE(MMoE):
 
   Same attributes and options as :class:`MMoE` (gate dropout included); ``aux['gates']`` is the
   one gate broadcast to ``[T, B, E]``; its parameters live under ``gate``.
+
+  Representation (for strategy='rep'/'shared'): the stacked expert outputs ``[E, B, H]``
+  (``batch_axis=1``), as in :class:`MMoE`; the gate and the towers are the task heads.
 
   Examples:
     >>> import jax, jax.numpy as jnp

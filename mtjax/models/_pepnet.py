@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtjax._src.sparse import representation
 from mtjax.models._features import FeatureSpec
 from mtjax.models._layers import InputLayer
 from mtjax.models._registry import register
@@ -81,6 +82,11 @@ class PEPNet(nn.Module):
   Options (library deviations): ``gate_position="output"`` scales the activated output of every
   hidden tower layer instead of the layer input; ``stop_gradient=False`` removes the
   stop-gradient on the gates' embedding inputs; ``epnet=False`` / ``ppnet=False`` ablate a part.
+
+  Representation (for strategy='rep'/'shared'): what the task towers read, all computed by
+  networks every task shares: ``{'embedding': E' [B, D_E], 'ppnet_gates': (U^{(l)}_{pp} outputs
+  [B, T * width_l], ...)}`` (``batch_axis=0``; the PPNet gates before they are split per task);
+  the embeddings and both Gate NU networks are the trunk, the towers the task heads.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -181,12 +187,16 @@ class PEPNet(nn.Module):
       gated_widths = (width_e,) + tower[:-1]  # inputs of every layer, the logit layer included
     else:
       gated_widths = tower[:-1]  # activated outputs of the hidden layers
-    gates = []
+    raw_gates = []
     if self.ppnet:
       gate_in = jnp.concatenate([_concat(fields, self.prior_fields), sg(e)], axis=-1)
-      for l, w in enumerate(gated_widths):
-        g = GateNU(self.num_tasks * w, self.gate_hidden, self.gamma, name=f"ppnet_gate_{l}")(gate_in)
-        gates.append(jnp.transpose(jnp.reshape(g, (batch, self.num_tasks, w)), (1, 0, 2)))
+      raw_gates = [GateNU(self.num_tasks * w, self.gate_hidden, self.gamma, name=f"ppnet_gate_{l}")(gate_in)
+                   for l, w in enumerate(gated_widths)]
+    # The shared representation: E' and the PPNet gates [B, T * w] (the towers read only these).
+    marked = representation({"embedding": e, "ppnet_gates": tuple(raw_gates)}, batch_axis=0)
+    e = marked["embedding"]
+    gates = [jnp.transpose(jnp.reshape(g, (batch, self.num_tasks, w)), (1, 0, 2))
+             for g, w in zip(marked["ppnet_gates"], gated_widths)]
 
     outputs = []
     for t in range(self.num_tasks):

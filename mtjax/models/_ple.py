@@ -8,10 +8,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtjax._src.sparse import representation
 from mtjax.models import _experts
 from mtjax.models._features import FeatureSpec
 from mtjax.models._layers import InputLayer
 from mtjax.models._registry import register
+
+
+def mark_experts(shared: jax.Array, specific: Sequence[jax.Array]):
+  """Marks a final level's experts, ``(shared [m_s, B, H], (specific_k [m_k, B, H], ...))``, as the representation.
+
+  One :func:`mtjax.representation` call (``batch_axis=1``) on the pytree of the shared and every
+  task's specific expert outputs; returns the marked values, which the level's mixtures must read.
+  """
+  shared, specific = representation((shared, tuple(specific)), batch_axis=1)
+  return shared, list(specific)
 
 
 class ExtractionLevel(nn.Module):
@@ -26,7 +37,8 @@ class ExtractionLevel(nn.Module):
 
   Params: ``experts_task_k``, ``experts_shared``, ``gate_task_k`` and (non-final) ``gate_shared``.
   Returns ``(task_outputs [T, B, H], shared_output [B, H] or None, task_gates [T, B, m_k+m_s],
-  shared_gate [B, T m_k + m_s] or None)``.
+  shared_gate [B, T m_k + m_s] or None)``. The final level marks its expert outputs (shared and
+  task-specific) as the model's representation (:func:`mark_experts`).
   """
 
   num_tasks: int
@@ -54,6 +66,8 @@ class ExtractionLevel(nn.Module):
     shared = self._experts(self.num_shared_experts, "experts_shared")(shared_input, train=train)
     specific = [self._experts(self.num_specific_experts, f"experts_task_{k}")(task_inputs[k], train=train)
                 for k in range(T)]
+    if self.final:
+      shared, specific = mark_experts(shared, specific)
     task_outputs, task_gates = [], []
     for k in range(T):
       g = self._gate(self.num_specific_experts + self.num_shared_experts, f"gate_task_{k}")(task_inputs[k], train=train)
@@ -113,6 +127,10 @@ class PLE(nn.Module):
   ``gate_dropout``/``gate_dropout_mode`` as in :class:`MMoE`). Params: ``level_j/...`` (see
   :class:`ExtractionLevel`) and ``tower_k``. The paper's joint loss (per-task sample spaces,
   per-task weights) lives in :mod:`mtjax.losses`, not here.
+
+  Representation (for strategy='rep'/'shared'): the final level's expert outputs, shared and
+  task-specific, as one pytree ``(S_s [m_s, B, H], (S_1, .., S_T))`` (``batch_axis=1``); the final
+  level's gates and the towers are the task heads (earlier levels are trunk).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -190,6 +208,10 @@ class CGC(PLE):
 
   so task :math:`k`'s loss never reaches another task's specific experts or gate. Same
   attributes as :class:`PLE` with ``num_levels = 1`` (other values raise: use :class:`PLE`).
+
+  Representation (for strategy='rep'/'shared'): the expert outputs, shared and task-specific, as
+  one pytree ``(S_s [m_s, B, H], (S_1, .., S_T))`` (``batch_axis=1``); the gates and the towers
+  are the task heads.
 
   Examples:
     >>> import jax, jax.numpy as jnp

@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 
+from mtjax._src.sparse import representation
 from mtjax.models import _experts
 from mtjax.models._features import FeatureSpec
 from mtjax.models._layers import MLP
@@ -23,6 +24,9 @@ class SharedBottom(nn.Module):
 
   The bottom is a ReLU MLP (activated last layer); each tower ``tower_k`` is an MLP ending in one
   unit (a logit or a raw regression output).
+
+  Representation (for strategy='rep'/'shared'): the bottom's output :math:`h` ``[B, H]``
+  (``batch_axis=0``); the towers are the task heads.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -60,5 +64,6 @@ class SharedBottom(nn.Module):
       raise ValueError(f"mtjax: SharedBottom needs num_tasks >= 1, got {self.num_tasks}.")
     x, _ = InputLayer(self.features, name="input")(x)
     h = MLP(tuple(self.bottom), dropout=self.dropout, name="bottom")(x, train=train)
+    h = representation(h, batch_axis=0)
     outputs = _experts.towers(self.tower, self.num_tasks, [h] * self.num_tasks, dropout=self.dropout, train=train)
     return outputs, {"bottom": h}

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mtjax._src import numerics
+from mtjax._src.sparse import representation
 from mtjax.models._features import FeatureSpec
 from mtjax.models._layers import MLP
 from mtjax.models._layers import InputLayer
@@ -173,6 +174,12 @@ class STAR(nn.Module):
   The domain embedding :math:`e_d` is the spec's embedding of ``domain_feature`` when the spec has
   that field, otherwise STAR's own table (``domain_embed_dim`` wide).
 
+  Representation (for strategy='rep'/'shared'): the shared input representation before the star
+  FCN, ``{'star': PN(e(x)) [B, D], 'auxiliary': [e_d; e(x)] [B, D_d + D]}`` (``batch_axis=0``;
+  ``'auxiliary'`` only with an auxiliary network): the embeddings and the partitioned
+  normalization are the trunk; the star FCN(s) and the auxiliary network (whose hidden layers
+  every task reads, in ``"heads"`` mode the star FCN's too) are the task heads.
+
   Examples:
     >>> import jax, jax.numpy as jnp
     >>> from mtjax import models
@@ -264,6 +271,12 @@ class STAR(nn.Module):
     if self.partitioned_norm:
       h = PartitionedNorm(self.num_domains, self.momentum, self.epsilon, self.norm_scale, name="norm")(
           h, domain_ids, train=train)
+    # The shared representation: the star FCN's input and the auxiliary network's input.
+    shared = {"star": h}
+    if self.auxiliary is not None:
+      shared["auxiliary"] = jnp.concatenate([domain_embedding, e], axis=-1)
+    shared = representation(shared, batch_axis=0)
+    h = shared["star"]
     if self.multi_task == "heads":
       main = self._star_fcn(h, domain_ids, tuple(self.hidden) + (self.num_tasks,), "star", train)
     else:
@@ -271,9 +284,9 @@ class STAR(nn.Module):
                               for t in range(self.num_tasks)], axis=-1)
     main = main.T
     if self.auxiliary is not None:
-      aux_in = jnp.concatenate([domain_embedding, e], axis=-1)
       aux_logits = MLP(tuple(self.auxiliary) + (self.num_tasks,), activation=self.activation,
-                       dropout=self.dropout, activate_last=False, name="auxiliary")(aux_in, train=train).T
+                       dropout=self.dropout, activate_last=False, name="auxiliary")(shared["auxiliary"],
+                                                                                    train=train).T
     else:
       aux_logits = jnp.zeros_like(main)
     return main + aux_logits, {"main_logits": main, "auxiliary_logits": aux_logits}

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from mtjax.models import _experts
 from mtjax.models._features import FeatureSpec
 from mtjax.models._layers import InputLayer
+from mtjax.models._ple import mark_experts
 from mtjax.models._ple import stack_levels
 from mtjax.models._registry import register
 
@@ -27,7 +28,8 @@ class STEMLevel(nn.Module):
 
   Params: ``experts_task_k``, ``experts_shared``, ``gate_task_k``, ``gate_shared`` (non-final).
   Returns ``(task_outputs [T, B, H], shared_output or None, task_gates [T, B, T m_k + m_s],
-  shared_gate or None)``.
+  shared_gate or None)``. The final level marks its expert outputs (shared and task-specific) as
+  the model's representation (:func:`mtjax.models._ple.mark_experts`).
   """
 
   num_tasks: int
@@ -56,6 +58,8 @@ class STEMLevel(nn.Module):
     shared = self._experts(self.num_shared_experts, "experts_shared")(shared_input, train=train)
     specific = [self._experts(self.num_specific_experts, f"experts_task_{k}")(task_inputs[k], train=train)
                 for k in range(T)]
+    if self.final:
+      shared, specific = mark_experts(shared, specific)
     frozen = [jax.lax.stop_gradient(s) for s in specific]
     task_outputs, task_gates = [], []
     for i in range(T):
@@ -94,6 +98,11 @@ class STEM(nn.Module):
   ``ValueError``; with ``dense_projection=P`` the model instead learns ``T + 1`` separate linear
   maps ``project_task_k`` / ``project_shared`` (``D -> P``, no bias) that play the role of the
   task-specific and shared embeddings (an mtjax extension, not in the paper).
+
+  Representation (for strategy='rep'/'shared'): as in :class:`PLE`, the final level's expert
+  outputs, shared and task-specific, as one pytree ``(S_s [m_s, B, H], (S_1, .., S_T))``
+  (``batch_axis=1``): the embeddings (every stream) and the experts are the trunk, the final
+  level's AFTB gates and the towers the task heads.
 
   Examples:
     >>> import jax, jax.numpy as jnp
