@@ -164,7 +164,7 @@ def test_np_reference_gradients_match_autodiff():
   params, batch, jp, jb = _problem(3)
   with jax.enable_x64(True):
     jp, jb = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (params, batch))
-    losses, rows = mtjax.task_grads(_loss_fn, strategy="loop")(jp, jb)
+    losses, rows = jax.jit(mtjax.task_grads(_loss_fn, strategy="loop"))(jp, jb)
     z, np_losses, r = np_model(params, batch)
     np.testing.assert_allclose(losses, np_losses, rtol=1e-12)
     z_rows = np_z_rows(params, r)
@@ -332,25 +332,27 @@ def test_identity_trunk_equals_the_full_jacobian_method(name, task_specific):
 
 
 def test_rep_errors():
-  params, batch, jp, jb = _problem(3, dtype=np.float32)
-  losses, jac = mtjax.task_grads(_loss_fn, strategy="rep")(jp, jb)
-  partial = mtjax.shared_mask(include="trunk")
-  tx = mtjax.mgda(num_tasks=3, shared=partial)
+  _, _, jp, jb = _problem(3, dtype=np.float32)
+
+  def rep_update(tx):  # traced only: the errors are raised while tracing
+    def f():
+      losses, jac = mtjax.task_grads(_loss_fn, strategy="rep")(jp, jb)
+      return tx.update(jac, tx.init(jp), jp, task_losses=losses)
+    return jax.eval_shape(f)
+
   with pytest.raises(ValueError, match=r"mgda: strategy='rep'.*without shared="):
-    tx.update(jac, tx.init(jp), jp, task_losses=losses)
+    rep_update(mtjax.mgda(num_tasks=3, shared=mtjax.shared_mask(include="trunk")))
   # A mask that marks every leaf shared is the default and is accepted.
-  tx = mtjax.mgda(num_tasks=3, shared=lambda p: jax.tree.map(lambda _: True, p))
-  update, _ = jax.eval_shape(lambda j: tx.update(j, tx.init(jp), jp, task_losses=losses), jac)
+  update, _ = rep_update(mtjax.mgda(num_tasks=3, shared=lambda p: jax.tree.map(lambda _: True, p)))
   assert jax.tree.structure(update) == jax.tree.structure(jp)
-  tx = mtjax.gradvac(key=0, num_tasks=3, granularity="layer")  # trunk + one layer per head: 4 groups
   with pytest.raises(ValueError, match=r"gradvac: strategy='rep' gives one Gram .* asks for 4 Gram groups"):
-    tx.update(jac, tx.init(jp), jp, task_losses=losses)
+    rep_update(mtjax.gradvac(key=0, num_tasks=3, granularity="layer"))  # trunk + one layer per head
   with pytest.raises(ValueError, match="rep_gram must be one of"):
     mtjax.task_grads(_loss_fn, strategy="rep", rep_gram="x")
   # No representation marked: a clear error.
   unmarked = lambda p, b: jnp.stack([jnp.mean(b["x"] @ p["trunk"]["kernel"]), jnp.mean(p["trunk"]["bias"])])
   with pytest.raises(ValueError, match=r"mtjax.representation\(z\).*none was marked"):
-    mtjax.task_grads(unmarked, strategy="rep")(jp, jb)
+    jax.eval_shape(mtjax.task_grads(unmarked, strategy="rep"), jp, jb)
 
 
 def test_rep_traces_one_backward_pass_through_the_trunk():

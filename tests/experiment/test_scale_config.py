@@ -28,9 +28,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_scale_configs_validate_and_train(case):
-  method, train = CASES[case]
+def _check_config_trains(method, train):
   cfg = experiment.from_dict(_raw(method, **train))
   for k, v in train.items():
     assert getattr(cfg.train, k) == v
@@ -46,6 +44,17 @@ def test_scale_configs_validate_and_train(case):
     assert np.all(np.isfinite(rec["losses"])), rec
   assert set(res.test) == {"task_0", "task_1", "task_2", "macro"}
   assert all(np.isfinite(v) for t in res.test.values() for v in t.values())
+
+
+def test_scale_configs_train_and_compare(tmp_path, capsys):
+  """One test, so that one worker pays the model's (eager) initialization for all the runs."""
+  for case, (method, train) in CASES.items():
+    try:
+      _check_config_trains(method, train)
+    except Exception as e:
+      raise AssertionError(f"config case {case}") from e
+  capsys.readouterr()
+  _check_cli_compare(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("method, train, message", [
@@ -90,7 +99,7 @@ rep_gram = "stack"
 """
 
 
-def test_cli_compare_with_the_scale_flags(tmp_path, capsys):
+def _check_cli_compare(tmp_path, capsys):
   cfg = tmp_path / "tiny.toml"
   cfg.write_text(textwrap.dedent(TINY))
   out = str(tmp_path / "cmp")
