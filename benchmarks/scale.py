@@ -17,9 +17,11 @@ state), so the process holds one copy of the model, not one per variant.
   rows of the experts only), ``"rep"`` (Gram of the expert outputs' gradients, one trunk
   backward), the subset strategy (``deferred=True`` and ``gram_leaves=`` every expert's last
   Dense layer), GradNorm's subsets.
-* (c) ``--table c``: the same MMoE at T = 64: PCGrad with full rows all at once (``map``: one row
-  after the other; ``vmap``: all 64 batched) and ``chunk_size=8``, and ``"shared"``: temporary
-  memory and peak RSS.
+* (c) ``--table c``: the same MMoE at T = 64: PCGrad with full rows, ``chunk_size`` None (the
+  default strategy: on CPU ``map``, one row after the other) and 8 (vmapped chunks of 8 rows),
+  and ``"shared"`` with both: temporary memory and peak RSS. ``--vmap-unchunked`` adds all 64 rows
+  vmapped at once (~9.6 GiB of temporaries at batch 1024: the case ``chunk_size`` is for). One
+  step per round (tens of seconds per step on a 2-core CPU).
 * (d) ``--table d``: ``mtjax.amortized`` at T = 10 on the same MMoE, with
   ``task_grads(deferred=True)``: PCGrad recomputed every k = 1, 4, 16 steps, MGDA with a weight
   EMA (0.9) every 16 steps. Times are AVERAGES over whole cycles (each round runs
@@ -72,7 +74,7 @@ LR = 1e-3
 # Every expert's last Dense layer in the benchmark MMoE (paths: experts/expert_<e>/Dense_1/{kernel,bias}).
 LAST_EXPERT_LAYER = r"^experts/expert_\d+/Dense_1/"
 DEFAULT_TASKS = {"a": [4, 8], "b": [3, 10], "c": [64], "d": [10]}
-DEFAULT_STEPS = {"a": 5, "b": 30, "c": 15, "d": 0}
+DEFAULT_STEPS = {"a": 5, "b": 30, "c": 5, "d": 0}
 
 
 def peak_rss_mib() -> float:
@@ -162,12 +164,12 @@ def cases_b(t: int) -> list[Case]:
   return out
 
 
-def cases_c(t: int) -> list[Case]:
+def cases_c(t: int, vmap_unchunked: bool = False) -> list[Case]:
   pc = lambda: mtjax.pcgrad(key=0, num_tasks=t)
   auto = mtjax.default_strategy()
   out = [Case("summed-loss step (1 backward)"),
          Case(f"pcgrad [full rows, {auto}, chunk None]", pc, {})]
-  if auto != "vmap":
+  if auto != "vmap" and vmap_unchunked:  # all 64 rows batched: ~9.6 GiB temporaries at T = 64, batch 1024
     out.append(Case("pcgrad [full rows, vmap, chunk None]", pc, {"strategy": "vmap"}))
   out += [Case("pcgrad [full rows, chunk 8]", pc, {"chunk_size": 8}),
           Case("pcgrad [shared, chunk None]", pc, {"strategy": "shared"}),
@@ -199,6 +201,12 @@ def cases_d(t: int) -> list[Case]:
 
 
 CASES = {"a": cases_a, "b": cases_b, "c": cases_c, "d": cases_d}
+
+
+def table_cases(table: str, t: int, args) -> list[Case]:
+  if table == "c":
+    return cases_c(t, vmap_unchunked=args.vmap_unchunked)
+  return CASES[table](t)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,7 +295,7 @@ def setup(table: str, t: int, args):
 
 
 def sizing_argv(args) -> list[str]:
-  out = ["--vocab-scale", repr(args.vocab_scale)]
+  out = ["--vocab-scale", repr(args.vocab_scale)] + (["--vmap-unchunked"] if args.vmap_unchunked else [])
   if args.batch:
     out += ["--batch", str(args.batch)]
   return out
@@ -297,11 +305,11 @@ def only_main(args):
   """``--only NAME``: compile and run one variant, print its process peak RSS as JSON."""
   t = args.tasks[0]
   params, batch, loss_fn, _ = setup(args.table, t, args)
-  case = {c.name: c for c in CASES[args.table](t)}[args.only]
+  case = {c.name: c for c in table_cases(args.table, t, args)}[args.only]
   shared = Shared(params)
   del params
   run, temp, _ = compile_case(case, shared, batch, loss_fn)
-  jax.block_until_ready(run(2))
+  jax.block_until_ready(run(1))
   print(json.dumps({"name": case.name, "rss_mib": peak_rss_mib(), "temp_bytes": temp}))
 
 
@@ -327,7 +335,7 @@ def rss_per_row(table: str, t: int, cases: list[Case], args) -> dict:
 
 
 def run_table(table: str, t: int, args) -> dict:
-  cases = CASES[table](t)
+  cases = table_cases(table, t, args)
   if args.methods:
     cases = [c for c in cases if c.method is None or any(m in c.name for m in args.methods)]
   rss_rows = {}
@@ -346,6 +354,8 @@ def run_table(table: str, t: int, args) -> dict:
   if table == "a":  # dense rows are slow: `steps` rounds of 1 step; the others ~steps_fast steps
     rounds = max(1, steps)
     fast = max(1, math.ceil(args.steps_fast / rounds))
+  elif table == "c":  # slow rows (tens of seconds per step at T = 64 on a CPU): `steps` rounds of 1 step
+    rounds = max(1, steps)
   elif table == "d":
     rounds = args.rounds
   else:
@@ -358,7 +368,10 @@ def run_table(table: str, t: int, args) -> dict:
       if table == "d":
         timer.add(case.name, lambda run=run: run(cycle), per_round=1, steps_per_call=cycle)
       else:
-        per_round = (1 if case.slow else fast) if table == "a" else 3
+        if table == "a":
+          per_round = 1 if case.slow else fast
+        else:
+          per_round = 1 if table == "c" else 3
         timer.add(case.name, run, per_round=per_round)
       stats[case.name] = (temp, compile_s)
     except Exception as e:  # report, do not hide
@@ -442,7 +455,7 @@ def main(argv=None):
   parser.add_argument("--table", choices=sorted(CASES), required=True)
   parser.add_argument("--tasks", type=int, nargs="+", default=None, help="default: a 4 8, b 3 10, c 64, d 10")
   parser.add_argument("--steps", type=int, default=None,
-                      help="timed steps per variant (a: of the dense rows, default 5; b: 30; c: 15)")
+                      help="timed steps per variant (a: of the dense rows, default 5; b: 30; c: 5)")
   parser.add_argument("--steps-fast", type=int, default=20, help="(a) timed steps of the other rows")
   parser.add_argument("--rounds", type=int, default=5, help="(d) rounds of --cycles * 16 steps per variant")
   parser.add_argument("--cycles", type=int, default=4, help="(d) cycles of 16 steps per timed call")
@@ -452,6 +465,8 @@ def main(argv=None):
   parser.add_argument("--rss-rows", choices=("auto", "yes", "no"), default="auto",
                       help="peak RSS of each variant in its own process (auto: tables a and c)")
   parser.add_argument("--rss-timeout", type=int, default=1800)
+  parser.add_argument("--vmap-unchunked", action="store_true",
+                      help="(c) also PCGrad with all T rows vmapped at once (~9.6 GiB of temporaries at T = 64)")
   parser.add_argument("--out", default=None, help="JSON file to write/update (keyed by table and T)")
   parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: one variant, print RSS
   args = parser.parse_args(argv)
