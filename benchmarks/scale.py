@@ -132,6 +132,10 @@ def cases_a(t: int) -> list[Case]:
     out.append(Case(f"{name} [dense rows, sparse=False]", f, {"sparse": False}, slow=True))
   for name, f in methods.items():
     out.append(Case(f"{name} [sparse rows]", f, {}))
+  # The floor of exact per-task gradients: T backward passes of the dense part, plain sum (no method).
+  out.append(Case("linear [sparse rows: bare per-task step]", lambda: mtjax.linear(num_tasks=t), {}))
+  for name, f in methods.items():  # sparse tables + weights from the expert outputs' gradients
+    out.append(Case(f"{name} [sparse rows, rep]", f, {"strategy": "rep"}))
   return out
 
 

@@ -2,7 +2,8 @@
 exact equality with the full-Jacobian methods when the trunk is the identity, errors, backward passes."""
 
 import functools
-import itertools
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,25 +13,12 @@ import pytest
 import mtjax
 from mtjax.transforms._pcgrad import projection_orders
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "transforms"))
+from mtl_references import backward_counter  # pylint: disable=wrong-import-position
+from mtl_references import np_min_norm_gram  # pylint: disable=wrong-import-position
+
 B, D, H = 12, 5, 4
-BACKWARD_TRACES = []
-
-
-@jax.custom_vjp
-def _counted(x):
-  return x
-
-
-def _counted_fwd(x):
-  return x, None
-
-
-def _counted_bwd(_, g):
-  BACKWARD_TRACES.append(1)  # once per traced backward pass through the trunk
-  return (g,)
-
-
-_counted.defvjp(_counted_fwd, _counted_bwd)
+_counted, BACKWARD_TRACES = backward_counter()  # traced backward passes through the trunk
 
 
 def _is_bce(t):
@@ -104,24 +92,8 @@ def np_rep_rows(z_rows, rep_gram):
 
 
 def np_min_norm(gram):
-  """``argmin_{w in simplex} w^T G w`` by enumerating supports (KKT on the affine hull), float64."""
-  t = gram.shape[0]
-  best_w, best_f = None, np.inf
-  for size in range(1, t + 1):
-    for idx in map(list, itertools.combinations(range(t), size)):
-      kkt = np.block([[gram[np.ix_(idx, idx)], np.ones((size, 1))], [np.ones((1, size)), np.zeros((1, 1))]])
-      rhs = np.zeros(size + 1)
-      rhs[-1] = 1.0
-      sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
-      if np.linalg.norm(kkt @ sol - rhs) > 1e-9 * max(1.0, np.abs(kkt).max()) or np.any(sol[:size] < -1e-12):
-        continue
-      w = np.zeros(t)
-      w[idx] = np.maximum(sol[:size], 0.0)
-      w /= w.sum()
-      f = float(w @ gram @ w)
-      if f < best_f - 1e-15 * max(1.0, gram.max()):
-        best_w, best_f = w, f
-  return best_w
+  """MGDA's min-norm weights of a Gram matrix, float64 (by enumerating supports)."""
+  return np_min_norm_gram(gram, tol=1e-9)
 
 
 def np_pcgrad_weights(rows, orders):

@@ -17,29 +17,13 @@ from mtjax._src import weighting
 from mtjax.transforms._pcgrad import projection_orders
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "transforms"))
+from mtl_references import backward_counter  # pylint: disable=wrong-import-position
 from mtl_references import np_nonneg_qp  # pylint: disable=wrong-import-position
 
 T = 4
 D, H1, H2, B = 5, 6, 4, 16
 SHARED = mtjax.shared_mask(exclude="tower")
-BACKWARD_TRACES = []
-
-
-@jax.custom_vjp
-def _counted(x):
-  return x
-
-
-def _counted_fwd(x):
-  return x, None
-
-
-def _counted_bwd(_, g):
-  BACKWARD_TRACES.append(1)  # once per traced backward pass through the model
-  return (g,)
-
-
-_counted.defvjp(_counted_fwd, _counted_bwd)
+_counted, BACKWARD_TRACES = backward_counter()  # traced backward passes through the trunk
 
 
 def _problem(seed=0, num_tasks=T, dtype=jnp.float32):

@@ -2,6 +2,9 @@
 
 import functools
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +12,9 @@ import optax
 import pytest
 
 import mtjax
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "transforms"))
+from mtl_references import backward_counter  # pylint: disable=wrong-import-position
 
 T = 3
 FACTORIES = {
@@ -25,24 +31,7 @@ FACTORIES = {
 }
 LOSS_ONLY = ("linear", "dwa", "uncertainty", "rlw")  # weights that do not read the gradients
 SHARED = mtjax.shared_mask(exclude="tower")
-BACKWARD_TRACES = []
-
-
-@jax.custom_vjp
-def _counted(x):
-  return x
-
-
-def _counted_fwd(x):
-  return x, None
-
-
-def _counted_bwd(_, g):
-  BACKWARD_TRACES.append(1)  # runs once per traced backward pass through the model
-  return (g,)
-
-
-_counted.defvjp(_counted_fwd, _counted_bwd)
+_counted, BACKWARD_TRACES = backward_counter()  # traced backward passes through the trunk
 
 
 def _problem(seed=0):

@@ -347,6 +347,20 @@ class _RepBase:
   num_tasks: int
   plan: Plan
 
+  def _init_common(self, z_rows, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, strategy,
+                   chunk_size):
+    self.z_rows = z_rows
+    self.trunk_vjp = trunk_vjp
+    self.head_vjp = head_vjp
+    self.ids = tuple(ids)
+    self.num_tasks = int(num_tasks)
+    self.dtype = jnp.dtype(dtype)
+    self.plan = plan
+    self.idx_z = tuple(idx_z)
+    self.idx_h = tuple(idx_h)  # inputs of the head VJP
+    self.strategy = strategy
+    self.chunk_size = chunk_size
+
   def shapes(self) -> PyTree:
     return self.plan.shapes(self.num_tasks)
 
@@ -406,19 +420,9 @@ class RepJacobian(_RepBase):
 
   def __init__(self, z_rows, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, batch_axis, rep_gram,
                strategy="auto", chunk_size=None):
-    self.z_rows = z_rows
-    self.trunk_vjp = trunk_vjp
-    self.head_vjp = head_vjp
-    self.ids = tuple(ids)
-    self.num_tasks = int(num_tasks)
-    self.dtype = jnp.dtype(dtype)
-    self.plan = plan
-    self.idx_z = tuple(idx_z)
-    self.idx_h = tuple(idx_h)
+    self._init_common(z_rows, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, strategy, chunk_size)
     self.batch_axis = batch_axis
     self.rep_gram = rep_gram
-    self.strategy = strategy
-    self.chunk_size = chunk_size
 
   def tree_flatten(self):
     return (self.z_rows, self.trunk_vjp, self.head_vjp, self.ids), (
@@ -481,21 +485,11 @@ class SharedJacobian(_RepBase):
 
   def __init__(self, z_rows, x_rows, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, idx_rows,
                idx_pure_head, rows_leaves, strategy="auto", chunk_size=None):
-    self.z_rows = z_rows
+    self._init_common(z_rows, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, strategy, chunk_size)
     self.x_rows = x_rows  # rows of idx_rows (trunk rows + the heads' rows of overlapping inputs)
-    self.trunk_vjp = trunk_vjp
-    self.head_vjp = head_vjp
-    self.ids = tuple(ids)
-    self.num_tasks = int(num_tasks)
-    self.dtype = jnp.dtype(dtype)
-    self.plan = plan
-    self.idx_z = tuple(idx_z)
-    self.idx_h = tuple(idx_h)  # inputs of the head VJP (overlap first, then pure head)
     self.idx_rows = tuple(idx_rows)
     self.idx_pure_head = tuple(idx_pure_head)
     self.rows_leaves = tuple(rows_leaves)  # param leaves with rows (the trunk's)
-    self.strategy = strategy
-    self.chunk_size = chunk_size
 
   def tree_flatten(self):
     return (self.z_rows, self.x_rows, self.trunk_vjp, self.head_vjp, self.ids), (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -128,3 +129,48 @@ def np_balance(gram, alpha, sweeps=20000, tol=1e-13):
     if moved < tol:
       return w
   raise AssertionError("np_balance did not converge")
+
+
+def backward_counter():
+  """``(counted, traces)``: an identity with a custom VJP whose backward rule appends to ``traces``.
+
+  The rule runs once per *traced* backward pass through ``counted`` (``jax.make_jaxpr`` or a
+  ``jit`` trace), so ``len(traces)`` counts the backward passes a computation asks for.
+  """
+  traces = []
+
+  @jax.custom_vjp
+  def counted(x):
+    return x
+
+  def fwd(x):
+    return x, None
+
+  def bwd(_, g):
+    traces.append(1)
+    return (g,)
+
+  counted.defvjp(fwd, bwd)
+  return counted, traces
+
+
+def np_min_norm_gram(gram, tol=1e-8):
+  """``argmin_{w in simplex} w^T G w`` by enumerating supports (KKT on the affine hull), float64."""
+  gram = np.asarray(gram, np.float64)
+  t = gram.shape[0]
+  best_w, best_f = None, np.inf
+  for size in range(1, t + 1):
+    for idx in map(list, itertools.combinations(range(t), size)):
+      kkt = np.block([[gram[np.ix_(idx, idx)], np.ones((size, 1))], [np.ones((1, size)), np.zeros((1, 1))]])
+      rhs = np.zeros(size + 1)
+      rhs[-1] = 1.0
+      sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
+      if np.linalg.norm(kkt @ sol - rhs) > tol * max(1.0, np.abs(kkt).max()) or np.any(sol[:size] < -1e-12):
+        continue
+      w = np.zeros(t)
+      w[idx] = np.maximum(sol[:size], 0.0)
+      w /= w.sum()
+      f = float(w @ gram @ w)
+      if f < best_f - 1e-15 * max(1.0, gram.max()):
+        best_w, best_f = w, f
+  return best_w

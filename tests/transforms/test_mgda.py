@@ -1,7 +1,6 @@
 """MGDA: NumPy float64 references, the oracle, KKT / non-conflict properties, options, errors."""
 
 import doctest
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ import pytest
 import mtjax
 from mtjax._src import solvers
 from mtjax.transforms import _mgda
+from mtl_references import np_min_norm_gram
 
 # P = 6 parameters in two leaves, so T = 8 gives a rank-deficient Gram.
 SHAPES = {"trunk": {"kernel": (2, 2), "bias": (2,)}}
@@ -32,24 +32,8 @@ def _flat_update(update):
 
 def np_min_norm(rows):
   """Exact float64 min-norm point of conv(rows) by enumerating supports (independent of the solver)."""
-  t = len(rows)
-  gram = np.array([[float(np.dot(rows[i], rows[j])) for j in range(t)] for i in range(t)])
-  best_w, best_f = None, np.inf
-  for size in range(1, t + 1):
-    for idx in map(list, itertools.combinations(range(t), size)):
-      kkt = np.block([[gram[np.ix_(idx, idx)], np.ones((size, 1))], [np.ones((1, size)), np.zeros((1, 1))]])
-      rhs = np.zeros(size + 1)
-      rhs[-1] = 1.0
-      sol = np.linalg.lstsq(kkt, rhs, rcond=None)[0]
-      if np.linalg.norm(kkt @ sol - rhs) > 1e-8 * max(1.0, np.abs(kkt).max()) or np.any(sol[:size] < -1e-12):
-        continue
-      w = np.zeros(t)
-      w[idx] = np.maximum(sol[:size], 0.0)
-      w /= w.sum()
-      f = float(w @ gram @ w)
-      if f < best_f - 1e-15 * max(1.0, gram.max()):
-        best_w, best_f = w, f
-  return best_w
+  rows = [np.asarray(r, np.float64) for r in rows]
+  return np_min_norm_gram(np.array([[float(np.dot(a, b)) for b in rows] for a in rows]))
 
 
 def np_mgda(jac, losses, normalization, apply_to):
