@@ -1,8 +1,8 @@
-"""Prints the reference values of ../shared/ALGORITHMS.md computed by the public mtjax API.
+"""Prints every method's update on the published reference Jacobian, through the public mtjax API.
 
 J = [[-4, 1, 1], [6, 1, 1]]: two tasks whose gradients conflict on the first coordinate. Each
-line is the update direction (before the optimizer) and, where ALGORITHMS.md gives them, the
-task weights. The same values are asserted in tests/transforms/ (atol 1e-4).
+line is the update direction (before the optimizer) and, where the method defines them, the
+task weights (the values each method's paper and reference implementation give; the README lists them). The same values are asserted in tests/transforms/ (atol 1e-4).
 
 Run: python examples/oracles.py
 """

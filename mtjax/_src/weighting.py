@@ -173,7 +173,7 @@ def gram_weighting(
     needs_gram: whether ``weights_fn`` reads the Gram (``False`` skips computing it).
     requires_task_losses: raise a ``ValueError`` when ``task_losses`` is not passed.
     task_specific: ``"sum"`` (plain sum of task gradients on task-specific leaves, the default of
-      DESIGN.md) or ``"weighted"`` (apply the task weights there too; needs ``[T]`` weights).
+      the contract) or ``"weighted"`` (apply the task weights there too; needs ``[T]`` weights).
     check_finite: check the Gram diagonal and losses for NaN/inf (one on-device test per update;
       the host is called only when it fails, see ``numerics.enforce``).
     record_weights: store the weights used at each step in the state's ``weights`` field (set

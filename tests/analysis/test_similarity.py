@@ -77,7 +77,7 @@ def test_conflict_fraction_and_alignment():
   assert float(analysis.conflict_fraction(cos)) == pytest.approx(2 / 3)
   assert float(analysis.conflict_fraction(jnp.ones((1, 1)))) == 0.0
   g = {"w": jnp.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])}
-  # MGDA's direction [0, 1, 1] (ALGORITHMS.md) serves both tasks.
+  # MGDA's direction [0, 1, 1] (the reference value) serves both tasks.
   align = analysis.update_alignment(g, {"w": jnp.array([0.0, 1.0, 1.0])})[0]
   ref = [np.dot(v, [0, 1, 1]) / np.linalg.norm(v) / np.sqrt(2) for v in np.asarray(g["w"])]
   np.testing.assert_allclose(align, ref, atol=1e-6)

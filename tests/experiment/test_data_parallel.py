@@ -1,4 +1,4 @@
-"""Data-parallel / sharded training on 8 CPU devices gives the one-device update (DESIGN.md section 5).
+"""Data-parallel / sharded training on 8 CPU devices gives the one-device update (ARCHITECTURE.md, "Scale").
 
 JAX fixes the device count when it starts, so the checks run in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
