@@ -25,6 +25,7 @@ from mtjax._src.task_grads import RepJacobian
 from mtjax._src.task_grads import SharedJacobian
 from mtjax._src.task_grads import TaskJacobian
 from mtjax._src.task_grads import task_grads
+from mtjax._src.partition import infer_shared
 from mtjax._src.tree import shared_mask
 from mtjax._src.weighting import WeightingInputs
 from mtjax._src.weighting import gram_weighting

@@ -14,6 +14,7 @@ USAGE = """examples:
   mtjax compare --strategy rep --methods linear,pcgrad,mgda   # weights from representation gradients
   mtjax compare --methods pcgrad,mgda --every 16 --strategy subset  # amortized weights, one backward between
   mtjax run my_experiment.toml --out runs/one    # one configuration, with checkpoints if train.checkpoint_every > 0
+  mtjax run my_experiment.toml --out runs/one --from-step 2000   # go back to the checkpoint of step 2000
   mtjax list                                     # models, methods, datasets, optimizers
 """
 
@@ -29,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
   r.add_argument("--steps", type=int, default=None, help="override train.steps")
   r.add_argument("--no-progress", action="store_true")
   r.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in the output folder")
+  r.add_argument("--from-step", type=int, default=None, metavar="N",
+                 help="restart from the checkpoint of step N (e.g. before a divergence), deleting later checkpoints "
+                      "and log records")
   _speed_args(r)
   c = sub.add_parser("compare", help="train one model with several methods and print a table")
   c.add_argument("config", nargs="?", default=None, help="experiment TOML file (default: the embedded default)")
@@ -87,9 +91,29 @@ def _load_raw(path):
     raise ConfigError(f"config file {path!r} does not exist")
   try:
     with open(path, "rb") as f:
-      return tomllib.load(f)
+      raw = tomllib.load(f)
   except tomllib.TOMLDecodeError as e:
     raise ConfigError(f"{path}: not valid TOML: {e}") from None
+  from mtjax.experiment import _config
+  return _config.resolve_data_paths(raw, os.path.dirname(os.path.abspath(path)))  # relative to the TOML file
+
+
+def _metrics_table(test: dict) -> str:
+  """A markdown table of per-task test metrics; a metric a task does not have is left blank."""
+  names = [k for k in test if k != "macro"] + (["macro"] if "macro" in test else [])
+  keys = sorted({k for n in names for k in test[n]})
+  cell = lambda v: "n/a" if v != v else f"{v:.4f}"  # NaN: an undefined metric (one class only)
+  lines = ["| task | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+  lines += [f"| {n} | " + " | ".join(cell(test[n][k]) if k in test[n] else "" for k in keys) + " |" for n in names]
+  return "\n".join(lines)
+
+
+def _missing(module: str) -> bool:
+  import importlib.util
+  try:
+    return importlib.util.find_spec(module) is None
+  except ModuleNotFoundError:  # the parent package of a dotted name is missing
+    return True
 
 
 def main(argv=None) -> int:
@@ -97,6 +121,12 @@ def main(argv=None) -> int:
   from mtjax import experiment
   from mtjax.experiment import _registry as reg
 
+  if args.command in ("run", "compare"):
+    missing = [m for m in ("tqdm", "matplotlib", "orbax.checkpoint") if _missing(m)]
+    if missing:
+      print(f"mtjax: the {args.command} command needs {', '.join(missing)}: pip install 'mtjax[cli]'",
+            file=sys.stderr)
+      return 2
   try:
     if args.command == "list":
       from mtjax import models
@@ -108,18 +138,22 @@ def main(argv=None) -> int:
     if args.command == "run":
       cfg = experiment.from_dict(_override(_load_raw(args.config), args))
       out = args.out or os.path.join("runs", cfg.name)
+      if args.fresh and args.from_step is not None:
+        raise experiment.ConfigError("--fresh and --from-step exclude each other")
       if args.fresh and os.path.isdir(os.path.join(out, "checkpoints")):
         import shutil
         shutil.rmtree(os.path.join(out, "checkpoints"))
-      t0 = time.time()
-      res = experiment.run(cfg, out_dir=out, progress=not args.no_progress)
-      names = [k for k in res.test if k != "macro"]
-      print(f"{cfg.name}: method {res.method}, seed {res.seed}, {cfg.train.steps} steps, "
-            f"{res.ms_per_step:.2f} ms/step, {time.time() - t0:.1f} s")
-      print("| task | " + " | ".join(sorted(res.test[names[0]])) + " |")
-      for n in names + ["macro"]:
-        print(f"| {n} | " + " | ".join(f"{res.test[n].get(k, float('nan')):.4f}" for k in sorted(res.test[names[0]])) + " |")
-      print(f"results, log.jsonl and learning_curves.png in {out}")
+      seeds = [cfg.train.seed] if args.seed is not None else list(cfg.seeds)
+      if len(seeds) > 1 and args.from_step is not None:
+        raise experiment.ConfigError("--from-step needs one seed: add --seed N")
+      for seed in seeds:  # every seed of the config, each in its own folder when there are several
+        sub = out if len(seeds) == 1 else os.path.join(out, f"seed_{seed}")
+        t0 = time.time()
+        res = experiment.run(cfg, seed=seed, out_dir=sub, progress=not args.no_progress, from_step=args.from_step)
+        print(f"{cfg.name}: method {res.method}, seed {res.seed}, {cfg.train.steps} steps, "
+              f"{res.ms_per_step:.2f} ms/step, {time.time() - t0:.1f} s")
+        print(_metrics_table(res.test))
+        print(f"results, log.jsonl and learning_curves.png in {sub}")
       return 0
     # compare
     raw = _load_raw(args.config) if args.config else dict(experiment.DEFAULT_COMPARE)
@@ -143,11 +177,14 @@ def main(argv=None) -> int:
   except experiment.ConfigError as e:
     print(f"mtjax: config error: {e}", file=sys.stderr)
     return 2
-  except ValueError as e:
+  except ValueError as e:  # mtjax's own errors (failed checks "[at training step N]", CheckpointError): one line
     if str(e).startswith("mtjax:"):
-      print(str(e), file=sys.stderr)
+      print(" ".join(line.strip() for line in str(e).strip().splitlines()), file=sys.stderr)
       return 2
     raise
+  except OSError as e:  # writing results or plots into an unwritable folder / a full disk
+    print(f"mtjax: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["x"])["params"]
 loss_fn = mtjax.losses.make_loss_fn(model, "bce", has_aux=False)
 losses, grads = jax.jit(mtjax.task_grads(loss_fn))(params, batch)  # jit: eager op-by-op is slow
 
-shared = mtjax.shared_mask(exclude="tower_|gate_")  # surgery only on the shared experts/embeddings
+shared = mtjax.models.partition(model)  # the model's declared shared parameters: experts, embeddings
 print("task losses:", np.round(losses, 4))
 print("task-gradient cosines (shared parameters):")
 print(np.round(mtjax.analysis.cosine_similarity(grads, shared=shared)[0], 3))
@@ -305,7 +305,7 @@ batch = ds.batch(np.arange(512))
 params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["x"])["params"]
 loss_fn = mtjax.losses.make_loss_fn(model, "mse", has_aux=False)
 losses, grads = jax.jit(mtjax.task_grads(loss_fn))(params, batch)
-shared = mtjax.shared_mask(exclude="tower_")
+shared = mtjax.models.partition(model)  # the towers are task-specific
 cos = mtjax.analysis.cosine_similarity(grads, granularity=gs.depth_groups, shared=shared)
 print("per-layer cosine of the two task gradients at initialisation:", np.round(cos[:, 0, 1], 3))
 print("gradient norms per layer and task:")

@@ -88,15 +88,16 @@ def layer_names(cfg: Config) -> list:
   return [f"layer {i + 1}" + (" (input)" if i == 0 else " (top)" if i == n - 1 else "") for i in range(n)]
 
 
-def make_method(name: str, num_tasks: int):
+def make_method(name: str, num_tasks: int, shared=None):
+  """The method, comparing tasks on ``shared`` (the model's partition: the towers are task-specific)."""
   if name == "linear":
     return mtjax.linear(num_tasks=num_tasks)
   if name == "pcgrad":
-    return mtjax.pcgrad(key=0, num_tasks=num_tasks)
+    return mtjax.pcgrad(key=0, num_tasks=num_tasks, shared=shared)
   if name == "gradvac":
-    return mtjax.gradvac(key=0, num_tasks=num_tasks, granularity="layer", shared=mtjax.shared_mask(exclude="tower_"))
+    return mtjax.gradvac(key=0, num_tasks=num_tasks, granularity="layer", shared=shared)
   if name == "mgda":
-    return mtjax.mgda(num_tasks=num_tasks)
+    return mtjax.mgda(num_tasks=num_tasks, shared=shared)
   raise ValueError(f"unknown method {name!r}; choose linear, pcgrad, gradvac or mgda")
 
 
@@ -110,9 +111,9 @@ def make_block_fn(method_name: str, cfg: Config, num_tasks: int = 2):
   model = models.SharedBottom(num_tasks=num_tasks, bottom=cfg.bottom, tower=cfg.tower)
   loss_fn = mtjax.losses.make_loss_fn(model, "mse", has_aux=False)
   grad_fn = mtjax.task_grads(loss_fn)
-  method = make_method(method_name, num_tasks)
+  shared = models.partition(model)  # the towers are task-specific: compare tasks on the shared bottom only
+  method = make_method(method_name, num_tasks, shared)
   adam = optax.adam(cfg.learning_rate)
-  shared = mtjax.shared_mask(exclude="tower_")
   jit_kwargs = _common.jit_kwargs(cfg.fast_compile)
 
   def init(key, x):

@@ -7,6 +7,7 @@ files a user already has.
 """
 
 from mtjax.data._aliccp import ALICCP_FIELDS
+from mtjax.data._aliccp import ALICCP_PROCESSED_DENSE
 from mtjax.data._aliccp import aliccp
 from mtjax.data._aliccp import aliccp_processed
 from mtjax.data._aliexpress import aliexpress
@@ -25,6 +26,7 @@ from mtjax.data._synthetic import mmoe_synthetic
 
 __all__ = (
     "ALICCP_FIELDS",
+    "ALICCP_PROCESSED_DENSE",
     "BatchIterator",
     "CENSUS_COLLEGE",
     "CENSUS_COLUMNS",

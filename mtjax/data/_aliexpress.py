@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from mtjax.data._dataset import MultiTaskDataset, _check_file, _read_header, _read_numeric_columns
+from mtjax.data._dataset import MultiTaskDataset, _check_file, _check_on_bad_rows, _read_csv
 from mtjax.models._features import Categorical, Dense, FeatureSpec
 
 PathLike = Union[str, os.PathLike]
@@ -29,7 +29,8 @@ def _country_dir(path: str, country: Optional[str]) -> str:
   return path
 
 
-def aliexpress(path: PathLike, country: Optional[str] = None, *, embed_dim: int = 8) -> dict[str, MultiTaskDataset]:
+def aliexpress(path: PathLike, country: Optional[str] = None, *, embed_dim: int = 8,
+               on_bad_rows: str = "error") -> dict[str, MultiTaskDataset]:
   """Loads one country of the AliExpress dataset (``AliExpress_{NL,ES,FR,US}/{train,test}.csv``).
 
   Each CSV has a header with ``search_id``, ``categorical_1`` .. ``categorical_16`` (integer
@@ -47,8 +48,17 @@ def aliexpress(path: PathLike, country: Optional[str] = None, *, embed_dim: int 
     numerical value is 0.0, a missing label is 0.
   * ``extras['search_id']``: int64 (the search session of each impression).
 
-  Parsing uses ``np.loadtxt`` (fast C parser), falling back to the ``csv`` module when a field
-  is empty.
+  * Malformed rows: a row with more or fewer fields than the header (a file cut mid-row ends
+    with one), a field that is not a number, ``nan`` / ``inf`` (the files have none), a
+    non-integer id, a label that is not 0 or 1, or a header without any data row raise a
+    ``ValueError`` naming the file, the line and the column (``on_bad_rows='error'``, the
+    default); ``on_bad_rows='skip'`` drops the malformed rows instead and warns once per file
+    with their count and the first one. Columns are found by their header names (any order;
+    extra columns are not read, but every row must have as many fields as the header); a UTF-8
+    byte-order mark is ignored.
+
+  Parsing uses ``np.loadtxt`` (fast C parser), falling back to a line-by-line reader (which
+  finds the line of a malformed row) when a field is empty or anything is off.
 
   Examples:
     >>> from mtjax import data
@@ -60,6 +70,7 @@ def aliexpress(path: PathLike, country: Optional[str] = None, *, embed_dim: int 
     path: an ``AliExpress_<country>`` directory, or the directory holding them with ``country``.
     country: ``'NL'``, ``'ES'``, ``'FR'`` or ``'US'`` (with a parent ``path``).
     embed_dim: embedding width put in the spec.
+    on_bad_rows: ``'error'`` (raise at a malformed row) or ``'skip'`` (drop malformed rows, warn).
 
   Returns:
     ``{'train', 'test'}`` of :class:`MultiTaskDataset` (``'test'`` only if ``test.csv`` exists).
@@ -73,13 +84,18 @@ def aliexpress(path: PathLike, country: Optional[str] = None, *, embed_dim: int 
   if os.path.isfile(os.path.join(directory, "test.csv")):
     files["test"] = os.path.join(directory, "test.csv")
 
+  _check_on_bad_rows(on_bad_rows)
+  schema = {c: "int" for c in ("search_id",) + ALIEXPRESS_CATEGORICAL}
+  schema.update({c: "float" for c in ALIEXPRESS_NUMERICAL + ("click", "conversion")})
   raw = {}
   for split, file in files.items():
     file = _check_file(file, f"AliExpress {split}")
-    header = _read_header(file)
-    ids, ids_missing = _read_numeric_columns(file, ("search_id",) + ALIEXPRESS_CATEGORICAL, np.int64, header=header)
-    num, num_missing = _read_numeric_columns(file, ALIEXPRESS_NUMERICAL + ("click", "conversion"), np.float64,
-                                             header=header)
+    values, missing = _read_csv(file, schema, on_bad_rows=on_bad_rows, allowed={"click": (0, 1), "conversion": (0, 1)})
+    ids = np.stack([values[c] for c in ("search_id",) + ALIEXPRESS_CATEGORICAL], axis=1)
+    ids_missing = np.stack([missing[c] for c in ("search_id",) + ALIEXPRESS_CATEGORICAL], axis=1)
+    num = np.stack([values[c] for c in ALIEXPRESS_NUMERICAL + ("click", "conversion")], axis=1)
+    num_missing = np.stack([missing[c] for c in ALIEXPRESS_NUMERICAL + ("click", "conversion")], axis=1)
+    del values, missing
     if ((ids < 0) & ~ids_missing).any():
       raise ValueError(f"mtjax: {file!r} has negative categorical ids; AliExpress ids are >= 0.")
     raw[split] = (ids, ids_missing, num, num_missing)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from mtjax.data._dataset import MultiTaskDataset, _check_file, _map_to_ids, _vocabulary
+from mtjax.data._dataset import (MultiTaskDataset, _BadRows, _check_file, _check_on_bad_rows, _cut_hint, _lines,
+                                 _map_to_ids, _no_rows, _number, _open_text, _RowError, _split_fields, _vocabulary)
 from mtjax.models._features import Categorical, Dense, FeatureSpec
 
 PathLike = Union[str, os.PathLike]
@@ -65,20 +65,81 @@ class _Column:
     return per_value[self.codes]
 
 
-def _read_census(path: str) -> list[_Column]:
+_NUMERIC_AT = tuple(CENSUS_COLUMNS.index(c) for c in CENSUS_NUMERIC)
+_LABEL_CHECKS = {
+    "income": (CENSUS_COLUMNS.index("income"), lambda v: v.rstrip(".") in _INCOME, "neither '- 50000.' nor '50000+.'"),
+    "education": (CENSUS_COLUMNS.index("education"), lambda v: v in CENSUS_EDUCATION, "not a Census education value"),
+}
+
+
+def _is_number(text: str) -> bool:
+  try:
+    float(text)
+    return True
+  except ValueError:
+    return False
+
+
+def _census_header(row: list[str]) -> Optional[int]:
+  """The offset of the data fields (1 with a leading index column) if ``row`` is a header row, else None.
+
+  A header row has 42 names (43 with an index column, whose name may be empty); none of its
+  numeric columns is a number and its income field is not an income value.
+  """
+  if len(row) not in (len(CENSUS_COLUMNS), len(CENSUS_COLUMNS) + 1):
+    return None
+  off = len(row) - len(CENSUS_COLUMNS)
+  fields = [v.strip() for v in row[off:]]
+  if any(_is_number(fields[j]) for j in _NUMERIC_AT) or fields[-1].rstrip(".") in _INCOME:
+    return None
+  return off
+
+
+def _read_census(path: str, tasks: Sequence[str] = (), on_bad_rows: str = "error") -> list[_Column]:
+  """Reads a Census-Income file: 42 fields a row, optionally a header row and a leading index column."""
   tables = [dict() for _ in CENSUS_COLUMNS]
   codes = [[] for _ in CENSUS_COLUMNS]
-  with open(path, newline="") as fh:
-    for line, row in enumerate(csv.reader(fh, skipinitialspace=True), start=1):
-      if not row or (len(row) == 1 and not row[0].strip()):
+  checks = [_LABEL_CHECKS[t] for t in tasks if t in _LABEL_CHECKS]
+  bad = _BadRows(path, on_bad_rows)
+  width, seen_line, header_line = None, False, 0
+  with _open_text(path) as fh:
+    for line, text, complete in _lines(fh):
+      if not text.strip():
         continue
-      if len(row) != len(CENSUS_COLUMNS):
-        raise ValueError(f"mtjax: {path!r} line {line} has {len(row)} columns; Census-Income (KDD) rows have "
-                         f"{len(CENSUS_COLUMNS)} (is this census-income.data / .test?).")
-      for j, v in enumerate(row):
-        codes[j].append(tables[j].setdefault(v.strip(), len(tables[j])))
+      row = _split_fields(text)
+      if not seen_line:
+        seen_line = True
+        off = _census_header(row)
+        if off is not None:  # a header row: columns are taken by position, whatever their names
+          width, header_line = len(CENSUS_COLUMNS) + off, line
+          continue
+        width = len(CENSUS_COLUMNS) + 1 if len(row) == len(CENSUS_COLUMNS) + 1 else len(CENSUS_COLUMNS)
+      off = width - len(CENSUS_COLUMNS)
+      try:
+        if len(row) != width:
+          raise _RowError(f"has {len(row)} fields; Census-Income (KDD) rows have {len(CENSUS_COLUMNS)}"
+                          + (" plus the leading index column of this file's first row" if off else "")
+                          + f" (is this census-income.data / .test?){_cut_hint(complete)}")
+        values = [v.strip() for v in row[off:]]
+        if off:
+          _number(row[0], "int", "index")
+        for j in _NUMERIC_AT:
+          v = values[j]
+          if v != MISSING and v not in tables[j]:
+            _number(v, "float", CENSUS_COLUMNS[j])
+        for j, ok, what in checks:
+          if not ok(values[j]):
+            raise _RowError(f"column {CENSUS_COLUMNS[j]!r} holds {values[j]!r}, {what}{_cut_hint(complete)}")
+      except _RowError as e:
+        bad(line, str(e))
+        continue
+      for j, v in enumerate(values):
+        codes[j].append(tables[j].setdefault(v, len(tables[j])))
+  if not seen_line:
+    raise ValueError(f"mtjax: {path!r} line 1: the file is empty; expected Census-Income (KDD) rows.")
   if not codes[0]:
-    raise ValueError(f"mtjax: {path!r} holds no rows.")
+    raise _no_rows(path, header_line + 1, bad)
+  bad.warn()
   return [_Column(list(t), np.asarray(c, np.int32)) for t, c in zip(tables, codes)]
 
 
@@ -100,7 +161,7 @@ def _task_label(task: str, values: np.ndarray, path: str) -> np.ndarray:
 
 def census_income(data_path: PathLike, test_path: Optional[PathLike] = None, *,
                   tasks: Sequence[str] = ("income", "never_married"), seed: int = 0,
-                  embed_dim: int = 8) -> dict[str, MultiTaskDataset]:
+                  embed_dim: int = 8, on_bad_rows: str = "error") -> dict[str, MultiTaskDataset]:
   """Loads Census-Income (KDD) (``census-income.data`` / ``census-income.test``) for multi-task learning.
 
   Tasks (MMoE paper), chosen with ``tasks`` from:
@@ -125,6 +186,20 @@ def census_income(data_path: PathLike, test_path: Optional[PathLike] = None, *,
   or a value never seen in training (vocab size ``K + 1``). Values are stripped of the leading
   space. ``metadata`` holds the vocabularies and the normalization statistics.
 
+  File forms: the UCI files (42 comma-separated fields a row, no header), and the common
+  preprocessed CSVs made from them: a header row (recognized because none of its numeric
+  columns holds a number; the columns are then still taken by position, in the UCI order of
+  :data:`CENSUS_COLUMNS`, whatever their names) and/or a leading index column (rows of 43
+  fields, e.g. written by ``pandas.DataFrame.to_csv``; detected on the first row, header or
+  data, and then every row must have 43 fields). A UTF-8 byte-order mark is ignored.
+
+  Malformed rows: a row with another number of fields (a file cut mid-row ends with one), a
+  numeric column holding something other than a number or ``?`` (``nan`` and ``inf``
+  included), a non-integer index, an unknown value in the column of an ``income`` or
+  ``education`` task, or a file without any data row raise a ``ValueError`` naming the file,
+  the line and the column (``on_bad_rows='error'``, the default); ``on_bad_rows='skip'`` drops
+  the malformed rows instead and warns once per file with their count and the first one.
+
   Splits: ``train`` = the data file; the test file is shuffled with
   ``np.random.default_rng(seed)`` and split 1:1 into ``validation`` (first half, the extra row
   of an odd count goes to ``test``) and ``test``.
@@ -143,6 +218,7 @@ def census_income(data_path: PathLike, test_path: Optional[PathLike] = None, *,
     tasks: task names, in label order.
     seed: seed of the validation/test split.
     embed_dim: embedding width put in the spec.
+    on_bad_rows: ``'error'`` (raise at a malformed row) or ``'skip'`` (drop malformed rows, warn).
 
   Returns:
     ``{'train': ...}`` or ``{'train', 'validation', 'test'}`` of :class:`MultiTaskDataset`.
@@ -154,6 +230,7 @@ def census_income(data_path: PathLike, test_path: Optional[PathLike] = None, *,
   tasks = tuple(tasks)
   if not tasks or any(t not in _TASKS for t in tasks) or len(set(tasks)) != len(tasks):
     raise ValueError(f"mtjax: census_income tasks must be distinct names from {sorted(_TASKS)}, got {tasks}.")
+  _check_on_bad_rows(on_bad_rows)
   data_path = os.fspath(data_path)
   if os.path.isdir(data_path):
     directory = data_path
@@ -161,10 +238,10 @@ def census_income(data_path: PathLike, test_path: Optional[PathLike] = None, *,
     if test_path is None and os.path.isfile(os.path.join(directory, "census-income.test")):
       test_path = os.path.join(directory, "census-income.test")
   data_path = _check_file(data_path, "Census-Income data")
-  files = {"train": _read_census(data_path)}
+  files = {"train": _read_census(data_path, tasks, on_bad_rows)}
   if test_path is not None:
     test_path = _check_file(test_path, "Census-Income test")
-    files["test"] = _read_census(test_path)
+    files["test"] = _read_census(test_path, tasks, on_bad_rows)
 
   col = {c: i for i, c in enumerate(CENSUS_COLUMNS)}
   label_cols = {_TASKS[t] for t in tasks}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import os
+import warnings
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -166,13 +168,33 @@ class MultiTaskDataset:
         masks=None if self.masks is None else _take(self.masks, idx, axis=1),
         extras={k: _take(v, idx) for k, v in self.extras.items()})
 
-  def split(self, fractions: Sequence[float], *, seed: Optional[int] = None) -> tuple["MultiTaskDataset", ...]:
+  def split(self, fractions: Sequence[float], *, seed: Optional[int] = None,
+            stratify: bool = False) -> tuple["MultiTaskDataset", ...]:
     """Splits into consecutive parts of the given fractions of ``N``.
 
     Part ``k`` holds samples ``[round(c_{k-1} N), round(c_k N))`` of the order, where ``c`` is the
     cumulative sum of ``fractions`` (samples beyond ``c_K`` are left out when the fractions sum to
     less than 1). The order is the stored one, or ``np.random.default_rng(seed).permutation(N)``
     when ``seed`` is given.
+
+    ``stratify=True`` keeps the part sizes but gives every part (as nearly as rounding allows) the
+    same fraction of each joint label pattern: the tuple of the labels of the binary tasks, where
+    a masked label counts as a value of its own (regression tasks are ignored; with no binary task
+    this is the plain split). The samples are sorted by pattern (patterns in reflected Gray-code
+    order, which without masks makes the positives of the first two binary tasks contiguous runs;
+    inside a pattern the stored or seeded order), then dealt out one by one, each to the part
+    furthest behind its share so far. Any run of the sorted samples, so every pattern (and,
+    without masks, the positives of the first two binary tasks) ends up in each part within about
+    1 of its share; other tasks' positives, spread over several patterns, within a few. The
+    samples inside a part keep the order. Same ``seed``, same split.
+
+    Examples:
+      >>> import numpy as np
+      >>> from mtjax import data
+      >>> ds = data.MultiTaskDataset(features=np.zeros((8, 1), np.float32),
+      ...                            labels=np.array([[1, 1, 0, 0, 0, 0, 0, 0]]), task_names=('a',))
+      >>> [float(part.labels.sum()) for part in ds.split((0.5, 0.5), seed=0, stratify=True)]
+      [1.0, 1.0]
     """
     fr = np.asarray(fractions, np.float64)
     if fr.ndim != 1 or fr.size == 0 or np.any(fr < 0) or fr.sum() > 1 + 1e-9:
@@ -180,7 +202,25 @@ class MultiTaskDataset:
     n = len(self)
     order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
     bounds = np.rint(np.concatenate([[0.0], np.cumsum(fr)]) * n).astype(np.int64).clip(0, n)
-    return tuple(self.subset(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:]))
+    binary = [t for t, kind in enumerate(self.task_types) if kind == "binary"]
+    if not (stratify and binary and n):
+      return tuple(self.subset(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:]))
+    digits = (self.labels[binary][:, order] > 0.5).astype(np.int64)  # [T_binary, N], in the order
+    radix = 2
+    if self.masks is not None:
+      digits = np.where(self.masks[binary][:, order], digits, 2)
+      radix = 3
+    rank = np.zeros(n, np.int64)  # the pattern's place in the reflected (boustrophedon) Gray order
+    reflect = np.zeros(n, bool)
+    for d in digits:
+      d = np.where(reflect, radix - 1 - d, d)
+      rank = rank * radix + d
+      reflect ^= d % 2 == 1
+    sorted_positions = np.argsort(rank, kind="stable")  # grouped by pattern, in the order inside a group
+    sizes = np.diff(bounds).tolist() + [n - int(bounds[-1] - bounds[0])]  # the parts, then what is left out
+    part = _deal(sizes)
+    positions = [np.sort(sorted_positions[part == k]) for k in range(len(sizes) - 1)]
+    return tuple(self.subset(order[p]) for p in positions)
 
   def batch(self, indices: Index, *, include_extras: bool = False) -> dict[str, Any]:
     """The batch dict of the samples at ``indices``; only those rows are read (fancy indexing).
@@ -204,6 +244,25 @@ class MultiTaskDataset:
 
 # ----------------------------------------------------------------------------------------------
 # Helpers shared by the loaders (private).
+
+
+def _deal(sizes: Sequence[int]) -> np.ndarray:
+  """Deals ``sum(sizes)`` places to parts of the given sizes: place ``i`` goes to the part most behind its share
+  ``sizes[k] / N * (i + 1)`` (ties: the first). Every run of consecutive places holds each part's share of it
+  within 2, and part ``k`` gets exactly ``sizes[k]`` places."""
+  n = int(sum(sizes))
+  share = [s / n for s in sizes]
+  given = [0] * len(sizes)
+  out = np.empty(n, np.int64)
+  for i in range(n):
+    best, lag = 0, -2.0
+    for k, w in enumerate(share):
+      behind = w * (i + 1) - given[k]
+      if behind > lag + 1e-12:
+        best, lag = k, behind
+    given[best] += 1
+    out[i] = best
+  return out
 
 
 def _check_file(path: Union[str, os.PathLike], what: str) -> str:
@@ -232,65 +291,207 @@ def _map_to_ids(values: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
   return np.where(found, pos_c + 1, 0).astype(np.int32)
 
 
+ON_BAD_ROWS = ("error", "skip")
+
+
+class _RowError(ValueError):
+  """What is wrong with one row (without the file and line, which :class:`_BadRows` adds)."""
+
+
+def _check_on_bad_rows(on_bad_rows: str) -> str:
+  if on_bad_rows not in ON_BAD_ROWS:
+    raise ValueError(f"mtjax: on_bad_rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}.")
+  return on_bad_rows
+
+
+class _BadRows:
+  """The malformed rows of one file: ``on_bad_rows='error'`` raises at the first, ``'skip'`` counts them.
+
+  Every message reads ``mtjax: '<path>' line <L>: <what is wrong>``.
+  """
+
+  def __init__(self, path: str, on_bad_rows: str):
+    self.path = path
+    self.mode = _check_on_bad_rows(on_bad_rows)
+    self.count = 0
+    self.first: Optional[str] = None
+
+  def message(self, line: int, why: str) -> str:
+    return f"mtjax: {self.path!r} line {line}: {why}"
+
+  def __call__(self, line: int, why: str) -> None:
+    if self.mode == "error":
+      raise ValueError(self.message(line, why))
+    self.count += 1
+    if self.first is None:
+      self.first = f"line {line}: {why}"
+
+  def warn(self) -> None:
+    if self.count:
+      warnings.warn(f"mtjax: dropped {self.count} malformed row(s) of {self.path!r} (on_bad_rows='skip'); the "
+                    f"first, {self.first}", stacklevel=4)
+
+
+def _open_text(path: str):
+  """Opens a text file for reading; a UTF-8 byte-order mark at its start is dropped."""
+  return open(path, newline="", encoding="utf-8-sig")
+
+
+def _lines(fh):
+  """``(line number, text, complete)`` of each line, 1-based; ``complete`` is False for a last line without
+  a newline (a file cut mid-row ends so)."""
+  for line, text in enumerate(fh, start=1):
+    complete = text.endswith("\n")
+    yield line, text.rstrip("\r\n"), complete
+
+
+def _split_fields(text: str) -> list[str]:
+  """The comma-separated fields of one CSV line (quoted fields through the ``csv`` module)."""
+  if '"' in text:
+    return next(csv.reader([text], skipinitialspace=True), [])
+  return text.split(",")
+
+
+def _cut_hint(complete: bool) -> str:
+  return "" if complete else " (it is the last line and has no newline: is the file cut short?)"
+
+
+def _number(text: str, kind: str, column: str):
+  """The number in a non-empty field: ``kind`` ``'int'`` (an integer id; ``3.0`` is 3) or ``'float'``.
+
+  Raises:
+    _RowError: not a number, a non-finite number (``nan``, ``inf``: the formats have none), or a
+      non-integer in an integer column.
+  """
+  s = text.strip()
+  try:
+    if "_" in s:
+      raise ValueError
+    v = float(s)
+  except ValueError:
+    raise _RowError(f"column {column!r} holds {text!r}, not a number") from None
+  if not math.isfinite(v):
+    raise _RowError(f"column {column!r} holds {text!r}, a non-finite number (the format has none)")
+  if kind == "int":
+    if v != math.floor(v):
+      raise _RowError(f"column {column!r} holds {text!r}, not an integer")
+    try:
+      return int(s)
+    except ValueError:
+      return int(v)
+  return v
+
+
 def _read_header(path: str) -> list[str]:
-  with open(path, newline="") as fh:
+  with _open_text(path) as fh:
     header = next(csv.reader(fh), None)
-  if not header:
-    raise ValueError(f"mtjax: {path!r} is empty; expected a CSV file with a header row.")
+  if not header or (len(header) == 1 and not header[0].strip()):
+    raise ValueError(f"mtjax: {path!r} line 1: the file is empty; expected a CSV file with a header row.")
   return [h.strip() for h in header]
 
 
 def _column_indices(path: str, header: Sequence[str], columns: Sequence[str]) -> list[int]:
   missing = [c for c in columns if c not in header]
   if missing:
-    raise ValueError(f"mtjax: {path!r} lacks column(s) {missing}; its header is {list(header)}.")
+    raise ValueError(f"mtjax: {path!r} line 1: the header lacks column(s) {missing}; it is {list(header)}.")
   return [list(header).index(c) for c in columns]
 
 
-def _read_numeric_columns(path: str, columns: Sequence[str], dtype, *, header: Optional[Sequence[str]] = None,
-                          skip_header: bool = True) -> tuple[np.ndarray, np.ndarray]:
-  """Reads the named numeric columns of a CSV file into ``[N, C]``.
+def _no_rows(path: str, line: int, bad: "_BadRows") -> ValueError:
+  if bad.count:
+    return ValueError(f"mtjax: {path!r}: every row is malformed ({bad.count} dropped); the first, {bad.first}.")
+  return ValueError(f"mtjax: {path!r} line {line}: no data rows after the header (the file holds only a header; "
+                    "is it cut short?).")
 
-  The fast path is ``np.loadtxt`` (C parser). If a field is empty or not a number of ``dtype``
-  (e.g. "1.0" in an int column) the file is re-read with the ``csv`` module: ints are parsed
-  through ``float``, and empty / unparsable fields are reported in the returned ``[N, C]``
-  missing mask (their value is 0).
+
+def _read_csv(path: str, columns: Mapping[str, str], *, required: Sequence[str] = (), on_bad_rows: str = "error",
+              allowed: Optional[Mapping[str, Sequence[float]]] = None,
+              header: Optional[Sequence[str]] = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Reads the named numeric columns of a CSV file with a header row, strictly.
+
+  ``columns`` maps a column name to ``'int'`` (int64 values) or ``'float'`` (float64). A row is
+  malformed when it has more or fewer fields than the header (a file cut mid-row ends with such a
+  row), or when a read column holds something that is not a number, a non-finite number (``nan``,
+  ``inf``), a non-integer in an ``'int'`` column, a value outside ``allowed[name]`` (e.g. a 0/1
+  label), or nothing in a ``required`` column. An empty
+  field of another column is missing (value 0, flagged in the missing mask). Blank lines are
+  ignored; a UTF-8 byte-order mark is dropped. A malformed row raises a ``ValueError`` naming the
+  file, the line and the column (``on_bad_rows='error'``) or is dropped with one warning per file
+  (``'skip'``); a file with no data row raises.
+
+  The fast path is one ``np.loadtxt`` (C parser) of every column as float64; when it fails or
+  finds anything it cannot vouch for, the file is re-read line by line, which decides.
 
   Returns:
-    ``(values [N, C] of dtype, missing [N, C] bool)``.
+    ``(values, missing)``: dicts ``name -> [N]`` array (values int64/float64, missing bool).
   """
+  bad = _BadRows(path, on_bad_rows)
   header = _read_header(path) if header is None else list(header)
-  cols = _column_indices(path, header, columns)
-  try:
-    values = np.loadtxt(path, delimiter=",", skiprows=1 if skip_header else 0, usecols=cols, dtype=dtype,
-                        ndmin=2, comments=None)
-    return values, np.zeros(values.shape, bool)
-  except ValueError:
-    pass
-  is_int = np.issubdtype(np.dtype(dtype), np.integer)
-  rows, missing = [], []
-  with open(path, newline="") as fh:
-    reader = csv.reader(fh)
-    if skip_header:
-      next(reader, None)
-    for line, row in enumerate(reader, start=2 if skip_header else 1):
-      if not row:
+  names = list(columns)
+  cols = _column_indices(path, header, names)
+  required = set(required)
+  allowed = {name: tuple(v) for name, v in (allowed or {}).items()}
+  fast = _read_csv_fast(path, header, columns, cols, allowed)
+  if fast is not None:
+    return fast
+
+  width = len(header)
+  spec = [(name, columns[name], j, name in required, allowed.get(name)) for name, j in zip(names, cols)]
+  values = {name: [] for name in names}
+  missing = {name: [] for name in names}
+  with _open_text(path) as fh:
+    lines = _lines(fh)
+    next(lines, None)
+    for line, text, complete in lines:
+      if not text.strip():
         continue
-      vals, miss = [], []
-      for c in cols:
-        s = row[c].strip() if c < len(row) else ""
-        try:
-          v = float(s)
-          if is_int:
-            v = int(v)
-          vals.append(v)
-          miss.append(False)
-        except ValueError:
-          if s not in ("", "?", "nan", "NaN", "NA", "null"):
-            raise ValueError(f"mtjax: {path!r} line {line}: column {header[c]!r} holds {s!r}, not a number.")
-          vals.append(0)
-          miss.append(True)
-      rows.append(vals)
-      missing.append(miss)
-  values = np.asarray(rows, dtype=dtype).reshape(len(rows), len(cols))
-  return values, np.asarray(missing, bool).reshape(len(rows), len(cols))
+      row = _split_fields(text)
+      try:
+        if len(row) != width:
+          raise _RowError(f"has {len(row)} fields, the header has {width}{_cut_hint(complete)}")
+        parsed = []
+        for name, kind, j, req, ok in spec:
+          s = row[j]
+          if not s.strip():
+            if req:
+              raise _RowError(f"column {name!r} is empty{_cut_hint(complete)}")
+            parsed.append(None)
+            continue
+          v = _number(s, kind, name)
+          if ok is not None and v not in ok:
+            raise _RowError(f"column {name!r} holds {s!r}, not one of {ok}")
+          parsed.append(v)
+      except _RowError as e:
+        bad(line, str(e))
+        continue
+      for (name, *_), v in zip(spec, parsed):
+        values[name].append(0 if v is None else v)
+        missing[name].append(v is None)
+  if not values[names[0]]:
+    raise _no_rows(path, 2, bad)
+  bad.warn()
+  out = {name: np.asarray(values[name], np.int64 if columns[name] == "int" else np.float64) for name in names}
+  return out, {name: np.asarray(missing[name], bool) for name in names}
+
+
+def _read_csv_fast(path, header, columns, cols, allowed):
+  """:func:`_read_csv` through ``np.loadtxt``, or None where the line-by-line reader must decide."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2, comments=None)
+  except ValueError:  # a row with another field count, an empty field, not a number: the slow reader says which
+    return None
+  if table.shape[0] == 0 or table.shape[1] != len(header):
+    return None
+  values = {}
+  for (name, kind), j in zip(columns.items(), cols):
+    x = table[:, j]
+    if not np.isfinite(x).all() or (name in allowed and not np.isin(x, allowed[name]).all()):
+      return None
+    if kind == "int":
+      if (np.abs(x) >= 2.0**53).any() or (x != np.floor(x)).any():
+        return None
+      x = x.astype(np.int64)
+    values[name] = np.ascontiguousarray(x)
+  return values, {name: np.zeros(table.shape[0], bool) for name in columns}

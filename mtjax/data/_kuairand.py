@@ -8,7 +8,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from mtjax.data._dataset import MultiTaskDataset, _check_file, _map_to_ids, _read_header, _read_numeric_columns, _vocabulary
+from mtjax.data._dataset import (MultiTaskDataset, _check_file, _check_on_bad_rows, _map_to_ids, _read_csv,
+                                 _vocabulary)
 from mtjax.models._features import Categorical, Dense, FeatureSpec
 
 PathLike = Union[str, os.PathLike]
@@ -36,7 +37,8 @@ def _log_files(log_paths) -> list[str]:
 
 
 def kuairand(log_paths: Union[PathLike, Sequence[PathLike]], *, tasks: Sequence[str] = ("is_click", "long_view", "is_like"),
-             test_dates: Optional[Sequence[int]] = None, embed_dim: int = 8) -> dict[str, MultiTaskDataset]:
+             test_dates: Optional[Sequence[int]] = None, embed_dim: int = 8,
+             on_bad_rows: str = "error") -> dict[str, MultiTaskDataset]:
   """Loads KuaiRand interaction logs (``log_standard_*.csv``) for multi-task, multi-domain learning.
 
   Columns (header row): ``user_id, video_id, date, hourmin, time_ms, is_click, is_like,
@@ -60,6 +62,13 @@ def kuairand(log_paths: Union[PathLike, Sequence[PathLike]], *, tasks: Sequence[
   * Tasks: ``tasks`` (default ``is_click, long_view, is_like``), 0/1 labels of all
     impressions (no masks); a missing label is 0.
   * ``extras``: ``user_id`` (raw, int64, for GAUC), ``video_id`` (raw), ``date``, ``is_rand``.
+  * Malformed rows: a row with more or fewer fields than the header (a file cut mid-row ends
+    with one), a read field that is not an integer (``nan`` and ``inf`` included), a task label
+    that is not 0 or 1, an empty ``date``, or a header without any data row raise a
+    ``ValueError`` naming the file, the line and the column (``on_bad_rows='error'``, the
+    default); ``on_bad_rows='skip'`` drops the malformed rows instead and warns once per file
+    with their count and the first one. An empty field of another read column is missing. A
+    UTF-8 byte-order mark is ignored.
 
   Examples:
     >>> from mtjax import data
@@ -72,6 +81,7 @@ def kuairand(log_paths: Union[PathLike, Sequence[PathLike]], *, tasks: Sequence[
     tasks: label columns, in task order (any of the 0/1 outcome columns).
     test_dates: dates (``YYYYMMDD`` ints) of the test split; default the last date.
     embed_dim: embedding width put in the spec.
+    on_bad_rows: ``'error'`` (raise at a malformed row) or ``'skip'`` (drop malformed rows, warn).
 
   Returns:
     ``{'train', 'test'}`` of :class:`MultiTaskDataset`.
@@ -83,12 +93,14 @@ def kuairand(log_paths: Union[PathLike, Sequence[PathLike]], *, tasks: Sequence[
   tasks = tuple(tasks)
   if not tasks or any(t not in _LABELS for t in tasks) or len(set(tasks)) != len(tasks):
     raise ValueError(f"mtjax: kuairand tasks must be distinct names from {_LABELS}, got {tasks}.")
+  _check_on_bad_rows(on_bad_rows)
   columns = _READ + tasks
   parts, missing_parts = [], []
   for path in _log_files(log_paths):
-    values, missing = _read_numeric_columns(path, columns, np.int64, header=_read_header(path))
-    parts.append(values)
-    missing_parts.append(missing)
+    values, missing = _read_csv(path, {name: "int" for name in columns}, required=("date",), on_bad_rows=on_bad_rows,
+                                allowed={t: (0, 1) for t in tasks})
+    parts.append(np.stack([values[name] for name in columns], axis=1))
+    missing_parts.append(np.stack([missing[name] for name in columns], axis=1))
   values = np.concatenate(parts)
   missing = np.concatenate(missing_parts)
   c = {name: j for j, name in enumerate(columns)}

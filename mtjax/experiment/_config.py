@@ -18,6 +18,8 @@ An experiment file has four tables and two top-level keys::
     # gram_leaves = "expert"      # weights from the Gram of these leaves only (strategy "subset")
     # every = 16                  # amortized: recompute the weights every 16 steps (mtjax.amortized)
     # ema = 0.9                   # amortized: EMA of the weights (CR-MOGM)
+    # shared = "model"            # the Gram's parameters: "model" (the model's declared shared
+    #                             # parameters, default), "all", or {exclude = ["tower_"]} patterns
 
     [optimizer]                   # an optax optimizer and its arguments
     name = "adam"
@@ -30,6 +32,7 @@ An experiment file has four tables and two top-level keys::
     chunk_size = 0                # at most this many task rows at a time (0: all)
     rep_gram = "sum"              # strategy "rep": "sum" (over the batch) or "stack" (per sample)
     sparse = true                 # exact sparse per-task gradients of embedding tables
+    similarity = "model"          # logged task-gradient cosines (shared parameters): "model" or "layer"
     seed = 0
     eval_every = 200              # 0: only at the end
     log_every = 10
@@ -44,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import re
 from typing import Any, Mapping
 
 TABLES = ("data", "model", "method", "optimizer", "train")
@@ -68,6 +72,7 @@ class TrainConfig:
   chunk_size: int = 0
   rep_gram: str = "sum"
   sparse: bool = True
+  similarity: str = "model"  # task-gradient cosines logged over the shared parameters: "model" or per "layer"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +125,8 @@ def _train_config(raw: Mapping[str, Any]) -> TrainConfig:
     raise ConfigError(f"train.strategy must be one of {strategies}, got {cfg.strategy!r}")
   if cfg.chunk_size < 0:
     raise ConfigError(f"train.chunk_size must be >= 0 (0: all task rows at once), got {cfg.chunk_size}")
+  if cfg.similarity not in ("model", "layer"):
+    raise ConfigError(f"train.similarity must be 'model' or 'layer', got {cfg.similarity!r}")
   if cfg.rep_gram not in REP_GRAMS:
     raise ConfigError(f"train.rep_gram must be one of {REP_GRAMS}, got {cfg.rep_gram!r}")
   return cfg
@@ -136,6 +143,15 @@ def _check_amortize(method: Mapping[str, Any]) -> None:
     raise ConfigError(f"method.ema must be a number in [0, 1), got {ema!r}")
 
 
+def _check_shared(method: Mapping[str, Any]) -> None:
+  shared = method.get("shared", "model")
+  ok = shared in ("model", "all") or (isinstance(shared, Mapping) and shared and set(shared) <= {"include", "exclude"}
+                                      and all(isinstance(v, (str, list)) for v in shared.values()))
+  if not ok:
+    raise ConfigError("method.shared must be \"model\" (the parameters the model declares shared), \"all\", or a "
+                      f"table {{include = [...], exclude = [...]}} of parameter-path patterns; got {shared!r}")
+
+
 def _named_table(raw: Mapping[str, Any], table: str, known: Mapping[str, Any]) -> dict:
   if not isinstance(raw, Mapping):
     raise ConfigError(f"[{table}] must be a table, got {type(raw).__name__}")
@@ -147,21 +163,86 @@ def _named_table(raw: Mapping[str, Any], table: str, known: Mapping[str, Any]) -
   return dict(raw)
 
 
+_KIND_WORDS = (("bool", "bool"), ("int", "int"), ("float", "float"), ("str", "str"), ("PathLike", "str"),
+               ("Sequence", "list"), ("Tuple", "list"), ("tuple", "list"), ("List", "list"), ("list", "list"),
+               ("Mapping", "table"), ("Dict", "table"), ("dict", "table"))
+_KIND_NAMES = {"bool": "a boolean (true/false)", "int": "an integer", "float": "a number", "str": "a string",
+               "list": "a list", "table": "a table"}
+
+
+def _value_kind(value: Any) -> str:
+  if isinstance(value, bool):
+    return "bool"
+  if isinstance(value, int):
+    return "int"
+  if isinstance(value, float):
+    return "float"
+  if isinstance(value, str):
+    return "str"
+  if isinstance(value, (list, tuple)):
+    return "list"
+  return "table" if isinstance(value, Mapping) else type(value).__name__
+
+
+def _expected_kinds(annotation: Any, default: Any) -> set | None:
+  """The TOML value kinds an argument accepts, from its annotation and default; None: unknown (not checked)."""
+  text = annotation if isinstance(annotation, str) else (annotation.__name__ if isinstance(annotation, type)
+                                                         else repr(annotation))
+  if annotation is inspect.Parameter.empty:
+    text = ""
+  while True:  # Sequence[int] is a list, not an int: drop the element types of containers
+    inner = re.sub(r"\b(Sequence|Tuple|tuple|List|list|Mapping|Dict|dict|Callable)\[[^\[\]]*\]", r"\1", text)
+    if inner == text:
+      break
+    text = inner
+  if re.search(r"\b(Any|PyTree)\b", text):
+    return None  # anything goes: the factory checks it
+  while "Callable[" in text:  # TOML has no functions: drop Callable[[...], ...] with its brackets
+    i = text.index("Callable[")
+    depth, j = 0, i + len("Callable")
+    for j in range(i + len("Callable"), len(text)):
+      depth += {"[": 1, "]": -1}.get(text[j], 0)
+      if depth == 0:
+        break
+    text = text[:i] + text[j + 1:]
+  text = re.sub(r"\bCallable\b", "", text)
+  kinds = {kind for word, kind in _KIND_WORDS if re.search(rf"\b{word}\b", text)}
+  if re.search(r"\b(ArrayLike|Array|ndarray)\b", text):
+    kinds |= {"float", "list"}  # a number, or a list of numbers (e.g. lower_bounds = [0.1, 0.1])
+  if default is not inspect.Parameter.empty and default is not None and not callable(default):
+    kinds.add(_value_kind(default))
+  if not kinds or not kinds <= set(_KIND_NAMES):
+    return None
+  if "float" in kinds:
+    kinds.add("int")  # 1 for 1.0
+  return kinds
+
+
 def check_kwargs(where: str, fn, kwargs: Mapping[str, Any], *, reserved=()) -> None:
-  """Unknown keyword arguments of ``fn`` (a factory or a dataclass) -> ConfigError."""
+  """Unknown keyword arguments of ``fn`` (a factory or a dataclass), or values of the wrong type
+  (from its annotations and defaults: ``num_experts = "2"``, ``expert = 8``) -> ConfigError."""
   if dataclasses.is_dataclass(fn):
-    names = {f.name for f in dataclasses.fields(fn) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(fn) if f.init}
+    names = set(fields)
     var_kw = False
+    spec = {n: (f.type, f.default if f.default is not dataclasses.MISSING else inspect.Parameter.empty)
+            for n, f in fields.items()}
   else:
     sig = inspect.signature(fn)
     names = {p.name for p in sig.parameters.values()
              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     var_kw = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
-  for k in kwargs:
+    spec = {p.name: (p.annotation, p.default) for p in sig.parameters.values()}
+  for k, v in kwargs.items():
     if k in reserved:
       raise ConfigError(f"{where}.{k} is set by the experiment; remove it from the config")
     if not var_kw and k not in names:
       raise ConfigError(f"{where} has unknown key {k!r}; known keys: {', '.join(sorted(names - set(reserved)))}")
+    if k in spec:
+      kinds = _expected_kinds(*spec[k])
+      if kinds is not None and _value_kind(v) not in kinds:
+        want = " or ".join(_KIND_NAMES[x] for x in sorted(kinds - ({"int"} if "float" in kinds else set())))
+        raise ConfigError(f"{where}.{k} must be {want}, got {_value_kind(v)} {v!r}")
 
 
 def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
@@ -184,9 +265,10 @@ def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
   check_kwargs("model", reg.model_class(model["name"]), {k: v for k, v in model.items() if k != "name"},
                reserved=reg.MODEL_RESERVED)
   check_kwargs("method", reg.METHODS[method["name"]],
-               {k: v for k, v in method.items() if k != "name" and k not in AMORTIZE_KEYS},
+               {k: v for k, v in method.items() if k not in ("name", "shared") and k not in AMORTIZE_KEYS},
                reserved=reg.METHOD_RESERVED)
   _check_amortize(method)
+  _check_shared(method)
   check_kwargs("optimizer", reg.OPTIMIZERS[optimizer["name"]],
                {k: v for k, v in optimizer.items() if k != "name"})
   lr = optimizer.get("learning_rate")
@@ -204,8 +286,30 @@ def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
                           name=name, seeds=tuple(seeds))
 
 
+def _is_path_key(key: str) -> bool:
+  return key in ("path", "paths") or key.endswith("_path") or key.endswith("_paths")
+
+
+def resolve_data_paths(raw: Mapping[str, Any], base_dir: str) -> dict:
+  """``raw`` with the relative file paths of its ``[data]`` table (keys ``path``, ``*_path``,
+  ``*_paths``) made relative to ``base_dir`` (the config file's folder), not the working folder."""
+  raw = dict(raw)
+  data = raw.get("data")
+  if not isinstance(data, Mapping):
+    return raw
+
+  def fix(value):
+    if isinstance(value, str) and value and not os.path.isabs(os.path.expanduser(value)):
+      return os.path.normpath(os.path.join(base_dir, value))
+    return os.path.expanduser(value) if isinstance(value, str) else value
+
+  raw["data"] = {k: ([fix(v) for v in value] if isinstance(value, list) else fix(value)) if _is_path_key(k) else value
+                 for k, value in data.items()}
+  return raw
+
+
 def load(path: str) -> ExperimentConfig:
-  """Reads and validates a TOML experiment file."""
+  """Reads and validates a TOML experiment file; relative data paths are relative to its folder."""
   import tomllib
 
   if not os.path.exists(path):
@@ -215,4 +319,4 @@ def load(path: str) -> ExperimentConfig:
       raw = tomllib.load(f)
   except tomllib.TOMLDecodeError as e:
     raise ConfigError(f"{path}: not valid TOML: {e}") from None
-  return from_dict(raw)
+  return from_dict(resolve_data_paths(raw, os.path.dirname(os.path.abspath(path))))

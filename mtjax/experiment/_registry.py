@@ -16,6 +16,7 @@ DATASETS = {
     "census": data.census_income,
     "aliexpress": data.aliexpress,
     "aliccp": data.aliccp,
+    "aliccp_processed": data.aliccp_processed,
     "kuairand": data.kuairand,
 }
 

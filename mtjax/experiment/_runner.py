@@ -6,6 +6,8 @@ import dataclasses
 import inspect
 import json
 import os
+import re
+import warnings
 import time
 from typing import Any, Optional, Sequence
 
@@ -18,6 +20,8 @@ from mtjax.experiment import _config
 from mtjax.experiment import _registry as reg
 
 SPLIT = (0.7, 0.15, 0.15)  # train / validation / test of a dataset that comes as one piece
+VALID_FRACTION = 0.1  # of the training file, when a loader gives train and test only
+SPLIT_SEED = 1234  # splits are fixed (independent of the run seed), so every run sees the same data
 
 
 @dataclasses.dataclass
@@ -30,29 +34,55 @@ class RunResult:
   ms_per_step: float
   history: list
   out_dir: Optional[str]
+  partition: Optional[dict] = None  # shared / task-specific layers and parameter counts (see partition())
 
 
 def load_data(cfg: _config.ExperimentConfig):
-  """``(train, valid, test)`` for the config's dataset (a fixed split, independent of the run seed)."""
+  """``(train, valid, test)`` for the config's dataset: a fixed, seeded split (independent of the run seed).
+
+  * A loader that gives train, validation and test: used as given.
+  * Train and test (the official split of a public dataset): test is kept whole, and validation
+    is ``VALID_FRACTION`` of the training file, drawn stratified (below).
+  * One piece (synthetic data): ``SPLIT`` = 70 / 15 / 15 %, stratified.
+
+  Stratified: every split gets the same share (up to rounding) of each joint pattern of the binary
+  tasks' labels (:meth:`mtjax.data.MultiTaskDataset.split`), never "first half / second half" of
+  a file. An empty split is a :class:`ConfigError`; a binary task without a positive or without
+  a negative in a split gets a warning (its AUC there is undefined).
+  """
   kwargs = {k: v for k, v in cfg.data.items() if k != "name"}
   out = reg.DATASETS[cfg.data["name"]](**kwargs)
   if isinstance(out, dict):  # file loaders return named splits
-    train = out["train"]
-    valid = out.get("validation", out.get("valid"))
-    test = out.get("test")
-    if valid is None and test is not None:
-      half = len(test) // 2
-      valid, test = test.subset(np.arange(half)), test.subset(np.arange(half, len(test)))
-    if valid is None or test is None:
+    train, valid, test = out.get("train"), out.get("validation", out.get("valid")), out.get("test")
+    if train is None or test is None:
       raise _config.ConfigError(f"data {cfg.data['name']!r} gave splits {sorted(out)}; need train and test")
-    return train, valid, test
+    out = (train, valid, test) if valid is not None else (train, test)
   if isinstance(out, tuple) and len(out) == 3:
-    return out
-  if isinstance(out, tuple) and len(out) == 2:
+    splits = out
+  elif isinstance(out, tuple) and len(out) == 2:
     train, test = out
-    half = len(test) // 2
-    return train, test.subset(np.arange(half)), test.subset(np.arange(half, len(test)))
-  return out.split(SPLIT, seed=1234)
+    train, valid = train.split((1 - VALID_FRACTION, VALID_FRACTION), seed=SPLIT_SEED, stratify=True)
+    splits = (train, valid, test)
+  else:
+    splits = out.split(SPLIT, seed=SPLIT_SEED, stratify=True)
+  check_splits(cfg.data["name"], splits)
+  return splits
+
+
+def check_splits(name: str, splits) -> None:
+  """Empty splits -> ConfigError; a binary task with one class only in a split -> a warning."""
+  for label, ds in zip(("train", "validation", "test"), splits):
+    if len(ds) == 0:
+      raise _config.ConfigError(f"data {name!r}: the {label} split is empty; give the dataset more samples")
+    for t, (task, kind) in enumerate(zip(ds.task_names, ds.task_types)):
+      if kind != "binary":
+        continue
+      y = ds.labels[t] if ds.masks is None else ds.labels[t][ds.masks[t]]
+      pos = int(np.sum(y > 0.5))
+      if pos == 0 or pos == len(y):
+        warnings.warn(f"mtjax: data {name!r}: task {task!r} has {'no positive' if pos == 0 else 'no negative'} "
+                      f"label among the {len(y)} labelled samples of the {label} split; its AUC there is "
+                      "undefined (reported as n/a and left out of the averages).", stacklevel=3)
 
 
 def build_model(cfg: _config.ExperimentConfig, train):
@@ -70,12 +100,27 @@ def build_model(cfg: _config.ExperimentConfig, train):
     raise _config.ConfigError(f"model {cfg.model['name']!r}: {e}") from None
 
 
-def build_tx(cfg: _config.ExperimentConfig, *, num_tasks: int, seed: int, steps_per_epoch: int):
-  """The optax chain ``method -> optimizer`` of a config."""
+def partition(cfg: _config.ExperimentConfig, model):
+  """The ``shared=`` mask of a run: ``method.shared`` (default ``"model"``: the partition the model
+  declares, see :func:`mtjax.models.partition`; ``"all"``: every parameter shared; or a table
+  ``{include = [...], exclude = [...]}`` of parameter-path patterns)."""
+  from mtjax._src import partition as partition_lib
+
+  try:
+    return partition_lib.resolve(cfg.method.get("shared", "model"), model)
+  except ValueError as e:
+    raise _config.ConfigError(f"method.{str(e).removeprefix('mtjax: ')}") from None
+
+
+def build_tx(cfg: _config.ExperimentConfig, *, num_tasks: int, seed: int, steps_per_epoch: int, shared=None):
+  """The optax chain ``method -> optimizer`` of a config; ``shared`` is the mask from :func:`partition`."""
   name = cfg.method["name"]
   factory = reg.METHODS[name]
-  kwargs = {k: v for k, v in cfg.method.items() if k != "name" and k not in _config.AMORTIZE_KEYS}
+  kwargs = {k: v for k, v in cfg.method.items()
+            if k not in ("name", "shared") and k not in _config.AMORTIZE_KEYS}
   params = inspect.signature(factory).parameters
+  if "shared" in params and shared is not None:
+    kwargs["shared"] = shared
   if "num_tasks" in params:
     kwargs["num_tasks"] = num_tasks
   if "key" in params and "key" not in kwargs:
@@ -118,7 +163,7 @@ def track_similarity(cfg: _config.ExperimentConfig) -> bool:
 
 
 def run(cfg: _config.ExperimentConfig, *, seed: Optional[int] = None, out_dir: Optional[str] = None,
-        progress: bool = True, data=None, plots: bool = True) -> RunResult:
+        progress: bool = True, data=None, plots: bool = True, from_step: Optional[int] = None) -> RunResult:
   """Trains one configuration and evaluates it on the test split; writes results to ``out_dir``."""
   seed = cfg.train.seed if seed is None else seed
   train, valid, test = data if data is not None else load_data(cfg)
@@ -126,7 +171,10 @@ def run(cfg: _config.ExperimentConfig, *, seed: Optional[int] = None, out_dir: O
     raise _config.ConfigError(f"train.batch_size {cfg.train.batch_size} is larger than the training split "
                               f"({len(train)} samples)")
   model = build_model(cfg, train)
-  tx = build_tx(cfg, num_tasks=train.num_tasks, seed=seed, steps_per_epoch=max(1, len(train) // cfg.train.batch_size))
+  shared = partition(cfg, model)
+  # strategy "rep": the marked representation is the split (trunk below, heads above), so the method gets no mask
+  tx = build_tx(cfg, num_tasks=train.num_tasks, seed=seed, steps_per_epoch=max(1, len(train) // cfg.train.batch_size),
+                shared=None if cfg.train.strategy == "rep" else shared)
   task_losses, multi = model_loss(cfg)
   res = training.fit(model, tx, train, steps=cfg.train.steps, batch_size=cfg.train.batch_size, seed=seed,
                      strategy=cfg.train.strategy, task_losses=task_losses, multi_task_loss=multi, eval_ds=valid,
@@ -134,18 +182,22 @@ def run(cfg: _config.ExperimentConfig, *, seed: Optional[int] = None, out_dir: O
                      log_every=cfg.train.log_every, out_dir=out_dir, checkpoint_every=cfg.train.checkpoint_every,
                      progress=progress, track_similarity=track_similarity(cfg), config=cfg.to_dict(),
                      desc=f"{cfg.method['name']} s{seed}", sparse=cfg.train.sparse,
-                     chunk_size=cfg.train.chunk_size or None, rep_gram=cfg.train.rep_gram)
+                     chunk_size=cfg.train.chunk_size or None, rep_gram=cfg.train.rep_gram, from_step=from_step,
+                     shared=shared, similarity_granularity=cfg.train.similarity)
   test_metrics = training.evaluate(model, res.state, test, batch_size=cfg.train.eval_batch_size)
   history = res.history
   if out_dir:  # after a resume the log file holds the whole run, the in-memory history only its end
     with open(os.path.join(out_dir, "log.jsonl")) as f:
       history = [r for r in map(json.loads, f) if "losses" in r]
+  from mtjax._src import partition as partition_lib
+  split = partition_lib.describe(shared, res.state.params)
   result = RunResult(config=cfg.to_dict(), seed=seed, method=cfg.method["name"], test=test_metrics,
-                     valid=res.final_eval, ms_per_step=res.ms_per_step, history=history, out_dir=out_dir)
+                     valid=res.final_eval, ms_per_step=res.ms_per_step, history=history, out_dir=out_dir,
+                     partition=split)
   if out_dir:
     with open(os.path.join(out_dir, "results.json"), "w") as f:
       json.dump({"config": result.config, "seed": seed, "test": test_metrics, "valid": res.final_eval,
-                 "ms_per_step": res.ms_per_step}, f, indent=1, default=float)
+                 "ms_per_step": res.ms_per_step, "partition": split}, f, indent=1, default=float)
     if plots:
       plot_learning_curves({cfg.method["name"]: [result]}, train.task_names, os.path.join(out_dir, "learning_curves.png"))
   return result
@@ -179,17 +231,30 @@ def compare(cfg: _config.ExperimentConfig, methods: Sequence[dict], *, seeds: Se
       scores = ", ".join(f"{n} {p[0]} {res.test[n][p[0]]:.4f}" for n, p in zip(names, prim))
       echo(f"  {label:<12s} seed {s}: {scores}; {res.ms_per_step:.2f} ms/step")
   table = summarize(results, names, prim, baseline=baseline)
-  text = format_table(table, names, prim, seeds=len(seeds), baseline=baseline)
+  split = next(iter(results.values()))[0].partition
+  text = format_table(table, names, prim, seeds=len(seeds), baseline=baseline) + "\n\n" + partition_note(split)
   echo(text)
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
       f.write(text + "\n")
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-      json.dump({"config": cfg.to_dict(), "methods": list(methods), "seeds": list(seeds), "table": table},
-                f, indent=1, default=float)
+      json.dump({"config": cfg.to_dict(), "methods": list(methods), "seeds": list(seeds), "table": table,
+                 "partition": split}, f, indent=1, default=float)
     plot_learning_curves(results, names, os.path.join(out_dir, "learning_curves.png"))
   return {"table": table, "results": results, "text": text}
+
+
+def partition_note(split: Optional[dict]) -> str:
+  """One line saying which parameters the methods compared tasks on."""
+  if not split:
+    return ""
+  total = split["shared_params"] + split["task_specific_params"]
+  if not split["task_specific_layers"]:
+    return f"Task gradients compared on all {total:,} parameters (no task-specific parameters)."
+  groups = sorted({re.sub(r"\d+", "*", name) for name in split["task_specific_layers"]})
+  return (f"Task gradients compared on the {split['shared_params']:,} shared of {total:,} parameters; "
+          f"task-specific: {', '.join(groups)}.")
 
 
 def macro_metric(prim) -> str:
@@ -203,19 +268,32 @@ def macro_metric(prim) -> str:
 
 
 def summarize(results: dict, names: Sequence[str], prim, *, baseline: str) -> dict:
+  """Per method: mean/std over seeds of each task's metric, macro average and Delta_m%.
+
+  An undefined metric (NaN: the AUC of a task without positives in the test split) is left out:
+  the mean is over the seeds where it is defined, and the macro average and Delta_m% are over the
+  tasks defined for both the method and the baseline (listed in ``delta_m_tasks``).
+  """
   table = {}
   macro = macro_metric(prim)
   in_macro = np.array([p[0] == macro for p in prim])
   for label, runs in results.items():
-    per_task = np.array([[r.test[n][p[0]] for n, p in zip(names, prim)] for r in runs])  # [S, T]
-    table[label] = {"mean": per_task.mean(0).tolist(), "std": per_task.std(0).tolist(),
-                    "macro": float(per_task[:, in_macro].mean()), "macro_metric": macro,
+    per_task = np.array([[r.test[n][p[0]] for n, p in zip(names, prim)] for r in runs], np.float64)  # [S, T]
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN, said in the table as n/a
+      mean, std = np.nanmean(per_task, 0), np.nanstd(per_task, 0)
+      macro_value = float(np.nanmean(mean[in_macro])) if np.any(np.isfinite(mean[in_macro])) else float("nan")
+    table[label] = {"mean": mean.tolist(), "std": std.tolist(), "macro": macro_value, "macro_metric": macro,
                     "ms_per_step": float(np.median([r.ms_per_step for r in runs])), "per_seed": per_task.tolist()}
   base_label = baseline if baseline in table else next(iter(table))
   base = np.asarray(table[base_label]["mean"])
-  lower = [p[1] for p in prim]
+  lower = np.array([p[1] for p in prim])
   for label, row in table.items():
-    row["delta_m"] = float(metrics_lib.delta_m(np.asarray(row["mean"]), base, lower_is_better=lower))
+    mean = np.asarray(row["mean"])
+    ok = np.isfinite(mean) & np.isfinite(base) & (base != 0)
+    row["delta_m_tasks"] = [n for n, k in zip(names, ok) if k]
+    row["delta_m"] = (float(metrics_lib.delta_m(mean[ok], base[ok], lower_is_better=lower[ok])) if ok.any()
+                      else float("nan"))
   table["_baseline"] = base_label
   return table
 
@@ -230,8 +308,9 @@ def format_table(table: dict, names, prim, *, seeds: int, baseline: str) -> str:
       continue
     cells = [label]
     for mu, sd in zip(row["mean"], row["std"]):
-      cells.append(f"{mu:.4f}" + (f" ± {sd:.4f}" if seeds > 1 else ""))
-    cells += [f"{row['macro']:.4f}", f"{row['delta_m']:+.2f}", f"{row['ms_per_step']:.2f}"]
+      cells.append("n/a" if not np.isfinite(mu) else f"{mu:.4f}" + (f" ± {sd:.4f}" if seeds > 1 else ""))
+    cells += ["n/a" if not np.isfinite(row["macro"]) else f"{row['macro']:.4f}",
+              "n/a" if not np.isfinite(row["delta_m"]) else f"{row['delta_m']:+.2f}", f"{row['ms_per_step']:.2f}"]
     rows.append(cells)
   widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
   fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"

@@ -13,6 +13,7 @@ from mtjax.models._layers import InputLayer
 from mtjax.models._layers import MLP
 from mtjax.models._registry import available
 from mtjax.models._registry import get
+from mtjax.models._registry import partition
 from mtjax.models._registry import register
 from mtjax.models._experts import Experts
 from mtjax.models._experts import Gate

@@ -119,6 +119,15 @@ class AITM(nn.Module):
   dropout: float = 0.0
   stop_transfer_gradient: bool = False
 
+  def task_specific(self) -> Tuple[str, ...]:
+    """Regular expressions (``re.search``) of the parameter paths that one task alone trains.
+
+    Every other parameter is shared: :func:`mtjax.models.partition` turns this into the ``shared=``
+    mask that ``fit``, ``run`` and ``compare`` pass to the gradient method.
+    """
+    t = self.num_tasks - 1  # earlier tasks' towers and heads also feed later tasks through the transfer
+    return (rf"^tower_{t}/", rf"^head_{t}/", rf"^attention_{t}/", rf"^transfer_{t - 1}/") if t > 0 else (r"^tower_0/", r"^head_0/")
+
   @nn.compact
   def __call__(self, x, *, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:
     if self.num_tasks < 2:

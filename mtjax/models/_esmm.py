@@ -86,6 +86,14 @@ class ESMM(nn.Module):
   bottom: Sequence[int] = ()
   dropout: float = 0.0
 
+  def task_specific(self) -> Tuple[str, ...]:
+    """Regular expressions (``re.search``) of the parameter paths that one task alone trains.
+
+    Every other parameter is shared: :func:`mtjax.models.partition` turns this into the ``shared=``
+    mask that ``fit``, ``run`` and ``compare`` pass to the gradient method.
+    """
+    return (r"^tower_cvr/",)  # the CTR tower also trains through pCTCVR = pCTR * pCVR
+
   @nn.compact
   def __call__(self, x, *, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:
     _check_tower("ESMM", self.tower)
@@ -152,6 +160,14 @@ class ESM2(nn.Module):
   features: Optional[FeatureSpec] = None
   bottom: Sequence[int] = ()
   dropout: float = 0.0
+
+  def task_specific(self) -> Tuple[str, ...]:
+    """Regular expressions (``re.search``) of the parameter paths that one task alone trains.
+
+    Every other parameter is shared: :func:`mtjax.models.partition` turns this into the ``shared=``
+    mask that ``fit``, ``run`` and ``compare`` pass to the gradient method.
+    """
+    return (r"^tower_buy_(d|o)action/",)  # the daction tower feeds both purchase paths
 
   @nn.compact
   def __call__(self, x, *, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:

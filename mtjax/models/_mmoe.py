@@ -88,6 +88,14 @@ class MMoE(nn.Module):
     return _experts.Gate(self.num_experts, hidden=tuple(self.gate_hidden), use_bias=self.gate_bias,
                          dropout=self.gate_dropout, dropout_mode=self.gate_dropout_mode, name=name)
 
+  def task_specific(self) -> Tuple[str, ...]:
+    """Regular expressions (``re.search``) of the parameter paths that one task alone trains.
+
+    Every other parameter is shared: :func:`mtjax.models.partition` turns this into the ``shared=``
+    mask that ``fit``, ``run`` and ``compare`` pass to the gradient method.
+    """
+    return (r"^tower_\d+/",) if self._single_gate else (r"^tower_\d+/", r"^gate_\d+/")
+
   @nn.compact
   def __call__(self, x, *, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:
     if self.num_tasks < 1:

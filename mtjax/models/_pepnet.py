@@ -168,6 +168,14 @@ class PEPNet(nn.Module):
       raise ValueError("mtjax: PEPNet has no general field left for E; set general_fields.")
     return general
 
+  def task_specific(self) -> Tuple[str, ...]:
+    """Regular expressions (``re.search``) of the parameter paths that one task alone trains.
+
+    Every other parameter is shared: :func:`mtjax.models.partition` turns this into the ``shared=``
+    mask that ``fit``, ``run`` and ``compare`` pass to the gradient method.
+    """
+    return (r"^tower_\d+_dense_\d+/",)
+
   @nn.compact
   def __call__(self, x, *, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:
     general = self._validate(x)

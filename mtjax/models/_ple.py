@@ -107,6 +107,15 @@ def stack_levels(model, level_cls, task_inputs, shared_input, *, train: bool):
   return outputs, aux
 
 
+def _ple_task_specific(num_levels: int) -> Tuple[str, ...]:
+  """Task-specific parameters of a PLE-style stack: the towers, the final level's task experts and
+  gates, and the task gates of the level before it (they feed only that task's final-level experts).
+  Earlier task experts and gates also reach the shared gate of a non-final level, so they are shared."""
+  last = num_levels - 1
+  out = (r"^tower_\d+/", rf"^level_{last}/experts_task_\d+/", rf"^level_{last}/gate_task_\d+/")
+  return out + ((rf"^level_{last - 1}/gate_task_\d+/",) if num_levels > 1 else ())
+
+
 @register("ple")
 class PLE(nn.Module):
   r"""Progressive Layered Extraction.
@@ -190,6 +199,14 @@ class PLE(nn.Module):
     if self.num_specific_experts < 1 or self.num_shared_experts < 1:
       raise ValueError(f"mtjax: {name} needs num_specific_experts >= 1 and num_shared_experts >= 1, "
                        f"got {self.num_specific_experts} and {self.num_shared_experts}.")
+
+  def task_specific(self) -> Tuple[str, ...]:
+    """Regular expressions (``re.search``) of the parameter paths that one task alone trains.
+
+    Every other parameter is shared: :func:`mtjax.models.partition` turns this into the ``shared=``
+    mask that ``fit``, ``run`` and ``compare`` pass to the gradient method.
+    """
+    return _ple_task_specific(self.num_levels)
 
   @nn.compact
   def __call__(self, x, *, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Type
+from typing import Any, Callable, Dict, List, Optional, Type
 
 import flax.linen as nn
 
@@ -93,3 +93,37 @@ def get(name: str, **config: Any) -> nn.Module:
   if missing:
     raise ValueError(f"mtjax: model {name!r} needs option(s) {missing}.")
   return cls(**config)
+
+
+def partition(model: nn.Module) -> Optional[Callable[[Any], Any]]:
+  """The ``shared=`` mask a model declares: every parameter except its task-specific ones.
+
+  A model declares the parameters that one task alone trains with a method
+  ``task_specific(self) -> tuple of regular expressions`` over ``'/'``-joined parameter paths
+  (every built-in model does: e.g. MMoE's towers and gates). ``fit``, ``run`` and ``compare``
+  pass this mask to the gradient method, so a Gram compares tasks only where they compete.
+  Returns ``None`` (every parameter shared) for a model that declares nothing; measure such a
+  model's partition with :func:`mtjax.infer_shared`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from mtjax import models
+    >>> model = models.MMoE(num_tasks=2, num_experts=2, expert=(4,), tower=(2, 1))
+    >>> params = model.init(jax.random.PRNGKey(0), jnp.ones((3, 5)))['params']
+    >>> mask = models.partition(model)(params)
+    >>> mask['experts']['expert_0']['Dense_0']['kernel'], mask['gate_0']['logits']['kernel']
+    (True, False)
+
+  Args:
+    model: a Flax module.
+
+  Returns:
+    A callable ``params -> pytree of bools`` (see :func:`mtjax.shared_mask`), or ``None``.
+  """
+  from mtjax._src.tree import shared_mask  # pylint: disable=import-outside-toplevel
+
+  declared = getattr(model, "task_specific", None)
+  if declared is None:
+    return None
+  patterns = tuple(declared())
+  return shared_mask(exclude=list(patterns))

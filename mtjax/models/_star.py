@@ -242,6 +242,14 @@ class STAR(nn.Module):
           h = nn.Dropout(self.dropout, deterministic=not train)(h)
     return h
 
+  def task_specific(self) -> Tuple[str, ...]:
+    """Regular expressions (``re.search``) of the parameter paths that one task alone trains.
+
+    Every other parameter is shared: :func:`mtjax.models.partition` turns this into the ``shared=``
+    mask that ``fit``, ``run`` and ``compare`` pass to the gradient method.
+    """
+    return ()  # every layer serves every task (the output layer's columns are per task, within one leaf)
+
   @nn.compact
   def __call__(self, x, *, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:
     if self.features is None or not isinstance(x, Mapping):

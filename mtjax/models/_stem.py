@@ -13,6 +13,7 @@ from mtjax.models._features import FeatureSpec
 from mtjax.models._layers import InputLayer
 from mtjax.models._ple import mark_experts
 from mtjax.models._ple import stack_levels
+from mtjax.models._ple import _ple_task_specific
 from mtjax.models._registry import register
 
 
@@ -182,6 +183,14 @@ class STEM(nn.Module):
         parts[s].append(fields[f.name])
     streams = [jnp.concatenate(p, axis=-1) for p in parts]
     return streams[:T], streams[T]
+
+  def task_specific(self) -> Tuple[str, ...]:
+    """Regular expressions (``re.search``) of the parameter paths that one task alone trains.
+
+    Every other parameter is shared: :func:`mtjax.models.partition` turns this into the ``shared=``
+    mask that ``fit``, ``run`` and ``compare`` pass to the gradient method.
+    """
+    return _ple_task_specific(self.num_levels) + ((r"^project_task_\d+/",) if self.num_levels == 1 else ())
 
   @nn.compact
   def __call__(self, x, *, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:

@@ -3,27 +3,55 @@
 A checkpoint folder ``<dir>/step_<N>/`` holds an orbax ``state/`` (every array leaf of the
 :class:`TrainState` -- params, optimizer state including the gradient method's state such as
 weights, EMA targets, PRNG keys and loss history -- and the model's extra collections and RNG)
-and ``meta.json`` (step, data-iterator position, the tree structure and leaf shapes, and the
-experiment config). Restoring checks the structure and shapes against a freshly initialised
-state, so a checkpoint from another model, method or task count is a clear error, and so is a
-corrupt or incomplete folder.
+and ``meta.json`` (step, data-iterator position, the tree structure and leaf shapes, a CRC32
+checksum of every leaf's bytes, and the experiment config). Restoring checks the structure and
+shapes against a freshly initialised state, so a checkpoint from another model, method or task
+count is a clear error, and verifies every restored leaf against its checksum, so a flipped bit
+in the array files is caught instead of silently changing the state (:func:`restore_latest`
+then falls back to the previous valid checkpoint, with a warning).
+
+Saving is all-or-nothing: a checkpoint is written into ``step_<N>.partial/``, ``meta.json``
+last and fsynced, checked, and only then renamed to ``step_<N>/``; older checkpoints are pruned
+(to the newest ``keep``) only after that. A failed write (disk full, read-only or unwritable
+folder) removes the partial folder, keeps every complete checkpoint and raises
+:class:`CheckpointSaveError` with one ``mtjax:`` line. Paths are made absolute (orbax needs it),
+so relative output folders resume like absolute ones.
 """
 
 from __future__ import annotations
 
+import errno as errno_lib
 import json
 import os
+import re
 import shutil
+import warnings
+import zlib
 from typing import Any, Optional
 
 import jax
 import numpy as np
 
 META = "meta.json"
+CHECKSUM = "crc32"  # over each leaf's C-order bytes; catches every single-bit and burst (<= 32 bits) error
+_STEP = re.compile(r"^step_(\d+)$")
+_LEFTOVER = re.compile(r"^step_\d+\.(partial|old)$")
 
 
 class CheckpointError(ValueError):
-  """A checkpoint that cannot be restored into this experiment."""
+  """A checkpoint that cannot be restored into this experiment (or written); messages start with ``mtjax:``."""
+
+
+class CheckpointCorruptError(CheckpointError):
+  """A checkpoint whose files are missing, unreadable, or fail their checksums."""
+
+
+class CheckpointSaveError(CheckpointError):
+  """A checkpoint or output file that could not be written (``errno`` holds the OS error number, if any)."""
+
+  def __init__(self, message: str, errno: Optional[int] = None):
+    super().__init__(message)
+    self.errno = errno
 
 
 def _leaf_specs(tree) -> list:
@@ -31,15 +59,47 @@ def _leaf_specs(tree) -> list:
           for x in jax.tree.leaves(tree)]
 
 
+def _checksum(x) -> int:
+  return zlib.crc32(np.ascontiguousarray(np.asarray(x)).tobytes()) & 0xFFFFFFFF
+
+
+def _os_error(e: BaseException) -> Optional[OSError]:
+  """The first ``OSError`` in ``e``'s cause/context chain (orbax and tensorstore wrap them)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError):
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def write_error(what: str, e: BaseException, hint: str = "") -> CheckpointSaveError:
+  """A one-line :class:`CheckpointSaveError` for a failed write of ``what`` (the OS reason if there is one)."""
+  os_err = _os_error(e)
+  if os_err is not None and os_err.errno is not None:
+    name = errno_lib.errorcode.get(os_err.errno, str(os_err.errno))
+    reason = f"{os_err.strerror or os.strerror(os_err.errno)} ({name})"
+    if os_err.filename:
+      reason += f": {os_err.filename}"
+  else:
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    reason = f"{type(e).__name__}: {first}"
+  return CheckpointSaveError(f"mtjax: could not write {what}: {reason}.{' ' + hint if hint else ''}",
+                             errno=os_err.errno if os_err is not None else None)
+
+
 def step_dirs(directory: str) -> list[tuple[int, str]]:
-  """``(step, path)`` of the complete checkpoints in ``directory``, oldest first."""
+  """``(step, path)`` of the complete checkpoints in ``directory``, oldest first (absolute paths)."""
+  directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     return []
   out = []
   for name in os.listdir(directory):
+    m = _STEP.match(name)
     path = os.path.join(directory, name)
-    if name.startswith("step_") and name[5:].isdigit() and os.path.exists(os.path.join(path, META)):
-      out.append((int(name[5:]), path))
+    if m and os.path.exists(os.path.join(path, META)):
+      out.append((int(m.group(1)), path))
   return sorted(out)
 
 
@@ -49,45 +109,113 @@ def latest(directory: str) -> Optional[str]:
   return dirs[-1][1] if dirs else None
 
 
+def _fsync_dir(path: str) -> None:
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _write_json(path: str, obj) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=1, default=str)
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def save(directory: str, state: Any, *, step: int, data_state: dict, config: Optional[dict] = None,
          keep: int = 2) -> str:
-  """Writes ``state`` and ``meta.json`` to ``directory/step_<step>`` (meta last, so a folder
-  without meta is incomplete and ignored); keeps the newest ``keep`` checkpoints."""
+  """Writes ``state`` and ``meta.json`` to ``directory/step_<step>``; keeps the newest ``keep`` checkpoints.
+
+  The checkpoint is written whole into ``step_<step>.partial`` (arrays, then ``meta.json`` with
+  the leaves' checksums, fsynced), checked, renamed into place, and only then are older
+  checkpoints pruned. Returns the checkpoint's absolute path.
+
+  Raises:
+    CheckpointSaveError: the folder is not writable or the disk is full (``errno`` is set); the
+      partial folder is removed and every complete checkpoint is kept.
+  """
   import orbax.checkpoint as ocp
 
-  path = os.path.abspath(os.path.join(directory, f"step_{step}"))
-  if os.path.exists(path):
-    shutil.rmtree(path)
-  os.makedirs(path)
-  leaves = jax.tree.leaves(state)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(path, "state"), {str(i): x for i, x in enumerate(leaves)})
-  ckptr.wait_until_finished()
-  meta = {"step": int(step), "data_state": data_state, "treedef": str(jax.tree.structure(state)),
-          "leaves": _leaf_specs(state), "config": config}
-  with open(os.path.join(path, META), "w") as f:
-    json.dump(meta, f, indent=1, default=str)
-  for _, old in step_dirs(directory)[:-keep]:
-    shutil.rmtree(old, ignore_errors=True)
+  if keep < 1:
+    raise ValueError(f"mtjax: checkpoints: keep={keep} must be >= 1.")
+  directory = os.path.abspath(directory)
+  path = os.path.join(directory, f"step_{step}")
+  tmp, old = path + ".partial", path + ".old"
+  moved = False
+  try:
+    os.makedirs(directory, exist_ok=True)
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    leaves = jax.tree.leaves(state)
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, "state"), {str(i): x for i, x in enumerate(leaves)})
+      ckptr.wait_until_finished()
+    sums = {"algorithm": CHECKSUM, "leaves": [_checksum(x) for x in leaves]}
+    meta = {"step": int(step), "data_state": data_state, "treedef": str(jax.tree.structure(state)),
+            "leaves": _leaf_specs(state), "checksums": sums, "config": config}
+    _write_json(os.path.join(tmp, META), meta)
+    with open(os.path.join(tmp, META)) as f:  # verify before anything older is touched
+      back = json.load(f)
+    if back.get("checksums") != meta["checksums"] or not os.listdir(os.path.join(tmp, "state")):
+      raise OSError(errno_lib.EIO, "the checkpoint read back differs from what was written", tmp)
+    _fsync_dir(tmp)
+    if os.path.exists(path):  # the same step again (e.g. after a fallback): swap, then drop the old one
+      if os.path.exists(old):
+        shutil.rmtree(old)
+      os.rename(path, old)
+      moved = True
+    os.rename(tmp, path)
+    _fsync_dir(directory)
+  except Exception as e:  # OSError (ENOSPC, EACCES, EROFS) or orbax / tensorstore wrapping one
+    shutil.rmtree(tmp, ignore_errors=True)
+    if moved and not os.path.exists(path):
+      try:
+        os.rename(old, path)
+      except OSError:
+        pass
+    raise write_error(f"the checkpoint of step {step} to {directory}", e,
+                      "The older checkpoints are kept; free disk space or make the folder writable, then run "
+                      "again to resume.") from e
+  shutil.rmtree(old, ignore_errors=True)
+  for _, stale in step_dirs(directory)[:-keep]:
+    shutil.rmtree(stale, ignore_errors=True)
+  for name in os.listdir(directory):  # partial folders of saves killed midway
+    if _LEFTOVER.match(name):
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
   return path
 
 
 def restore(path: str, like: Any) -> tuple[Any, dict]:
   """Restores the state saved at ``path`` into the structure of ``like``; returns ``(state, meta)``.
 
+  Every leaf is checked against the checksum in ``meta.json`` (checkpoints written before
+  checksums existed are restored unchecked).
+
   Raises:
-    CheckpointError: missing/corrupt files, or a structure/shape/dtype mismatch with ``like``.
+    CheckpointCorruptError: missing, unreadable or corrupt files, or a leaf that fails its checksum.
+    CheckpointError: a structure/shape/dtype mismatch with ``like``.
   """
   import orbax.checkpoint as ocp
 
+  path = os.path.abspath(path)
   meta_path = os.path.join(path, META)
   try:
     with open(meta_path) as f:
       meta = json.load(f)
   except FileNotFoundError:
-    raise CheckpointError(f"mtjax: {path} is not a complete checkpoint (no {META}).") from None
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"mtjax: {meta_path} is corrupt: {e}") from None
+    raise CheckpointCorruptError(f"mtjax: {path} is not a complete checkpoint (no {META}).") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointCorruptError(f"mtjax: {meta_path} is corrupt: {e}") from None
+  if not isinstance(meta, dict):
+    raise CheckpointCorruptError(f"mtjax: {meta_path} is corrupt: not a JSON object.")
   want_def, want_specs = str(jax.tree.structure(like)), _leaf_specs(like)
   if meta.get("treedef") != want_def or len(meta.get("leaves", [])) != len(want_specs):
     raise CheckpointError(
@@ -100,9 +228,120 @@ def restore(path: str, like: Any) -> tuple[Any, dict]:
   leaves_like = jax.tree.leaves(like)
   target = {str(i): jax.ShapeDtypeStruct(np.shape(x), x.dtype) for i, x in enumerate(leaves_like)}
   try:
-    restored = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), target)
+    with ocp.StandardCheckpointer() as ckptr:
+      restored = ckptr.restore(os.path.join(path, "state"), target)
   except Exception as e:  # orbax raises many types for truncated / corrupt files
-    raise CheckpointError(f"mtjax: checkpoint {path} is corrupt or incomplete: {type(e).__name__}: "
-                          f"{str(e)[:300]}") from None
+    raise CheckpointCorruptError(f"mtjax: checkpoint {path} is corrupt or incomplete: {type(e).__name__}: "
+                                 f"{(str(e).strip().splitlines() or [''])[0][:300]}") from None
   leaves = [restored[str(i)] for i in range(len(leaves_like))]
+  sums = meta.get("checksums")
+  if sums is not None:
+    if not isinstance(sums, dict) or sums.get("algorithm") != CHECKSUM or len(sums.get("leaves", [])) != len(leaves):
+      raise CheckpointCorruptError(f"mtjax: checkpoint {path} is corrupt: unreadable checksums in {META}.")
+    bad = [i for i, (x, s) in enumerate(zip(leaves, sums["leaves"])) if _checksum(x) != s]
+    if bad:
+      raise CheckpointCorruptError(f"mtjax: checkpoint {path} is corrupt: state leaves {bad[:8]} fail their "
+                                   f"{CHECKSUM} checksums (changed bits in the array files).")
   return jax.tree.unflatten(jax.tree.structure(like), leaves), meta
+
+
+def restore_latest(directory: str, like: Any) -> Optional[tuple[Any, dict, str]]:
+  """Restores the newest valid checkpoint in ``directory``: ``(state, meta, path)``, or None if there is none.
+
+  A corrupt newest checkpoint (see :func:`restore`) is skipped with a ``warnings.warn`` naming it
+  and the older checkpoint used instead, and renamed to ``corrupt_step_<N>`` (kept for
+  inspection, no longer resumed from or counted among the kept checkpoints).
+
+  Raises:
+    CheckpointError: every checkpoint is corrupt (the message lists why), or the newest valid
+      one belongs to a different experiment.
+  """
+  dirs = step_dirs(directory)
+  if not dirs:
+    return None
+  failures = []
+  for _, path in reversed(dirs):
+    try:
+      state, meta = restore(path, like)
+    except CheckpointCorruptError as e:
+      failures.append((path, str(e)))
+      continue
+    if failures:
+      names = ", ".join(p for p, _ in failures)
+      reason = failures[0][1].removeprefix("mtjax: ")
+      warnings.warn(f"mtjax: resuming from the previous valid checkpoint {path}, because the newer {names} is "
+                    f"corrupt ({reason}); it is renamed to corrupt_<name>.", stacklevel=3)
+      for bad, _ in failures:
+        try:
+          target = os.path.join(os.path.dirname(bad), "corrupt_" + os.path.basename(bad))
+          if os.path.exists(target):
+            shutil.rmtree(target)
+          os.rename(bad, target)
+        except OSError:  # a read-only folder: it stays, and is skipped again next time
+          pass
+    return state, meta, path
+  raise CheckpointCorruptError(f"mtjax: no valid checkpoint in {os.path.abspath(directory)}: "
+                               + " | ".join(msg for _, msg in failures)
+                               + " Delete the folder (or run with --fresh) to start over.")
+
+
+def restore_step(directory: str, step: int, like: Any) -> tuple[Any, dict, str]:
+  """Restores the checkpoint of ``step`` in ``directory``: ``(state, meta, path)``.
+
+  Raises:
+    CheckpointError: there is no checkpoint of that step (the message lists the available ones),
+      or it is corrupt or from a different experiment.
+  """
+  dirs = dict(step_dirs(directory))
+  if step not in dirs:
+    avail = ", ".join(map(str, sorted(dirs))) or "none"
+    raise CheckpointError(f"mtjax: no checkpoint of step {step} in {os.path.abspath(directory)}; available "
+                          f"steps: {avail}.")
+  state, meta = restore(dirs[step], like)
+  return state, meta, dirs[step]
+
+
+def discard_after(directory: str, step: int) -> None:
+  """Deletes the checkpoints of steps after ``step`` (restarting from an earlier one)."""
+  for s, path in step_dirs(directory):
+    if s > step:
+      try:
+        shutil.rmtree(path)
+      except OSError as e:
+        raise write_error(f"(delete) the later checkpoint {path}", e) from e
+
+
+def trim_log(log_path: str, last_step: int) -> list:
+  """Keeps only the records of ``log_path`` with ``step <= last_step`` (a resume replays the rest);
+  drops a torn (partly written) line. Rewrites the file atomically only when something is dropped.
+  Returns the kept records."""
+  if not os.path.exists(log_path):
+    return []
+  with open(log_path, "rb") as f:
+    lines = f.read().split(b"\n")
+  kept, raw, changed = [], [], False
+  for line in lines:
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+      step = int(rec["step"])
+    except (ValueError, KeyError, TypeError):  # a torn last line from a kill mid-write
+      changed = True
+      continue
+    if step <= last_step:
+      kept.append(rec)
+      raw.append(line)
+    else:
+      changed = True
+  if changed or (lines and lines[-1].strip()):  # also when the last line lacks its newline
+    tmp = log_path + ".tmp"
+    try:
+      with open(tmp, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in raw))
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, log_path)
+    except OSError as e:
+      raise write_error(log_path, e, "Make the output folder writable.") from e
+  return kept

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import logging
 import os
 import statistics
+import sys
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
@@ -75,12 +78,14 @@ def default_task_losses(task_types: Sequence[str]) -> tuple:
 def make_train_step(model, tx, *, task_losses="bce", multi_task_loss=None, masked: bool = False,
                     strategy: str = "auto", mutable: Sequence[str] = (), track_similarity: bool = True,
                     donate: bool = True, sparse: bool = True, chunk_size: Optional[int] = None,
-                    rep_gram: str = "sum") -> Callable:
+                    rep_gram: str = "sum", shared=None, similarity_granularity: str = "model") -> Callable:
   """A jitted ``step(state, batch) -> (state, metrics)``: forward, per-task gradients, method, optimizer.
 
   ``metrics`` holds ``losses [T]``, ``weights [T]`` (the method's, ones if it records none) and,
   with ``track_similarity``, the whole-model task-gradient ``cosine [T, T]`` and ``conflict``
-  fraction, computed from the same per-task gradients (no second backward): with
+  fraction over the ``shared`` parameters (a ``shared=`` mask; ``None``: every parameter), and with
+  ``similarity_granularity="layer"`` also ``cosine_groups [K, T, T]`` / ``conflict_groups [K]`` per
+  layer, computed from the same per-task gradients (no second backward): with
   ``strategy="rep"`` those of the representation's gradients, with ``"shared"`` those of the
   trunk's parameters. ``strategy="subset"`` (weights from the Gram of a method's ``gram_leaves``,
   one backward for the update) keeps the Jacobian deferred and tracks no similarity. The state
@@ -108,8 +113,10 @@ def make_train_step(model, tx, *, task_losses="bce", multi_task_loss=None, maske
         cos = numerics.cosine_from_gram(grads.similarity_gram())
         metrics["cosine"], metrics["conflict"] = cos, analysis.conflict_fraction(cos)
       else:
-        stats = analysis.track(grads, granularity="model")
+        stats = analysis.track(grads, granularity=similarity_granularity, shared=shared)
         metrics["cosine"], metrics["conflict"] = stats["cosine"], stats["conflict"]
+        if similarity_granularity != "model":
+          metrics["cosine_groups"], metrics["conflict_groups"] = stats["cosine_groups"], stats["conflict_groups"]
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, variables=variables, rng=rng)
     return new_state, metrics
 
@@ -204,12 +211,29 @@ def shard_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh, data_axis: st
 
 
 def _mtjax_message(error: BaseException) -> Optional[str]:
-  """The ``mtjax: ...`` message of a failed in-graph check inside a runtime error, or ``None``."""
-  for line in str(error).splitlines():
+  """The ``mtjax: ...`` message of a failed check in a training step, or ``None``.
+
+  A check failing on the host callback of a jitted step surfaces as a ``JaxRuntimeError`` on the
+  first call and as a ``ValueError`` ("INTERNAL: CpuCallback error ...") on later, cached calls,
+  both carrying the callback's traceback; a check on concrete values while tracing raises the
+  ``ValueError("mtjax: ...")`` itself.
+  """
+  text = str(error)
+  if isinstance(error, ValueError) and text.startswith("mtjax:"):
+    return text.strip()
+  for line in text.splitlines():
     i = line.find("ValueError: mtjax: ")
     if i >= 0:
       return line[i + len("ValueError: "):].strip()
   return None
+
+
+class _QuietMtjaxCallbacks(logging.Filter):
+  """Drops jax's logged traceback of a host callback that raised an ``mtjax:`` error (fit re-raises it)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(exc, ValueError) and str(exc).startswith("mtjax:"))
 
 
 def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, strategy: str = "auto",
@@ -218,7 +242,8 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
         progress: bool = True, track_similarity: bool = True, config: Optional[dict] = None,
         desc: str = "train", stop_after: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None,
         data_axis: str = "data", sparse: bool = True, chunk_size: Optional[int] = None,
-        rep_gram: str = "sum") -> FitResult:
+        rep_gram: str = "sum", from_step: Optional[int] = None, keep_checkpoints: int = 2, shared="model",
+        similarity_granularity: str = "model") -> FitResult:
   """Trains ``model`` with the multi-task transform chain ``tx`` on a :class:`mtjax.data.MultiTaskDataset`.
 
   Each step draws a shuffled batch (order fixed by ``seed`` and the epoch), computes per-task
@@ -227,7 +252,14 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
   cosines and conflict every ``log_every`` steps, and evaluations) and, every
   ``checkpoint_every`` steps, an orbax checkpoint of the whole :class:`TrainState` plus the data
   position; with ``resume`` a run restarted on the same ``out_dir`` continues from the newest
-  checkpoint and gives bit-identical results to an uninterrupted run.
+  checkpoint and gives bit-identical results to an uninterrupted run. The log file is flushed and
+  fsynced before every checkpoint, and a resume trims it to the checkpoint's step (dropping a torn
+  last line), so a run killed at any point resumes to the same log as an uninterrupted one; a
+  finished folder run again retrains nothing and appends no second final evaluation. A corrupt
+  newest checkpoint (its arrays fail their checksums) is skipped with a warning for the previous
+  valid one. A failed in-graph check raises ``ValueError("mtjax: ... [at training step N]")``; a
+  failed write (disk full, read-only folder) raises :class:`CheckpointSaveError` (one ``mtjax:``
+  line) and keeps every complete older checkpoint.
 
   Args:
     model: a flax module returning ``(outputs [T, B], aux)``.
@@ -254,11 +286,31 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
     sparse: exact sparse per-task gradients for embedding tables (see :func:`mtjax.embedding_lookup`).
     chunk_size: at most this many task rows at a time (many tasks), see :func:`mtjax.task_grads`.
     rep_gram: ``"sum"`` or ``"stack"``: the representation Gram of ``strategy="rep"``.
+    from_step: restart from the checkpoint of this step in ``out_dir`` (e.g. from before a
+      divergence) instead of the newest one: the checkpoints of later steps and the log records
+      after it are deleted, and the run then continues exactly as an uninterrupted run from that
+      step. A :class:`CheckpointError` lists the available steps if there is no such checkpoint.
+    keep_checkpoints: how many of the newest checkpoints to keep (default 2; raise it to be able
+      to go back further with ``from_step``).
+    shared: the parameters whose task-gradient cosines are logged: ``"model"`` (default: the
+      partition the model declares, :func:`mtjax.models.partition`; every parameter for a model
+      that declares none), ``"all"``, or a ``shared=`` mask. Pass the same mask to the gradient
+      method (``mtjax.pcgrad(shared=...)``); ``mtjax run`` / ``compare`` do this for you.
+    similarity_granularity: ``"model"`` (one cosine matrix over the shared parameters) or
+      ``"layer"`` (also one per shared layer: ``cosine_layers`` / ``conflict_layers`` with their
+      ``layers`` names in ``log.jsonl``).
   """
   from mtjax.data import BatchIterator
 
   if strategy == "subset":  # a deferred Jacobian: no rows to compare
     track_similarity = False
+  if isinstance(shared, str):
+    if shared not in ("model", "all"):
+      raise ValueError(f"mtjax: fit: shared must be 'model', 'all', a shared= mask or None, got {shared!r}.")
+    from mtjax.models import partition  # pylint: disable=import-outside-toplevel
+    shared = partition(model) if shared == "model" else None
+  if similarity_granularity not in ("model", "layer"):
+    raise ValueError(f"mtjax: fit: similarity_granularity must be 'model' or 'layer', got {similarity_granularity!r}.")
 
   if steps < 1 or batch_size < 1:
     raise ValueError("mtjax: fit needs steps >= 1 and batch_size >= 1.")
@@ -272,19 +324,33 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
                        f"devices of mesh axis {data_axis!r}.")
   it = BatchIterator(train_ds, batch_size, seed=seed)
   state = init_state(model, tx, train_ds.batch(np.arange(min(batch_size, len(train_ds))))["x"], seed=seed)
-  log_path = None
+  if keep_checkpoints < 1:
+    raise ValueError(f"mtjax: fit needs keep_checkpoints >= 1, got {keep_checkpoints}.")
+  if from_step is not None and not out_dir:
+    raise ValueError("mtjax: fit(from_step=...) restarts from a checkpoint in out_dir; give out_dir.")
+  log_path = ckpt_dir = meta = None
+  logged: list = []  # the log records kept from before a resume
   if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
-    log_path = os.path.join(out_dir, "log.jsonl")
-  ckpt_dir = os.path.join(out_dir, "checkpoints") if out_dir else None
-  if out_dir and resume and ckpt_dir and _checkpoint.latest(ckpt_dir):
-    state, meta = _checkpoint.restore(_checkpoint.latest(ckpt_dir), state)
+    out_dir = os.path.abspath(out_dir)  # orbax needs absolute paths; a relative folder must resume too
+    log_path, ckpt_dir = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "checkpoints")
+    try:
+      os.makedirs(out_dir, exist_ok=True)
+      if checkpoint_every:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        if not os.access(ckpt_dir, os.W_OK):  # fail now, not at the first checkpoint
+          raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), ckpt_dir)
+    except OSError as e:
+      raise _checkpoint.write_error(f"to the output folder {out_dir}", e, "Make it writable.") from e
+  if from_step is not None:
+    state, meta, _ = _checkpoint.restore_step(ckpt_dir, int(from_step), state)
+    _checkpoint.discard_after(ckpt_dir, int(from_step))
+  elif out_dir and resume:
+    found = _checkpoint.restore_latest(ckpt_dir, state)  # a corrupt newest one: a warning, the previous one
+    if found is not None:
+      state, meta, _ = found
+  if meta is not None:
     it.restore(meta["data_state"])
-    if log_path and os.path.exists(log_path):  # drop records written after the checkpoint
-      with open(log_path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= meta["step"]]
-      with open(log_path, "w") as f:
-        f.writelines(keep)
+    logged = _checkpoint.trim_log(log_path, meta["step"])  # drop records written after the checkpoint
   elif log_path and os.path.exists(log_path):
     os.remove(log_path)
   if mesh is not None:
@@ -292,8 +358,13 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
   step_fn = make_train_step(model, tx, task_losses=task_losses, multi_task_loss=multi_task_loss,
                             masked=train_ds.masks is not None, strategy=strategy, mutable=tuple(state.variables),
                             track_similarity=track_similarity, sparse=sparse,
-                            chunk_size=chunk_size, rep_gram=rep_gram)
+                            chunk_size=chunk_size, rep_gram=rep_gram, shared=shared,
+                            similarity_granularity=similarity_granularity)
   predict_fn = make_predict_fn(model) if eval_ds is not None else None
+  layer_names = None
+  if track_similarity and similarity_granularity != "model":
+    rows = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + np.shape(x), x.dtype), state.params)
+    layer_names = analysis.group_names(rows, granularity=similarity_granularity, shared=shared)
   start = int(state.step)
   history, evals, times = [], [], []
   sim = analysis.SimilarityHistory()
@@ -301,8 +372,15 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
   if progress:
     from tqdm.auto import tqdm
     bar = tqdm(total=steps, initial=start, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # off when not a TTY
-  log_file = open(log_path, "a") if log_path else None
+  try:
+    log_file = open(log_path, "a") if log_path else None
+  except OSError as e:
+    if bar is not None:
+      bar.close()
+    raise _checkpoint.write_error(log_path, e, "Make the output folder writable.") from e
   end = steps if stop_after is None else min(steps, start + stop_after)
+  quiet = _QuietMtjaxCallbacks()  # the re-raised error below says it all: no logged callback traceback
+  logging.getLogger("jax._src.callback").addFilter(quiet)
   try:
     for step in range(start, end):
       batch = next(it)
@@ -313,11 +391,11 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
       try:  # the step keeps mtjax's in-graph checks (NaN/inf, ids out of range, infeasible bounds)
         state, m = step_fn(state, batch)
         m = jax.device_get(m)
-      except jax.errors.JaxRuntimeError as e:
+      except (jax.errors.JaxRuntimeError, ValueError) as e:  # step 1: JaxRuntimeError; later (C++ path): ValueError
         message = _mtjax_message(e)
         if message is None:
           raise
-        raise ValueError(f"{message} [at training step {done}]") from e
+        raise ValueError(message if "[at training step" in message else f"{message} [at training step {done}]") from e
       times.append(time.perf_counter() - t0)
       if not np.all(np.isfinite(m["losses"])):
         raise ValueError(f"mtjax: non-finite task losses {m['losses'].tolist()} at step {done} "
@@ -328,6 +406,9 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
         if track_similarity:
           rec["cosine"], rec["conflict"] = _to_host(m["cosine"]), float(m["conflict"])
           sim.append(done, {"cosine": m["cosine"], "conflict": m["conflict"]})
+          if "cosine_groups" in m:
+            rec["layers"] = layer_names
+            rec["cosine_layers"], rec["conflict_layers"] = _to_host(m["cosine_groups"]), _to_host(m["conflict_groups"])
         history.append(rec)
         if log_file:
           log_file.write(json.dumps(rec) + "\n")
@@ -341,18 +422,33 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
         if log_file:
           log_file.write(json.dumps({"step": done, "eval": ev}) + "\n")
       if ckpt_dir and checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-        _checkpoint.save(ckpt_dir, state, step=done, data_state=it.state(), config=config)
+        if log_file:  # every record up to the checkpoint is on disk before it exists (a kill loses none)
+          try:
+            log_file.flush()
+            os.fsync(log_file.fileno())
+          except OSError as e:
+            raise _checkpoint.write_error(log_path, e, "Free disk space or make the folder writable.") from e
+        _checkpoint.save(ckpt_dir, state, step=done, data_state=it.state(), config=config, keep=keep_checkpoints)
   finally:
+    failing = sys.exc_info()[1] is not None
+    logging.getLogger("jax._src.callback").removeFilter(quiet)
     if bar is not None:
       bar.close()
     if log_file:
-      log_file.close()
+      try:
+        log_file.close()
+      except OSError as e:
+        if not failing:  # else keep the original error (e.g. a full disk at a checkpoint)
+          raise _checkpoint.write_error(log_path, e, "Free disk space or make the folder writable.") from e
   final = None
   if eval_ds is not None and int(state.step) == steps:
     final = evaluate(model, state, eval_ds, batch_size=eval_batch_size, predict_fn=predict_fn)
     evals.append((steps, final))
-    if log_path:
-      with open(log_path, "a") as f:
-        f.write(json.dumps({"step": steps, "eval": final}) + "\n")
+    if log_path and not any("eval" in r and r["step"] == steps for r in logged):  # a rerun of a finished folder
+      try:
+        with open(log_path, "a") as f:
+          f.write(json.dumps({"step": steps, "eval": final}) + "\n")
+      except OSError as e:
+        raise _checkpoint.write_error(log_path, e, "Free disk space or make the folder writable.") from e
   ms = 1e3 * statistics.median(times[1:] if len(times) > 1 else times) if times else float("nan")
   return FitResult(state=state, history=history, evals=evals, final_eval=final, ms_per_step=ms, similarity=sim)

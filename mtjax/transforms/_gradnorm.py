@@ -69,8 +69,9 @@ def last_layer_mask(paths: Sequence[str]) -> list[bool]:
   return [weighting.layer_name(p) == parent for p in paths]
 
 
-def _subset_groups(layer: LayerSpec) -> Callable[[Sequence[str]], list[int]]:
-  """A ``groups=`` callable: id 0 for the subset leaves, -1 for the other shared leaves."""
+def _subset_groups(layer: LayerSpec, chosen_layers: Optional[list] = None) -> Callable[[Sequence[str]], list[int]]:
+  """A ``groups=`` callable: id 0 for the subset leaves, -1 for the other shared leaves. The chosen
+  layers' names are written to ``chosen_layers`` (at trace time, for error messages)."""
 
   def groups(paths):
     paths = list(paths)
@@ -86,6 +87,8 @@ def _subset_groups(layer: LayerSpec) -> Callable[[Sequence[str]], list[int]]:
     if not any(chosen):
       raise ValueError(f"mtjax: gradnorm: the layer selection chose none of the shared leaves "
                        f"{paths}; choose at least one (e.g. layer='all').")
+    if chosen_layers is not None:
+      chosen_layers[:] = sorted({weighting.layer_name(p) for p, c in zip(paths, chosen) if c})
     return [0 if c else -1 for c in chosen]
 
   return groups
@@ -224,6 +227,7 @@ def gradnorm(
   if not callable(layer) and layer not in ("last", "all"):
     raise ValueError(f"mtjax: gradnorm: layer must be 'last', 'all' or a callable paths -> [bool], got {layer!r}.")
   optimizer = weight_optimizer if weight_optimizer is not None else optax.sgd(learning_rate)
+  chosen_layers: list = []  # filled at trace time by the groups callable
 
   def init_state(params):
     dtype = numerics.gram_dtype(jnp.result_type(*jax.tree.leaves(params)))
@@ -249,7 +253,16 @@ def gradnorm(
     running = state.initial_losses + (losses - state.initial_losses) / (count.astype(dtype) + 1)
     initial_losses = jnp.where(in_init, running, state.initial_losses)
 
-    grad = gradnorm_weight_gradient(weights, inputs.grams[0], losses, initial_losses, alpha)
+    gram = inputs.grams[0]
+    if num_tasks > 1:  # a subset only one task trains (a tower taken for the last shared layer): no balance
+      trained = jnp.sum(jnp.diagonal(gram) > 0)
+      gram = numerics.enforce(gram, numerics.condition_check(
+          (count == 0) & (trained == 1),
+          f"mtjax: gradnorm: the layer {', '.join(chosen_layers) or '?'} receives a gradient from only one task "
+          "at the first step, so GradNorm cannot balance the tasks on it (its default layer='last' is the "
+          "last *shared* layer: pass shared=, e.g. mtjax.models.partition(model) or "
+          "mtjax.shared_mask(exclude='tower_'), or choose the layer with layer=)."))
+    grad = gradnorm_weight_gradient(weights, gram, losses, initial_losses, alpha)
     updates, inner_opt_state = optimizer.update(grad, state.inner_opt_state, weights)
     stepped = optax.apply_updates(weights, updates)
     stepped = jnp.maximum(stepped, jnp.asarray(min_weight, dtype))
@@ -260,5 +273,5 @@ def gradnorm(
 
   return weighting.gram_weighting(
       weights_fn, init_state, method="gradnorm", num_tasks=num_tasks, shared=shared,
-      groups=_subset_groups(layer), needs_gram=True, requires_task_losses=True,
+      groups=_subset_groups(layer, chosen_layers), needs_gram=True, requires_task_losses=True,
       task_specific=task_specific, record_weights=False)

@@ -18,7 +18,7 @@ def _setup(method="pcgrad"):
   model = models.MMoE(num_tasks=3, num_experts=2, expert=(8,), tower=(4, 1), features=ds.spec, dropout=0.1)
   factories = {
       "pcgrad": lambda: mtjax.pcgrad(key=3, num_tasks=3),
-      "gradnorm": lambda: mtjax.gradnorm(num_tasks=3),
+      "gradnorm": lambda: mtjax.gradnorm(num_tasks=3, shared=models.partition(model)),
       "uncertainty": lambda: mtjax.uncertainty(num_tasks=3),
       "dwa": lambda: mtjax.dwa(num_tasks=3, steps_per_epoch=4),
   }
@@ -58,17 +58,21 @@ def test_checkpoint_errors(tmp_path):
   _, _, other = _setup("uncertainty")
   with pytest.raises(training.CheckpointError, match="different experiment"):
     training.fit(model, other, ds, steps=6, batch_size=64, out_dir=out, progress=False)
-  # A corrupt checkpoint is a clear error, not a crash deep in orbax.
+  # Corrupt checkpoints are a clear error, not a crash deep in orbax (a corrupt newest one alone
+  # falls back to the previous one with a warning: tests/experiment/test_faults.py).
   from mtjax.training import _checkpoint
-  path = _checkpoint.latest(os.path.join(out, "checkpoints"))
-  for root, _, files in os.walk(os.path.join(path, "state")):
-    for f in files:
-      with open(os.path.join(root, f), "wb") as fh:
-        fh.write(b"garbage")
+  for _, ckpt in _checkpoint.step_dirs(os.path.join(out, "checkpoints")):
+    for root, _, files in os.walk(os.path.join(ckpt, "state")):
+      for f in files:
+        with open(os.path.join(root, f), "wb") as fh:
+          fh.write(b"garbage")
   with pytest.raises(training.CheckpointError, match="corrupt"):
     training.fit(model, tx, ds, steps=6, batch_size=64, out_dir=out, progress=False)
-  with open(os.path.join(path, "meta.json"), "w") as fh:
-    fh.write("{not json")
+  out = str(tmp_path / "run2")  # a fresh run whose every meta.json is damaged
+  training.fit(model, tx, ds, steps=4, batch_size=64, out_dir=out, checkpoint_every=2, progress=False)
+  for name in os.listdir(os.path.join(out, "checkpoints")):
+    with open(os.path.join(out, "checkpoints", name, "meta.json"), "w") as fh:
+      fh.write("{not json")
   with pytest.raises(training.CheckpointError, match="corrupt"):
     training.fit(model, tx, ds, steps=6, batch_size=64, out_dir=out, progress=False)
 
