@@ -14,7 +14,16 @@ A method supplies ``weights_fn(inputs, state) -> (weights, new_state)`` where ``
 The core then forms ``update_leaf = sum_t w_t * g_t`` per shared leaf, and the plain task sum (or
 the weighted sum, ``task_specific="weighted"``) for task-specific leaves. Everything stays on
 device under ``jit``. The core also validates the task axis, ``num_tasks``, ``task_losses`` and
-finiteness (NaN/inf gradients show up on the Gram diagonal for free).
+finiteness (NaN/inf gradients show up on the Gram diagonal for free; the leaves outside every Gram
+get one ``isfinite`` reduction each).
+
+Degenerate Grams (see :func:`guard_grams`): a Gram that is not finite never reaches the weights
+function (it gets zeros, and the runtime check raises), so no solver or LAPACK call (pinv, eigh)
+ever runs on NaN/inf. A Gram that overflows although the gradients are finite is recomputed, for
+the methods built with ``rescale_gram=True``, on the rows times a common power of two ``2^-e``
+(exact in floating point), and ``inputs.gram_log2_scale`` (``-2e``; ``0`` otherwise) tells the
+weights function that ``inputs.grams = 2^gram_log2_scale * G``; the other methods raise a
+``ValueError`` saying that the Gram overflows.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import optax
 from mtjax._src import numerics
 from mtjax._src import rows as rows_lib
 from mtjax._src import tree as tree_lib
+from mtjax._src.sparse import SparseRows
 from mtjax._src.task_grads import is_lazy
 
 PyTree = Any
@@ -41,6 +51,9 @@ class WeightingInputs(NamedTuple):
   grams: Optional[jax.Array]  # [K, T, T] Gram matrices of the shared leaves, or None
   task_losses: Optional[jax.Array]  # [T] or None
   num_tasks: int  # static T
+  # grams = 2**gram_log2_scale * (the true Gram): nonzero only for a method built with rescale_gram=True
+  # whose Gram would overflow (see guard_grams); a scalar in the Gram's dtype (traced under jit).
+  gram_log2_scale: Any = 0.0
 
 
 WeightsFn = Callable[[WeightingInputs, Any], tuple]
@@ -138,6 +151,111 @@ def compute_grams(shared_leaves: Sequence[Any], ids: Sequence[int], k: int) -> j
   return rows_lib.compute_grams(shared_leaves, ids, k)
 
 
+def _row_values(leaf) -> jax.Array:
+  """The stored task-gradient entries of one leaf (a dense array, or a :class:`SparseRows`' values)."""
+  return leaf.values if isinstance(leaf, SparseRows) else jnp.asarray(leaf)
+
+
+def _pow2(k: jax.Array, dtype) -> jax.Array:
+  """``2**k`` exactly (``jnp.exp2`` is not exact) for an integer ``k`` with ``|k| <= 126``, in ``dtype``."""
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float64:
+    bits = (k.astype(jnp.int64) + 1023) << 52
+    return jax.lax.bitcast_convert_type(bits, jnp.float64)
+  bits = (k.astype(jnp.int32) + 127) << 23
+  return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
+
+
+def _scale_rows(leaf, e: jax.Array, dtype):
+  """``leaf * 2**-e`` in ``dtype`` (two exact power-of-two factors, so no step leaves the normal range)."""
+  h1 = -(e // 2)
+  h2 = -e - h1
+
+  def mul(x):
+    return x.astype(dtype) * _pow2(h1, dtype) * _pow2(h2, dtype)
+
+  if isinstance(leaf, SparseRows):
+    return SparseRows(leaf.ids, mul(leaf.values), leaf.table_shape)
+  return mul(leaf)
+
+
+def guard_grams(grams: jax.Array, leaves: Optional[Sequence[Any]], layout: rows_lib.Layout, *, rescale: bool,
+                check_finite: bool):
+  """Makes the Gram stack safe for the weights function.
+
+  * If ``grams`` is not finite and the rows (``leaves``, ``None`` for a lazy Jacobian) are known,
+    the largest absolute entry of each Gram leaf is measured (only then: a ``lax.cond``); with
+    ``rescale`` the Gram is recomputed on the rows times ``2**-e``, ``2**(e-1) <= max |entry| <
+    2**e``, which is finite for finite rows.
+  * A Gram that is still not finite is replaced by zeros, so that no solver or LAPACK routine runs
+    on NaN/inf (those can hang under ``jit``); the returned check raises instead, saying whether the
+    gradients hold NaN/inf or the Gram of finite gradients overflows.
+
+  Returns ``(grams, gram_log2_scale, check)``: ``grams = 2**gram_log2_scale * G``.
+  """
+  dtype = grams.dtype
+  method = layout.method
+  idx = [i for i, g in enumerate(layout.group) if g >= 0] if leaves is not None else []
+  zero = jnp.zeros((), dtype)
+  ntops = max(len(idx), 1)
+
+  def keep(_):
+    return grams, zero, jnp.zeros((ntops,), dtype)
+
+  def fallback(_):
+    if not idx:  # rows unknown (lazy Jacobian): NaN marks "could not tell"
+      return grams, zero, jnp.full((ntops,), jnp.nan, dtype)
+    tops = jnp.stack([jnp.max(jnp.abs(_row_values(leaves[i]))).astype(dtype) for i in idx])
+    if not rescale:
+      return grams, zero, tops
+    top = jnp.max(jnp.where(jnp.isfinite(tops), tops, 0))
+    _, e = jnp.frexp(jnp.where(top > 0, top, 1).astype(dtype))
+    e = e.astype(jnp.int32)
+    scaled = [_scale_rows(leaf, e, dtype) if layout.group[i] >= 0 else leaf for i, leaf in enumerate(leaves)]
+    new = rows_lib.compute_grams(scaled, layout.group, max(layout.num_groups, 1)).astype(dtype)
+    return new, (-2 * e).astype(dtype), tops
+
+  grams, log2_scale, tops = jax.lax.cond(jnp.all(jnp.isfinite(grams)), keep, fallback, None)
+  finite = jnp.all(jnp.isfinite(grams))
+  safe = jnp.where(finite, grams, jnp.zeros_like(grams))
+  if not check_finite:
+    return safe, log2_scale, None
+  dtype_name = jnp.dtype(dtype).name
+
+  def message(operand):
+    diag, tops = operand if operand is not None else (None, None)
+    tops = np.asarray(tops) if tops is not None else np.full((1,), np.nan)
+    if leaves is not None and np.all(np.isfinite(tops)):
+      return (f"mtjax: {method}: the task gradients' Gram overflows {dtype_name} (gradient entries up to "
+              f"~{float(np.max(tops)):.3g}, so squared norms beyond {float(jnp.finfo(dtype).max):.3g}); the "
+              "gradients themselves are finite. Scale the losses down, clip the gradients before this transform, "
+              "or use float64 (jax.config.update('jax_enable_x64', True)).")
+    text = numerics._nonfinite_message(f"task gradients given to {method}", diag)  # pylint: disable=protected-access
+    if leaves is None:
+      text += f" (If the gradients are finite, their Gram overflows {dtype_name}: scale the losses down.)"
+    return text
+
+  check = numerics.condition_check(~finite, message, (jnp.diagonal(grams, axis1=-2, axis2=-1), tops))
+  return safe, log2_scale, check
+
+
+def leaves_finite_check(values: Sequence[Any], idx: Sequence[int], layout: rows_lib.Layout, what: str):
+  """One ``isfinite`` reduction per leaf ``idx`` of ``values`` (rows or update leaves), as one check naming them."""
+  if not idx:
+    return None
+  paths = [layout.paths[i] for i in idx]
+  flags = jnp.stack([jnp.logical_not(jnp.all(jnp.isfinite(_row_values(values[i])))) for i in idx])
+
+  def message(operand):
+    bad = np.asarray(operand).reshape(-1, len(paths)).any(axis=0) if operand is not None else [True] * len(paths)
+    names = [p for p, b in zip(paths, bad) if b]
+    return (f"mtjax: non-finite task gradients given to {layout.method} detected in the leaves {names} ({what}). "
+            "Check the loss for NaN/inf (log of 0, division by zero, exploding logits) before the gradient method "
+            "sees it.")
+
+  return numerics.condition_check(jnp.any(flags), message, flags)
+
+
 # Extra argument of ``update`` through which a wrapper (mtjax.amortized) hands the core fixed task
 # weights: the weights function is skipped, the state is returned unchanged.
 FIXED_WEIGHTS = "mtjax_fixed_weights"
@@ -159,6 +277,7 @@ def gram_weighting(
     check_finite: bool = True,
     record_weights: bool = True,
     gram_leaves: GramLeavesSpec = None,
+    rescale_gram: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a multi-task transform from a weights function (see the module docstring).
 
@@ -182,6 +301,9 @@ def gram_weighting(
       ``paths -> bools``); the weights still apply to every shared leaf. With a deferred
       :class:`~mtjax.TaskJacobian` only these leaves' rows are computed, and the update is one
       backward pass of ``sum_t w_t L_t`` (the "subset" strategy).
+    rescale_gram: ``weights_fn`` handles ``inputs.gram_log2_scale`` (or its weights are invariant to a
+      common positive scale of the Gram): a Gram that overflows although the rows are finite is then
+      recomputed on rows times a power of two (see :func:`guard_grams`) instead of raising.
   """
   if task_specific not in ("sum", "weighted"):
     raise ValueError(f"mtjax: {method}: task_specific must be 'sum' or 'weighted', got {task_specific!r}.")
@@ -227,32 +349,44 @@ def gram_weighting(
     need = needs_gram and fixed is None and bool(shared_idx)
     if lazy is not None:
       grams, combine = lazy.gram_and_combiner(layout, need)
+      rows = None
     else:
       grams, combine = rows_lib.rows_gram_and_combiner(leaves, layout, need)
-    grams_check = None
-    if grams is not None and check_finite:
-      grams_check = numerics.finite_check(jnp.diagonal(grams, axis1=-2, axis2=-1),
-                                          f"task gradients given to {method}")
+      rows = leaves
+    grams_check = leaf_check = None
+    log2_scale = 0.0
+    outside = [i for i in range(len(leaves)) if group[i] < 0]  # leaves in no Gram (task-specific ones too)
+    if grams is not None:
+      grams, log2_scale, grams_check = guard_grams(grams, rows, layout, rescale=rescale_gram,
+                                                   check_finite=check_finite)
+      if check_finite and rows is not None:
+        leaf_check = leaves_finite_check(rows, outside, layout, "outside the Gram")
 
     if fixed is not None:  # weights handed in by a wrapper (amortized): no solve, state unchanged
       weights, new_state = jnp.asarray(fixed), state
     else:
-      weights, new_state = weights_fn(WeightingInputs(grams, losses, t), state)
+      weights, new_state = weights_fn(WeightingInputs(grams, losses, t, log2_scale), state)
       weights = jnp.asarray(weights)
-    if grams is not None:  # one on-device test of both; every update leaf depends on the weights
-      weights = numerics.enforce(weights, losses_check, grams_check)
+    if grams is not None:  # one on-device test of all; every update leaf depends on the weights
+      weights = numerics.enforce(weights, losses_check, grams_check, leaf_check)
       losses_check = None
 
     out = combine(weights)
 
+    if grams is not None and rows is None and check_finite:  # lazy rows: check the leaves outside the Gram
+      out = numerics.enforce(out, leaves_finite_check(out, outside, layout, "NaN/inf in their update"))
     if grams is None:  # no Gram diagonal to look at: check the update itself
-      update_check = None
+      update_check = weights_check = None
       if check_finite:
         bad = jnp.logical_not(jnp.all(jnp.stack([jnp.all(jnp.isfinite(o)) for o in out])))
         update_check = numerics.condition_check(
             bad, f"mtjax: non-finite task gradients given to {method} (NaN/inf in the update). Check "
-            "the loss for NaN/inf (log of 0, division by zero, exploding logits).")
-      out = numerics.enforce(out, losses_check, update_check)
+            "the loss for NaN/inf (log of 0, division by zero, exploding logits); with finite gradients, the "
+            "weighted sum of the task gradients overflowed.")
+        weights_check = numerics.condition_check(
+            jnp.logical_not(jnp.all(jnp.isfinite(weights))),
+            lambda w: f"mtjax: {method}: the task weights are not finite ({np.asarray(w).tolist()}).", weights)
+      out = numerics.enforce(out, losses_check, weights_check, update_check)
     if fixed is None and record_weights and hasattr(new_state, "weights") and jnp.size(new_state.weights) > 0:
       new_state = new_state._replace(weights=jnp.broadcast_to(weights, new_state.weights.shape).astype(
           new_state.weights.dtype))
@@ -280,13 +414,24 @@ def static_int(value, name: str, method: str) -> int:
   return out
 
 
-def init_weights(num_tasks: Optional[int], num_groups_: int = 0) -> jax.Array:
-  """Initial ``weights`` record: ``[T]`` (or ``[K, T]``) ones, or an empty array if T is unknown."""
+def init_weights(num_tasks: Optional[int], num_groups_: int = 0, dtype=jnp.float32) -> jax.Array:
+  """Initial ``weights`` record: ``[T]`` (or ``[K, T]``) ones, or an empty array if T is unknown.
+
+  ``dtype``: e.g. :func:`params_dtype` of the params, so that the record follows float64 gradients.
+  """
   if num_tasks is None:
-    return jnp.zeros((0,), jnp.float32)
+    return jnp.zeros((0,), dtype)
   if num_groups_:
-    return jnp.ones((num_groups_, num_tasks), jnp.float32)
-  return jnp.ones((num_tasks,), jnp.float32)
+    return jnp.ones((num_groups_, num_tasks), dtype)
+  return jnp.ones((num_tasks,), dtype)
+
+
+def params_dtype(params: PyTree):
+  """The Gram dtype of ``params`` (at least float32; float64 for float64 params); float32 without params."""
+  leaves = [x for x in jax.tree.leaves(params) if hasattr(x, "dtype") or isinstance(x, (float, int))]
+  if not leaves:
+    return jnp.dtype(jnp.float32)
+  return numerics.gram_dtype(jnp.result_type(*leaves))
 
 
 def canonical_key(key) -> jax.Array:

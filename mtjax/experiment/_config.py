@@ -37,6 +37,7 @@ An experiment file has four tables and two top-level keys::
     eval_every = 200              # 0: only at the end
     log_every = 10
     checkpoint_every = 0          # 0: no checkpoints
+    keep_checkpoints = 2          # the newest checkpoints kept (mtjax run --from-step N goes back to one)
 
 Every error (unknown table, key, model, method, optimizer or dataset; wrong type; impossible
 value) is one ``ConfigError`` line raised before any training starts.
@@ -73,6 +74,7 @@ class TrainConfig:
   rep_gram: str = "sum"
   sparse: bool = True
   similarity: str = "model"  # task-gradient cosines logged over the shared parameters: "model" or per "layer"
+  keep_checkpoints: int = 2  # the newest checkpoints kept (raise it to go further back with --from-step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +117,8 @@ def _train_config(raw: Mapping[str, Any]) -> TrainConfig:
     raise ConfigError(f"train.steps must be >= 1, got {cfg.steps}")
   if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
     raise ConfigError("train.batch_size and train.eval_batch_size must be >= 1")
+  if cfg.keep_checkpoints < 1:
+    raise ConfigError(f"train.keep_checkpoints must be >= 1, got {cfg.keep_checkpoints}")
   for k in ("eval_every", "log_every", "checkpoint_every"):
     if getattr(cfg, k) < 0:
       raise ConfigError(f"train.{k} must be >= 0, got {getattr(cfg, k)}")

@@ -183,7 +183,8 @@ def run(cfg: _config.ExperimentConfig, *, seed: Optional[int] = None, out_dir: O
                      progress=progress, track_similarity=track_similarity(cfg), config=cfg.to_dict(),
                      desc=f"{cfg.method['name']} s{seed}", sparse=cfg.train.sparse,
                      chunk_size=cfg.train.chunk_size or None, rep_gram=cfg.train.rep_gram, from_step=from_step,
-                     shared=shared, similarity_granularity=cfg.train.similarity)
+                     shared=shared, similarity_granularity=cfg.train.similarity,
+                     keep_checkpoints=cfg.train.keep_checkpoints)
   test_metrics = training.evaluate(model, res.state, test, batch_size=cfg.train.eval_batch_size)
   history = res.history
   if out_dir:  # after a resume the log file holds the whole run, the in-memory history only its end
@@ -200,6 +201,8 @@ def run(cfg: _config.ExperimentConfig, *, seed: Optional[int] = None, out_dir: O
                  "ms_per_step": res.ms_per_step, "partition": split}, f, indent=1, default=float)
     if plots:
       plot_learning_curves({cfg.method["name"]: [result]}, train.task_names, os.path.join(out_dir, "learning_curves.png"))
+      if any("cosine" in r for r in history):
+        plot_similarity(history, train.task_names, os.path.join(out_dir, "similarity.png"))
   return result
 
 
@@ -316,6 +319,38 @@ def format_table(table: dict, names, prim, *, seeds: int, baseline: str) -> str:
   fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
   lines = [fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows]
   return "\n".join(lines)
+
+
+def plot_similarity(history: Sequence[dict], names: Sequence[str], path: str) -> None:
+  """Task-gradient cosines over training (shared parameters): one curve per task pair and, when
+  the log has per-layer cosines (``[train] similarity = "layer"``), the mean pairwise cosine per layer."""
+  import matplotlib.pyplot as plt
+
+  recs = [r for r in history if "cosine" in r]
+  steps = [r["step"] for r in recs]
+  cos = np.asarray([r["cosine"] for r in recs])  # [S, T, T]
+  layered = [r for r in recs if "cosine_layers" in r]
+  fig, axes = plt.subplots(1, 2 if layered else 1, figsize=(11 if layered else 6, 3.6), squeeze=False)
+  ax = axes[0, 0]
+  t = cos.shape[-1]
+  for i in range(t):
+    for j in range(i + 1, t):
+      ax.plot(steps, cos[:, i, j], label=f"{names[i]} / {names[j]}")
+  ax.axhline(0.0, color="gray", lw=0.8, ls="--")
+  ax.set(xlabel="step", ylabel="cosine", title="task-gradient cosine (shared parameters)")
+  ax.legend(fontsize=7, loc="best")
+  if layered:
+    iu = np.triu_indices(t, k=1)
+    per_layer = np.asarray([np.asarray(r["cosine_layers"])[:, iu[0], iu[1]].mean(-1) for r in layered])  # [S, K]
+    ax = axes[0, 1]
+    for k, name in enumerate(layered[0]["layers"]):
+      ax.plot([r["step"] for r in layered], per_layer[:, k], label=name)
+    ax.axhline(0.0, color="gray", lw=0.8, ls="--")
+    ax.set(xlabel="step", ylabel="mean pairwise cosine", title="per shared layer")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+  fig.tight_layout()
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
 
 
 def plot_learning_curves(results: dict, names: Sequence[str], path: str) -> None:

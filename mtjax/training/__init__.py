@@ -1,6 +1,8 @@
 """Training: jitted multi-task train step, evaluation, logging, checkpoints and exact resume."""
 
+from mtjax.training._checkpoint import CheckpointCorruptError
 from mtjax.training._checkpoint import CheckpointError
+from mtjax.training._checkpoint import CheckpointSaveError
 from mtjax.training._train import FitResult
 from mtjax.training._train import TrainState
 from mtjax.training._train import evaluate

@@ -149,6 +149,8 @@ def test_split_without_positives_warns_and_the_table_is_still_written(monkeypatc
     ("data", {"num_samples": 1.5}, "data.num_samples must be an integer, got float 1.5"),
     ("method", {"name": "pcgrad", "reduction": 1}, "method.reduction must be a string, got int 1"),
     ("optimizer", {"name": "adam", "nesterov": "yes"}, "optimizer.nesterov must be a boolean"),
+    ("train", {"keep_checkpoints": 0}, "train.keep_checkpoints must be >= 1"),
+    ("train", {"similarity": "leaf"}, "train.similarity must be 'model' or 'layer'"),
 ])
 def test_config_types_are_checked_before_any_work(table, entry, message):
   with pytest.raises(experiment.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -180,6 +182,7 @@ def test_cli_run_honours_every_seed(tmp_path, capsys):
   assert "seed 0" in text and "seed 1" in text
   seeds = [json.load(open(out / f"seed_{s}" / "results.json"))["seed"] for s in (0, 1)]
   assert seeds == [0, 1]
+  assert os.path.getsize(out / "seed_0" / "similarity.png") > 0  # the logged cosines, plotted
   assert "| task | auc | logloss | mse |" in text and "| task_2 |  |  | " in text  # markdown, no nan for MSE tasks
   assert cli.main(["run", str(cfg), "--out", str(tmp_path / "one"), "--no-progress", "--seed", "1"]) == 0
   assert json.load(open(tmp_path / "one" / "results.json"))["seed"] == 1
