@@ -36,12 +36,21 @@ def leaf_paths(tree: PyTree) -> list[str]:
   return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_sparse)[0]]
 
 
-def check_task_axis(task_grads: PyTree, num_tasks: int | None = None, *, name: str = "task_grads") -> int:
+_UNKNOWN = object()  # check_task_axis(params=...) not given: the caller does not know whether params were passed
+
+
+def check_task_axis(task_grads: PyTree, num_tasks: int | None = None, *, name: str = "task_grads",
+                    params: Any = _UNKNOWN) -> int:
   """Checks that every leaf has the same leading task axis and returns its size ``T``.
+
+  When ``params`` is passed (``None`` included) and neither ``num_tasks`` nor ``params`` is known,
+  a tree whose leaves are ALL 1-D with ``T >= 2`` is ambiguous: per-task gradients of scalar
+  parameters, or an already-summed ``[P]`` gradient that would be read as ``P`` tasks of scalars.
+  That is an error asking for ``num_tasks=`` or ``params``.
 
   Raises:
     ValueError: naming the offending leaf and the shapes when a leaf has no leading axis,
-      leaves disagree, or ``num_tasks`` is given and differs.
+      leaves disagree, ``num_tasks`` is given and differs, or the tree is ambiguous (above).
   """
   flat = jax.tree_util.tree_flatten_with_path(task_grads, is_leaf=is_sparse)[0]
   if not flat:
@@ -62,6 +71,14 @@ def check_task_axis(task_grads: PyTree, num_tasks: int | None = None, *, name: s
           f"mtjax: leaves of {name} disagree on the task axis: '{first_path}' has leading size {found} "
           f"but '{path_str(path)}' has shape {shape}. Every leaf must be [T, *param_shape]."
       )
+  if (num_tasks is None and params is None and found >= 2
+      and all(len(np.shape(leaf)) == 1 and not is_sparse(leaf) for _, leaf in flat)):
+    raise ValueError(
+        f"mtjax: {name}: every leaf is 1-D (leading size {found}), which is ambiguous: per-task gradients of "
+        f"scalar parameters ([T] = [{found}]) or an already-summed [P] gradient read as {found} tasks? Build the "
+        "transform with num_tasks=T, or pass params to update (tx.update(task_grads, state, params)); compute "
+        "per-task gradients with mtjax.task_grads(...)."
+    )
   if num_tasks is not None and found != num_tasks:
     raise ValueError(
         f"mtjax: the transform was built with num_tasks={num_tasks} but {name} has a leading task "
@@ -158,3 +175,24 @@ def resolve_shared(shared: SharedSpec, task_grads: PyTree, params: PyTree | None
           "Use mtjax.shared_mask(...) to build one from parameter paths."
       )
   return out
+
+
+def with_task_axis_check(tx, num_tasks: int | None, method: str, expected: int | None = None,
+                         expected_what: str = ""):
+  """Wraps a transform so that its update first runs :func:`check_task_axis` with ``params``.
+
+  ``expected`` (with ``expected_what``, e.g. ``"weights has 2 entries"``) is a task count that
+  comes from an argument other than ``num_tasks``; a mismatch names that argument.
+  """
+  import optax  # pylint: disable=import-outside-toplevel
+  from mtjax._src.task_grads import is_lazy  # pylint: disable=import-outside-toplevel
+
+  def update_fn(updates, state, params=None, **extra_args):
+    struct = updates.shapes() if is_lazy(updates) else updates
+    t = check_task_axis(struct, num_tasks, name=f"the task gradients given to {method}", params=params)
+    if expected is not None and t != expected:
+      raise ValueError(f"mtjax: {method}: {expected_what} but the task gradients have {t} tasks.")
+    return tx.update(updates, state, params, **extra_args)
+
+  update_fn.__dict__.update(getattr(tx.update, "__dict__", {}))  # keep marks (e.g. the Gram core's, for amortized)
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)

@@ -11,6 +11,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from mtjax._src import numerics
 
 PyTree = Any
 # A per-task loss: a built-in name or ``fn(outputs [B], labels [B], mask [B]) -> scalar``.
@@ -48,13 +51,36 @@ def bce_with_logits(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
   Returns:
     The per-sample losses, shape and (floating) dtype of ``logits``.
+
+  Raises:
+    ValueError: a label outside ``[0, 1]`` (e.g. ``-1/+1`` labels) or NaN; under ``jit`` it surfaces
+      as a runtime error with the same message (one on-device test, see ``mtjax._src.numerics.enforce``).
+      :func:`per_task_loss` zeroes the labels of masked samples first, so masked ``-1`` markers are fine there.
   """
   logits = jnp.asarray(logits)
   if not jnp.issubdtype(logits.dtype, jnp.floating):
     logits = logits.astype(jnp.float32)
   labels = jnp.asarray(labels).astype(logits.dtype)
   _check_same_shape(logits, labels, "bce_with_logits", "logits", "labels")
-  return labels * jax.nn.softplus(-logits) + (1 - labels) * jax.nn.softplus(logits)
+  losses = labels * jax.nn.softplus(-logits) + (1 - labels) * jax.nn.softplus(logits)
+  return numerics.enforce(losses, _binary_labels_check(labels, "bce_with_logits"))
+
+
+def _binary_labels_check(labels: jax.Array, where: str):
+  """A check that every label lies in ``[0, 1]`` (NaN fails too); raises at once on concrete labels.
+
+  Under ``jit`` it is one on-device test (``numerics.enforce``); the host is called only when it fails.
+  """
+  bad = ~((labels >= 0) & (labels <= 1))
+
+  def message(values):
+    values = np.asarray(values)
+    wrong = values[~((values >= 0) & (values <= 1))] if values is not None and values.ndim else values
+    shown = np.unique(wrong)[:5].tolist() if wrong is not None else "?"
+    return (f"mtjax: {where}: binary labels must lie in [0, 1] (0/1 or soft labels), got values such as {shown}. "
+            "Map -1/+1 labels to 0/1 with (y + 1) / 2; mask missing labels instead of marking them with -1.")
+
+  return numerics.condition_check(jnp.any(bad), message, labels)
 
 
 def mse(predictions: jax.Array, targets: jax.Array) -> jax.Array:

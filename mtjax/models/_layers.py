@@ -45,6 +45,9 @@ class MLP(nn.Module):
 class InputLayer(nn.Module):
   """Turns the model input into ``[B, D]``: a float array passes through; a feature dict is embedded.
 
+  With ``features`` set, the input must be a feature dict: a dense array is an error (it would
+  silently bypass the spec's embeddings).
+
   Returns ``(x, field_embeddings)``; ``field_embeddings`` is ``{}`` for array inputs.
   """
 
@@ -58,6 +61,11 @@ class InputLayer(nn.Module):
         raise ValueError("mtjax: this model got a feature dict but has no `features` spec; "
                          "pass features=FeatureSpec(...) or a dense [B, D] array.")
       return FeatureEmbedding(self.features, width_multiplier=self.width_multiplier, name="embedding")(x)
+    if self.features is not None:
+      raise ValueError(
+          f"mtjax: this model was built with features=FeatureSpec({', '.join(self.features.names)}) but got a "
+          f"dense array of shape {jnp.shape(x)}; pass the feature dict {{name: [B] ids or values}} the spec "
+          "describes, or build the model without features= to feed dense [B, D] inputs.")
     x = jnp.asarray(x)
     if x.ndim != 2:
       raise ValueError(f"mtjax: dense model input must be [B, D], got shape {x.shape}.")

@@ -179,6 +179,30 @@ def _reports_probs(model, state, dataset) -> bool:
   return isinstance(out, tuple) and isinstance(out[1], Mapping) and "task_log_probs" in out[1]
 
 
+def _check_chain_order(tx, state: TrainState, num_tasks: int) -> None:
+  """An optimizer state that changes shape after one update means an optax optimizer sits before
+  the mtjax method: it received the per-task gradients ``[T, ...]`` and keeps per-task moments (a
+  different algorithm, silently). Checked on the chain's abstract evaluation with dense per-task
+  gradients (no computation); a chain that cannot be evaluated this way is left to the step."""
+  grads = jax.tree.map(lambda p: jax.ShapeDtypeStruct((num_tasks,) + tuple(np.shape(p)), p.dtype), state.params)
+  losses = jax.ShapeDtypeStruct((num_tasks,), jnp.float32)
+  try:
+    with jax.numpy_rank_promotion("allow"):  # what a misplaced optimizer's broadcasting relies on
+      _, out_state = jax.eval_shape(lambda g, s, p, l: tx.update(g, s, p, task_losses=l), grads, state.opt_state,
+                                    state.params, losses)
+  except Exception:  # pylint: disable=broad-except
+    return
+  before = [tuple(np.shape(x)) for x in jax.tree.leaves(state.opt_state)]
+  after = [tuple(x.shape) for x in jax.tree.leaves(out_state)]
+  if before != after:
+    changed = next((b, a) for b, a in zip(before, after) if b != a) if len(before) == len(after) else (None, None)
+    raise ValueError(
+        "mtjax: fit: the optimizer state changes shape after one step"
+        + (f" ({changed[0]} -> {changed[1]})" if changed[0] is not None else "")
+        + ": an optax transform placed before the mtjax method receives the per-task gradients [T, ...] "
+        "and keeps per-task state. Put the mtjax method first: optax.chain(mtjax.pcgrad(...), optax.adam(...)).")
+
+
 @dataclasses.dataclass
 class FitResult:
   """What :func:`fit` returns: the final state, the per-step log, evaluations and timing."""
@@ -360,6 +384,7 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
                             track_similarity=track_similarity, sparse=sparse,
                             chunk_size=chunk_size, rep_gram=rep_gram, shared=shared,
                             similarity_granularity=similarity_granularity)
+  _check_chain_order(tx, state, train_ds.num_tasks)
   predict_fn = make_predict_fn(model) if eval_ds is not None else None
   layer_names = None
   if track_similarity and similarity_granularity != "model":

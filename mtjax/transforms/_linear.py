@@ -60,11 +60,16 @@ def linear(
   References:
     Caruana, *Multitask Learning*, Machine Learning 28, 1997.
   """
-  if weights is not None and num_tasks is None:
+  given_num_tasks = num_tasks
+  expected = None
+  if weights is not None:
     shape = np.shape(weights)
     if len(shape) != 1:
       raise ValueError(f"mtjax: linear: weights must be a 1-D vector [T], got shape {shape}.")
-    num_tasks = int(shape[0])
+    expected = int(shape[0])
+    if num_tasks is not None and num_tasks != expected:
+      raise ValueError(f"mtjax: linear: weights has {expected} entries but num_tasks={num_tasks}.")
+    num_tasks = expected
 
   def init_state(params):
     del params
@@ -78,6 +83,7 @@ def linear(
       raise ValueError(f"mtjax: linear: weights have shape {w.shape} but there are {inputs.num_tasks} tasks.")
     return w, state
 
-  return weighting.gram_weighting(
+  tx = weighting.gram_weighting(
       weights_fn, init_state, method="linear", num_tasks=num_tasks, shared=shared,
       needs_gram=False, task_specific=task_specific)
+  return tree_lib.with_task_axis_check(tx, given_num_tasks, "linear", expected, f"weights has {expected} entries")

@@ -183,6 +183,6 @@ def pcgrad(
       weights = weights / t
     return weights, state._replace(key=next_key)
 
-  return weighting.gram_weighting(
+  return tree_lib.with_task_axis_check(weighting.gram_weighting(
       weights_fn, init_state, method="pcgrad", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      task_specific=task_specific)
+      task_specific=task_specific), num_tasks, "pcgrad")

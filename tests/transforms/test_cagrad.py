@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import mtjax
-from mtjax._src import solvers
+from mtjax.transforms._cagrad import cagrad_dual
 from mtl_references import J_ORACLE, gram_of, np_nonneg_qp, pack, random_jac, unpack
 
 _DEFAULT = mtjax.cagrad()  # c = 0.4
@@ -99,7 +99,7 @@ def test_zero_dual_norm_gives_the_primal_point():
   jac = np.stack([g, -2.0 * g])
   d = unpack(_update_c(pack(jac), 1.5))
   np.testing.assert_allclose(d, 0.0, atol=1e-5 * np.abs(g).max())  # (1 - min(c, 1)) g0 = 0
-  result = solvers.cagrad_dual(jnp.asarray(gram_of(jac), jnp.float32), 1.5)
+  result = cagrad_dual(jnp.asarray(gram_of(jac), jnp.float32), 1.5)
   assert float(result.norm) == 0.0
   # With c < 1 the optimum is at a vertex (g_w = g): d = g0 + c |g0| g / |g| = -g / 2 + 0.5 g / 2.
   np.testing.assert_allclose(unpack(_update_c(pack(jac), 0.5)), -0.25 * g, atol=1e-5 * np.abs(g).max())
@@ -130,3 +130,37 @@ def test_errors():
   state.hyperparams["c"] = jnp.asarray(-1.0)
   with pytest.raises(Exception, match="c must be >= 0"):
     jax.block_until_ready(jax.jit(tx.update)(pack(jac), state))
+
+
+def test_float32_tiny_task_next_to_a_large_one():
+  """Issue #11: a task 0.1% the norm of another was read as a zero gradient in float32 (0.6 * mean)."""
+  jac = np.array([[0.010918994, -0.0014713896], [11.354426, 15.893018]])
+  ref = np_cagrad(jac, 0.4)
+  np.testing.assert_allclose(ref, [9.555, 7.424], atol=1e-3)
+  update = jax.jit(mtjax.cagrad().update)({"w": jnp.asarray(jac, jnp.float32)}, mtjax.cagrad().init(None))[0]["w"]
+  np.testing.assert_allclose(update, ref, rtol=1e-5)
+  np.testing.assert_allclose(float(np.min(jac @ np.asarray(update, np.float64))), 0.0934, atol=1e-4)
+  rng = np.random.default_rng(11)  # task norms over 8 orders of magnitude: float32 == float64 reference
+  for _ in range(6):
+    jac = rng.normal(size=(4, 5)) * 10.0 ** rng.uniform(-4, 4, size=(4, 1))
+    jac32 = jac.astype(np.float32)
+    update = jax.jit(mtjax.cagrad(0.9).update)({"w": jnp.asarray(jac32)}, mtjax.cagrad().init(None))[0]["w"]
+    ref = np_cagrad(jac32.astype(np.float64), 0.9)
+    np.testing.assert_allclose(update, ref, atol=1e-5 * np.linalg.norm(jac32.mean(0)) * 1.9)
+
+
+def test_stationary_points():
+  """g0 at rounding level gives d = g0 (~0), not c sqrt(eps) |J|; a zero combination with c < 1 gives the
+  point of the ball closest to g0 with J d >= 0 (worst-task improvement 0, the optimum)."""
+  rng = np.random.default_rng(12)
+  g1, g2 = rng.normal(size=6), rng.normal(size=6)
+  jac = np.stack([g1, g2, -(g1 + g2)]).astype(np.float32)
+  update = jax.jit(mtjax.cagrad(0.4).update)({"w": jnp.asarray(jac)}, mtjax.cagrad().init(None))[0]["w"]
+  assert np.linalg.norm(update) <= 1e-6 * np.abs(jac).max(), np.linalg.norm(update)
+  h = rng.normal(size=5)
+  jac = np.stack([g1[:5], -2.0 * g1[:5], h])
+  for c in (0.4, 0.9, 1.5):
+    tx = mtjax.cagrad(c)
+    d = np.asarray(tx.update({"w": jnp.asarray(jac, jnp.float32)}, tx.init(None))[0]["w"], np.float64)
+    ref = np_cagrad(jac, c)
+    np.testing.assert_allclose(np.min(jac @ d), np.min(jac @ ref), atol=1e-5 * np.abs(jac).max() ** 2, err_msg=f"{c}")
