@@ -150,7 +150,7 @@ def test_linear_against_numpy_and_sum():
   np.testing.assert_allclose(state[0].weights, w)
   with pytest.raises(ValueError, match="1-D"):
     mtjax.linear([[1.0]])
-  with pytest.raises(ValueError, match="num_tasks=2"):
+  with pytest.raises(ValueError, match="linear: weights has 2 entries but the task gradients have 4 tasks"):
     mtjax.linear([1.0, 1.0]).update(g, mtjax.linear([1.0, 1.0]).init(params))
 
 

@@ -427,10 +427,13 @@ def init_weights(num_tasks: Optional[int], num_groups_: int = 0, dtype=jnp.float
 
 
 def params_dtype(params: PyTree):
-  """The Gram dtype of ``params`` (at least float32; float64 for float64 params); float32 without params."""
+  """The Gram dtype of ``params`` (at least float32; float64 for float64 params).
+
+  Without params (``init(None)``): the default float dtype (float64 under ``jax_enable_x64``).
+  """
   leaves = [x for x in jax.tree.leaves(params) if hasattr(x, "dtype") or isinstance(x, (float, int))]
   if not leaves:
-    return jnp.dtype(jnp.float32)
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
   return numerics.gram_dtype(jnp.result_type(*leaves))
 
 

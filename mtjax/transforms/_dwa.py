@@ -6,6 +6,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mtjax._src import numerics
@@ -20,7 +21,8 @@ class DWAState(NamedTuple):
 
   Attributes:
     count: number of updates so far (int32); the block (epoch) index is ``count // block``.
-    loss_sum: ``[T]`` sum of the task losses seen so far in the current block.
+    loss_sum: ``[T]`` sum of the task losses seen so far in the current block, each divided by the
+      block length (so it is the block's average when the block closes, and never overflows).
     epoch_means: ``[2, T]`` average losses of the last two completed blocks, oldest first:
       ``[Lbar(e-2), Lbar(e-1)]`` for the current block ``e``.
     weights: ``[T]`` the task weights used by the last update.
@@ -37,7 +39,8 @@ def dwa_weights(epoch_means: jax.Array, temperature, block_index: jax.Array) -> 
 
   :math:`\lambda = T \operatorname{softmax}(r / \text{temperature})` with :math:`r_k =
   \bar L_k(e-1) / \bar L_k(e-2)` (:math:`r_k = 1` where :math:`\bar L_k(e-2) = 0`), and
-  :math:`\lambda = \mathbf{1}` while ``block_index < 2``.
+  :math:`\lambda = \mathbf{1}` while ``block_index < 2``. A ratio that overflows the dtype (losses
+  jumping by many orders of magnitude) is clipped to the dtype's largest value before the softmax.
 
   Args:
     epoch_means: ``[2, T]`` ``[Lbar(e-2), Lbar(e-1)]``.
@@ -51,7 +54,11 @@ def dwa_weights(epoch_means: jax.Array, temperature, block_index: jax.Array) -> 
   num_tasks = older.shape[0]
   nonzero = older != 0
   rates = jnp.where(nonzero, newer / jnp.where(nonzero, older, 1), 1)
-  lam = num_tasks * jax.nn.softmax(rates / jnp.asarray(temperature, rates.dtype))
+  # A ratio (or ratio / temperature) beyond the dtype's range is clipped to its largest finite value:
+  # softmax subtracts the largest logit, so such a task gets (nearly) all the weight, never NaN.
+  big = jnp.finfo(rates.dtype).max
+  logits = jnp.minimum(rates / jnp.asarray(temperature, rates.dtype), big)
+  lam = num_tasks * jax.nn.softmax(logits)
   return jnp.where(block_index >= 2, lam, jnp.ones_like(lam)).astype(epoch_means.dtype)
 
 
@@ -76,7 +83,9 @@ def dwa(
   temperature. :math:`\lambda = \mathbf{1}` during the first two epochs. A zero
   :math:`\bar L_k(e-2)` gives :math:`r_k = 1` (no information about the rate). Epoch boundaries
   come from the step counter in the state (an epoch is ``steps_per_epoch`` consecutive
-  updates); everything stays on device.
+  updates); everything stays on device. Task losses must be nonnegative (a ``ValueError``, under
+  ``jit`` a runtime error, otherwise): for negative losses the ratio does not measure descent.
+  Ratios beyond the dtype's range are clipped (the task gets nearly all the weight), never NaN.
 
   Variants (``mode``): ``"epoch"`` (the paper), ``"window"`` (epochs replaced by consecutive
   blocks of ``window`` updates, so the weights change every ``window`` steps) and ``"step"``
@@ -148,11 +157,16 @@ def dwa(
   def weights_fn(inputs, state):
     dtype = state.loss_sum.dtype
     losses = inputs.task_losses.astype(dtype)
+    losses = numerics.enforce(losses, numerics.condition_check(
+        jnp.any(losses < 0),
+        lambda v: (f"mtjax: dwa: task losses must be nonnegative, got {np.asarray(v).tolist()} (DWA weights a task "
+                   "by the ratio of its recent average losses, which only measures the rate of descent for "
+                   "positive losses); shift or reformulate negative losses."), losses))
     count = state.count
     weights = dwa_weights(state.epoch_means, temperature, count // block)
-    loss_sum = state.loss_sum + losses
+    loss_sum = state.loss_sum + losses / block  # divided first: a sum of finite losses cannot overflow
     block_done = (count % block) == block - 1
-    closed = jnp.stack([state.epoch_means[1], loss_sum / block])
+    closed = jnp.stack([state.epoch_means[1], loss_sum])
     epoch_means = jnp.where(block_done, closed, state.epoch_means)
     loss_sum = jnp.where(block_done, jnp.zeros_like(loss_sum), loss_sum)
     new_state = DWAState(count=optax.safe_increment(count), loss_sum=loss_sum,

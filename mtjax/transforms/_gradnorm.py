@@ -94,8 +94,41 @@ def _subset_groups(layer: LayerSpec, chosen_layers: Optional[list] = None) -> Ca
   return groups
 
 
+def _subset_norms(subset_gram: jax.Array, gram_log2_scale, dtype) -> jax.Array:
+  """``sqrt(G_ii)`` of the true Gram from ``subset_gram = 2**gram_log2_scale * G`` (the core's rescaling)."""
+  diag = jnp.maximum(jnp.diagonal(subset_gram), 0)
+  log2 = jnp.asarray(gram_log2_scale, diag.dtype)
+  norms = jnp.sqrt(diag) * jnp.where(log2 == 0, 1, jnp.exp2(-0.5 * log2))  # log2 = 0 (the usual case): exact
+  return norms.astype(dtype)
+
+
+def _rate_powers(task_losses: jax.Array, initial_losses: jax.Array, alpha, dtype) -> jax.Array:
+  r""":math:`r_i^\alpha` with :math:`r_i = \tilde L_i / \operatorname{mean}_j \tilde L_j`, overflow-safe.
+
+  Computed directly (bitwise as before) when every intermediate is finite; otherwise (loss ratios
+  beyond the dtype's range, e.g. ``1e36 / 1e-3`` in float32) in log space, where :math:`r_i \le T`
+  always holds, so :math:`r_i^\alpha` is finite.
+  """
+  task_losses = task_losses.astype(dtype)
+  initial_losses = initial_losses.astype(dtype)
+  alpha = jnp.asarray(alpha, dtype)
+  positive = initial_losses > 0
+  ratio = jnp.where(positive, task_losses / jnp.where(positive, initial_losses, 1), 1).astype(dtype)
+  direct = jnp.power(numerics.safe_div(ratio, jnp.mean(ratio)), alpha)
+  # Log space: log ratio_i = log L_i - log L_i(0) (-inf for a zero loss), r_i = exp(lr_i - logmeanexp(lr)).
+  log_ratio = jnp.where(positive, jnp.log(jnp.where(task_losses > 0, task_losses, 1))
+                        - jnp.log(jnp.where(positive, initial_losses, 1)), 0)
+  zero = positive & (task_losses <= 0)
+  log_ratio = jnp.where(zero, -jnp.inf, log_ratio)
+  log_mean = jax.nn.logsumexp(log_ratio) - jnp.log(jnp.asarray(ratio.shape[0], dtype))
+  all_zero = jnp.all(zero)
+  log_rates = jnp.where(zero | all_zero, 0, log_ratio - jnp.where(all_zero, 0, log_mean))
+  safe = jnp.where(zero | all_zero, jnp.power(jnp.zeros((), dtype), alpha), jnp.exp(alpha * log_rates))
+  return jnp.where(jnp.all(jnp.isfinite(direct)), direct, safe)
+
+
 def gradnorm_weight_gradient(weights: jax.Array, subset_gram: jax.Array, task_losses: jax.Array,
-                             initial_losses: jax.Array, alpha) -> jax.Array:
+                             initial_losses: jax.Array, alpha, gram_log2_scale=0.0) -> jax.Array:
   r"""The gradient of GradNorm's loss :math:`L_\text{grad}` with respect to the task weights.
 
   With :math:`n_i = \sqrt{G_{ii}}` (norm of task :math:`i`'s gradient on the chosen subset),
@@ -103,7 +136,8 @@ def gradnorm_weight_gradient(weights: jax.Array, subset_gram: jax.Array, task_lo
   \operatorname{mean}_j \tilde L_j` and the constant target :math:`c_i = \overline{G} r_i^\alpha`,
   :math:`L_\text{grad} = \sum_i |G_i - c_i|` has :math:`\partial L_\text{grad} / \partial w_i =
   \operatorname{sign}(G_i - c_i)\, n_i` (``sign(0) = 0``). A task with :math:`L_i(0) = 0` gets
-  :math:`\tilde L_i = 1`; when every :math:`\tilde L_i = 0`, :math:`r = 0`.
+  :math:`\tilde L_i = 1`; when every :math:`\tilde L_i = 0`, :math:`r = 0`. Loss ratios beyond the
+  dtype's range (losses jumping by many orders of magnitude) are handled in log space.
 
   Args:
     weights: ``[T]`` current task weights (positive).
@@ -111,19 +145,16 @@ def gradnorm_weight_gradient(weights: jax.Array, subset_gram: jax.Array, task_lo
     task_losses: ``[T]`` losses of this step (nonnegative).
     initial_losses: ``[T]`` reference losses ``L(0)``.
     alpha: the restoring-force strength (traceable).
+    gram_log2_scale: ``subset_gram`` is ``2**gram_log2_scale`` times the Gram (the core's rescaling
+      of a Gram that would overflow; ``0`` otherwise).
 
   Returns:
     ``[T]`` gradient, in the dtype of ``weights``.
   """
   dtype = weights.dtype
-  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(subset_gram), 0)).astype(dtype)
-  task_losses = task_losses.astype(dtype)
-  initial_losses = initial_losses.astype(dtype)
-  positive = initial_losses > 0
-  ratio = jnp.where(positive, task_losses / jnp.where(positive, initial_losses, 1), 1).astype(dtype)
-  rates = numerics.safe_div(ratio, jnp.mean(ratio))
+  norms = _subset_norms(subset_gram, gram_log2_scale, dtype)
   gnorms = weights * norms
-  target = jax.lax.stop_gradient(jnp.mean(gnorms) * jnp.power(rates, jnp.asarray(alpha, dtype)))
+  target = jax.lax.stop_gradient(jnp.mean(gnorms) * _rate_powers(task_losses, initial_losses, alpha, dtype))
   return jnp.sign(gnorms - target) * norms
 
 
@@ -250,7 +281,10 @@ def gradnorm(
     # L(0): the running mean over the first `init_steps` updates, then frozen.
     count = state.count
     in_init = count < init_steps
+    # The first loss is stored as is (not 1 + (L - 1) / 1, which rounds 1e-8 to 0 in float32); the later
+    # means m + (L - m) / (n + 1) stay within [min, max] of the losses, so they cannot overflow.
     running = state.initial_losses + (losses - state.initial_losses) / (count.astype(dtype) + 1)
+    running = jnp.where(count == 0, losses, running)
     initial_losses = jnp.where(in_init, running, state.initial_losses)
 
     gram = inputs.grams[0]
@@ -262,11 +296,15 @@ def gradnorm(
           "at the first step, so GradNorm cannot balance the tasks on it (its default layer='last' is the "
           "last *shared* layer: pass shared=, e.g. mtjax.models.partition(model) or "
           "mtjax.shared_mask(exclude='tower_'), or choose the layer with layer=)."))
-    grad = gradnorm_weight_gradient(weights, gram, losses, initial_losses, alpha)
+    grad = gradnorm_weight_gradient(weights, gram, losses, initial_losses, alpha, inputs.gram_log2_scale)
     updates, inner_opt_state = optimizer.update(grad, state.inner_opt_state, weights)
     stepped = optax.apply_updates(weights, updates)
     stepped = jnp.maximum(stepped, jnp.asarray(min_weight, dtype))
-    stepped = (num_tasks * stepped / jnp.sum(stepped)).astype(dtype)
+    total = jnp.sum(stepped)
+    top = jnp.max(stepped)
+    relative = stepped / jnp.where(top > 0, top, 1)  # only used when the plain sum overflows
+    stepped = jnp.where(jnp.isfinite(total), num_tasks * stepped / total,
+                        num_tasks * relative / jnp.sum(relative)).astype(dtype)
     new_state = GradNormState(weights=stepped, initial_losses=initial_losses,
                               inner_opt_state=inner_opt_state, count=optax.safe_increment(count))
     return weights, new_state
@@ -274,4 +312,4 @@ def gradnorm(
   return weighting.gram_weighting(
       weights_fn, init_state, method="gradnorm", num_tasks=num_tasks, shared=shared,
       groups=_subset_groups(layer, chosen_layers), needs_gram=True, requires_task_losses=True,
-      task_specific=task_specific, record_weights=False)
+      task_specific=task_specific, record_weights=False, rescale_gram=True)

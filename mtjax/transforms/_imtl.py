@@ -114,12 +114,11 @@ def imtl(
   """
 
   def init_state(params):
-    del params
-    return IMTLState(weights=weighting.init_weights(num_tasks))
+    return IMTLState(weights=weighting.init_weights(num_tasks, dtype=weighting.params_dtype(params)))
 
   def weights_fn(inputs, state):
-    return imtl_weights(inputs.grams[0]), state
+    return imtl_weights(inputs.grams[0]), state  # scale invariant: inputs.gram_log2_scale is not needed
 
   return weighting.gram_weighting(
       weights_fn, init_state, method="imtl", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      task_specific=task_specific)
+      task_specific=task_specific, rescale_gram=True)

@@ -113,7 +113,10 @@ def nash_mtl(
     max_iters: static cap on the Newton steps (with ``optax.inject_hyperparams`` list it in
       ``static_args``).
     tol: tolerance on the squared Newton decrement (the solver also accepts the dtype's rounding
-      floor); traceable.
+      floor); traceable. The equations hold to about
+      :math:`\sqrt{\texttt{tol}}` relative: the default ``1e-10`` gives ``~1e-5`` (measured, float32
+      and float64); pass ``tol=1e-20`` in float64 for ``~1e-10`` (float32 stops at ``~1e-5``, its
+      rounding floor).
     shared: shared-parameter mask (see :func:`mtjax.shared_mask`); the weights come from the
       Gram of the shared leaves only.
     task_specific: ``"sum"`` (plain sum of the task gradients on task-specific leaves) or
@@ -135,18 +138,20 @@ def nash_mtl(
   max_iters = weighting.static_int(max_iters, "max_iters", "nash_mtl")
 
   def init_state(params):
-    del params
-    return NashMTLState(weights=weighting.init_weights(num_tasks), status=jnp.zeros((), jnp.int32))
+    return NashMTLState(weights=weighting.init_weights(num_tasks, dtype=weighting.params_dtype(params)),
+                        status=jnp.zeros((), jnp.int32))
 
   def weights_fn(inputs, state):
     gram = inputs.grams[0].astype(numerics.gram_dtype(inputs.grams.dtype))
-    result = balance_weights(gram, 1.0, max_iters=max_iters, tol=tol)
-    weights = result.weights
-    if normalization == "frobenius":
-      weights = weights * frobenius_factor(gram)
+    if normalization == "frobenius":  # w(G) sqrt(|G|_F) is invariant to a common scale of G
+      result = balance_weights(gram, 1.0, max_iters=max_iters, tol=tol)
+      weights = result.weights * frobenius_factor(gram)
+    else:
+      result = balance_weights(gram, 1.0, max_iters=max_iters, tol=tol, gram_log2_scale=inputs.gram_log2_scale)
+      weights = result.weights
     weights = numerics.enforce(weights, failure_check(result, "nash_mtl"))
     return weights, state._replace(status=result.status)
 
   return weighting.gram_weighting(
       weights_fn, init_state, method="nash_mtl", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      task_specific=task_specific)
+      task_specific=task_specific, rescale_gram=True)

@@ -165,8 +165,7 @@ def pareto_ltr(
       raise ValueError(too_big_msg + f" Got {bounds.tolist()} (sum {bounds.sum():.6g}).")
 
   def init_state(params):
-    del params
-    return ParetoLTRState(weights=weighting.init_weights(num_tasks))
+    return ParetoLTRState(weights=weighting.init_weights(num_tasks, dtype=weighting.params_dtype(params)))
 
   def weights_fn(inputs, state):
     gram = inputs.grams[0]
@@ -174,8 +173,8 @@ def pareto_ltr(
     if not concrete:
       c = numerics.enforce(c, numerics.condition_check(jnp.any(~(c >= 0)), negative_msg),
                            numerics.condition_check(jnp.sum(c) > 1.0 + _SUM_SLACK, too_big_msg))
-    return pareto_ltr_weights(gram, c), state
+    return pareto_ltr_weights(gram, c), state  # scale invariant: inputs.gram_log2_scale is not needed
 
   return weighting.gram_weighting(
       weights_fn, init_state, method="pareto_ltr", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      task_specific=task_specific)
+      task_specific=task_specific, rescale_gram=True)

@@ -6,6 +6,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mtjax._src import numerics
@@ -75,7 +76,9 @@ def uncertainty(
   gradient :math:`\partial \mathcal{L} / \partial s_i = \tfrac12 (1 - e^{-s_i} L_i)` (whose fixed
   point is :math:`s_i = \log L_i`). ``state.log_vars`` holds the stepped :math:`s` for the next
   update and ``state.weights`` the weights :math:`\tfrac12 e^{-s}` this update used. See
-  :func:`uncertainty_objective` for the objective itself.
+  :func:`uncertainty_objective` for the objective itself. Task losses must be nonnegative (a
+  ``ValueError``, under ``jit`` a runtime error, otherwise): with :math:`L_i < 0` there is no fixed
+  point and :math:`s_i \to -\infty`, so the weights would grow without bound.
 
   By default the weights apply to the task-specific leaves too (``task_specific="weighted"``), so
   the update is the *exact* gradient of :math:`\mathcal{L}` with respect to every parameter (a
@@ -134,6 +137,11 @@ def uncertainty(
     log_vars = state.log_vars
     dtype = log_vars.dtype
     losses = inputs.task_losses.astype(dtype)
+    losses = numerics.enforce(losses, numerics.condition_check(
+        jnp.any(losses < 0),
+        lambda v: (f"mtjax: uncertainty: task losses must be nonnegative, got {np.asarray(v).tolist()} (the "
+                   "log-variance step 1/2 (1 - exp(-s) L) has its fixed point at s = log L; with L < 0 it has "
+                   "none and the weights grow without bound); shift or reformulate negative losses."), losses))
     precision = jnp.exp(-log_vars)
     weights = 0.5 * precision
     grad = 0.5 * (1 - precision * losses)

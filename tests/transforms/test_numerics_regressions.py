@@ -1,0 +1,201 @@
+"""Regressions of issue #11 (numerics on degenerate inputs), one test per point, from the reproducers."""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mtjax
+
+
+def _jac(rng, t=3, p=6):
+  return rng.normal(size=(t, p)) + 0.5 * rng.normal(size=(1, p))
+
+
+# 1. No hang under jit: LAPACK (pinv/svd) never sees NaN/inf. Run in a subprocess with a timeout, so that a
+# regression fails instead of hanging the suite.
+_HANG_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    import mtjax
+    x64 = sys.argv[1] == "64"
+    jax.config.update("jax_enable_x64", x64)
+    dtype = jnp.float64 if x64 else jnp.float32
+    big = 1e160 if x64 else 3e20
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(3, 6))
+    params = {"w": jnp.zeros(6, dtype)}
+    cases = [("pareto_ltr inf", mtjax.pareto_ltr([0.2, 0.2, 0.2]), g.copy(), "non-finite task gradients"),
+             ("pareto_ltr overflow", mtjax.pareto_ltr([0.2, 0.2, 0.2]), big * g, None),
+             ("imtl overflow", mtjax.imtl(num_tasks=3), big * g, None),
+             ("imtl nan", mtjax.imtl(num_tasks=3), g.copy(), "non-finite task gradients")]
+    cases[0][2][1, 2] = np.inf
+    cases[3][2][0, 0] = np.nan
+    for name, tx, grads, error in cases:
+      state = tx.init(params)
+      try:
+        out, _ = jax.jit(tx.update)({"w": jnp.asarray(grads, dtype)}, state, params)
+        out = np.asarray(out["w"])
+        assert error is None, (name, "no error")
+        assert np.all(np.isfinite(out)), (name, out)
+      except Exception as e:  # the runtime check's error
+        assert error is not None and error in str(e), (name, str(e)[:300])
+      print(name, "returned", flush=True)
+    print("ALL DONE")
+""")
+
+
+@pytest.mark.parametrize("bits", ["32", "64"])
+def test_point1_no_hang_under_jit_on_nonfinite_or_overflowing_gradients(bits):
+  proc = subprocess.run([sys.executable, "-c", _HANG_SCRIPT, bits], capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0 and "ALL DONE" in proc.stdout, (proc.stdout[-2000:], proc.stderr[-3000:])
+
+
+# 2. A finite Gram that overflows: the Gram methods rescale (exact powers of two) and give the weights of
+# the unscaled problem; a method that does not rescale says that the Gram overflows.
+def _weights(tx, grads, dtype, jit):
+  params = {"w": jnp.zeros(grads.shape[1], dtype)}
+  update = jax.jit(tx.update) if jit else tx.update
+  losses = jnp.ones(grads.shape[0], dtype)  # read by gradnorm only
+  out, state = update({"w": jnp.asarray(grads, dtype)}, tx.init(params), params, task_losses=losses)
+  return np.asarray(out["w"], np.float64), np.asarray(state.weights, np.float64)
+
+
+@pytest.mark.parametrize("x64", [False, True])
+@pytest.mark.parametrize("jit", [False, True])
+def test_point2_overflowing_gram_is_rescaled(x64, jit):
+  rng = np.random.default_rng(1)
+  g = _jac(rng)
+  with jax.enable_x64(x64):
+    dtype = jnp.float64 if x64 else jnp.float32
+    scale = 2.0 ** 530 if x64 else 2.0 ** 67  # ~3.5e159 / ~1.5e20: the Gram overflows, the rows do not
+    rtol = 1e-9 if x64 else 2e-4
+    for tx, degree in ((mtjax.pareto_ltr([0.1, 0.1, 0.1]), 0.0), (mtjax.imtl(num_tasks=3), 0.0),
+                       (mtjax.nash_mtl(num_tasks=3), -1.0),
+                       (mtjax.nash_mtl(num_tasks=3, normalization="frobenius"), 0.0),
+                       (mtjax.fairgrad(2.0, num_tasks=3), -4.0 / 3.0), (mtjax.fairgrad(0.5, num_tasks=3), -2.0 / 3.0)):
+      _, w_ref = _weights(tx, g, dtype, jit)
+      out, w = _weights(tx, scale * g, dtype, jit)
+      assert np.all(np.isfinite(out)), out
+      # w(s g) = s^degree w(g) (FairGrad: G -> s^2 G, w -> s^(-2 alpha / (1 + alpha)) w).
+      np.testing.assert_allclose(w, w_ref * scale ** degree, rtol=rtol)
+    # GradNorm reads the gradient norms: they are finite and right.
+    tx = mtjax.gradnorm(num_tasks=3, layer="all", learning_rate=1e-3 / scale)
+    _, w_ref = _weights(mtjax.gradnorm(num_tasks=3, layer="all", learning_rate=1e-3), g, dtype, jit)
+    out, w = _weights(tx, scale * g, dtype, jit)
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(w))
+    np.testing.assert_allclose(w, w_ref, rtol=rtol)
+    # A method that does not rescale says what happened.
+    name = "float64" if x64 else "float32"
+    with pytest.raises(Exception, match=f"mtjax: mgda: the task gradients' Gram overflows {name}"):
+      jax.block_until_ready(_weights(mtjax.mgda(num_tasks=3), scale * g, dtype, jit))
+
+
+# 3. GradNorm: losses jumping by many orders of magnitude in float32 give finite weights; L(0) is exact.
+@pytest.mark.parametrize("initial_loss", ["first_step", "first_epoch_mean"])
+def test_point3_gradnorm_huge_loss_jump_and_exact_initial_loss(initial_loss):
+  rng = np.random.default_rng(3)
+  grads = {"w": jnp.asarray(_jac(rng, 2), jnp.float32)}
+  params = {"w": jnp.zeros(6)}
+  tx = mtjax.gradnorm(num_tasks=2, layer="all", initial_loss=initial_loss, steps_per_epoch=2)
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  for losses in ([1e-3, 1e-3], [1e-3, 1e-3], [1e36, 1e-3], [1e36, 1e-3]):
+    out, state = update(grads, state, params, task_losses=jnp.asarray(losses, jnp.float32))
+    assert np.all(np.isfinite(np.asarray(out["w"]))), out
+    assert np.all(np.isfinite(np.asarray(state.weights))), state.weights
+  # The loss that trains slowest (task 0, ratio 1e39 in float32's overflow) gets the larger weight.
+  assert state.weights[0] > state.weights[1]
+  # L(0) = 1e-8 is recorded as 1e-8, not rounded to 0 through 1 + (1e-8 - 1).
+  state = tx.init(params)
+  _, state = update(grads, state, params, task_losses=jnp.asarray([1e-8, 2.0], jnp.float32))
+  np.testing.assert_array_equal(np.asarray(state.initial_losses), np.asarray([1e-8, 2.0], np.float32))
+
+
+# 4. NaN/inf in a leaf outside the Gram (task-specific, or outside gradnorm's subset) is detected.
+@pytest.mark.parametrize("jit", [False, True])
+def test_point4_nonfinite_outside_the_gram_raises(jit):
+  rng = np.random.default_rng(4)
+  params = {"trunk": {"kernel": jnp.zeros(6)}, "tower": {"kernel": jnp.zeros(4)}}
+  grads = {"trunk": {"kernel": jnp.asarray(_jac(rng, 3, 6), jnp.float32)},
+           "tower": {"kernel": jnp.asarray(_jac(rng, 3, 4), jnp.float32)}}
+  shared = {"trunk": {"kernel": True}, "tower": {"kernel": False}}
+  losses = jnp.ones(3)
+  for bad in (np.nan, np.inf):
+    g = jax.tree.map(np.array, grads)
+    g["tower"]["kernel"][1, 2] = bad
+    for tx in (mtjax.imtl(num_tasks=3, shared=shared), mtjax.pareto_ltr([0.0] * 3, shared=shared),
+               mtjax.nash_mtl(num_tasks=3, shared=shared), mtjax.fairgrad(2.0, num_tasks=3, shared=shared),
+               mtjax.gradnorm(num_tasks=3, shared=shared), mtjax.mgda(num_tasks=3, shared=shared),
+               mtjax.upgrad(num_tasks=3, shared=shared),
+               # the tower is shared but outside gradnorm's Gram subset (the last shared layer is the trunk):
+               mtjax.gradnorm(num_tasks=3, layer=lambda paths: [p.startswith("trunk") for p in paths])):
+      update = jax.jit(tx.update) if jit else tx.update
+      match = r"mtjax: non-finite task gradients given to .* in the leaves \['tower/kernel'\]"
+      with pytest.raises(Exception, match=match):
+        jax.block_until_ready(update(g, tx.init(params), params, task_losses=losses))
+
+
+# 5. DWA: a loss ratio that overflows gives finite weights (no "non-finite task gradients" for finite gradients).
+@pytest.mark.parametrize("jit", [False, True])
+def test_point5_dwa_ratio_overflow(jit):
+  grads = {"w": jnp.eye(2, dtype=jnp.float32)}
+  params = {"w": jnp.zeros(2)}
+  tx = mtjax.dwa(num_tasks=2, steps_per_epoch=1)
+  update = jax.jit(tx.update) if jit else tx.update
+  state = tx.init(params)
+  for losses in ([1e-30, 1.0], [1e30, 1.0], [1.0, 1.0]):
+    out, state = update(grads, state, params, task_losses=jnp.asarray(losses, jnp.float32))
+  np.testing.assert_allclose(np.asarray(out["w"]), [2.0, 0.0], atol=1e-6)
+  # A block's average does not overflow although the sum of its losses would.
+  tx = mtjax.dwa(num_tasks=2, steps_per_epoch=4)
+  state = tx.init(params)
+  for _ in range(4):
+    _, state = tx.update(grads, state, params, task_losses=jnp.asarray([3e38, 1.0], jnp.float32))
+  np.testing.assert_allclose(np.asarray(state.epoch_means[1]), [3e38, 1.0], rtol=1e-6)
+
+
+# 6. Negative losses: DWA and uncertainty raise (they would mislead silently).
+@pytest.mark.parametrize("method", ["dwa", "uncertainty"])
+def test_point6_negative_losses_raise(method):
+  grads = {"w": jnp.eye(2, dtype=jnp.float32)}
+  params = {"w": jnp.zeros(2)}
+  tx = mtjax.dwa(num_tasks=2, steps_per_epoch=1) if method == "dwa" else mtjax.uncertainty(num_tasks=2)
+  losses = jnp.asarray([1.0, -0.5])
+  with pytest.raises(ValueError, match=f"mtjax: {method}: task losses must be nonnegative"):
+    tx.update(grads, tx.init(params), params, task_losses=losses)
+  with pytest.raises(Exception, match=f"mtjax: {method}: task losses must be nonnegative"):
+    jax.block_until_ready(jax.jit(tx.update)(grads, tx.init(params), params, task_losses=losses))
+
+
+# 7. Nash-MTL / FairGrad: the accuracy the docstrings state (default tol: ~1e-5 relative; tol=1e-20 in float64:
+# ~1e-10), and the recorded weights follow the gradients' dtype.
+@pytest.mark.parametrize("x64", [False, True])
+def test_point7_balance_accuracy_and_weights_dtype(x64):
+  with jax.enable_x64(x64):
+    dtype = jnp.float64 if x64 else jnp.float32
+    for seed in range(3):
+      rng = np.random.default_rng(70 + seed)
+      jac = _jac(rng, 2 + seed, 12)
+      gram = jac @ jac.T
+      t = jac.shape[0]
+      for tol, bound in ((1e-10, 1e-4), (1e-20, 1e-9 if x64 else 1e-4)):
+        for tx, alpha in ((mtjax.nash_mtl(num_tasks=t, tol=tol), 1.0), (mtjax.fairgrad(2.0, num_tasks=t, tol=tol), 2.0),
+                          (mtjax.fairgrad(0.5, num_tasks=t, tol=tol), 0.5)):
+          params = {"w": jnp.zeros(12, dtype)}
+          for state0 in (tx.init(params), tx.init(None)):
+            _, state = tx.update({"w": jnp.asarray(jac, dtype)}, state0, params)
+            assert state.weights.dtype == dtype, (state.weights.dtype, dtype)
+          w = np.asarray(state.weights, np.float64)
+          residual = np.max(np.abs((gram @ w) * w ** (1.0 / alpha) - 1.0))
+          assert residual < bound, (seed, tol, alpha, residual)
+    # The other methods of this file record weights in the gradients' dtype too.
+    for tx in (mtjax.imtl(num_tasks=2), mtjax.pareto_ltr([0.0, 0.0])):
+      params = {"w": jnp.zeros(3, dtype)}
+      _, state = tx.update({"w": jnp.ones((2, 3), dtype)}, tx.init(params), params)
+      assert state.weights.dtype == dtype
