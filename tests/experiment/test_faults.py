@@ -291,7 +291,9 @@ def test_failed_in_graph_check_at_a_later_step_is_one_mtjax_line(tmp_path, monke
   with mtjax.runtime_checks(True):
     assert cli.main(["run", str(cfg), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
   err = capfd.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith("mtjax: non-finite task losses passed to pcgrad") and err[0].endswith("[at training step 3]"), err
+  # The NaN reaches the losses and the gradients; whichever of pcgrad's checks names it first, one line.
+  assert len(err) == 1 and err[0].startswith("mtjax: non-finite task") and "pcgrad" in err[0], err
+  assert err[0].endswith("[at training step 3]"), err
   # --from-step with a step that has no checkpoint: the available steps, one line.
   assert cli.main(["run", str(cfg), "--out", str(tmp_path / "out"), "--no-progress", "--from-step", "2"]) == 2
   err = capfd.readouterr().err.strip().splitlines()
