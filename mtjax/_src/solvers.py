@@ -351,16 +351,27 @@ class CAGradDualResult(NamedTuple):
   Attributes:
     weights: ``[T]`` minimizer ``w`` of the dual on the simplex.
     norm: :math:`\|g_w\| = \sqrt{w^\top G w}` on the Gram divided by its largest diagonal entry
-      (below the rounding floor it is treated as ``0``, see :func:`cagrad_dual`).
-    gap: Frank-Wolfe duality gap at ``w`` on that scaled Gram, divided by
-      :math:`\max(1, \max_i |\partial_i F|)` (``0`` at the optimum).
+      (``0`` when ``g_w`` is at its rounding floor, see :func:`cagrad_dual`).
+    mean_norm: :math:`\|g_0\|` on that scaled Gram (``0`` at its rounding floor).
+    gap: Frank-Wolfe duality gap at ``w`` on that scaled Gram, relative to
+      :math:`(\|g_0\| + r) \max(\sum_i w_i \|g_i\|, \|g_j\|)` (``j`` the best vertex; a bound on the
+      partial derivatives involved), ``0`` at the optimum.
     iterations: number of active-set steps taken.
   """
 
   weights: jax.Array
   norm: jax.Array
+  mean_norm: jax.Array
   gap: jax.Array
   iterations: jax.Array
+
+
+# ||g_w||^2 <= ZERO_FLOOR * T * eps * (sum_i |w_i| ||g_i||)^2 is treated as g_w = 0 (rounding noise of w^T G w).
+ZERO_FLOOR = 100.0
+
+
+def _zero_floor(dtype, t):
+  return jnp.asarray(ZERO_FLOOR * t * np.finfo(dtype).eps, dtype)
 
 
 def cagrad_dual(gram: jax.Array, c: jax.typing.ArrayLike, *, max_iters: int = 100,
@@ -385,24 +396,31 @@ def cagrad_dual(gram: jax.Array, c: jax.typing.ArrayLike, *, max_iters: int = 10
   without bound along :math:`p`). Starting from the best vertex, each step either moves to that
   minimizer when it lies in the simplex and then adds the vertex with the smallest
   :math:`\partial F / \partial w_i` (stopping when the Frank-Wolfe gap
-  :math:`\nabla F \cdot w - \min_i \partial_i F` is at most
-  :math:`(\text{tol} + 10 T \epsilon) \max(1, \max_i |\partial_i F|)`), or moves towards it (along
+  :math:`\nabla F \cdot w - \partial_j F` (:math:`j = \arg\min_i \partial_i F`) is at most
+  :math:`(\text{tol} + 10 T \epsilon) (\|g_0\| + r) \max(\sum_i w_i \|g_i\|, \|g_j\|)`, a bound on
+  the partial derivatives involved), or moves towards it (along
   :math:`p` when unbounded) until a weight reaches zero and drops that vertex. Every step lowers
   :math:`F`, so the method terminates; ``max_iters`` caps it under rounding. The Gram is first
   divided by its largest diagonal entry, which makes ``tol`` relative.
 
-  When :math:`\|g_w\|` is at the rounding floor (:math:`\|g_w\|^2 \le 100\, T \epsilon` on the
-  scaled Gram) the point has :math:`g_w = 0`, where :math:`F` is not differentiable; its
-  optimality is then certified with the subgradient :math:`(1 - \min(c, 1))\, a` (i.e.
-  :math:`u = -\min(1, 1/c)\, g_0 / \|g_0\|` in :math:`\partial \|\cdot\|(0)`), which is exact for
-  :math:`c \ge 1` (then :math:`F \ge 0 = F(w)`), and :func:`mtjax.cagrad` uses the primal point
-  :math:`d = g_0 + r u = (1 - \min(c, 1))\, g_0` that this subgradient certifies.
+  Rounding floors are *relative to the combination*, never to the largest task: a combination
+  :math:`x` has :math:`g_x = 0` when :math:`x^\top G x \le 100\, T \epsilon\, (\sum_i |x_i|
+  \|g_i\|)^2` (the rounding noise of :math:`x^\top G x` when the gradients cancel), so a task whose
+  gradient is tiny next to another's is still a non-zero vertex (a floor relative to the largest
+  diagonal entry made every task below about :math:`0.3\%` of the largest norm in float32 a
+  "zero" gradient and returned a wrong direction). The same floor on :math:`b^\top G b` sets
+  :math:`r = 0` when the average gradient is rounding noise.
+
+  At a point with :math:`g_w = 0`, :math:`F` is not differentiable; its optimality is certified
+  with the subgradient :math:`(1 - \min(c, 1))\, a` (i.e. :math:`u = -\min(1, 1/c)\, g_0 / \|g_0\|`
+  in :math:`\partial \|\cdot\|(0)`), exact for :math:`c \ge 1`; :func:`cagrad_weights` then
+  chooses the primal point (see :func:`mtjax.cagrad`).
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from mtjax._src import solvers
+    >>> from mtjax._src.solvers import cagrad_dual
     >>> gram = jnp.array([[18., -22.], [-22., 38.]])   # rows [-4, 1, 1] and [6, 1, 1]
-    >>> [round(x, 4) for x in solvers.cagrad_dual(gram, 0.5).weights.tolist()]
+    >>> [round(x, 4) for x in cagrad_dual(gram, 0.5).weights.tolist()]
     [1.0, 0.0]
 
   Args:
@@ -428,36 +446,48 @@ def cagrad_dual(gram: jax.Array, c: jax.typing.ArrayLike, *, max_iters: int = 10
   tol = jnp.asarray(tol, dtype)
   eye = jnp.arange(t)
   b = jnp.full((t,), 1.0 / t, dtype)
+  norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+  floor = _zero_floor(dtype, t)
 
   def mv(x):
     return jnp.matmul(gram, x, precision=numerics.HIGHEST)
 
-  a = mv(b)
-  radius = c * jnp.sqrt(jnp.maximum(jnp.dot(b, a, precision=numerics.HIGHEST), 0.0))
-  zero_floor = jnp.asarray(100.0 * t * np.finfo(dtype).eps, dtype)  # ||g_w||^2 below this is 0
-  certificate = (1.0 - jnp.minimum(c, 1.0)) * a  # subgradient of F at a point with g_w = 0
-
   def norm_sq(x):
     return jnp.maximum(jnp.dot(x, mv(x), precision=numerics.HIGHEST), 0.0)
+
+  def is_zero(x, sq):
+    return sq <= floor * jnp.square(jnp.dot(jnp.abs(x), norms, precision=numerics.HIGHEST))
+
+  a = mv(b)
+  mean_sq = norm_sq(b)
+  mean_norm = jnp.where(is_zero(b, mean_sq), 0.0, jnp.sqrt(mean_sq))
+  radius = c * mean_norm
+  certificate = (1.0 - jnp.minimum(c, 1.0)) * a  # subgradient of F at a point with g_w = 0
 
   def objective(x):
     return jnp.dot(a, x, precision=numerics.HIGHEST) + radius * jnp.sqrt(norm_sq(x))
 
   def grad(x):
     sq = norm_sq(x)
-    positive = sq > zero_floor
+    positive = ~is_zero(x, sq)
     norm = jnp.sqrt(jnp.where(positive, sq, 1.0))
     return jnp.where(positive, a + radius * mv(x) / norm, certificate)
 
   def affine_min(support):
-    ones = jnp.where(support, 1.0, 0.0).astype(dtype)
+    # The KKT system, equilibrated: x = D y with D = diag(1 / |g_i|) (so G_S becomes the cosine matrix)
+    # and the constraint row scaled to a unit vector; the pseudo-inverse's cutoff is then relative to
+    # angles, not to the largest task (a plain pinv cut off every task below ~0.1% of the largest in float32).
+    inv = jnp.where(support & (norms > 0), 1.0 / jnp.where(norms > 0, norms, 1.0), jnp.where(support, 1.0, 0.0))
+    m = inv / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(inv))), jnp.finfo(dtype).tiny)
+    beta = m[jnp.argmax(inv)] / jnp.maximum(jnp.max(inv), jnp.finfo(dtype).tiny)  # |constraint| scale
+    cos = inv[:, None] * gram * inv[None, :]
     kkt = jnp.concatenate([
-        jnp.concatenate([jnp.where(support[:, None] & support[None, :], gram, 0.0), ones[:, None]], axis=1),
-        jnp.concatenate([ones, jnp.zeros((1,), dtype)])[None, :],
+        jnp.concatenate([jnp.where(support[:, None] & support[None, :], cos, 0.0), m[:, None]], axis=1),
+        jnp.concatenate([m, jnp.zeros((1,), dtype)])[None, :],
     ], axis=0)
-    rhs = jnp.stack([jnp.concatenate([jnp.zeros((t,), dtype), jnp.ones((1,), dtype)]),
-                     jnp.concatenate([-jnp.where(support, a, 0.0), jnp.zeros((1,), dtype)])], axis=1)
-    sol = jnp.matmul(jnp.linalg.pinv(kkt), rhs, precision=numerics.HIGHEST)[:t]
+    rhs = jnp.stack([jnp.concatenate([jnp.zeros((t,), dtype), jnp.full((1,), beta, dtype)]),
+                     jnp.concatenate([-jnp.where(support, inv * a, 0.0), jnp.zeros((1,), dtype)])], axis=1)
+    sol = inv[:, None] * jnp.matmul(jnp.linalg.pinv(kkt), rhs, precision=numerics.HIGHEST)[:t]
     x0 = jnp.where(support, sol[:, 0], 0.0)
     p = jnp.where(support, sol[:, 1], 0.0)
     n0_sq, q = norm_sq(x0), norm_sq(p)
@@ -471,10 +501,14 @@ def cagrad_dual(gram: jax.Array, c: jax.typing.ArrayLike, *, max_iters: int = 10
   rounding = jnp.asarray(10.0 * t * np.finfo(dtype).eps, dtype)
 
   def gap_of(x):
-    # The gap, relative to the gradient's magnitude (its rounding error grows with it).
+    # The gap, relative to the magnitude of the partial derivatives involved (|d_i F| <= (|g_0| + r) |g_i|):
+    # relative to the support and the best vertex, not to the largest task, so that tiny tasks are solved too.
     g = grad(x)
-    gap = jnp.dot(g, x, precision=numerics.HIGHEST) - jnp.min(g)
-    return gap / jnp.maximum(1.0, jnp.max(jnp.abs(g))), jnp.argmin(g)
+    best = jnp.argmin(g)
+    gap = jnp.dot(g, x, precision=numerics.HIGHEST) - g[best]
+    size = jnp.maximum(jnp.dot(x, norms, precision=numerics.HIGHEST), norms[best])
+    scale = (mean_norm + radius) * size
+    return gap / jnp.maximum(scale, jnp.finfo(dtype).tiny), best
 
   def cond(carry):
     it, _, _, done = carry
@@ -487,7 +521,10 @@ def cagrad_dual(gram: jax.Array, c: jax.typing.ArrayLike, *, max_iters: int = 10
     # Feasible: move to the affine minimizer, then stop or add the best vertex.
     y_pos = jnp.maximum(jnp.where(support, y, 0.0), 0.0)
     y_pos = y_pos / jnp.maximum(jnp.sum(y_pos), jnp.finfo(dtype).tiny)
-    y_ok = jnp.all(jnp.isfinite(y_pos)) & (objective(y_pos) <= objective(w) + 1e-6 * jnp.abs(objective(w)) + tol)
+    f_w = objective(w)
+    slack = 1e-6 * jnp.abs(f_w) + rounding * (mean_norm + radius) * jnp.maximum(
+        jnp.dot(w, norms, precision=numerics.HIGHEST), jnp.dot(y_pos, norms, precision=numerics.HIGHEST))
+    y_ok = jnp.all(jnp.isfinite(y_pos)) & (objective(y_pos) <= f_w + slack)
     w_feas = jnp.where(y_ok, y_pos, w)
     gap, best = gap_of(w_feas)
     optimal = gap <= tol + rounding
@@ -508,15 +545,15 @@ def cagrad_dual(gram: jax.Array, c: jax.typing.ArrayLike, *, max_iters: int = 10
     done = feasible & optimal
     return it + 1, w_next, support_next, done
 
-  vertex_values = a + radius * jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+  vertex_values = a + radius * norms
   start = jnp.argmin(vertex_values)
   w0 = (eye == start).astype(dtype)
   done0 = radius <= 0  # c = 0 or g_0 = 0: F = a.w is not used (d = g_0)
   it, w, _, _ = jax.lax.while_loop(cond, body, (jnp.asarray(0, jnp.int32), w0, eye == start, done0))
   sq = norm_sq(w)
-  norm = jnp.where(sq > zero_floor, jnp.sqrt(sq), 0.0)
+  norm = jnp.where(is_zero(w, sq), 0.0, jnp.sqrt(sq))
   gap, _ = gap_of(w)
-  return CAGradDualResult(weights=w, norm=norm, gap=gap, iterations=it)
+  return CAGradDualResult(weights=w, norm=norm, mean_norm=mean_norm, gap=gap, iterations=it)
 
 
 # Status codes of :func:`balance_newton`.

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import mtjax
-from mtjax.transforms._cagrad import cagrad_dual
+from mtjax._src.solvers import cagrad_dual
 from mtl_references import J_ORACLE, gram_of, np_nonneg_qp, pack, random_jac, unpack
 
 _DEFAULT = mtjax.cagrad()  # c = 0.4
