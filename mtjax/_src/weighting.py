@@ -19,10 +19,11 @@ get one ``isfinite`` reduction each).
 
 Degenerate Grams (see :func:`guard_grams`): a Gram that is not finite never reaches the weights
 function (it gets zeros, and the runtime check raises), so no solver or LAPACK call (pinv, eigh)
-ever runs on NaN/inf. A Gram that overflows although the gradients are finite is recomputed, for
-the methods built with ``rescale_gram=True``, on the rows times a common power of two ``2^-e``
-(exact in floating point), and ``inputs.gram_log2_scale`` (``-2e``; ``0`` otherwise) tells the
-weights function that ``inputs.grams = 2^gram_log2_scale * G``; the other methods raise a
+ever runs on NaN/inf. A Gram that overflows although the gradients are finite, or underflows
+(largest diagonal below ``sqrt(tiny)``), is recomputed, for the methods built with
+``rescale_gram=True`` (every built-in Gram method), on the rows times a common power of two
+``2^-e`` (exact in floating point), and ``inputs.gram_log2_scale`` (``-2e``; ``0`` otherwise) tells
+the weights function that ``inputs.grams = 2^gram_log2_scale * G``; a method without it raises a
 ``ValueError`` saying that the Gram overflows.
 """
 
@@ -183,10 +184,12 @@ def guard_grams(grams: jax.Array, leaves: Optional[Sequence[Any]], layout: rows_
                 check_finite: bool):
   """Makes the Gram stack safe for the weights function.
 
-  * If ``grams`` is not finite and the rows (``leaves``, ``None`` for a lazy Jacobian) are known,
-    the largest absolute entry of each Gram leaf is measured (only then: a ``lax.cond``); with
-    ``rescale`` the Gram is recomputed on the rows times ``2**-e``, ``2**(e-1) <= max |entry| <
-    2**e``, which is finite for finite rows.
+  * If ``grams`` is not finite (overflow) or, with ``rescale``, its largest diagonal is below
+    ``sqrt(tiny)`` of the dtype (underflow: the smaller products are subnormal or zero), and the
+    rows (``leaves``, ``None`` for a lazy Jacobian) are known, the largest absolute entry of each
+    Gram leaf is measured (only then: a ``lax.cond``); with ``rescale`` the Gram is recomputed on
+    the rows times ``2**-e``, ``2**(e-1) <= max |entry| < 2**e``, which is finite and in the normal
+    range for finite rows.
   * A Gram that is still not finite is replaced by zeros, so that no solver or LAPACK routine runs
     on NaN/inf (those can hang under ``jit``); the returned check raises instead, saying whether the
     gradients hold NaN/inf or the Gram of finite gradients overflows.
@@ -210,12 +213,19 @@ def guard_grams(grams: jax.Array, leaves: Optional[Sequence[Any]], layout: rows_
       return grams, zero, tops
     top = jnp.max(jnp.where(jnp.isfinite(tops), tops, 0))
     _, e = jnp.frexp(jnp.where(top > 0, top, 1).astype(dtype))
-    e = e.astype(jnp.int32)
+    e = jnp.where(top > 0, e, 0).astype(jnp.int32)  # all-zero rows: scale by 1
     scaled = [_scale_rows(leaf, e, dtype) if layout.group[i] >= 0 else leaf for i, leaf in enumerate(leaves)]
     new = rows_lib.compute_grams(scaled, layout.group, max(layout.num_groups, 1)).astype(dtype)
     return new, (-2 * e).astype(dtype), tops
 
-  grams, log2_scale, tops = jax.lax.cond(jnp.all(jnp.isfinite(grams)), keep, fallback, None)
+  # Rescale (and measure) when the Gram is not finite, or when its largest diagonal is below
+  # sqrt(tiny): then the products g_i * g_j of the smaller entries are subnormal or zero (float32
+  # gradient entries below ~1e-10 * scale), and the weights would come from rounding noise.
+  diag = jnp.diagonal(grams, axis1=-2, axis2=-1)
+  underflow = jnp.max(jnp.where(jnp.isfinite(diag), diag, 0)) < np.sqrt(np.finfo(dtype).tiny)
+  if not rescale:
+    underflow = jnp.zeros((), bool)  # nothing to do on underflow without a rescale
+  grams, log2_scale, tops = jax.lax.cond(jnp.all(jnp.isfinite(grams)) & ~underflow, keep, fallback, None)
   finite = jnp.all(jnp.isfinite(grams))
   safe = jnp.where(finite, grams, jnp.zeros_like(grams))
   if not check_finite:

@@ -143,4 +143,4 @@ def aligned_mtl(
 
   return weighting.gram_weighting(
       weights_fn, init_state, method="aligned_mtl", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      task_specific=task_specific)
+      task_specific=task_specific, rescale_gram=True)

@@ -161,4 +161,4 @@ def cagrad(
 
   return tree_lib.with_task_axis_check(weighting.gram_weighting(
       weights_fn, init_state, method="cagrad", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      task_specific=task_specific), num_tasks, "cagrad")
+      task_specific=task_specific, rescale_gram=True), num_tasks, "cagrad")

@@ -117,4 +117,4 @@ def config(
 
   return weighting.gram_weighting(
       weights_fn, init_state, method="config", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      task_specific=task_specific)
+      task_specific=task_specific, rescale_gram=True)

@@ -112,4 +112,4 @@ def dualproj(
 
   return weighting.gram_weighting(
       weights_fn, init_state, method="dualproj", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      task_specific=task_specific)
+      task_specific=task_specific, rescale_gram=True)

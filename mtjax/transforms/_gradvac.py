@@ -214,4 +214,4 @@ def gradvac(
 
   return weighting.gram_weighting(
       weights_fn, init_state, method="gradvac", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      groups=granularity, task_specific=task_specific)
+      groups=granularity, task_specific=task_specific, rescale_gram=True)

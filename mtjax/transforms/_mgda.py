@@ -168,8 +168,10 @@ def mgda(
     weights = result.weights
     if apply_to == "normalized" and normalizers is not None:
       weights = numerics.safe_div(weights, normalizers)
+      if normalization != "loss":  # the norms come from 2^L G (the core's rescaling): undo 2^(L/2)
+        weights = weights * jnp.exp2(0.5 * jnp.asarray(inputs.gram_log2_scale, weights.dtype))
     return weights, state
 
   return weighting.gram_weighting(
       weights_fn, init_state, method="mgda", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      requires_task_losses=uses_losses, task_specific=task_specific)
+      requires_task_losses=uses_losses, task_specific=task_specific, rescale_gram=True)

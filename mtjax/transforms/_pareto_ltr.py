@@ -70,6 +70,42 @@ def pareto_ltr_weights(gram: jax.Array, lower_bounds: jax.Array) -> jax.Array:
   return c + x
 
 
+SOLVERS = ("paper", "exact")
+
+
+def pareto_ltr_exact_weights(gram: jax.Array, lower_bounds: jax.Array, *, max_iters: int = 250,
+                             tol: jax.typing.ArrayLike = 1e-8) -> jax.Array:
+  r"""The exact PE-LTR weights: :math:`\min \|\sum_i w_i g_i\|^2` over :math:`w \ge c, \sum_i w_i = 1`.
+
+  With :math:`s = 1 - \sum_i c_i`, every feasible :math:`w` is :math:`w = c + s y = M y` for a
+  point :math:`y` of the simplex, where :math:`M = c \mathbf 1^\top + s I` (because
+  :math:`\mathbf 1^\top y = 1`). The problem is therefore the min-norm problem of MGDA on the
+  Gram :math:`M^\top G M` of the shifted gradients :math:`g'_j = s g_j + \sum_i c_i g_i`, solved
+  by :func:`mtjax._src.solvers.min_norm_simplex` (pairwise Frank-Wolfe with corrective steps).
+  With ``c = 0`` these are MGDA's weights; with :math:`\sum_i c_i = 1` they are ``c``.
+
+  Args:
+    gram: ``[T, T]`` Gram matrix.
+    lower_bounds: ``[T]`` non-negative bounds summing to at most 1 (not validated here).
+    max_iters: static cap on the solver's steps.
+    tol: tolerance on the solver's pairwise gap, relative to the largest diagonal of the shifted
+      Gram (traceable).
+
+  Returns:
+    ``[T]`` weights, ``>= lower_bounds`` and summing to 1.
+  """
+  gram, _ = solvers.scale_gram(gram)
+  dtype = gram.dtype
+  t = gram.shape[0]
+  c = jnp.asarray(lower_bounds).astype(dtype)
+  free = jnp.maximum(1.0 - jnp.sum(c), 0.0)
+  m = c[:, None] * jnp.ones((1, t), dtype) + free * jnp.eye(t, dtype=dtype)
+  shifted = jnp.matmul(m.T, jnp.matmul(gram, m, precision=numerics.HIGHEST), precision=numerics.HIGHEST)
+  shifted = 0.5 * (shifted + shifted.T)
+  y = solvers.min_norm_simplex(shifted, max_iters=max_iters, tol=tol).weights
+  return c + free * y
+
+
 def pareto_ltr(
     lower_bounds: jax.typing.ArrayLike,
     *,
@@ -77,10 +113,14 @@ def pareto_ltr(
     shared: tree_lib.SharedSpec = None,
     gram_leaves: weighting.GramLeavesSpec = None,
     task_specific: str = "sum",
+    solver: str = "paper",
+    max_iters: int = 250,
+    tol: jax.typing.ArrayLike = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
   r"""PE-LTR: Pareto-efficient task weights with per-task lower bounds (priorities).
 
-  The weights solve (approximately, in two steps as in the paper)
+  The weights solve (with ``solver="exact"``; approximately, in two steps as in the paper, with
+  the default ``solver="paper"``)
 
   .. math::
     \min_w \Big\| \sum_{i=1}^T w_i g_i \Big\|^2 \quad \text{s.t.} \quad \sum_i w_i = 1, \quad
@@ -101,9 +141,18 @@ def pareto_ltr(
   The result always satisfies :math:`w \ge c` and :math:`\sum_i w_i = 1`; with
   :math:`\sum_i c_i = 1` it is :math:`w = c`. It is the exact constrained minimizer when the
   relaxed solution of step 1 is feasible, and for ``T = 2``; otherwise step 2 is the paper's
-  heuristic, which can differ from the exact quadratic program (for the exact min-norm point
-  without bounds use :func:`mtjax.mgda`). Lower bounds themselves can force a direction that
-  increases a task's loss to first order.
+  heuristic, which can differ from the exact quadratic program: for ``T > 2`` it can return a
+  direction that conflicts with a task where the exact solution does not (for example
+  ``J = [[0.3201, 0.9170], [0.5642, -0.5622], [-0.2903, 0.9939]]`` with ``c = 0``: the paper's
+  steps give ``min_t g_t . d = -0.131``, the exact solve -- MGDA's point -- conflicts with none).
+
+  ``solver="exact"`` solves the constrained quadratic program itself
+  (:func:`pareto_ltr_exact_weights`: MGDA's min-norm solver on the Gram of the shifted gradients
+  :math:`s g_j + \sum_i c_i g_i`, :math:`s = 1 - \sum_i c_i`). The default stays ``"paper"`` so
+  that ``pareto_ltr`` reproduces the published algorithm (the baseline other papers compare
+  against); choose ``"exact"`` when the weights should be the true constrained Pareto point.
+  Lower bounds themselves can force a direction that increases a task's loss to first order,
+  whichever solver is used.
 
   .. warning::
     Must be first in an ``optax.chain``: it consumes per-task gradients (every leaf
@@ -137,6 +186,11 @@ def pareto_ltr(
       ``paths -> bools``); the weights still apply to every shared leaf. With
       ``mtjax.task_grads(..., deferred=True)`` only their rows are computed and the update is
       one backward pass (the "subset" strategy).
+    solver: ``"paper"`` (the paper's two steps, default) or ``"exact"`` (the constrained
+      quadratic program; see above). Static under ``optax.inject_hyperparams``.
+    max_iters: static cap on the exact solver's steps (``solver="exact"`` only).
+    tol: the exact solver's tolerance on its pairwise gap, relative to the largest squared norm
+      of the shifted gradients (``solver="exact"`` only; traceable).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`ParetoLTRState`.
@@ -146,6 +200,9 @@ def pareto_ltr(
     Objective Optimization in E-Commerce Recommendation*, RecSys 2019.
     https://doi.org/10.1145/3298689.3346998
   """
+  if solver not in SOLVERS:
+    raise ValueError(f"mtjax: pareto_ltr: solver must be one of {SOLVERS}, got {solver!r}.")
+  max_iters = weighting.static_int(max_iters, "max_iters", "pareto_ltr")
   shape = np.shape(lower_bounds)
   if len(shape) != 1 or shape[0] < 1:
     raise ValueError(f"mtjax: pareto_ltr: lower_bounds must be a 1-D vector [T] (one bound per task), "
@@ -173,6 +230,8 @@ def pareto_ltr(
     if not concrete:
       c = numerics.enforce(c, numerics.condition_check(jnp.any(~(c >= 0)), negative_msg),
                            numerics.condition_check(jnp.sum(c) > 1.0 + _SUM_SLACK, too_big_msg))
+    if solver == "exact":
+      return pareto_ltr_exact_weights(gram, c, max_iters=max_iters, tol=tol), state
     return pareto_ltr_weights(gram, c), state  # scale invariant: inputs.gram_log2_scale is not needed
 
   return weighting.gram_weighting(

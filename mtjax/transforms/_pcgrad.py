@@ -185,4 +185,4 @@ def pcgrad(
 
   return tree_lib.with_task_axis_check(weighting.gram_weighting(
       weights_fn, init_state, method="pcgrad", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      task_specific=task_specific), num_tasks, "pcgrad")
+      task_specific=task_specific, rescale_gram=True), num_tasks, "pcgrad")

@@ -150,4 +150,4 @@ def upgrad(
 
   return weighting.gram_weighting(
       weights_fn, init_state, method="upgrad", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      task_specific=task_specific)
+      task_specific=task_specific, rescale_gram=True)

@@ -65,35 +65,12 @@ HOMOGENEITY = {
     "uncertainty": 1, "upgrad": 1,
 }
 
-# Bug (issue #11, found by this file): float32 Gram underflow. ``guard_grams`` (mtjax/_src/weighting.py)
-# rescales the task-gradient rows by a power of two only when the Gram is not finite (overflow); with
-# gradient entries ~1e-20..1e-30 the squared norms fall below float32's normal range (1.2e-38), the
-# Gram is 0 or subnormal, and the Gram-based methods answer as for zero / degenerate gradients, while
-# the same input times a power of two gets the right answer. (case, T) -> what is observed on "tiny".
-# (With T=1, P=4, not run any more, aligned_mtl, config and nash_mtl gave d = 0 and cagrad rel. error 0.29.)
-_UNDERFLOW = {
-    ("aligned_mtl", 4): "d = 0", ("aligned_mtl", 8): "d = 0",
-    ("cagrad", 4): "rel. error 0.47", ("cagrad", 8): "rel. error 0.45",
-    ("config", 4): "d = 0", ("config", 8): "d = 0",
-    ("dualproj", 8): "uniform weights 1/T, rel. error 0.37, conflict min_t cos(g_t, d) = -0.34",
-    ("gradvac", 4): "rel. error 0.13", ("gradvac", 8): "rel. error 0.45",
-    ("imtl", 4): "rel. error 0.37", ("imtl", 8): "|d| ~ 0.1 |g| where the right d is ~0 (T > P)",
-    ("mgda", 4): "uniform weights 1/T, rel. error 0.37, g_t . d >= |d|^2 - tol max|g|^2 violated",
-    ("mgda", 8): "uniform weights 1/T, rel. error 2.7, conflict min_t cos(g_t, d) = -0.31",
-    ("nash_mtl", 4): "d = 0",
-    ("pareto_ltr", 4): "rel. error 0.75", ("pareto_ltr", 8): "rel. error 0.46",
-    ("pcgrad", 4): "rel. error 0.19", ("pcgrad", 8): "rel. error 0.53",
-    ("upgrad", 4): "uniform weights 1/T, rel. error 0.27, conflict min_t cos(g_t, d) = -0.081",
-    ("upgrad", 8): "uniform weights 1/T, rel. error 1.5, conflict min_t cos(g_t, d) = -0.60",
-}
 # (case, family, shape) -> (strict, reason) for cases that fail today. strict=True: a bug recorded
-# here, so the test flips to a failure when it is fixed (then delete the entry).
-KNOWN = {
-    (case, "tiny", next(s for s in FAST_SHAPES + SLOW_SHAPES if s[0] == t)): (True, (
-        f"issue #11: float32 Gram underflow not rescaled (guard_grams only rescales on overflow): {case} "
-        f"on gradients ~1e-20..1e-30 (T={t}) gives {what} vs the same input times a power of two"))
-    for (case, t), what in _UNDERFLOW.items()
-}
+# here, so the test flips to a failure when it is fixed (then delete the entry). Empty: the float32
+# Gram underflow found by this file (gradient entries ~1e-20..1e-30, so the squared norms fall below
+# float32's normal range and every Gram method answered as for zero or degenerate gradients) is fixed
+# by guard_grams' power-of-two rescaling (issue #11); the "tiny" family checks it.
+KNOWN: dict = {}
 
 
 def _family(rng, name, t, p):

@@ -90,10 +90,25 @@ def test_point2_overflowing_gram_is_rescaled(x64, jit):
     out, w = _weights(tx, scale * g, dtype, jit)
     assert np.all(np.isfinite(out)) and np.all(np.isfinite(w))
     np.testing.assert_allclose(w, w_ref, rtol=rtol)
-    # A method that does not rescale says what happened.
+    # The methods whose weights do not depend on a common scale of the Gram rescale as well.
+    # d(s g) = s d(g), except MGDA's l2-normalized direction (degree 0). Under jit only (the eager
+    # path runs the same code; each transform is one more compilation).
+    for tx, degree in () if not jit else ((mtjax.mgda(num_tasks=3), 1), (mtjax.mgda(num_tasks=3, normalization="l2"), 1),
+                       (mtjax.mgda(num_tasks=3, normalization="l2", apply_to="normalized"), 0),
+                       (mtjax.pcgrad(key=0, num_tasks=3), 1), (mtjax.gradvac(key=0, num_tasks=3), 1),
+                       (mtjax.cagrad(num_tasks=3), 1), (mtjax.upgrad(num_tasks=3), 1), (mtjax.dualproj(num_tasks=3), 1),
+                       (mtjax.aligned_mtl(num_tasks=3), 1), (mtjax.config(num_tasks=3), 1)):
+      out_ref, _ = _weights(tx, g, dtype, jit)
+      out, _ = _weights(tx, scale * g, dtype, jit)
+      np.testing.assert_allclose(out / scale**degree, out_ref, rtol=rtol, atol=rtol * np.max(np.abs(out_ref)))
+    # A user's method built without rescale_gram says what happened.
     name = "float64" if x64 else "float32"
-    with pytest.raises(Exception, match=f"mtjax: mgda: the task gradients' Gram overflows {name}"):
-      jax.block_until_ready(_weights(mtjax.mgda(num_tasks=3), scale * g, dtype, jit))
+    own = mtjax.gram_weighting(lambda inputs, state: (jnp.ones(3) / 3, state), lambda params: optax.EmptyState(),
+                               method="my_method", num_tasks=3)
+    with pytest.raises(Exception, match=f"mtjax: my_method: the task gradients' Gram overflows {name}"):
+      params = {"w": jnp.zeros(g.shape[1], dtype)}
+      update = jax.jit(own.update) if jit else own.update
+      jax.block_until_ready(update({"w": jnp.asarray(scale * g, dtype)}, own.init(params), params))
 
 
 # 3. GradNorm: losses jumping by many orders of magnitude in float32 give finite weights; L(0) is exact.
