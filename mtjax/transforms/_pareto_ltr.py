@@ -188,7 +188,8 @@ def pareto_ltr(
       one backward pass (the "subset" strategy).
     solver: ``"paper"`` (the paper's two steps, default) or ``"exact"`` (the constrained
       quadratic program; see above). Static under ``optax.inject_hyperparams``.
-    max_iters: static cap on the exact solver's steps (``solver="exact"`` only).
+    max_iters: static cap on the exact solver's steps (``solver="exact"`` only; with
+      ``optax.inject_hyperparams`` list it in ``static_args``).
     tol: the exact solver's tolerance on its pairwise gap, relative to the largest squared norm
       of the shifted gradients (``solver="exact"`` only; traceable).
 
@@ -202,7 +203,8 @@ def pareto_ltr(
   """
   if solver not in SOLVERS:
     raise ValueError(f"mtjax: pareto_ltr: solver must be one of {SOLVERS}, got {solver!r}.")
-  max_iters = weighting.static_int(max_iters, "max_iters", "pareto_ltr")
+  if solver == "exact":  # "paper" has no loop: max_iters may then be anything (e.g. traced by inject_hyperparams)
+    max_iters = weighting.static_int(max_iters, "max_iters", "pareto_ltr")
   shape = np.shape(lower_bounds)
   if len(shape) != 1 or shape[0] < 1:
     raise ValueError(f"mtjax: pareto_ltr: lower_bounds must be a 1-D vector [T] (one bound per task), "

@@ -341,3 +341,8 @@ def test_exact_solver_bounds_and_options():
   np.testing.assert_allclose(state.weights, [0.5, 0.5], atol=1e-7)
   with pytest.raises(ValueError, match="solver must be one of"):
     mtjax.pareto_ltr([0.5, 0.5], solver="qp")
+  # Under optax.inject_hyperparams the bounds are traced; the exact solver's max_iters is static.
+  injected = optax.inject_hyperparams(mtjax.pareto_ltr, static_args=("max_iters",))(
+      lower_bounds=jnp.asarray(c, jnp.float32), solver="exact")
+  _, state = jax.jit(injected.update)(_tree(jac), injected.init(params), params)
+  np.testing.assert_allclose(state.inner_state.weights, w, atol=1e-6)
