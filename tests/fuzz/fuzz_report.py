@@ -27,7 +27,8 @@ Per update it checks, in float64 from the output:
   exact (``c = 0``) satisfy ``g_t . d >= ||d||^2 - tol max_i ||g_i||^2`` (the Frank-Wolfe duality
   gap, which bounds the distance to the float64 optimum of the min-norm problem); UPGrad / DualProj
   ``g_t . d >= -eps tr(G) w_t`` (the KKT conditions of their regularized QP); CAGrad with ``c >= 1``
-  ``J d >= 0``; Nash-MTL ``w_i (G w)_i = 1`` and FairGrad ``(G w)_i = w_i^(-1/alpha)`` on the
+  ``J d >= 0`` and with ``c = 0.4`` the optimality of its dual weights (every task in their support
+  attains ``min_t g_t . d``); Nash-MTL ``w_i (G w)_i = 1`` and FairGrad ``(G w)_i = w_i^(-1/alpha)`` on the
   float64 Gram (relative residual, when the state reports a solve);
 * **permutation equivariance** (deterministic methods, first step, random and scaled families):
   permuting the tasks (rows and losses) leaves ``d`` unchanged;
@@ -221,6 +222,19 @@ def _certificate(case: str, j: np.ndarray, d: np.ndarray, state, dtype: str) -> 
     slack = jd + 1e-4 * trace * w + 1e-7 * trace
   elif case == "cagrad-c1.5":
     slack = jd
+  elif case == "cagrad":
+    # Optimality of CAGrad's dual (c = 0.4, rescale "none"): the state records a = 1/T + lam w*
+    # (lam = c |g0| / |g_w*|), and d = J^T a maximizes min_t g_t . d over the ball iff every task in
+    # the support of w* attains that minimum: w* . (J d) - min_t (J d)_t <= tol |d| max_t |g_t|.
+    # Not checked where g_w* = 0 is possible (a zero task: CAGrad's special case, tested apart) or
+    # where task norms differ by more than 1e6 (the objective is flat to the dtype's resolution).
+    norms = np.linalg.norm(j, axis=1)
+    lam = float(w.sum() - 1.0) if w is not None else 0.0
+    if w is None or np.min(norms) <= 1e-6 * np.max(norms) or lam <= 1e-12:
+      return None
+    dual = (w - 1.0 / len(w)) / lam
+    gap = (dual @ jd - np.min(jd)) / max(np.linalg.norm(d) * np.max(norms), 1e-300)
+    return None if gap <= 1e-4 else f"dual optimality gap {gap:.2e} > 1e-4 (relative to |d| max|g|)"
   elif base in ("nash_mtl", "fairgrad"):
     status = int(np.asarray(getattr(state, "status", 0)))
     if status != 0 or w is None or np.any(w <= 0):
