@@ -36,6 +36,13 @@ def _messages(num: int) -> tuple[str, str]:
   return negative, too_big
 
 
+def _scaled_problem(gram: jax.Array, lower_bounds) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(G / max diag, c, 1 - sum c)`` in the Gram's dtype (the weights are scale invariant)."""
+  gram, _ = solvers.scale_gram(gram)
+  c = jnp.asarray(lower_bounds).astype(gram.dtype)
+  return gram, c, 1.0 - jnp.sum(c)
+
+
 def pareto_ltr_weights(gram: jax.Array, lower_bounds: jax.Array) -> jax.Array:
   r"""The two-step PE-LTR weights from a Gram matrix and lower bounds (no validation).
 
@@ -53,11 +60,9 @@ def pareto_ltr_weights(gram: jax.Array, lower_bounds: jax.Array) -> jax.Array:
   Returns:
     ``[T]`` weights, ``>= lower_bounds`` and summing to 1.
   """
-  gram, _ = solvers.scale_gram(gram)
+  gram, c, free = _scaled_problem(gram, lower_bounds)
   dtype = gram.dtype
   t = gram.shape[0]
-  c = jnp.asarray(lower_bounds).astype(dtype)
-  free = 1.0 - jnp.sum(c)
   ones = jnp.ones((t,), dtype)
   kkt = jnp.concatenate([
       jnp.concatenate([gram, ones[:, None]], axis=1),
@@ -94,11 +99,10 @@ def pareto_ltr_exact_weights(gram: jax.Array, lower_bounds: jax.Array, *, max_it
   Returns:
     ``[T]`` weights, ``>= lower_bounds`` and summing to 1.
   """
-  gram, _ = solvers.scale_gram(gram)
+  gram, c, free = _scaled_problem(gram, lower_bounds)
   dtype = gram.dtype
   t = gram.shape[0]
-  c = jnp.asarray(lower_bounds).astype(dtype)
-  free = jnp.maximum(1.0 - jnp.sum(c), 0.0)
+  free = jnp.maximum(free, 0.0)
   m = c[:, None] * jnp.ones((1, t), dtype) + free * jnp.eye(t, dtype=dtype)
   shifted = jnp.matmul(m.T, jnp.matmul(gram, m, precision=numerics.HIGHEST), precision=numerics.HIGHEST)
   shifted = 0.5 * (shifted + shifted.T)

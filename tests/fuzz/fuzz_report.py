@@ -250,7 +250,7 @@ def _certificate(case: str, j: np.ndarray, d: np.ndarray, state, dtype: str) -> 
       target = w ** (-1.0 / FAIRGRAD_ALPHA)
       resid = (np.abs(g @ w - target) - spread) / target
     # float32 on a rank-deficient Gram (T > P, rank-one, ...): the cosine matrix is singular to
-    # float32 (condition ~1e17) and the solve stops at its rounding floor, measured up to ~3e-2.
+    # float32 (condition ~1e17) and the solve stops at its rounding floor (a few 1e-2).
     singular = np.linalg.matrix_rank(j) < j.shape[0]
     tol = (5e-2 if singular else 1e-3) if dtype == "float32" else 1e-5
     worst = float(np.max(resid)) if resid.size else 0.0
@@ -308,7 +308,6 @@ def _call(report, update, state, j, losses, where):
 def _one(report, case, update, state0, j, losses, fam, t, dtype, rng):
   where = f"{fam} T={t} {dtype}"
   state = state0
-  first = None
   for step in range(2):
     out = _call(report, update, state, j, losses, f"{where} step={step}")
     if out is None or out == "error":
@@ -329,8 +328,6 @@ def _one(report, case, update, state0, j, losses, fam, t, dtype, rng):
     bad = _certificate(case, j.astype(np.float64), d, state, dtype)
     if bad:
       report["violations"].append(f"{bad} on {where} step={step}")
-    if step == 0:
-      first = d
     losses = (losses * rng.uniform(0.5, 1.0, size=t)).astype(dtype)
   tol = 1e-4 if dtype == "float32" else 1e-9
   if _base(case) in SOLVER_BASED:  # d is determined to the solver's tolerance, not to rounding

@@ -35,21 +35,18 @@ Every call (compilation included) runs in a daemon thread joined with a time lim
 test instead of blocking the suite.
 """
 
-import functools
-import inspect
-import threading
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fuzz_report  # tests/fuzz is on sys.path (pytest imports this file rootdir-relative)
 from mtjax.experiment._registry import METHODS
 
 FAST_SHAPES = ((4, 6),)
 SLOW_SHAPES = ((8, 6),)  # T=1 (shape (1, 4)) is one more ~25 s compile of every method
 STEPS = 3  # DWA with steps_per_epoch=1 uses loss ratios from its third update on
-TIMEOUT_S = 30.0
+TIMEOUT_S = fuzz_report.TIMEOUT_S
 EPS32 = float(np.finfo(np.float32).eps)
 ROUND = 64.0
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -57,13 +54,7 @@ FAMILIES = ("random", "rank_deficient", "t_gt_p", "opposite", "zero_rows", "stat
             "huge", "tiny", "zero")
 NON_CONFLICT = ("mgda", "upgrad", "dualproj")
 CASES = sorted(METHODS)
-# Degree k of d(s J) = s^k d(J) for a uniform scale s > 0, where the method is homogeneous (others:
-# fairgrad's degree depends on alpha, gradnorm learns from the gradient norms).
-HOMOGENEITY = {
-    "aligned_mtl": 1, "cagrad": 1, "config": 1, "dualproj": 1, "dwa": 1, "graddrop": 1, "gradvac": 1,
-    "imtl": 1, "linear": 1, "mgda": 1, "nash_mtl": 0, "pareto_ltr": 1, "pcgrad": 1, "rlw": 1,
-    "uncertainty": 1, "upgrad": 1,
-}
+HOMOGENEITY = fuzz_report.HOMOGENEITY  # d(s J) = s^k d(J) for a uniform scale s > 0
 
 # (case, family, shape) -> (strict, reason) for cases that fail today. strict=True: a bug recorded
 # here, so the test flips to a failure when it is fixed (then delete the entry). Empty: the float32
@@ -74,48 +65,12 @@ KNOWN: dict = {}
 
 
 def _family(rng, name, t, p):
-  if name == "zero":
-    return np.zeros((t, p), np.float32)
-  j = rng.normal(size=(t, p))
-  if name == "rank_deficient":
-    j = np.outer(rng.normal(size=t), rng.normal(size=p))
-  elif name == "t_gt_p":
-    j[:, min(2, p):] = 0.0
-  elif name == "opposite" and t >= 2:
-    j[1] = -j[0]
-  elif name == "zero_rows":
-    j[: max(1, t // 2)] = 0.0
-  elif name == "stationary" and t >= 2:
-    w = rng.dirichlet(np.ones(t))
-    j[-1] = -(w[:-1] @ j[:-1]) / w[-1]
-  elif name == "scaled":  # per-task scales 1e-12 .. 1e12
-    j *= 10.0 ** rng.uniform(-12, 12, size=(t, 1))
-  elif name == "huge":  # squared norms overflow float32; entries (and sums of T of them) do not
-    j *= 10.0 ** rng.uniform(20, 30)
-  elif name == "tiny":  # squared norms underflow float32; entries stay normal numbers (no flush to 0)
-    j *= 10.0 ** rng.uniform(-30, -20)
-  return j.astype(np.float32)
+  return fuzz_report.family(rng, name, t, p, "float32")[0]
 
 
-def _factory(case, t):
-  factory = METHODS[case]
-  kwargs = {}
-  params_of = inspect.signature(factory).parameters
-  if "num_tasks" in params_of:
-    kwargs["num_tasks"] = t
-  if "steps_per_epoch" in params_of:
-    kwargs["steps_per_epoch"] = 1
-  if "key" in params_of:
-    kwargs["key"] = 0
-  if case == "pareto_ltr":
-    kwargs["lower_bounds"] = [0.5 / t] * t  # as mtjax.experiment's build_tx
-  return factory(**kwargs)
-
-
-@functools.lru_cache(maxsize=None)
 def _build(case, t, p):
   """``(compiled update, initial state)`` for one method and shape (compiled on first use)."""
-  tx = _factory(case, t)
+  tx = fuzz_report.make(case, t)
   params = {"w": jnp.zeros((p,), jnp.float32)}
   state = tx.init(params)
   args = ({"w": jnp.zeros((t, p), jnp.float32)}, state, jnp.ones((t,), jnp.float32))
@@ -123,24 +78,7 @@ def _build(case, t, p):
   return update.lower(*args).compile(compiler_options=COMPILER_OPTIONS), state
 
 
-def _run(fn, *args):
-  """``fn(*args)`` in a daemon thread; ``TimeoutError`` after ``TIMEOUT_S`` (the thread is abandoned)."""
-  out = {}
-
-  def target():
-    try:
-      out["value"] = jax.block_until_ready(fn(*args))
-    except BaseException as e:  # pylint: disable=broad-except
-      out["error"] = e
-
-  thread = threading.Thread(target=target, daemon=True)
-  thread.start()
-  thread.join(TIMEOUT_S)
-  if thread.is_alive():
-    raise TimeoutError
-  if "error" in out:
-    raise out["error"]
-  return out["value"]
+_run = fuzz_report._run  # pylint: disable=protected-access  (a worker thread with a time limit)
 
 
 def _conflict(case, jac, d, weights):
