@@ -21,10 +21,12 @@ from mtjax._src.sparse import SparseRows
 from mtjax._src.sparse import densify
 from mtjax._src.sparse import embedding_lookup
 from mtjax._src.sparse import representation
+from mtjax._src.sparse import task_view
 from mtjax._src.task_grads import RepJacobian
 from mtjax._src.task_grads import SharedJacobian
 from mtjax._src.task_grads import TaskJacobian
 from mtjax._src.task_grads import task_grads
+from mtjax._src.task_grads import check_task_views
 from mtjax._src.partition import infer_shared
 from mtjax._src.tree import shared_mask
 from mtjax._src.weighting import WeightingInputs
@@ -81,6 +83,8 @@ __all__ = (
     "densify",
     "embedding_lookup",
     "representation",
+    "task_view",
+    "check_task_views",
     "multi_input_task_grads",
     "default_strategy",
     "shared_mask",

@@ -39,19 +39,27 @@ def _problem(num_tasks, seed=0, dtype=np.float32):
   return params, batch, as_jax(params), as_jax(batch)
 
 
-def _loss_fn(params, batch):
+def _loss_fn(params, batch, views=False):
   z = jnp.tanh(batch["x"] @ params["trunk"]["kernel"] + params["trunk"]["bias"][None, :])
   z = mtjax.representation(_counted(z), batch_axis=0)
   losses = []
   for t in range(batch["y"].shape[1]):
     head = params["heads"][f"t{t}"]
-    p = z @ head["kernel"] + head["bias"]
+    p = (mtjax.task_view(z, t) if views else z) @ head["kernel"] + head["bias"]
     y = batch["y"][:, t]
     if _is_bce(t):
       losses.append(jnp.mean(jax.nn.softplus(p) - y * p))
     else:
       losses.append(jnp.mean((p - y) ** 2))
   return jnp.stack(losses)
+
+
+def _loss_fn_views(params, batch):
+  """The same loss with each head reading its own mtjax.task_view (one backward through the heads)."""
+  return _loss_fn(params, batch, views=True)
+
+
+LOSSES = {"T VJPs": _loss_fn, "views": _loss_fn_views}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,8 +155,9 @@ def test_np_reference_gradients_match_autodiff():
       np.testing.assert_allclose(rows["heads"][f"t{t}"]["kernel"][t], z.T @ r[t], rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("loss", sorted(LOSSES))
 @pytest.mark.parametrize("num_tasks,rep_gram", [(2, "sum"), (3, "stack"), (4, "sum")])
-def test_mgda_rep_matches_numpy(num_tasks, rep_gram):
+def test_mgda_rep_matches_numpy(num_tasks, rep_gram, loss):
   params, batch, _, _ = _problem(num_tasks, seed=num_tasks)
   with jax.enable_x64(True):
     jp, jb = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (params, batch))
@@ -156,12 +165,13 @@ def test_mgda_rep_matches_numpy(num_tasks, rep_gram):
 
     @jax.jit
     def step(p, b):
-      losses, jac = mtjax.task_grads(_loss_fn, strategy="rep", rep_gram=rep_gram)(p, b)
+      losses, jac = mtjax.task_grads(LOSSES[loss], strategy="rep", rep_gram=rep_gram)(p, b)
       assert isinstance(jac, mtjax.RepJacobian)
-      return jac.gram()[0], tx.update(jac, tx.init(p), p, task_losses=losses)
+      return jac.gram()[0], tx.update(jac, tx.init(p), p, task_losses=losses), jac.z_rows
 
-    gram, (update, state) = step(jp, jb)
+    gram, (update, state), z_rows = step(jp, jb)
     _, _, r = np_model(params, batch)
+    np.testing.assert_allclose(z_rows, np_z_rows(params, r), rtol=1e-10, atol=1e-16)
     rows = np_rep_rows(np_z_rows(params, r), rep_gram)
     np_gram = rows @ rows.T
     np.testing.assert_allclose(gram, np_gram, rtol=1e-10, atol=1e-16)
@@ -171,7 +181,8 @@ def test_mgda_rep_matches_numpy(num_tasks, rep_gram):
     _assert_tree_close(update, expected, rtol=1e-8, atol=1e-12)
 
 
-def test_mgda_rep_weighted_task_specific_matches_numpy():
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_mgda_rep_weighted_task_specific_matches_numpy(loss):
   num_tasks = 3
   params, batch, _, _ = _problem(num_tasks, seed=7)
   with jax.enable_x64(True):
@@ -180,7 +191,7 @@ def test_mgda_rep_weighted_task_specific_matches_numpy():
 
     @jax.jit
     def step(params, batch):
-      losses, jac = mtjax.task_grads(_loss_fn, strategy="rep")(params, batch)
+      losses, jac = mtjax.task_grads(LOSSES[loss], strategy="rep")(params, batch)
       return tx.update(jac, tx.init(params), params, task_losses=losses)[0]
 
     update = step(jp, jb)
@@ -191,15 +202,16 @@ def test_mgda_rep_weighted_task_specific_matches_numpy():
     _assert_tree_close(update, np_rep_update(params, batch, w, w), rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("loss", sorted(LOSSES))
 @pytest.mark.parametrize("rep_gram", ["sum", "stack"])
-def test_pcgrad_rep_matches_numpy(rep_gram):
+def test_pcgrad_rep_matches_numpy(rep_gram, loss):
   num_tasks = 4
   with jax.enable_x64(True):
     tx = mtjax.pcgrad(key=3, num_tasks=num_tasks)
 
     @jax.jit
     def update_fn(params, state, batch):
-      losses, jac = mtjax.task_grads(_loss_fn, strategy="rep", rep_gram=rep_gram)(params, batch)
+      losses, jac = mtjax.task_grads(LOSSES[loss], strategy="rep", rep_gram=rep_gram)(params, batch)
       return tx.update(jac, state, params, task_losses=losses)
 
     params, _, jp, _ = _problem(num_tasks, seed=11, dtype=jnp.float64)
@@ -346,3 +358,45 @@ def test_rep_traces_one_backward_pass_through_the_trunk():
   del BACKWARD_TRACES[:]
   jax.make_jaxpr(lambda: mtjax.task_grads(_loss_fn, strategy="shared")(jp, jb)[1].x_rows)()
   assert len(BACKWARD_TRACES) == 1
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_shared_without_a_gram_takes_one_backward_and_is_exact(loss):
+  """strategy="shared" when the method needs no Gram (amortized reuse steps, loss-only weightings): the
+  update is J^T w from one backward through the trunk (no T trunk rows), equal to the rows' update."""
+  num_tasks = 3
+  mask = {"heads": {f"t{t}": {"kernel": False, "bias": False} for t in range(num_tasks)},
+          "trunk": {"kernel": True, "bias": True}}
+  with jax.enable_x64(True):
+    params, _, jp, _ = _problem(num_tasks, seed=5, dtype=jnp.float64)
+    batches = [_problem(num_tasks, seed=30 + k, dtype=jnp.float64)[3] for k in range(3)]
+    shared_tx = mtjax.amortized(mtjax.mgda(num_tasks=num_tasks), every=2)
+    rows_tx = mtjax.amortized(mtjax.mgda(num_tasks=num_tasks, shared=mask), every=2)
+
+    @jax.jit
+    def both(p, b, s_state, r_state):
+      losses, jac = mtjax.task_grads(LOSSES[loss], strategy="shared")(p, b)
+      _, rows = mtjax.task_grads(_loss_fn, strategy="loop")(p, b)
+      return (shared_tx.update(jac, s_state, p, task_losses=losses),
+              rows_tx.update(rows, r_state, p, task_losses=losses))
+
+    s_state, r_state = shared_tx.init(jp), rows_tx.init(jp)
+    for b in batches:  # refresh, reuse, refresh
+      (u_s, s_state), (u_r, r_state) = both(jp, b, s_state, r_state)
+      _assert_tree_close(u_s, u_r, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(s_state.weights, r_state.weights, rtol=1e-10)
+
+  # A method without a Gram on "shared": one backward through the trunk, no loop over T rows (the rows
+  # are a lax.map, a scan in the program; a Gram method has it, a linear one does not).
+  _, _, jp32, jb32 = _problem(num_tasks, dtype=np.float32)
+
+  def program(tx):
+    del BACKWARD_TRACES[:]
+    jaxpr = jax.make_jaxpr(lambda: tx.update(mtjax.task_grads(LOSSES[loss], strategy="shared")(jp32, jb32)[1],
+                                             tx.init(jp32), jp32)[0])()
+    return str(jaxpr), len(BACKWARD_TRACES)
+
+  text, traces = program(mtjax.linear(num_tasks=num_tasks))
+  assert traces == 1 and "scan" not in text
+  text, traces = program(mtjax.mgda(num_tasks=num_tasks))
+  assert traces == 1 and "scan" in text

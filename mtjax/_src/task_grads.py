@@ -14,6 +14,7 @@ method's weights to the update leaves.
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -330,10 +331,172 @@ def _merge_x(base: Sequence[Any], idx: Sequence[int], values: Sequence[Any]) -> 
   return out
 
 
+class _ViewsSwitch(threading.local):
+  off = False
+
+
+_VIEWS = _ViewsSwitch()
+
+
+def check_task_views(loss_fn: Callable[..., jax.Array], params: PyTree, *args, rtol: float = 1e-5,
+                     atol: float = 0.0, **kwargs) -> float:
+  r"""Checks a loss's :func:`mtjax.task_view` marks on a sample: one-pass rows equal per-task VJPs.
+
+  Computes every task's :math:`\partial L_t/\partial z` (and the default ``"rep"`` Gram of their
+  batch sums) twice, from ONE backward through the heads with each task reading its own copy (what
+  ``task_grads(strategy="rep")`` does when the loss marks its views) and from T per-task backward
+  passes (which need no contract), and raises if they differ: a head that reads another task's
+  copy. Use a batch where every task's loss depends on
+  ``z`` (labels of every task present).
+
+  Example:
+    >>> import jax.numpy as jnp, mtjax
+    >>> def loss_fn(params, x):
+    ...   z = mtjax.representation(jnp.tanh(x @ params['trunk']))
+    ...   return jnp.stack([jnp.mean(mtjax.task_view(z, t) @ params['heads'][t]) for t in range(2)])
+    >>> params = {'trunk': jnp.ones((3, 4)), 'heads': [jnp.ones(4), -jnp.ones(4)]}
+    >>> float(mtjax.check_task_views(loss_fn, params, jnp.ones((2, 3)))) < 1e-6
+    True
+
+  Args:
+    loss_fn: ``(params, *args, **kwargs) -> [T]`` losses that mark a representation and its views.
+    params, *args, **kwargs: its inputs (a sample batch).
+    rtol, atol: the tolerance of the comparison (relative to the largest row entry).
+
+  Returns:
+    The largest difference relative to the largest entry of its array (rows, Gram).
+
+  Raises:
+    ValueError: the loss marks no views, or the two computations differ.
+  """
+  def rows(off):  # every row of z (copies), and the default "rep" Gram (batch sums)
+    _VIEWS.off = off
+
+    def f(p, a, k):
+      tg = lambda mode: task_grads(lambda p_: loss_fn(p_, *a, **k), strategy="rep", rep_gram=mode)(p)[1]
+      return tg("stack").z_rows, tg("sum").gram()
+
+    try:
+      got = jax.jit(f)(params, args, kwargs)
+    finally:
+      _VIEWS.off = False
+    return [np.asarray(r, np.float64) for r in jax.tree.leaves(jax.device_get(got))]
+
+  probe = sparse_lib.Probe(jax.tree.leaves(params))
+  with sparse_lib.recording(probe):
+    jax.eval_shape(lambda p: loss_fn(p, *args, **kwargs), params)
+  if not probe.views:
+    raise ValueError("mtjax.check_task_views: the loss marks no mtjax.task_view; nothing to check.")
+  fast, slow = rows(False), rows(True)
+  diff, scale = 0.0, 0.0
+  for a, b in zip(fast, slow):  # relative to each array's largest entry (rows and Grams differ in scale)
+    big = float(np.max(np.abs(b), initial=0.0))
+    d = float(np.max(np.abs(a - b), initial=0.0))
+    if big > 0 and d / big > (diff / scale if scale > 0 else -1.0):
+      diff, scale = d, big
+  if not diff <= atol + rtol * scale:
+    raise ValueError(
+        f"mtjax.check_task_views: the per-task representation gradients from one backward (each task reading "
+        f"its own mtjax.task_view) differ from the T per-task backward passes by {diff:.3g} (largest entry "
+        f"{scale:.3g}): some task's head reads another task's view.")
+  return diff / scale if scale > 0 else 0.0
+
+
+def _views_usable(probe, num_tasks: int, f_fn, x0, z0) -> bool:
+  """Whether the heads read ``z`` only through :func:`mtjax.task_view` (then one backward gives every row)."""
+  if not probe.views or getattr(_VIEWS, "off", False):
+    return False
+  bad = sorted(t for t in probe.views if not 0 <= t < num_tasks)
+  if bad:
+    raise ValueError(f"mtjax.task_view: task index {bad[0]} is out of range for a loss of {num_tasks} tasks.")
+  jaxpr = jax.make_jaxpr(lambda xs, z, zs: f_fn(xs, z, zs)[0])(x0, z0, tuple(z0 for _ in range(num_tasks)))
+  used = sparse_lib.used_inputs(jaxpr)
+  n_x, n_z = len(x0), len(jax.tree.leaves(z0))
+  return not any(used[n_x:n_x + n_z])  # z read directly somewhere: T per-task VJPs instead
+
+
+@jax.tree_util.register_pytree_node_class
+class TaskCopies:
+  """The per-task gradients of ``z`` as T separate pytrees (the cotangents of :func:`mtjax.task_view`'s copies).
+
+  Kept apart because stacking them into ``[T, *z.shape]`` is a copy of T representations (slow on
+  CPU: XLA's concatenate); the batch sums of ``"rep"``'s Gram and the weighted sum of its update
+  read the parts directly, and XLA fuses each part's producer into those reductions.
+  """
+
+  def __init__(self, parts):
+    self.parts = tuple(parts)
+
+  def tree_flatten(self):
+    return (self.parts,), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux
+    return cls(children[0])
+
+  def stacked(self) -> PyTree:
+    return jax.tree.map(lambda *r: jnp.stack(r), *self.parts)
+
+  def weighted(self, w: jax.Array) -> PyTree:
+    return jax.tree.map(lambda *r: functools.reduce(jnp.add, [w[t].astype(x.dtype) * x for t, x in enumerate(r)]),
+                        *self.parts)
+
+  def batch_summed(self, batch_axis: int) -> PyTree:
+    return jax.tree.map(lambda *r: jnp.stack([jnp.sum(x, axis=batch_axis % x.ndim) for x in r]), *self.parts)
+
+
+@jax.tree_util.register_pytree_node_class
+class BatchSums:
+  """The batch sums of the per-task gradients of ``z`` (``[T, ...]`` leaves, ``z``'s batch axis summed out)."""
+
+  def __init__(self, sums):
+    self.sums = sums
+
+  def tree_flatten(self):
+    return (self.sums,), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux
+    return cls(children[0])
+
+
+@jax.tree_util.register_pytree_node_class
+class LazyCopies:
+  """The VJP of the heads at T copies of ``z`` (:func:`mtjax.task_view`), evaluated only when the rows are asked
+  for (``"shared"``: a step that needs no Gram, e.g. :func:`mtjax.amortized`'s reuse steps, never runs it)."""
+
+  def __init__(self, views_vjp, num_tasks: int, dtype):
+    self.views_vjp = views_vjp
+    self.num_tasks = int(num_tasks)
+    self.dtype = jnp.dtype(dtype)
+
+  def tree_flatten(self):
+    return (self.views_vjp,), (self.num_tasks, self.dtype)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(children[0], *aux)
+
+  def stacked(self) -> PyTree:
+    return TaskCopies(self.views_vjp(jnp.ones((self.num_tasks,), self.dtype))[0]).stacked()
+
+
+def _stacked(z_rows):
+  return z_rows.stacked() if isinstance(z_rows, (TaskCopies, LazyCopies)) else z_rows
+
+
 def _z_gram(z_rows: PyTree, batch_axis: Optional[int], rep_gram: str) -> jax.Array:
   """``[1, T, T]`` Gram of the representation's per-task gradients."""
   total = None
-  for r in jax.tree.leaves(z_rows):
+  if isinstance(z_rows, BatchSums):
+    rows, batch_axis = z_rows.sums, None
+  elif isinstance(z_rows, TaskCopies) and rep_gram == "sum" and batch_axis is not None:
+    rows, batch_axis = z_rows.batch_summed(batch_axis), None
+  else:
+    rows = _stacked(z_rows)
+  for r in jax.tree.leaves(rows):
     if rep_gram == "sum" and batch_axis is not None:
       r = jnp.sum(r, axis=(batch_axis % (r.ndim - 1)) + 1)
     g = rows_lib.leaf_gram(r)
@@ -349,7 +512,7 @@ class _RepBase:
 
   def _init_common(self, z_rows, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, strategy,
                    chunk_size):
-    self.z_rows = z_rows
+    self.z_store = z_rows  # [T, *z.shape] leaves, or TaskCopies
     self.trunk_vjp = trunk_vjp
     self.head_vjp = head_vjp
     self.ids = tuple(ids)
@@ -364,11 +527,25 @@ class _RepBase:
   def shapes(self) -> PyTree:
     return self.plan.shapes(self.num_tasks)
 
-  def _head_update(self, weights, idx_h, ids) -> list:
-    """x cotangent of the heads' own inputs for loss weights ``weights`` (one backward pass)."""
-    cot = self.head_vjp(weights.astype(self.dtype))
+  @property
+  def z_rows(self) -> PyTree:
+    r""":math:`\partial L_t/\partial z` for every task: ``z``'s pytree with ``[T, *leaf.shape]`` leaves.
+
+    When the one-pass ``"rep"`` Gram kept only their batch sums, asking for the rows computes them
+    with T backward passes through the heads (under ``jit``, only if used)."""
+    if isinstance(self.z_store, BatchSums):
+      return map_rows(lambda c: self.head_vjp(c)[0], jnp.eye(self.num_tasks, dtype=self.dtype), self.strategy,
+                      self.chunk_size)
+    return _stacked(self.z_store)
+
+  head_sum = None  # the heads' inputs' cotangent for weights 1 when the views' backward gave it already
+
+  def _head_update(self, weights, idx_h, ids, ones: bool = False) -> list:
+    """x cotangent of the heads' own inputs for loss weights ``weights`` (one backward pass; none when
+    ``ones`` and the one-pass rows of :func:`mtjax.task_view` computed it already)."""
+    cot = self.head_sum if (ones and self.head_sum is not None) else self.head_vjp(weights.astype(self.dtype))[1]
     out: list = [None] * self.plan.num_x
-    for j, v in zip(idx_h, cot[1]):
+    for j, v in zip(idx_h, cot):
       out[j] = v
     return out
 
@@ -425,20 +602,22 @@ class RepJacobian(_RepBase):
     self.rep_gram = rep_gram
 
   def tree_flatten(self):
-    return (self.z_rows, self.trunk_vjp, self.head_vjp, self.ids), (
+    return (self.z_store, self.trunk_vjp, self.head_vjp, self.ids, self.head_sum), (
         self.num_tasks, self.dtype, self.plan, self.idx_z, self.idx_h, self.batch_axis, self.rep_gram,
         self.strategy, self.chunk_size)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(*children, *aux)
+    obj = cls(*children[:-1], *aux)
+    obj.head_sum = children[-1]
+    return obj
 
   def default_mask(self, num_leaves: int) -> list[bool]:
     return [True] * num_leaves
 
   def gram(self) -> jax.Array:
     """``[1, T, T]``: the Gram of the representation's per-task gradients."""
-    return _z_gram(self.z_rows, self.batch_axis, self.rep_gram)
+    return _z_gram(self.z_store, self.batch_axis, self.rep_gram)
 
   def similarity_gram(self) -> jax.Array:
     """``[T, T]``: the Gram this Jacobian holds without more backward passes (the representation's)."""
@@ -459,8 +638,11 @@ class RepJacobian(_RepBase):
       w = weights if weights.ndim == 1 else weights[0]
       ts = rows_lib.task_specific_weights(weights, layout)
       head_w = jnp.ones_like(w) if ts is None else ts
-      zc = jax.tree.map(lambda r: jnp.tensordot(w.astype(r.dtype), r, axes=1), self.z_rows)
-      xs = self._head_update(head_w, self.idx_h, self.ids)
+      if isinstance(self.z_store, (TaskCopies, BatchSums)):  # one more backward through the heads, cotangent
+        zc = self.head_vjp(w.astype(self.dtype))[0]          # w (cheaper than rereading T rows of z)
+      else:
+        zc = jax.tree.map(lambda r: jnp.tensordot(w.astype(r.dtype), r, axes=1), self.z_store)
+      xs = self._head_update(head_w, self.idx_h, self.ids, ones=ts is None)
       for j, v in zip(self.idx_z, self.trunk_vjp(zc)[0]):
         xs[j] = _add(xs[j], v)
       return self.plan.to_update(xs, self.ids)
@@ -483,29 +665,61 @@ class SharedJacobian(_RepBase):
   through the heads' parameter gradients.
   """
 
-  def __init__(self, z_rows, x_rows, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, idx_rows,
-               idx_pure_head, rows_leaves, strategy="auto", chunk_size=None):
+  def __init__(self, z_rows, n_over, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, idx_rows,
+               idx_pure_head, rows_leaves, row_specs, strategy="auto", chunk_size=None):
+    # z_rows: [T, *z.shape] leaves, TaskCopies, or None (computed with the rows, by T head VJPs).
     self._init_common(z_rows, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, strategy, chunk_size)
-    self.x_rows = x_rows  # rows of idx_rows (trunk rows + the heads' rows of overlapping inputs)
+    self.n_over = int(n_over)  # the first n_over entries of idx_h: inputs the trunk and the heads both read
     self.idx_rows = tuple(idx_rows)
     self.idx_pure_head = tuple(idx_pure_head)
     self.rows_leaves = tuple(rows_leaves)  # param leaves with rows (the trunk's)
+    self.row_specs = tuple(row_specs)  # (shape, dtype) of each idx_rows entry
 
   def tree_flatten(self):
-    return (self.z_rows, self.x_rows, self.trunk_vjp, self.head_vjp, self.ids), (
-        self.num_tasks, self.dtype, self.plan, self.idx_z, self.idx_h, self.idx_rows, self.idx_pure_head,
-        self.rows_leaves, self.strategy, self.chunk_size)
+    return (self.z_store, self.trunk_vjp, self.head_vjp, self.ids, self.head_sum), (
+        self.n_over, self.num_tasks, self.dtype, self.plan, self.idx_z, self.idx_h, self.idx_rows,
+        self.idx_pure_head, self.rows_leaves, self.row_specs, self.strategy, self.chunk_size)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(*children, *aux)
+    z_store, trunk_vjp, head_vjp, ids, head_sum = children
+    obj = cls(z_store, aux[0], trunk_vjp, head_vjp, ids, *aux[1:])
+    obj.head_sum = head_sum
+    return obj
+
+  @property
+  def z_rows(self) -> PyTree:
+    r""":math:`\partial L_t/\partial z` for every task (``[T, *leaf.shape]`` leaves)."""
+    if self.z_store is None:
+      return self._z_and_overlap_rows()[0]
+    return _stacked(self.z_store)
+
+  def _z_and_overlap_rows(self):
+    """The rows of z and of the overlapping inputs' head path (one map of head VJPs when both are needed)."""
+    eye = jnp.eye(self.num_tasks, dtype=self.dtype)
+    n = self.n_over
+    if self.z_store is None:
+      return map_rows(lambda c: (self.head_vjp(c)[0], self.head_vjp(c)[1][:n]), eye, self.strategy, self.chunk_size)
+    over = map_rows(lambda c: self.head_vjp(c)[1][:n], eye, self.strategy, self.chunk_size) if n else []
+    return _stacked(self.z_store), over
+
+  @property
+  def x_rows(self) -> list:
+    """The exact per-task rows of the trunk's inputs ``idx_rows`` (T backward passes through the trunk)."""
+    z_rows, over_rows = self._z_and_overlap_rows()
+    trunk_rows = map_rows(lambda c: self.trunk_vjp(c)[0], z_rows, self.strategy, self.chunk_size)
+    by_x = dict(zip(self.idx_z, trunk_rows))
+    for j, r in zip(self.idx_h[:self.n_over], over_rows):
+      by_x[j] = _add(by_x.get(j), r)
+    return [by_x[j] if j in by_x else jnp.zeros((self.num_tasks,) + tuple(shape), dtype)
+            for j, (shape, dtype) in zip(self.idx_rows, self.row_specs)]
 
   def default_mask(self, num_leaves: int) -> list[bool]:
     rows = set(self.rows_leaves)
     return [i in rows for i in range(num_leaves)]
 
   def similarity_gram(self) -> jax.Array:
-    """``[T, T]``: the Gram of the trunk parameters' rows (held already, no backward pass)."""
+    """``[T, T]``: the Gram of the trunk parameters' rows."""
     leaves = [x for x in self._row_leaves() if x is not None]
     return rows_lib.compute_grams(leaves, [0] * len(leaves), 1)[0]
 
@@ -515,6 +729,21 @@ class SharedJacobian(_RepBase):
       xr[j] = r
     return self.plan.to_rows(xr, self.ids, self.num_tasks, leaves=set(self.rows_leaves))
 
+  def _weighted_update(self, w, head_w, ones: bool) -> list:
+    r"""Params-shaped update with weights ``w`` on the trunk's leaves and ``head_w`` on the heads' own:
+    :math:`J^\top w` by one backward through the heads and one through the trunk, no rows."""
+    zc, xh = self.head_vjp(w.astype(self.dtype))
+    xs: list = [None] * self.plan.num_x
+    for j, v in zip(self.idx_z, self.trunk_vjp(zc)[0]):
+      xs[j] = v
+    for j, v in zip(self.idx_h[:self.n_over], xh[:self.n_over]):
+      xs[j] = _add(xs[j], v)
+    if self.idx_pure_head:
+      head = self._head_update(head_w, self.idx_h, self.ids, ones=ones)
+      for j in self.idx_pure_head:
+        xs[j] = head[j]
+    return self.plan.to_update(xs, self.ids)
+
   def gram_and_combiner(self, layout: rows_lib.Layout, need_gram: bool):
     rows = set(self.rows_leaves)
     for i, m in enumerate(layout.mask):
@@ -523,6 +752,16 @@ class SharedJacobian(_RepBase):
             f"mtjax: {layout.method}: leaf '{layout.paths[i]}' is marked shared but the representation does not "
             "depend on it; with strategy='shared' only the trunk's parameters can be shared (leave shared= "
             "unset to share exactly those).")
+    if not need_gram and layout.num_groups <= 1 and all(layout.mask[i] for i in rows):
+      # No Gram needed (amortized reuse steps, loss-only weightings): J^T w without the T trunk rows.
+      def combine_weighted(weights):
+        w = weights if weights.ndim == 1 else weights[0]
+        ts = rows_lib.task_specific_weights(weights, layout)
+        head_w = jnp.ones((self.num_tasks,), self.dtype) if ts is None else ts
+        return self._weighted_update(w, head_w, ones=ts is None)
+
+      return None, combine_weighted
+
     leaves = self._row_leaves()
     grams = None
     if need_gram:
@@ -541,7 +780,7 @@ class SharedJacobian(_RepBase):
           out[i] = rows_lib.combine_leaf(i, leaf, weights, layout)
       pure = set(self.idx_pure_head)
       if pure:
-        xs = self._head_update(head_w, self.idx_h, self.ids)
+        xs = self._head_update(head_w, self.idx_h, self.ids, ones=ts is None)
         xs = [v if j in pure else None for j, v in enumerate(xs)]
         head = self.plan.to_update(xs, self.ids)
         out = [o if o is not None else h for o, h in zip(out, head)]
@@ -748,8 +987,8 @@ def task_grads(
         ls[i] = xs[j]
       return ls
 
-    def run(xs, mode, z_in=None):
-      rec = sparse_lib.Tapper(probe.lookups, tap_of_lookup, xs[num_dense:], mode, z_in)
+    def run(xs, mode, z_in=None, z_views=None):
+      rec = sparse_lib.Tapper(probe.lookups, tap_of_lookup, xs[num_dense:], mode, z_in, z_views)
       return call(full_leaves(xs), rec), rec
 
     if not split:
@@ -776,8 +1015,8 @@ def task_grads(
         return e.z
       raise ValueError("mtjax: task_grads: the representation was not reached.")  # pragma: no cover
 
-    def f_fn(xs, z):
-      (losses, aux), rec = run(list(xs), "head", z)
+    def f_fn(xs, z, z_views=None):
+      (losses, aux), rec = run(list(xs), "head", z, z_views)
       return losses, (aux, tuple(rec.ids.get(k) for k in range(len(taps_info))))
 
     z_struct = probe.rep.struct
@@ -796,26 +1035,48 @@ def task_grads(
       overlap = [j for j in x_rows_set if used_f[j]]
       pure = [j for j in range(len(x0)) if used_f[j] and j not in set(x_rows_set)]
       idx_h = overlap + pure
+    num_tasks = out_shape.shape[0]
+    views = _views_usable(probe, num_tasks, f_fn, x0, z0)
+    batch_ax = probe.rep.batch_axis
+    # The heads' VJP at z: sum_t c_t dL_t/dz and the heads' own inputs' cotangent, one backward per call.
     losses, head_vjp, (aux, ids) = jax.vjp(lambda zz, xh: f_fn(_merge_x(x0, idx_h, xh), zz), z,
                                            _split_x(x0, idx_h), has_aux=True)
-    num_tasks = losses.shape[0]
+    head_sum = None
+    ones = jnp.ones((num_tasks,), losses.dtype)
+    if views and strategy == "rep" and rep_gram == "sum" and batch_ax is not None:
+      # Task t reads z + delta_t (delta_t: z without its batch axis, broadcast over it): the cotangent of
+      # delta_t IS the batch sum of dL_t/dz, from ONE backward that never writes a [T, *z.shape] array.
+      def f_delta(ds, xh):
+        vs = tuple(jax.tree.map(lambda a, d: a + jnp.expand_dims(d, batch_ax % a.ndim), z, dt) for dt in ds)
+        return f_fn(_merge_x(x0, idx_h, xh), z, vs)
+
+      deltas = tuple(jax.tree.map(lambda a: jnp.zeros(np.delete(np.shape(a), batch_ax % a.ndim), a.dtype), z)
+                     for _ in range(num_tasks))
+      _, delta_vjp, _ = jax.vjp(f_delta, deltas, _split_x(x0, idx_h), has_aux=True)
+      sums, head_sum = delta_vjp(ones)
+      z_store = BatchSums(jax.tree.map(lambda *r: jnp.stack(r), *sums))
+    elif views:  # task t reads its own copy of z: every dL_t/dz from ONE backward through the heads
+      # T separate copies (not one [T, ...] array: indexing it would transpose to T zero-padded sums).
+      copies = tuple(z for _ in range(num_tasks))
+      _, views_vjp, _ = jax.vjp(lambda zs, xh: f_fn(_merge_x(x0, idx_h, xh), z, zs), copies,
+                                _split_x(x0, idx_h), has_aux=True)
+      if strategy == "rep":
+        parts, head_sum = views_vjp(ones)  # the rows of z AND the heads' gradient of sum_t L_t
+        z_store = TaskCopies(parts)
+      else:
+        z_store = LazyCopies(views_vjp, num_tasks, losses.dtype)
     eye = jnp.eye(num_tasks, dtype=losses.dtype)
     if strategy == "rep":
-      z_rows = map_rows(lambda c: head_vjp(c)[0], eye, strat, chunk_size)
+      z_rows = z_store if views else map_rows(lambda c: head_vjp(c)[0], eye, strat, chunk_size)
       jac = RepJacobian(z_rows, trunk_vjp, head_vjp, ids, num_tasks, losses.dtype, plan, idx_z, idx_h,
                         probe.rep.batch_axis, rep_gram, strat, chunk_size)
+      jac.head_sum = head_sum
     else:
-      n_over = len(overlap)
-      z_rows, over_rows = map_rows(lambda c: (head_vjp(c)[0], head_vjp(c)[1][:n_over]), eye, strat, chunk_size)
-      trunk_rows = map_rows(lambda c: trunk_vjp(c)[0], z_rows, strat, chunk_size)
-      by_x = dict(zip(idx_z, trunk_rows))
-      for j, r in zip(overlap, over_rows):
-        by_x[j] = _add(by_x.get(j), r)
-      x_rows = [by_x.get(j) for j in x_rows_set]
-      x_rows = [r if r is not None else jnp.zeros((num_tasks,) + tuple(jnp.shape(x0[j])), jnp.result_type(x0[j]))
-                for r, j in zip(x_rows, x_rows_set)]
-      jac = SharedJacobian(z_rows, x_rows, trunk_vjp, head_vjp, ids, num_tasks, losses.dtype, plan, idx_z, idx_h,
-                           x_rows_set, pure, rows_leaves, strat, chunk_size)
+      row_specs = [(tuple(jnp.shape(x0[j])), jnp.dtype(jnp.result_type(x0[j]))) for j in x_rows_set]
+      jac = SharedJacobian(z_store if views else None, len(overlap), trunk_vjp, head_vjp, ids, num_tasks,
+                           losses.dtype, plan, idx_z, idx_h, x_rows_set, pure, rows_leaves, row_specs, strat,
+                           chunk_size)
+      jac.head_sum = head_sum
     return ((losses, aux), jac) if has_aux else (losses, jac)
 
   return wrapped

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mtjax._src.sparse import representation
+from mtjax._src.sparse import task_view
 from mtjax.models import _experts
 from mtjax.models._features import FeatureSpec
 from mtjax.models._layers import InputLayer
@@ -108,10 +109,11 @@ class MMoE(nn.Module):
     if self._single_gate:
       g = self._gate("gate")(x, train=train)
       gates = jnp.broadcast_to(g[None], (self.num_tasks,) + g.shape)
-      mixed = [_experts.mix(g, expert_outputs)] * self.num_tasks
+      # Each task reads its own view of the representation (one backward gives every task's gradient).
+      mixed = [_experts.mix(g, task_view(expert_outputs, k)) for k in range(self.num_tasks)]
     else:
       gates = jnp.stack([self._gate(f"gate_{k}")(x, train=train) for k in range(self.num_tasks)], axis=0)
-      mixed = [_experts.mix(gates[k], expert_outputs) for k in range(self.num_tasks)]
+      mixed = [_experts.mix(gates[k], task_view(expert_outputs, k)) for k in range(self.num_tasks)]
     outputs = _experts.towers(self.tower, self.num_tasks, mixed, dropout=self.dropout, train=train)
     return outputs, {"gates": gates, "expert_outputs": expert_outputs}
 

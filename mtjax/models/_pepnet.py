@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mtjax._src.sparse import representation
+from mtjax._src.sparse import task_view
 from mtjax.models._features import FeatureSpec
 from mtjax.models._layers import InputLayer
 from mtjax.models._registry import register
@@ -208,15 +209,18 @@ class PEPNet(nn.Module):
 
     outputs = []
     for t in range(self.num_tasks):
-      h = e
+      # Task t reads its own view of the representation (see mtjax.task_view).
+      view = task_view(marked, t)
+      h = view["embedding"]
+      gates_t = [jnp.reshape(g, (batch, self.num_tasks, w))[:, t] for g, w in zip(view["ppnet_gates"], gated_widths)]
       for l, width in enumerate(tower):
         if self.ppnet and self.gate_position == "input":
-          h = gates[l][t] * h
+          h = gates_t[l] * h
         h = nn.Dense(width, name=f"tower_{t}_dense_{l}")(h)
         if l < len(tower) - 1:
           h = self.activation(h)
           if self.ppnet and self.gate_position == "output":
-            h = gates[l][t] * h
+            h = gates_t[l] * h
           if self.dropout > 0:
             h = nn.Dropout(self.dropout, deterministic=not train)(h)
       outputs.append(h[:, 0])

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mtjax._src.sparse import representation
+from mtjax._src.sparse import task_view
 from mtjax.models import _experts
 from mtjax.models._features import FeatureSpec
 from mtjax.models._layers import InputLayer
@@ -22,6 +23,12 @@ def mark_experts(shared: jax.Array, specific: Sequence[jax.Array]):
   task's specific expert outputs; returns the marked values, which the level's mixtures must read.
   """
   shared, specific = representation((shared, tuple(specific)), batch_axis=1)
+  return shared, list(specific)
+
+
+def view_experts(shared: jax.Array, specific: Sequence[jax.Array], task: int):
+  """Task ``task``'s view (:func:`mtjax.task_view`) of the experts :func:`mark_experts` returned."""
+  shared, specific = task_view((shared, tuple(specific)), task)
   return shared, list(specific)
 
 
@@ -72,7 +79,9 @@ class ExtractionLevel(nn.Module):
     for k in range(T):
       g = self._gate(self.num_specific_experts + self.num_shared_experts, f"gate_task_{k}")(task_inputs[k], train=train)
       task_gates.append(g)
-      task_outputs.append(_experts.mix(g, jnp.concatenate([specific[k], shared], axis=0)))
+      # In the final level task k reads its own view of the representation (see mtjax.task_view).
+      shared_k, specific_k = view_experts(shared, specific, k) if self.final else (shared, specific)
+      task_outputs.append(_experts.mix(g, jnp.concatenate([specific_k[k], shared_k], axis=0)))
     shared_output = shared_gate = None
     if not self.final:
       shared_gate = self._gate(T * self.num_specific_experts + self.num_shared_experts, "gate_shared")(

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 
 from mtjax._src.sparse import representation
+from mtjax._src.sparse import task_view
 from mtjax.models import _experts
 from mtjax.models._features import FeatureSpec
 from mtjax.models._layers import MLP
@@ -73,5 +74,5 @@ class SharedBottom(nn.Module):
     x, _ = InputLayer(self.features, name="input")(x)
     h = MLP(tuple(self.bottom), dropout=self.dropout, name="bottom")(x, train=train)
     h = representation(h, batch_axis=0)
-    outputs = _experts.towers(self.tower, self.num_tasks, [h] * self.num_tasks, dropout=self.dropout, train=train)
+    outputs = _experts.towers(self.tower, self.num_tasks, [task_view(h, k) for k in range(self.num_tasks)], dropout=self.dropout, train=train)
     return outputs, {"bottom": h}

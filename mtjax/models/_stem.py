@@ -12,6 +12,7 @@ from mtjax.models import _experts
 from mtjax.models._features import FeatureSpec
 from mtjax.models._layers import InputLayer
 from mtjax.models._ple import mark_experts
+from mtjax.models._ple import view_experts
 from mtjax.models._ple import stack_levels
 from mtjax.models._ple import _ple_task_specific
 from mtjax.models._registry import register
@@ -61,12 +62,13 @@ class STEMLevel(nn.Module):
                 for k in range(T)]
     if self.final:
       shared, specific = mark_experts(shared, specific)
-    frozen = [jax.lax.stop_gradient(s) for s in specific]
     task_outputs, task_gates = [], []
     for i in range(T):
       g = self._gate(f"gate_task_{i}")(jnp.concatenate([task_inputs[i], shared_input], axis=-1), train=train)
       task_gates.append(g)
-      parts = [specific[k] if k == i else frozen[k] for k in range(T)] + [shared]
+      # In the final level task i reads its own view of the representation (see mtjax.task_view).
+      shared_i, specific_i = view_experts(shared, specific, i) if self.final else (shared, specific)
+      parts = [specific_i[k] if k == i else jax.lax.stop_gradient(specific_i[k]) for k in range(T)] + [shared_i]
       task_outputs.append(_experts.mix(g, jnp.concatenate(parts, axis=0)))
     shared_output = shared_gate = None
     if not self.final:

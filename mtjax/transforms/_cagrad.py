@@ -27,13 +27,20 @@ class CAGradState(NamedTuple):
   weights: jax.Array
 
 
+CONFLICT_ROUND = 64.0  # rounding units of G w below which c >= 1 returns d = 0 (see cagrad_weights)
+
+
 def cagrad_weights(gram: jax.Array, c, rescale: str = "none", *, max_iters: int = 100, tol=1e-6) -> jax.Array:
   r"""The CAGrad coefficients :math:`b + \frac{r}{\|g_{w^\star}\|} w^\star` (times the rescale factor).
 
   See :func:`cagrad` (and :func:`mtjax._src.solvers.cagrad_dual` for the rounding floors). ``gram`` is ``[T, T]``;
   the result is ``[T]``. Special cases: :math:`r = 0` (``c = 0`` or :math:`g_0` at its rounding
-  floor) gives :math:`b`; :math:`g_{w^\star} = 0` gives ``0`` for :math:`c \ge 1` and otherwise
-  :math:`b + v` with :math:`J^\top v` the projection of :math:`-g_0` ... see :func:`cagrad`.
+  floor) gives :math:`b` (``0`` when :math:`c \ge 1` and :math:`g_0` conflicts, see below); :math:`g_{w^\star} = 0` gives ``0`` for :math:`c \ge 1` and otherwise
+  :math:`b + v` with :math:`J^\top v` the projection of :math:`-g_0` ... see :func:`cagrad`. For
+  :math:`c \ge 1` a result whose non-conflict :math:`J d \ge 0` is not certified beyond the Gram's
+  rounding (64 units of :math:`|G| |w|`; only near a Pareto-stationary point, where the
+  coefficients are large) is replaced by ``0``, which conflicts with no task and is then optimal to
+  that precision.
   """
   t = gram.shape[0]
   result = solvers.cagrad_dual(gram, c, max_iters=max_iters, tol=tol)
@@ -50,6 +57,17 @@ def cagrad_weights(gram: jax.Array, c, rescale: str = "none", *, max_iters: int 
   at_zero = jnp.where(c >= 1.0, -b, proj)
   correction = jnp.where(result.norm > 0, numerics.safe_div(radius, result.norm) * result.weights, at_zero)
   weights = jnp.where(radius > 0, b + correction, b)
+  # c >= 1: d = 0 is in the ball and conflicts with no task, so the optimum never conflicts. Near a
+  # Pareto-stationary point (|g_w*| small: the coefficients r / |g_w*| are large) the Gram's rounding,
+  # amplified by them, can make d conflict with a task by far more than one rounding unit (seen by the
+  # fuzz in float32 on rank-deficient J). Where J d >= 0 is not certified beyond that rounding
+  # (CONFLICT_ROUND eps |G| |coefficients| per task), d = 0, certified and then optimal to that precision.
+  jd = jnp.matmul(scaled, weights, precision=numerics.HIGHEST)
+  rounding = CONFLICT_ROUND * jnp.finfo(dtype).eps * jnp.matmul(jnp.abs(scaled), jnp.abs(weights),
+                                                                precision=numerics.HIGHEST)
+  uncertified = jnp.min(jd - rounding) < 0
+  # (This covers g_0 at its rounding floor too, r = 0: b is then ~0 but may conflict; c >= 1 gives 0.)
+  weights = jnp.where((c >= 1.0) & uncertified, jnp.zeros_like(weights), weights)
   if rescale == "1/(1+c^2)":
     weights = weights / (1.0 + c * c)
   elif rescale == "1/(1+c)":

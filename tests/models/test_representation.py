@@ -199,3 +199,98 @@ def test_model_without_representation_raises():
   for strategy in ("rep", "shared"):
     with pytest.raises(ValueError, match="mtjax.representation"):
       mtjax.task_grads(loss_fn, strategy=strategy, has_aux=True)(params, batch)
+
+
+# ------------------------------------------------------------------------------------------------
+# mtjax.task_view: each task reads its own copy of the representation, so one backward through the
+# heads gives every task's dL_t/dz. The models whose heads are separable by task mark their views.
+
+VIEWS = {"shared_bottom", "omoe", "omoe_vmap", "mmoe", "mmoe_vmap", "cgc", "ple", "ple_vmap", "stem",
+         "stem_2levels", "pepnet"}
+
+
+def _uses_views(loss_fn, params, batch) -> bool:
+  from mtjax._src import task_grads as tg_lib  # pylint: disable=import-outside-toplevel
+  seen = {}
+
+  def trace(p, b):
+    _, rep = mtjax.task_grads(loss_fn, strategy="rep", has_aux=True)(p, b)
+    seen["views"] = isinstance(rep.z_store, (tg_lib.TaskCopies, tg_lib.BatchSums))
+    return 0.0
+
+  jax.eval_shape(trace, params, batch)
+  return seen["views"]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_task_views_one_backward_equals_per_task_backward(case):
+  """The views' rows equal T per-task backward passes (check_task_views); the separable models use them."""
+  loss_fn, params, batch, _ = _setup(case)
+  loss_only = lambda p, b: loss_fn(p, b)[0]
+  assert _uses_views(loss_fn, params, batch) == (case in VIEWS)
+  if case in VIEWS:
+    diff = mtjax.check_task_views(loss_only, params, batch, rtol=1e-5)
+    assert diff <= 1e-5
+  else:
+    with pytest.raises(ValueError, match="marks no mtjax.task_view"):
+      mtjax.check_task_views(loss_only, params, batch)
+
+
+def test_task_view_contract_errors_and_fallback():
+  p = {"trunk": jnp.ones((3, 4)), "h": [jnp.arange(4.0), -jnp.ones(4), jnp.ones(4)]}
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.float32)
+
+  def loss_with(view):
+    def loss_fn(params, x):
+      z = mtjax.representation(jnp.tanh(x @ params["trunk"]))
+      return jnp.stack([jnp.mean((view(z, t) @ params["h"][t]) ** 2) for t in range(3)])
+    return loss_fn
+
+  good = loss_with(mtjax.task_view)
+  # Outside task_grads an identity; the index must be a Python int.
+  z = jnp.ones(3)
+  assert mtjax.task_view(z, 1) is z
+  with pytest.raises(TypeError, match="Python int"):
+    mtjax.task_view(z, jnp.int32(0))
+  # A task index beyond the loss's tasks, a view of something that is not the representation.
+  with pytest.raises(ValueError, match="task index 3 is out of range for a loss of 3 tasks"):
+    mtjax.task_grads(loss_with(lambda z, t: mtjax.task_view(z, t + 1)), strategy="rep")(p, x)
+  with pytest.raises(ValueError, match="takes the value mtjax.representation returned"):
+    mtjax.task_grads(loss_with(lambda z, t: mtjax.task_view(z * 1.0, t)), strategy="rep")(p, x)
+  # A wrong view (task t reads task t+1's copy) is caught by check_task_views.
+  with pytest.raises(ValueError, match="reads another task's view"):
+    mtjax.check_task_views(loss_with(lambda z, t: mtjax.task_view(z, (t + 1) % 3)), p, x)
+  assert mtjax.check_task_views(good, p, x) <= 1e-6
+
+  # Heads that also read z directly: task_grads falls back to T per-task VJPs, and stays exact.
+  def mixed(params, x):
+    z = mtjax.representation(jnp.tanh(x @ params["trunk"]))
+    return jnp.stack([jnp.mean((mtjax.task_view(z, t) @ params["h"][t]) ** 2) + 0.1 * t * jnp.mean(z)
+                      for t in range(3)])
+
+  assert not _uses_views(lambda q, b: (mixed(q, b), None), p, x)
+  for loss_fn in (good, mixed):
+    _, rep = mtjax.task_grads(loss_fn, strategy="rep")(p, x)
+    ref = jax.jacrev(lambda z_: _heads_only(loss_fn, p, x, z_))(jnp.tanh(x @ p["trunk"]))
+    np.testing.assert_allclose(rep.z_rows, ref, rtol=1e-6, atol=1e-7)
+
+
+def _heads_only(loss_fn, params, x, z):
+  """loss_fn with the representation replaced by ``z`` (plain JAX: dL/dz by jacrev)."""
+  from mtjax._src import sparse as sparse_lib  # pylint: disable=import-outside-toplevel
+
+  class Swap:
+    def representation(self, _, batch_axis):
+      del batch_axis
+      self.z = z
+      return z
+
+    def task_view(self, value, task):
+      del task
+      return value
+
+    def lookup(self, table, ids, mode):  # pragma: no cover - no lookups here
+      raise AssertionError
+
+  with sparse_lib.recording(Swap()):
+    return loss_fn(params, x)
