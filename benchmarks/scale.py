@@ -24,7 +24,8 @@ state), so the process holds one copy of the model, not one per variant.
   step per round (tens of seconds per step on a 2-core CPU).
 * (d) ``--table d``: ``mtjax.amortized`` at T = 10 on the same MMoE, with
   ``task_grads(deferred=True)``: PCGrad recomputed every k = 1, 4, 16 steps, MGDA with a weight
-  EMA (0.9) every 16 steps. Times are AVERAGES over whole cycles (each round runs
+  EMA (0.9) every 16 steps; and PCGrad every 16 steps on ``strategy="shared"`` (exact trunk rows on
+  refresh steps, one backward on the others). Times are AVERAGES over whole cycles (each round runs
   ``--cycles * 16`` consecutive steps of a variant and divides), the median over rounds.
 
 Columns: ms/step (median after compilation over interleaved rounds: every variant is timed in
@@ -196,6 +197,13 @@ def cases_d(t: int) -> list[Case]:
     out.append(Case(f"amortized(pcgrad, every={k}) [deferred]",
                     lambda k=k: mtjax.amortized(mtjax.pcgrad(key=0, num_tasks=t), every=k), {"deferred": True},
                     predict=expect(pc_full, k)))
+  # The exact trunk rows ("shared": same update as the full rows with shared= the experts); its reuse
+  # steps need no rows, only J^T w (one backward through the heads and one through the trunk).
+  pc_shared = "pcgrad [shared]"
+  out.append(Case(pc_shared, lambda: mtjax.pcgrad(key=0, num_tasks=t), {"strategy": "shared"}))
+  out.append(Case("amortized(pcgrad, every=16) [shared]",
+                  lambda: mtjax.amortized(mtjax.pcgrad(key=0, num_tasks=t), every=16), {"strategy": "shared"},
+                  predict=expect(pc_shared, 16)))
   mg_full = f"mgda [full rows, {auto}]"
   out.append(Case(mg_full, lambda: mtjax.mgda(num_tasks=t), {}))
   out.append(Case("amortized(mgda, every=16, ema=0.9) [deferred]",
