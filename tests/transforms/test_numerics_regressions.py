@@ -214,3 +214,36 @@ def test_point7_balance_accuracy_and_weights_dtype(x64):
       params = {"w": jnp.zeros(3, dtype)}
       _, state = tx.update({"w": jnp.ones((2, 3), dtype)}, tx.init(params), params)
       assert state.weights.dtype == dtype
+
+
+# Found by the large fuzz (tests/fuzz/fuzz_report.py, family "rank_deficient", T = 8, float32): a
+# rank-one Jacobian whose tasks point both ways along one line (a Pareto-stationary point) with a mean
+# gradient at float32's rounding floor. CAGrad with c = 1.5 returned d = g0 (weights 1/T), which
+# conflicts with four tasks (min_t g_t . d = -0.0073); for c >= 1 the answer is d = 0.
+RANK_ONE_F32 = np.array([
+    [-0.16870074, 0.4214622, -0.12139901, 0.10581592, 0.1375971, -0.29959792, -0.92744344, -0.18692291],
+    [0.45991617, -1.1490008, 0.33096102, -0.288478, -0.37512067, 0.8167713, 2.5284195, 0.5095939],
+    [0.0634445, -0.15850233, 0.045655396, -0.03979495, -0.051747132, 0.11267194, 0.34879032, 0.07029744],
+    [-0.46147415, 1.1528931, -0.33208215, 0.2894552, 0.37639138, -0.8195381, -2.5369844, -0.5113202],
+    [-0.24543947, 0.6131773, -0.17662108, 0.15394954, 0.20018739, -0.43587923, -1.3493197, -0.27195054],
+    [0.02571265, -0.064237475, 0.01850312, -0.016128011, -0.020971965, 0.04566344, 0.14135699, 0.028489994],
+    [-0.097337045, 0.24317549, -0.07004487, 0.061053723, 0.07939085, -0.17286216, -0.5351168, -0.10785088],
+    [0.4267978, -1.0662618, 0.30712864, -0.2677048, -0.34810838, 0.75795597, 2.346349, 0.47289827]], np.float32)
+
+
+@pytest.mark.parametrize("c", [1.0, 1.5, 4.0])
+def test_point8_cagrad_c_at_least_one_never_conflicts_at_a_stationary_point(c):
+  j = RANK_ONE_F32.astype(np.float64)
+  g0 = RANK_ONE_F32.mean(axis=0).astype(np.float64)
+  assert np.min(j @ g0) < -1e-3  # the mean gradient itself conflicts: the old answer
+  tx = mtjax.cagrad(c, num_tasks=8)
+  params = {"w": jnp.zeros(8, jnp.float32)}
+  update, state = jax.jit(lambda g, s: tx.update(g, s, params))({"w": jnp.asarray(RANK_ONE_F32)}, tx.init(params))
+  d = np.asarray(update["w"], np.float64)  # the combined gradient (the optimizer after it descends)
+  np.testing.assert_array_equal(d, 0.0)
+  np.testing.assert_array_equal(np.asarray(state.weights), 0.0)
+  # Away from stationarity the rule does not fire: the same gradients with one task flipped to agree.
+  agree = RANK_ONE_F32 * np.sign(RANK_ONE_F32[:, :1]) * np.sign(RANK_ONE_F32[0, 0])
+  update, _ = jax.jit(lambda g, s: tx.update(g, s, params))({"w": jnp.asarray(agree)}, tx.init(params))
+  d = np.asarray(update["w"], np.float64)
+  assert np.min(agree.astype(np.float64) @ d) > 0
