@@ -346,8 +346,7 @@ def check_task_views(loss_fn: Callable[..., jax.Array], params: PyTree, *args, r
   batch sums) twice, from ONE backward through the heads with each task reading its own copy (what
   ``task_grads(strategy="rep")`` does when the loss marks its views) and from T per-task backward
   passes (which need no contract), and raises if they differ: a head that reads another task's
-  copy. Use a batch where every task's loss depends on
-  ``z`` (labels of every task present).
+  copy. Use a batch where every task's loss depends on ``z`` (labels of every task present).
 
   Example:
     >>> import jax.numpy as jnp, mtjax
@@ -361,7 +360,7 @@ def check_task_views(loss_fn: Callable[..., jax.Array], params: PyTree, *args, r
   Args:
     loss_fn: ``(params, *args, **kwargs) -> [T]`` losses that mark a representation and its views.
     params, *args, **kwargs: its inputs (a sample batch).
-    rtol, atol: the tolerance of the comparison (relative to the largest row entry).
+    rtol, atol: the tolerance of each comparison (``rtol`` relative to that array's largest entry).
 
   Returns:
     The largest difference relative to the largest entry of its array (rows, Gram).
@@ -387,24 +386,22 @@ def check_task_views(loss_fn: Callable[..., jax.Array], params: PyTree, *args, r
     jax.eval_shape(lambda p: loss_fn(p, *args, **kwargs), params)
   if not probe.views:
     raise ValueError("mtjax.check_task_views: the loss marks no mtjax.task_view; nothing to check.")
-  fast, slow = rows(False), rows(True)
-  diff, scale = 0.0, 0.0
-  for a, b in zip(fast, slow):  # relative to each array's largest entry (rows and Grams differ in scale)
+  worst = 0.0
+  for a, b in zip(rows(False), rows(True)):  # each array against its own scale (rows and Grams differ)
     big = float(np.max(np.abs(b), initial=0.0))
-    d = float(np.max(np.abs(a - b), initial=0.0))
-    if big > 0 and d / big > (diff / scale if scale > 0 else -1.0):
-      diff, scale = d, big
-  if not diff <= atol + rtol * scale:
-    raise ValueError(
-        f"mtjax.check_task_views: the per-task representation gradients from one backward (each task reading "
-        f"its own mtjax.task_view) differ from the T per-task backward passes by {diff:.3g} (largest entry "
-        f"{scale:.3g}): some task's head reads another task's view.")
-  return diff / scale if scale > 0 else 0.0
+    diff = float(np.max(np.abs(a - b), initial=0.0))
+    if not diff <= atol + rtol * big:
+      raise ValueError(
+          f"mtjax.check_task_views: the per-task representation gradients from one backward (each task reading "
+          f"its own mtjax.task_view) differ from the T per-task backward passes by {diff:.3g} (largest entry "
+          f"{big:.3g}): some task's head reads another task's view.")
+    worst = max(worst, diff / big if big > 0 else 0.0)
+  return worst
 
 
 def _views_usable(probe, num_tasks: int, f_fn, x0, z0) -> bool:
   """Whether the heads read ``z`` only through :func:`mtjax.task_view` (then one backward gives every row)."""
-  if not probe.views or getattr(_VIEWS, "off", False):
+  if not probe.views or _VIEWS.off:
     return False
   bad = sorted(t for t in probe.views if not 0 <= t < num_tasks)
   if bad:
@@ -413,37 +410,6 @@ def _views_usable(probe, num_tasks: int, f_fn, x0, z0) -> bool:
   used = sparse_lib.used_inputs(jaxpr)
   n_x, n_z = len(x0), len(jax.tree.leaves(z0))
   return not any(used[n_x:n_x + n_z])  # z read directly somewhere: T per-task VJPs instead
-
-
-@jax.tree_util.register_pytree_node_class
-class TaskCopies:
-  """The per-task gradients of ``z`` as T separate pytrees (the cotangents of :func:`mtjax.task_view`'s copies).
-
-  Kept apart because stacking them into ``[T, *z.shape]`` is a copy of T representations (slow on
-  CPU: XLA's concatenate); the batch sums of ``"rep"``'s Gram and the weighted sum of its update
-  read the parts directly, and XLA fuses each part's producer into those reductions.
-  """
-
-  def __init__(self, parts):
-    self.parts = tuple(parts)
-
-  def tree_flatten(self):
-    return (self.parts,), None
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    del aux
-    return cls(children[0])
-
-  def stacked(self) -> PyTree:
-    return jax.tree.map(lambda *r: jnp.stack(r), *self.parts)
-
-  def weighted(self, w: jax.Array) -> PyTree:
-    return jax.tree.map(lambda *r: functools.reduce(jnp.add, [w[t].astype(x.dtype) * x for t, x in enumerate(r)]),
-                        *self.parts)
-
-  def batch_summed(self, batch_axis: int) -> PyTree:
-    return jax.tree.map(lambda *r: jnp.stack([jnp.sum(x, axis=batch_axis % x.ndim) for x in r]), *self.parts)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -480,11 +446,16 @@ class LazyCopies:
     return cls(children[0], *aux)
 
   def stacked(self) -> PyTree:
-    return TaskCopies(self.views_vjp(jnp.ones((self.num_tasks,), self.dtype))[0]).stacked()
+    return _stack_copies(self.views_vjp(jnp.ones((self.num_tasks,), self.dtype))[0])
+
+
+def _stack_copies(parts) -> PyTree:
+  """T pytrees (the cotangents of the views' copies) as one pytree of ``[T, ...]`` leaves."""
+  return jax.tree.map(lambda *r: jnp.stack(r), *parts)
 
 
 def _stacked(z_rows):
-  return z_rows.stacked() if isinstance(z_rows, (TaskCopies, LazyCopies)) else z_rows
+  return z_rows.stacked() if isinstance(z_rows, LazyCopies) else z_rows
 
 
 def _z_gram(z_rows: PyTree, batch_axis: Optional[int], rep_gram: str) -> jax.Array:
@@ -492,8 +463,6 @@ def _z_gram(z_rows: PyTree, batch_axis: Optional[int], rep_gram: str) -> jax.Arr
   total = None
   if isinstance(z_rows, BatchSums):
     rows, batch_axis = z_rows.sums, None
-  elif isinstance(z_rows, TaskCopies) and rep_gram == "sum" and batch_axis is not None:
-    rows, batch_axis = z_rows.batch_summed(batch_axis), None
   else:
     rows = _stacked(z_rows)
   for r in jax.tree.leaves(rows):
@@ -512,7 +481,7 @@ class _RepBase:
 
   def _init_common(self, z_rows, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, strategy,
                    chunk_size):
-    self.z_store = z_rows  # [T, *z.shape] leaves, or TaskCopies
+    self.z_store = z_rows  # [T, *z.shape] leaves, BatchSums ("rep") or LazyCopies / None ("shared")
     self.trunk_vjp = trunk_vjp
     self.head_vjp = head_vjp
     self.ids = tuple(ids)
@@ -638,8 +607,8 @@ class RepJacobian(_RepBase):
       w = weights if weights.ndim == 1 else weights[0]
       ts = rows_lib.task_specific_weights(weights, layout)
       head_w = jnp.ones_like(w) if ts is None else ts
-      if isinstance(self.z_store, (TaskCopies, BatchSums)):  # one more backward through the heads, cotangent
-        zc = self.head_vjp(w.astype(self.dtype))[0]          # w (cheaper than rereading T rows of z)
+      if isinstance(self.z_store, BatchSums):  # no rows kept: one more backward through the heads, cotangent w
+        zc = self.head_vjp(w.astype(self.dtype))[0]
       else:
         zc = jax.tree.map(lambda r: jnp.tensordot(w.astype(r.dtype), r, axes=1), self.z_store)
       xs = self._head_update(head_w, self.idx_h, self.ids, ones=ts is None)
@@ -667,7 +636,7 @@ class SharedJacobian(_RepBase):
 
   def __init__(self, z_rows, n_over, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, idx_rows,
                idx_pure_head, rows_leaves, row_specs, strategy="auto", chunk_size=None):
-    # z_rows: [T, *z.shape] leaves, TaskCopies, or None (computed with the rows, by T head VJPs).
+    # z_rows: LazyCopies (the views' one backward), or None (computed with the rows, by T head VJPs).
     self._init_common(z_rows, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, strategy, chunk_size)
     self.n_over = int(n_over)  # the first n_over entries of idx_h: inputs the trunk and the heads both read
     self.idx_rows = tuple(idx_rows)
@@ -1060,9 +1029,9 @@ def task_grads(
       copies = tuple(z for _ in range(num_tasks))
       _, views_vjp, _ = jax.vjp(lambda zs, xh: f_fn(_merge_x(x0, idx_h, xh), z, zs), copies,
                                 _split_x(x0, idx_h), has_aux=True)
-      if strategy == "rep":
+      if strategy == "rep":  # rep_gram="stack" (or no batch axis): every row is needed
         parts, head_sum = views_vjp(ones)  # the rows of z AND the heads' gradient of sum_t L_t
-        z_store = TaskCopies(parts)
+        z_store = _stack_copies(parts)
       else:
         z_store = LazyCopies(views_vjp, num_tasks, losses.dtype)
     eye = jnp.eye(num_tasks, dtype=losses.dtype)

@@ -35,8 +35,9 @@ def cagrad_weights(gram: jax.Array, c, rescale: str = "none", *, max_iters: int 
 
   See :func:`cagrad` (and :func:`mtjax._src.solvers.cagrad_dual` for the rounding floors). ``gram`` is ``[T, T]``;
   the result is ``[T]``. Special cases: :math:`r = 0` (``c = 0`` or :math:`g_0` at its rounding
-  floor) gives :math:`b` (``0`` when :math:`c \ge 1` and :math:`g_0` conflicts, see below); :math:`g_{w^\star} = 0` gives ``0`` for :math:`c \ge 1` and otherwise
-  :math:`b + v` with :math:`J^\top v` the projection of :math:`-g_0` ... see :func:`cagrad`. For
+  floor) gives :math:`b` (``0`` when :math:`c \ge 1` and :math:`g_0` conflicts, see below);
+  :math:`g_{w^\star} = 0` gives ``0`` for :math:`c \ge 1` and otherwise :math:`b + v` with
+  :math:`J^\top v` the projection of :math:`-g_0` ... see :func:`cagrad`. For
   :math:`c \ge 1` a result whose non-conflict :math:`J d \ge 0` is not certified beyond the Gram's
   rounding (64 units of :math:`|G| |w|`; only near a Pareto-stationary point, where the
   coefficients are large) is replaced by ``0``, which conflicts with no task and is then optimal to
