@@ -134,6 +134,25 @@ def test_plain_pairwise_frank_wolfe_converges_and_corrective_steps_are_fast():
     assert int(fast.iterations) <= 25 and float(fast.gap) <= 1e-6
 
 
+def test_min_norm_converges_in_float32_when_the_support_spans_the_space():
+  """Issue #11 (fuzz at 3300 per method): T = 16 gradients in R^8, float32. The optimal support has
+  P = 8 points; on the way the support holds P + 1 affinely independent points, whose KKT system
+  the pseudo-inverse's cutoff (10 (T + 1) eps) solved wrongly in float32, so every corrective step
+  was refused and plain Frank-Wolfe ran into the 250-step cap with a float64 duality gap up to
+  3.5e-5 (14 of these 200 matrices; MGDA's certificate violated). The LU candidate fixes it."""
+  rng = np.random.default_rng(11)
+  jacs = rng.standard_normal((200, 16, 8)) * rng.uniform(0.5, 2.0, size=(200, 16, 1))
+  grams = np.einsum("bip,bjp->bij", jacs, jacs)
+  result = jax.jit(jax.vmap(lambda g: solvers.min_norm_simplex(g, max_iters=250, tol=1e-6)))(
+      jnp.asarray(grams, jnp.float32))
+  iterations = np.asarray(result.iterations)
+  assert iterations.max() <= 60, np.sort(iterations)[-5:]
+  w = np.asarray(result.weights, np.float64)
+  gw = np.einsum("bij,bj->bi", grams, w)
+  gap = (np.einsum("bi,bi->b", w, gw) - gw.min(axis=1)) / grams.diagonal(axis1=1, axis2=2).max(axis=1)
+  assert gap.max() <= 2e-6, gap.max()  # tol 1e-6 plus float32 rounding of the Gram
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_min_norm_kkt(dtype):
   """w in the simplex, (G w)_t >= w^T G w - tol for all t, equality on the support."""

@@ -60,9 +60,13 @@ def _pairwise_gap(gw: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array, ja
 def _corrective_step(gram: jax.Array, w: jax.Array) -> jax.Array:
   """Moves ``w`` toward the minimizer of ``w^T G w`` on the affine hull of its support.
 
-  The affine minimizer ``y`` solves ``[[G_S, 1], [1^T, 0]] [y; lam] = [0; 1]`` (pseudo-inverse, so a
-  singular ``G_S`` is fine); ``w`` moves to ``y`` or, if ``y`` leaves the simplex, to the boundary
-  point on the segment (Wolfe's minor cycle), which drops a vertex. The move is kept only when it
+  The affine minimizer ``y`` solves ``[[G_S, 1], [1^T, 0]] [y; lam] = [0; 1]``; ``w`` moves to ``y``
+  or, if ``y`` leaves the simplex, to the boundary point on the segment (Wolfe's minor cycle), which
+  drops a vertex. The system is solved twice: by LU (accurate when the support's points are
+  affinely independent, e.g. ``P + 1`` of them in ``R^P``: the pseudo-inverse's cutoff
+  ``10 (T + 1) eps`` drops a genuine small singular value there in float32, and the solver then
+  crawled for hundreds of plain Frank-Wolfe steps) and by pseudo-inverse (a singular ``G_S``, e.g.
+  more support points than dimensions); the move with the lower objective is kept, and only when it
   does not increase the objective (guards against rounding on ill-conditioned supports).
   """
   t = w.shape[0]
@@ -76,22 +80,29 @@ def _corrective_step(gram: jax.Array, w: jax.Array) -> jax.Array:
       jnp.concatenate([ones, jnp.zeros((1,), gram.dtype)])[None, :],
   ], axis=0)
   rhs = jnp.concatenate([jnp.zeros((t,), gram.dtype), jnp.ones((1,), gram.dtype)])
-  y = jnp.matmul(jnp.linalg.pinv(kkt), rhs, precision=numerics.HIGHEST)[:t]
-  y = jnp.where(support, y, 0.0)
-  # Largest step theta in [0, 1] keeping w + theta (y - w) >= 0.
-  shrinking = support & (y < w)
-  ratios = jnp.where(shrinking, numerics.safe_div(w, w - y), jnp.inf)
-  blocking = jnp.argmin(ratios)
-  theta = jnp.clip(jnp.min(ratios), 0.0, 1.0)
-  moved = jnp.maximum(w + theta * (y - w), 0.0)
-  moved = jnp.where((jnp.arange(t) == blocking) & (theta < 1.0), 0.0, moved)
-  moved_sum = jnp.sum(moved)
-  moved = jnp.where(moved_sum > 0, moved / jnp.where(moved_sum > 0, moved_sum, 1.0), w)
 
   def objective(v):
     return jnp.dot(v, jnp.matmul(gram, v, precision=numerics.HIGHEST), precision=numerics.HIGHEST)
 
-  ok = jnp.all(jnp.isfinite(moved)) & (objective(moved) <= objective(w))
+  def move(y):
+    y = jnp.where(support, y[:t], 0.0)
+    # Largest step theta in [0, 1] keeping w + theta (y - w) >= 0.
+    shrinking = support & (y < w)
+    ratios = jnp.where(shrinking, numerics.safe_div(w, w - y), jnp.inf)
+    blocking = jnp.argmin(ratios)
+    theta = jnp.clip(jnp.min(ratios), 0.0, 1.0)
+    moved = jnp.maximum(w + theta * (y - w), 0.0)
+    moved = jnp.where((jnp.arange(t) == blocking) & (theta < 1.0), 0.0, moved)
+    moved_sum = jnp.sum(moved)
+    moved = jnp.where(moved_sum > 0, moved / jnp.where(moved_sum > 0, moved_sum, 1.0), w)
+    finite = jnp.all(jnp.isfinite(moved))
+    moved = jnp.where(finite, moved, w)
+    return moved, jnp.where(finite, objective(moved), jnp.inf)
+
+  by_lu, lu_objective = move(jnp.linalg.solve(kkt, rhs))
+  by_pinv, pinv_objective = move(jnp.matmul(jnp.linalg.pinv(kkt), rhs, precision=numerics.HIGHEST))
+  moved = jnp.where(lu_objective <= pinv_objective, by_lu, by_pinv)
+  ok = jnp.minimum(lu_objective, pinv_objective) <= objective(w)
   return jnp.where(ok, moved, w)
 
 
