@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtjax._src import solvers
+from mtjax._src import numerics, solvers
 
 
 # ----------------------------------------------------------------------------- NumPy references
@@ -382,3 +382,25 @@ def test_balance_newton_statuses():
   np.testing.assert_allclose(inactive.weights, [1.0, 0.0], rtol=1e-6)  # v^(1 + 1/2) = 1
   capped = solvers.balance_newton(jnp.array([[1.0, -0.99], [-0.99, 1.0]]), jnp.ones(2), 1.0, two, max_iters=1)
   assert int(capped.status) == solvers.NOT_CONVERGED
+
+
+def test_balance_newton_polishes_float32_solutions():
+  """Issue #11 (fuzz at 10,000 per method): Nash-MTL's equations v (C v) = 1 in float32 on random
+  8 x 8 Jacobians. The stop at 4x the worst-case rounding floor of the Newton decrement came early
+  (relative residuals up to 1.8e-2 on 51 of 4,000 matrices, checked on the float64 cosines); the two
+  polishing Newton steps bring every one below 1e-3 (max 4e-4)."""
+  rng = np.random.default_rng(5)
+  jacs = rng.standard_normal((1000, 8, 8))
+  grams = np.einsum("bip,bjp->bij", jacs, jacs)
+
+  def solve(gram):
+    return solvers.balance_newton(numerics.cosine_from_gram(gram), jnp.ones(8), 1.0, jnp.ones(8, bool))
+
+  result = jax.jit(jax.vmap(solve))(jnp.asarray(grams, jnp.float32))
+  solved = np.asarray(result.status) == solvers.SOLVED
+  assert solved.sum() >= 990
+  v = np.asarray(result.weights, np.float64)[solved]
+  norms = np.sqrt(np.einsum("bii->bi", grams[solved]))
+  cosines = grams[solved] / (norms[:, :, None] * norms[:, None, :])
+  residual = np.abs(v * np.einsum("bij,bj->bi", cosines, v) - 1.0).max(axis=1)
+  assert residual.max() <= 1e-3, np.sort(residual)[-5:]

@@ -567,6 +567,8 @@ def cagrad_dual(gram: jax.Array, c: jax.typing.ArrayLike, *, max_iters: int = 10
   return CAGradDualResult(weights=w, norm=norm, mean_norm=mean_norm, gap=gap, iterations=it)
 
 
+POLISH_STEPS = 2  # full Newton steps after balance_newton's stop (kept only if they help)
+
 # Status codes of :func:`balance_newton`.
 SOLVED, STATIONARY, NOT_CONVERGED = 0, 1, 2
 
@@ -611,10 +613,13 @@ def balance_newton(cosines: jax.Array, coef: jax.Array, alpha: jax.typing.ArrayL
 
   * ``SOLVED``: the squared Newton decrement :math:`\lambda^2 = \nabla\Phi^\top H^{-1}
     \nabla\Phi` is at most ``tol`` plus its rounding floor (the decrement of the worst-case
-    rounding error of :math:`\nabla \Phi`). The equations then hold to a relative error of about
-    :math:`\sqrt{\texttt{tol}}` (measured: ``tol = 1e-10`` gives :math:`\max_i |w_i^{1/\alpha}
-    (G w)_i - 1| \approx 10^{-5}` in float32 and float64; ``tol = 1e-20`` gives ``~1e-10`` in
-    float64, while float32 stops at its rounding floor, ``~1e-5``).
+    rounding error of :math:`\nabla \Phi`), followed by up to two full Newton steps, each kept
+    only if it lowers the equations' relative residual (that floor, measured in the equations, can
+    be :math:`\sqrt{\mathrm{cond}(H)}` times their actual rounding). The equations then hold to a
+    relative error of about :math:`\sqrt{\texttt{tol}}` (measured: ``tol = 1e-10`` gives
+    :math:`\max_i |w_i^{1/\alpha} (G w)_i - 1| \approx 10^{-5}` in float64 and in float32 on
+    well-conditioned cosines, at most ``4e-4`` in float32 over 4,000 random 8 x 8 Jacobians;
+    ``tol = 1e-20`` gives ``~1e-10`` in float64, while float32 stops at its rounding floor).
   * ``STATIONARY``: :math:`\Phi` is unbounded below (or its infimum is not attained) exactly when
     some :math:`u \ge 0`, :math:`u \ne 0` has :math:`C u = 0`, i.e. when :math:`0` is in the convex
     hull of the (normalized) active task gradients -- the point is Pareto-stationary and no
@@ -719,9 +724,30 @@ def balance_newton(cosines: jax.Array, coef: jax.Array, alpha: jax.typing.ArrayL
     grad, delta, decrement, floor = newton(v_next)
     return it + 1, v_next, classify(v_next, decrement, floor), decrement, grad, delta
 
+  def relative_residual(v, grad):  # max_i |(C v)_i / (c_i v_i^(-1/alpha)) - 1|
+    power = coef * jnp.exp(-inv_alpha * jnp.log(jnp.where(active, v, 1.0)))
+    return jnp.max(jnp.where(active, jnp.abs(grad) / power, 0.0))
+
+  def polish(carry, _):
+    # The stop at 4x the worst-case rounding floor of lambda^2 can come early: measured in the
+    # equations, that floor is up to sqrt(cond(H)) times their actual rounding, and float32 stopped
+    # at relative residuals of 1e-2 where full steps reach 1e-5. Full Newton steps (fraction to the
+    # boundary), each kept only if it lowers the equations' relative residual.
+    v, grad, delta, resid = carry
+    shrinking = active & (delta < 0)
+    to_boundary = jnp.min(jnp.where(shrinking, 0.95 * v / jnp.where(shrinking, -delta, 1.0), jnp.inf))
+    v_next = jnp.where(active, jnp.maximum(v + jnp.minimum(1.0, to_boundary) * delta, jnp.finfo(dtype).tiny), 1.0)
+    grad_next, delta_next, _, _ = newton(v_next)
+    resid_next = relative_residual(v_next, grad_next)
+    better = jnp.all(jnp.isfinite(v_next)) & (resid_next < resid)
+    keep = lambda a, b: jnp.where(better, a, b)
+    return (keep(v_next, v), keep(grad_next, grad), keep(delta_next, delta), keep(resid_next, resid)), None
+
   v0 = jnp.where(active, jnp.exp(alpha / (1.0 + alpha) * jnp.log(coef)), 1.0)
   grad0, delta0, decrement0, floor0 = newton(v0)
-  it, v, status, decrement, _, _ = jax.lax.while_loop(
+  it, v, status, decrement, grad, delta = jax.lax.while_loop(
       cond, body, (jnp.asarray(0, jnp.int32), v0, classify(v0, decrement0, floor0), decrement0, grad0, delta0))
+  (polished, _, _, _), _ = jax.lax.scan(polish, (v, grad, delta, relative_residual(v, grad)), None, length=POLISH_STEPS)
+  v = jnp.where(status == SOLVED, polished, v)
   v = jnp.where(active & (status != STATIONARY), v, 0.0)
   return BalanceResult(weights=v, status=status, decrement=decrement, iterations=it)
