@@ -229,6 +229,12 @@ def _certificate(case: str, j: np.ndarray, d: np.ndarray, state, dtype: str) -> 
     # Not checked where g_w* = 0 is possible (a zero task: CAGrad's special case, tested apart) or
     # where task norms differ by more than 1e6 (the objective is flat to the dtype's resolution).
     norms = np.linalg.norm(j, axis=1)
+    g0 = j.mean(axis=0)
+    if g0 @ g0 <= 100 * len(norms) * eps * np.mean(norms) ** 2:
+      # The average gradient is below the rounding floor of b^T G b (documented: the Gram cannot
+      # resolve it, r = 0 and d = g0); d must still lie in the ball |d - g0| <= c |g0|.
+      far = np.linalg.norm(d - g0) - 0.4 * np.linalg.norm(g0)
+      return None if far <= 1e-3 * np.linalg.norm(g0) else f"d leaves the ball by {far:.2e} where g0 is rounding"
     lam = float(w.sum() - 1.0) if w is not None else 0.0
     if w is None or np.min(norms) <= 1e-6 * np.max(norms) or lam <= 1e-12:
       return None
