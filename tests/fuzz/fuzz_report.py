@@ -71,6 +71,7 @@ HOMOGENEITY = {
     "pcgrad": 1, "rlw": 1, "uncertainty": 1, "upgrad": 1,
 }
 FAIRGRAD_ALPHA = 1.0
+CAGRAD_C = 0.4  # the "cagrad" case: mtjax.experiment's default c
 SOLVER_BASED = ("mgda", "upgrad", "dualproj", "cagrad", "pareto_ltr", "nash_mtl", "fairgrad")
 
 
@@ -233,7 +234,7 @@ def _certificate(case: str, j: np.ndarray, d: np.ndarray, state, dtype: str) -> 
     if g0 @ g0 <= 100 * len(norms) * eps * np.mean(norms) ** 2:
       # The average gradient is below the rounding floor of b^T G b (documented: the Gram cannot
       # resolve it, r = 0 and d = g0); d must still lie in the ball |d - g0| <= c |g0|.
-      far = np.linalg.norm(d - g0) - 0.4 * np.linalg.norm(g0)
+      far = np.linalg.norm(d - g0) - CAGRAD_C * np.linalg.norm(g0)
       return None if far <= 1e-3 * np.linalg.norm(g0) else f"d leaves the ball by {far:.2e} where g0 is rounding"
     lam = float(w.sum() - 1.0) if w is not None else 0.0
     if w is None or np.min(norms) <= 1e-6 * np.max(norms) or lam <= 1e-12:
@@ -364,7 +365,7 @@ def _one(report, case, update, state0, j, losses, fam, t, dtype, rng):
         # changes the rounding of that solve (seen: 2e-3 |d| at cond(C) = 9e3 in float32).
         unit_rows = j.astype(np.float64) / np.linalg.norm(j.astype(np.float64), axis=1, keepdims=True)
         sv = np.linalg.svd(unit_rows, compute_uv=False)
-        sv = sv[: np.linalg.matrix_rank(unit_rows)]  # the solve is a pseudo-inverse for T > P
+        sv = sv[sv > sv[0] * max(unit_rows.shape) * np.finfo(np.float64).eps]  # a pseudo-inverse for T > P
         tol = max(tol, 10.0 * (sv[0] / sv[-1]) ** 2 * float(np.finfo(dtype).eps))
       if _base(case) == "cagrad" and fam == "scaled":
         # With per-task scales 1e-12..1e12 CAGrad's objective min_t g_t . d is flat to the dtype's

@@ -242,7 +242,7 @@ def test_point8_cagrad_c_at_least_one_never_conflicts_at_a_stationary_point(c):
   d = np.asarray(update["w"], np.float64)  # the combined gradient (the optimizer after it descends)
   np.testing.assert_array_equal(d, 0.0)
   np.testing.assert_array_equal(np.asarray(state.weights), 0.0)
-  # Away from stationarity the rule does not fire: the same gradients with one task flipped to agree.
+  # Away from stationarity the rule does not fire: the same gradients, every task flipped to agree with the first.
   agree = RANK_ONE_F32 * np.sign(RANK_ONE_F32[:, :1]) * np.sign(RANK_ONE_F32[0, 0])
   update, _ = jax.jit(lambda g, s: tx.update(g, s, params))({"w": jnp.asarray(agree)}, tx.init(params))
   d = np.asarray(update["w"], np.float64)
