@@ -70,6 +70,11 @@ from mtjax.transforms import imtl
 from mtjax.transforms import nash_mtl
 from mtjax.transforms import rlw
 from mtjax.transforms import upgrad
+# -- 2022-2026 methods, group A --
+# -- 2022-2026 methods, group B --
+# -- 2022-2026 methods, group C --
+# -- 2022-2026 methods, group D --
+# -- 2022-2026 methods, group E --
 
 __version__ = "0.1.0"
 
@@ -134,6 +139,12 @@ __all__ = (
     "GradDropState",
     "amortized",
     "AmortizedState",
+    # methods of 2022-2026
+    # -- group A --
+    # -- group B --
+    # -- group C --
+    # -- group D --
+    # -- group E --
     # subpackages
     "analysis",
     "data",

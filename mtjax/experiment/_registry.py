@@ -39,6 +39,11 @@ METHODS = {
     "nash_mtl": mtjax.nash_mtl,
     "rlw": mtjax.rlw,
     "graddrop": mtjax.graddrop,
+    # -- 2022-2026 methods, group A --
+    # -- 2022-2026 methods, group B --
+    # -- 2022-2026 methods, group C --
+    # -- 2022-2026 methods, group D --
+    # -- 2022-2026 methods, group E --
 }
 
 OPTIMIZERS = {

@@ -39,3 +39,8 @@ from mtjax.transforms._graddrop import GradDropState
 from mtjax.transforms._graddrop import graddrop
 from mtjax.transforms._amortized import AmortizedState
 from mtjax.transforms._amortized import amortized
+# -- 2022-2026 methods, group A --
+# -- 2022-2026 methods, group B --
+# -- 2022-2026 methods, group C --
+# -- 2022-2026 methods, group D --
+# -- 2022-2026 methods, group E --

@@ -175,13 +175,26 @@ CASES = [
     # Unbiased for the summed gradient but noisy at the Pareto set: a decaying step, as for SGD.
     Case("graddrop", mtjax.graddrop, lambda t: dict(key=0, num_tasks=t), False, deterministic=False,
          toy_lr=decaying_lr(0.3, 4.0)),
+    # Methods of 2022-2026.
+    # -- group A --
+    # -- group B --
+    # -- group C --
+    # -- group D --
+    # -- group E --
 ]
 CASE_BY_NAME = {c.name: c for c in CASES}
 assert len(CASE_BY_NAME) == len(CASES)
 
 ALL = pytest.mark.parametrize("name", [c.name for c in CASES])
 DEFAULT_CASES = ("linear", "pcgrad", "gradvac", "mgda", "pareto_ltr", "gradnorm", "dwa", "uncertainty", "cagrad",
-                 "imtl", "aligned_mtl", "upgrad", "dualproj", "config", "fairgrad", "nash_mtl", "rlw", "graddrop")
+                 "imtl", "aligned_mtl", "upgrad", "dualproj", "config", "fairgrad", "nash_mtl", "rlw", "graddrop",
+                 # methods of 2022-2026
+                 # -- group A --
+                 # -- group B --
+                 # -- group C --
+                 # -- group D --
+                 # -- group E --
+                 )
 # Each method's default case in the fast tier, the option variants marked slow.
 ALL_DEFAULTS_FAST = pytest.mark.parametrize(
     "name", [c.name if c.name in DEFAULT_CASES else pytest.param(c.name, marks=pytest.mark.slow) for c in CASES])
