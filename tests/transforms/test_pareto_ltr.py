@@ -1,6 +1,7 @@
 """PE-LTR: NumPy float64 reimplementation of both steps, oracles, properties, bounds validation."""
 
 import doctest
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -290,13 +291,15 @@ def np_exact_qp(gram, c):
 def test_exact_solver_matches_enumerated_qp_reference():
   rng = np.random.default_rng(11)
   worst = 0.0
+  # jitted once per T (eager, every call recompiles the solver's loops: ~80 s instead of a few)
+  exact = jax.jit(functools.partial(_pareto_ltr.pareto_ltr_exact_weights, tol=1e-12))
   with jax.enable_x64(True):
     for trial in range(40):
       t = int(rng.integers(2, 6))
       jac = _jac(rng, t, common=rng.uniform(0.0, 1.5))
       c = _random_bounds(rng, t) if trial % 2 else np.zeros(t)
       gram = jac @ jac.T
-      w = np.asarray(_pareto_ltr.pareto_ltr_exact_weights(jnp.asarray(gram), jnp.asarray(c), tol=1e-12))
+      w = np.asarray(exact(jnp.asarray(gram), jnp.asarray(c)))
       w_ref = np_exact_qp(gram, c)
       assert np.all(w >= c - 1e-12) and abs(w.sum() - 1.0) < 1e-12
       # The objective is what is unique (the weights need not be when G is singular).
