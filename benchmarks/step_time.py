@@ -13,7 +13,11 @@ per-task gradients, the method, Adam. Reported, all measured in this one run:
   compiled without mtjax's in-graph runtime checks (NaN/inf, feasibility; ``mtjax.runtime_checks(False)``),
   and for the default strategy also with them (``+checks``: the default, as in ``mtjax.training.fit``);
 * ``[deferred]`` rows: the weightings that do not read the gradients (linear, DWA, uncertainty,
-  RLW) with ``task_grads(deferred=True)``, i.e. one backward pass of ``sum_t w_t L_t``;
+  RLW, FAMO, STCH, GLS, SI, IMTL-L) with ``task_grads(deferred=True)``, i.e. one backward pass of
+  ``sum_t w_t L_t``, and M-ConFIG (one task's gradient per step);
+* the methods of 2022-2026 (``recent_method_factories``), and those whose step needs more than one
+  batch's gradients (``SPECIAL``: MoDo and SDMGrad on three micro-batches of 341 samples, FAMO's
+  extra-forward form, Auto-Lambda with a validation batch of the training batch's size);
 * the temporary memory of each compiled strategy (XLA memory analysis).
 
 Timings are medians over many steps after compilation, taken in interleaved rounds (every
@@ -70,11 +74,38 @@ def extra_method_factories(num_tasks):
   }
 
 
-# Weightings that do not read the gradients: with task_grads(deferred=True) their update is one backward.
-DEFERRED = ("linear", "dwa", "uncertainty", "rlw")
+def recent_method_factories(num_tasks):
+  """The methods of 2022-2026 that take one batch's [T, ...] gradients: timed with the default strategy."""
+  t = num_tasks
+  return {
+      "famo": lambda: mtjax.famo(num_tasks=t, post_step_losses="next_batch"),
+      "stch": lambda: mtjax.stch(num_tasks=t),
+      "gls": lambda: mtjax.gls(num_tasks=t),
+      "scale_invariant": lambda: mtjax.scale_invariant(num_tasks=t),
+      "imtl_loss": lambda: mtjax.imtl(num_tasks=t, mode="loss"),
+      "imtl_hybrid": lambda: mtjax.imtl(num_tasks=t, mode="hybrid"),
+      "db_mtl": lambda: mtjax.db_mtl(num_tasks=t),
+      "metabalance": lambda: mtjax.metabalance(num_tasks=t),
+      "excess_mtl": lambda: mtjax.excess_mtl(num_tasks=t),
+      "moco": lambda: mtjax.moco(num_tasks=t),
+      "m_config": lambda: mtjax.m_config(num_tasks=t),
+      "sdmgrad": lambda: mtjax.sdmgrad(num_tasks=t, num_batches=1),
+      "normalize_upgrad": lambda: mtjax.normalize(mtjax.upgrad(num_tasks=t)),
+  }
+
+
+# The methods of 2022-2026 whose step needs more than one batch's gradients (timed with the default strategy):
+# MoDo / SDMGrad on 3 micro-batches of batch / 3 (mtjax.micro_batch_task_grads), FAMO's paper form (one extra
+# forward for the previous batch's losses after the step), Auto-Lambda (a forward + backward on a validation
+# batch of the same size through the virtual step).
+SPECIAL = ("famo_extra_forward", "modo", "sdmgrad_3batch", "auto_lambda")
+
+# Weightings that do not read the gradients: with task_grads(deferred=True) their update is one backward
+# (M-ConFIG: one task's gradient per step, J^T e_k, plus J^T 1 for the task-specific leaves).
+DEFERRED = ("linear", "dwa", "uncertainty", "rlw", "famo", "stch", "gls", "scale_invariant", "imtl_loss", "m_config")
 
 GRAM_BASED = ("pcgrad", "gradvac", "mgda", "pareto_ltr", "gradnorm", "cagrad", "imtl", "aligned_mtl", "upgrad",
-              "dualproj", "config", "fairgrad", "nash_mtl")
+              "dualproj", "config", "fairgrad", "nash_mtl", "imtl_hybrid", "metabalance", "sdmgrad", "normalize_upgrad")
 
 
 def build(num_tasks, batch_size=1024, dim=128, seed=0):
@@ -89,6 +120,51 @@ def build(num_tasks, batch_size=1024, dim=128, seed=0):
     return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, batch["y"]), axis=1)
 
   return params, {"x": x, "y": y}, loss_fn
+
+
+def special_steps(num_tasks, loss_fn, strategy, optimizer):
+  """``{name: (tx, step(p, o, b) -> (p, o))}`` for the methods in ``SPECIAL`` (see there)."""
+  t = num_tasks
+  tg = mtjax.task_grads(loss_fn, strategy=strategy)
+
+  def micro_loss(p, b):  # the batch with its labels sample-major, so that every leaf splits along axis 0
+    return loss_fn(p, {"x": b["x"], "y": b["y"].T})
+
+  micro = mtjax.micro_batch_task_grads(mtjax.task_grads(micro_loss, strategy=strategy), 3)
+
+  def chained(method):
+    return optax.chain(method, optimizer)
+
+  def famo_step(tx):
+    def step(p, o, b):
+      losses, grads = tg(p, b)
+      after = loss_fn(p, b)  # the previous batch's losses at the current parameters: one extra forward
+      u, o = tx.update(grads, o, p, task_losses=losses, previous_task_losses_after_step=after)
+      return optax.apply_updates(p, u), o
+    return step
+
+  def micro_step(tx):
+    def step(p, o, b):
+      n = 3 * (b["x"].shape[0] // 3)  # 1023 of the 1024 samples: three equal micro-batches
+      losses, grads = micro(p, {"x": b["x"][:n], "y": b["y"][:, :n].T})
+      u, o = tx.update(grads, o, p, task_losses=losses)
+      return optax.apply_updates(p, u), o
+    return step
+
+  def auto_lambda_step(tx):
+    def step(p, o, b):
+      losses, grads = tg(p, b)
+      u, o = tx.update(grads, o, p, task_losses=losses, validation_batch=b)
+      return optax.apply_updates(p, u), o
+    return step
+
+  txs = {
+      "famo_extra_forward": (chained(mtjax.famo(num_tasks=t)), famo_step),
+      "modo": (chained(mtjax.modo(num_tasks=t)), micro_step),
+      "sdmgrad_3batch": (chained(mtjax.sdmgrad(num_tasks=t)), micro_step),
+      "auto_lambda": (chained(mtjax.auto_lambda(loss_fn, num_tasks=t, virtual_lr=1e-3)), auto_lambda_step),
+  }
+  return {name: (tx, make(tx)) for name, (tx, make) in txs.items()}
 
 
 class Interleaved:
@@ -181,6 +257,7 @@ def run(num_tasks, steps, strategies=STRATEGIES, methods=None, extra=True):
     factories = dict(method_factories(num_tasks))
     if strat == auto and extra:
       factories.update(extra_method_factories(num_tasks))
+      factories.update(recent_method_factories(num_tasks))
     for name, factory in factories.items():
       if methods and name not in methods:
         continue
@@ -192,8 +269,19 @@ def run(num_tasks, steps, strategies=STRATEGIES, methods=None, extra=True):
             timer.add(label, make_step(tx, strat), (copy(params), tx.init(params), batch), carry)
         except Exception as e:  # report, do not hide
           failed[label] = f"{type(e).__name__}: {str(e)[:80]}"
+  if auto in strategies and extra:  # the methods of 2022-2026 that need more than one batch's gradients
+    for name, (tx, step) in special_steps(num_tasks, loss_fn, auto, adam).items():
+      if methods and name not in methods:
+        continue
+      try:
+        with mtjax.runtime_checks(False):
+          timer.add(f"{name}[{auto}]", jax.jit(step, donate_argnums=(0, 1)), (copy(params), tx.init(params), batch),
+                    carry)
+      except Exception as e:  # report, do not hide
+        failed[f"{name}[{auto}]"] = f"{type(e).__name__}: {str(e)[:80]}"
   if auto in strategies:  # deferred per-task gradients: one backward for weightings that ignore gradients
-    factories = {**method_factories(num_tasks), **extra_method_factories(num_tasks)}
+    factories = {**method_factories(num_tasks), **extra_method_factories(num_tasks),
+                 **recent_method_factories(num_tasks)}
     for name in DEFERRED:
       if methods and name not in methods:
         continue
@@ -213,7 +301,8 @@ def run(num_tasks, steps, strategies=STRATEGIES, methods=None, extra=True):
   for strat in strategies:
     b = t[f"bare[{strat}]"]
     rows.append((f"per-task step [{strat}] (sum+Adam)", b, None, b / t["summed"], None))
-  for name in list(method_factories(num_tasks)) + list(extra_method_factories(num_tasks)):
+  for name in (list(method_factories(num_tasks)) + list(extra_method_factories(num_tasks))
+               + list(recent_method_factories(num_tasks)) + list(SPECIAL)):
     for strat in strategies:
       for k in (f"{name}[{strat}]", f"{name}[{strat}]+checks"):
         if k in t:

@@ -70,11 +70,35 @@ from mtjax.transforms import imtl
 from mtjax.transforms import nash_mtl
 from mtjax.transforms import rlw
 from mtjax.transforms import upgrad
-# -- 2022-2026 methods, group A --
-# -- 2022-2026 methods, group B --
-# -- 2022-2026 methods, group C --
-# -- 2022-2026 methods, group D --
-# -- 2022-2026 methods, group E --
+from mtjax.transforms import IMTLLossState
+from mtjax.transforms import FAMOState
+from mtjax.transforms import famo
+from mtjax.transforms import STCHState
+from mtjax.transforms import stch
+from mtjax.transforms import stch_objective
+from mtjax.transforms import GLSState
+from mtjax.transforms import gls
+from mtjax.transforms import ScaleInvariantState
+from mtjax.transforms import scale_invariant
+from mtjax.transforms import DBMTLState
+from mtjax.transforms import db_mtl
+from mtjax.transforms import MetaBalanceState
+from mtjax.transforms import metabalance
+from mtjax.transforms import ExcessMTLState
+from mtjax.transforms import excess_mtl
+from mtjax.transforms import NormalizeState
+from mtjax.transforms import normalize
+from mtjax.transforms import MoCoState
+from mtjax.transforms import moco
+from mtjax.transforms import MConFIGState
+from mtjax.transforms import m_config
+from mtjax._src.task_grads import micro_batch_task_grads
+from mtjax.transforms import MoDoState
+from mtjax.transforms import SDMGradState
+from mtjax.transforms import modo
+from mtjax.transforms import sdmgrad
+from mtjax.transforms import AutoLambdaState
+from mtjax.transforms import auto_lambda
 
 __version__ = "0.1.0"
 
@@ -140,11 +164,35 @@ __all__ = (
     "amortized",
     "AmortizedState",
     # methods of 2022-2026
-    # -- group A --
-    # -- group B --
-    # -- group C --
-    # -- group D --
-    # -- group E --
+    "IMTLLossState",
+    "famo",
+    "FAMOState",
+    "stch",
+    "STCHState",
+    "stch_objective",
+    "gls",
+    "GLSState",
+    "scale_invariant",
+    "ScaleInvariantState",
+    "db_mtl",
+    "DBMTLState",
+    "metabalance",
+    "MetaBalanceState",
+    "excess_mtl",
+    "ExcessMTLState",
+    "normalize",
+    "NormalizeState",
+    "moco",
+    "MoCoState",
+    "m_config",
+    "MConFIGState",
+    "micro_batch_task_grads",
+    "modo",
+    "MoDoState",
+    "sdmgrad",
+    "SDMGradState",
+    "AutoLambdaState",
+    "auto_lambda",
     # subpackages
     "analysis",
     "data",

@@ -28,8 +28,16 @@ FACTORIES = {
     "gradnorm": lambda **kw: mtjax.gradnorm(num_tasks=T, **kw),
     "upgrad": lambda **kw: mtjax.upgrad(num_tasks=T, **kw),
     "graddrop": lambda **kw: mtjax.graddrop(key=1, num_tasks=T, **kw),
+    # the loss-only methods of issue #12 (FAMO in its next-batch form: the step below passes only task_losses)
+    "famo": lambda **kw: mtjax.famo(num_tasks=T, post_step_losses="next_batch", logit_update="adam", **kw),
+    "stch": lambda **kw: mtjax.stch(num_tasks=T, mu=0.5, normalization="log_nadir", warmup_steps=1, **kw),
+    "gls": lambda **kw: mtjax.gls(num_tasks=T, **kw),
+    "scale_invariant": lambda **kw: mtjax.scale_invariant(num_tasks=T, **kw),
+    "imtl-loss": lambda **kw: mtjax.imtl(num_tasks=T, mode="loss", learning_rate=0.1, **kw),
+    "imtl-hybrid": lambda **kw: mtjax.imtl(num_tasks=T, mode="hybrid", learning_rate=0.1, **kw),  # Gram: T passes
 }
-LOSS_ONLY = ("linear", "dwa", "uncertainty", "rlw")  # weights that do not read the gradients
+LOSS_ONLY = ("linear", "dwa", "uncertainty", "rlw",  # weights that do not read the gradients
+             "famo", "stch", "gls", "scale_invariant", "imtl-loss")
 SHARED = mtjax.shared_mask(exclude="tower")
 _counted, BACKWARD_TRACES = backward_counter()  # traced backward passes through the trunk
 

@@ -876,6 +876,8 @@ def task_grads(
 
   Returns:
     A function with the signature of ``loss_fn`` returning ``(task_losses, task_grads)``.
+    For the gradients of several independent micro-batches (``[M, T, *param.shape]``, for
+    :func:`mtjax.modo` / :func:`mtjax.sdmgrad`) wrap it in :func:`mtjax.micro_batch_task_grads`.
 
   Raises:
     ValueError: for an unknown strategy or a ``loss_fn`` that does not return a 1-D vector.
@@ -1062,7 +1064,8 @@ def multi_input_task_grads(
   function takes ``(params, task_batches)``, where every leaf of ``task_batches`` is
   ``[T, ...]``, and returns ``(task_losses [T], task_grads)`` computed with ``jax.vmap`` of
   ``jax.value_and_grad`` over the task axis (``((losses, aux), grads)`` with ``has_aux``).
-  To tell tasks apart inside ``loss_fn``, put a task index in the batch.
+  To tell tasks apart inside ``loss_fn``, put a task index in the batch. For independent
+  micro-batches, ``mtjax.micro_batch_task_grads(multi_input_task_grads(loss_fn), M, axis=1)``.
 
   Examples:
     >>> import jax.numpy as jnp, mtjax
@@ -1099,5 +1102,116 @@ def multi_input_task_grads(
     jax.eval_shape(one, jax.tree.map(lambda x: x[0], task_batches))
     out, grads = jax.vmap(vg, in_axes=(None, 0))(params, task_batches)
     return out, grads
+
+  return wrapped
+
+
+def micro_batch_task_grads(
+    grad_fn: Callable[..., Any],
+    num_micro_batches: int,
+    *,
+    batch_argnums: int | Sequence[int] = 1,
+    axis: int = 0,
+) -> Callable[..., Any]:
+  r"""Per-task gradients on ``M`` independent micro-batches: leaves ``[M, T, *param.shape]``.
+
+  Wraps a per-task gradient function -- ``mtjax.task_grads(loss_fn)`` or
+  ``mtjax.multi_input_task_grads(loss_fn)`` (with its options) -- so that it splits its batch
+  argument(s) along ``axis`` into ``M`` equal consecutive parts and runs once per part. Every
+  leaf of the returned task gradients gets a leading micro-batch axis, ``[M, T, *param.shape]``,
+  and so do the losses (``[M, T]``) and ``aux``: row ``m`` is exactly what ``grad_fn`` gives on
+  part ``m``. This is the input of the methods that need several INDEPENDENT stochastic
+  estimates of the Jacobian per step (:func:`mtjax.modo`, :func:`mtjax.sdmgrad`); the parts
+  are independent when the batch's samples are (shuffle the data).
+
+  Cost: ``M`` forward passes on ``batch / M`` samples and ``M * T`` backward rows, i.e. about
+  the FLOPs of ONE full per-task Jacobian of the whole batch (``F + T * B``), with the peak
+  memory of one part. The parts run one after the other (a Python loop: ``M`` is small).
+
+  Examples:
+    >>> import jax.numpy as jnp, mtjax
+    >>> def loss_fn(params, batch):
+    ...   pred = batch['x'] @ params['w']
+    ...   return jnp.stack([jnp.mean((pred - batch['y1'])**2), jnp.mean((pred - batch['y2'])**2)])
+    >>> params = {'w': jnp.zeros(3)}
+    >>> batch = {'x': jnp.ones((6, 3)), 'y1': jnp.ones(6), 'y2': -jnp.ones(6)}
+    >>> losses, grads = mtjax.micro_batch_task_grads(mtjax.task_grads(loss_fn), 3)(params, batch)
+    >>> losses.shape, grads['w'].shape
+    ((3, 2), (3, 2, 3))
+
+    With :func:`mtjax.multi_input_task_grads` the batches are ``[T, B, ...]``: split ``axis=1``.
+
+  Args:
+    grad_fn: a function returning ``(task_losses, task_grads)`` (or ``((task_losses, aux),
+      task_grads)``) with stacked ``[T, ...]`` rows; not a deferred / lazy Jacobian
+      (``deferred=True``, ``strategy="rep"`` / ``"shared"``) and not sparse rows (build it with
+      ``sparse=False`` when the model looks up embeddings).
+    num_micro_batches: ``M >= 1`` (static).
+    batch_argnums: the positional argument(s) of ``grad_fn`` to split (default ``1``, the batch
+      after ``params``); every array leaf of them is split, the other arguments are passed whole.
+    axis: the batch axis of those leaves (``0``; ``1`` for the ``[T, B, ...]`` task batches of
+      :func:`mtjax.multi_input_task_grads`).
+
+  Returns:
+    A function with the signature of ``grad_fn`` returning its outputs with a leading ``M`` axis.
+
+  Raises:
+    ValueError: ``M`` is not a positive int, a batch leaf has no axis ``axis`` or a size there
+      that ``M`` does not divide, or ``grad_fn`` returns a lazy Jacobian or sparse rows.
+  """
+  if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, (int, np.integer)) \
+      or num_micro_batches < 1:
+    raise ValueError(
+        f"mtjax: micro_batch_task_grads: num_micro_batches must be a positive int, got {num_micro_batches!r}.")
+  m_count = int(num_micro_batches)
+  argnums = (batch_argnums,) if isinstance(batch_argnums, (int, np.integer)) else tuple(batch_argnums)
+  if not argnums or not all(isinstance(i, (int, np.integer)) for i in argnums):
+    raise ValueError(f"mtjax: micro_batch_task_grads: batch_argnums must be an int or ints, got {batch_argnums!r}.")
+  axis = int(axis)
+
+  def split(tree, m, where):
+    def one(path, x):
+      shape = jnp.shape(x)
+      if len(shape) <= axis:
+        raise ValueError(
+            f"mtjax: micro_batch_task_grads: leaf '{jax.tree_util.keystr(path)}' of {where} has shape {shape}, "
+            f"no batch axis {axis} to split into {m_count} micro-batches.")
+      n = shape[axis]
+      if n % m_count:
+        raise ValueError(
+            f"mtjax: micro_batch_task_grads: leaf '{jax.tree_util.keystr(path)}' of {where} has batch size {n} "
+            f"(shape {shape}, axis {axis}), not divisible into {m_count} equal micro-batches; use a batch size "
+            f"that is a multiple of {m_count}.")
+      size = n // m_count
+      return jax.lax.slice_in_dim(jnp.asarray(x), m * size, (m + 1) * size, axis=axis)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+  @functools.wraps(grad_fn)
+  def wrapped(*args, **kwargs):
+    for i in argnums:
+      if not -len(args) <= i < len(args):
+        raise ValueError(
+            f"mtjax: micro_batch_task_grads: batch_argnums={batch_argnums!r} but only {len(args)} positional "
+            "arguments were given.")
+    outs = []
+    for m in range(m_count):
+      call_args = list(args)
+      for i in argnums:
+        call_args[i] = split(args[i], m, f"argument {i}")
+      out = grad_fn(*call_args, **kwargs)
+      if not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError("mtjax: micro_batch_task_grads: grad_fn must return (task_losses, task_grads).")
+      if is_lazy(out[1]):
+        raise ValueError(
+            "mtjax: micro_batch_task_grads: grad_fn returned a lazy Jacobian (task_grads(deferred=True) or "
+            "strategy='rep'/'shared'); micro-batch methods need the stacked per-task rows: use task_grads(loss_fn) "
+            "with a row strategy ('auto', 'loop', 'map', 'vmap') and deferred=False.")
+      if any(isinstance(x, SparseRows) for x in jax.tree.leaves(out[1], is_leaf=sparse_lib.is_sparse)):
+        raise ValueError(
+            "mtjax: micro_batch_task_grads: grad_fn returned sparse embedding rows (SparseRows); build it with "
+            "mtjax.task_grads(loss_fn, sparse=False) to get dense [T, *param.shape] rows.")
+      outs.append(out)
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
   return wrapped

@@ -39,11 +39,20 @@ METHODS = {
     "nash_mtl": mtjax.nash_mtl,
     "rlw": mtjax.rlw,
     "graddrop": mtjax.graddrop,
-    # -- 2022-2026 methods, group A --
-    # -- 2022-2026 methods, group B --
-    # -- 2022-2026 methods, group C --
-    # -- 2022-2026 methods, group D --
-    # -- 2022-2026 methods, group E --
+    "famo": mtjax.transforms._famo.next_batch_famo,  # pylint: disable=protected-access  # fit passes only task_losses
+    "stch": mtjax.transforms._stch.stch_as_trained_by_the_authors,  # pylint: disable=protected-access
+    "gls": mtjax.gls,
+    "scale_invariant": mtjax.scale_invariant,
+    "db_mtl": mtjax.db_mtl,
+    "metabalance": mtjax.metabalance,
+    "excess_mtl": mtjax.excess_mtl,
+    "normalize": mtjax.transforms._normalize.normalize_by_name,  # pylint: disable=protected-access
+    "moco": mtjax.moco,
+    "m_config": mtjax.m_config,
+    # The training loop feeds one batch's [T, ...] gradients: SDMGrad's one-batch variant (the authors' code).
+    # MoDo and SDMGrad's paper variant need micro-batch gradients [M, T, ...] (not wired in make_train_step).
+    "sdmgrad": mtjax.transforms._sdmgrad.one_batch_sdmgrad,  # pylint: disable=protected-access
+    "auto_lambda": mtjax.auto_lambda,  # the runner passes the model's loss (meta_loss_fn) and validation batches
 }
 
 OPTIMIZERS = {

@@ -112,13 +112,30 @@ def partition(cfg: _config.ExperimentConfig, model):
     raise _config.ConfigError(f"method.{str(e).removeprefix('mtjax: ')}") from None
 
 
-def build_tx(cfg: _config.ExperimentConfig, *, num_tasks: int, seed: int, steps_per_epoch: int, shared=None):
-  """The optax chain ``method -> optimizer`` of a config; ``shared`` is the mask from :func:`partition`."""
+def needs_meta_loss(cfg: _config.ExperimentConfig) -> bool:
+  """Whether the config's method takes a meta loss on a validation batch (``mtjax.auto_lambda``)."""
+  return "meta_loss_fn" in inspect.signature(reg.METHODS[cfg.method["name"]]).parameters
+
+
+def build_tx(cfg: _config.ExperimentConfig, *, num_tasks: int, seed: int, steps_per_epoch: int, shared=None,
+             meta_loss_fn=None):
+  """The optax chain ``method -> optimizer`` of a config; ``shared`` is the mask from :func:`partition`.
+
+  A method with a meta loss (``mtjax.auto_lambda``) gets ``meta_loss_fn`` (:func:`run` passes the
+  model's validation losses, ``mtjax.training.validation_loss_fn``) and, unless the config sets it,
+  ``virtual_lr`` = the optimizer's learning rate."""
   name = cfg.method["name"]
   factory = reg.METHODS[name]
   kwargs = {k: v for k, v in cfg.method.items()
             if k not in ("name", "shared") and k not in _config.AMORTIZE_KEYS}
   params = inspect.signature(factory).parameters
+  if "meta_loss_fn" in params:
+    if meta_loss_fn is None:
+      raise _config.ConfigError(f"method {name!r} needs the model's loss on a validation batch: "
+                                "build_tx(..., meta_loss_fn=mtjax.training.validation_loss_fn(model, ...))")
+    kwargs["meta_loss_fn"] = meta_loss_fn
+    if "virtual_lr" in params and "virtual_lr" not in kwargs:
+      kwargs["virtual_lr"] = float(cfg.optimizer.get("learning_rate", 1e-3))
   if "shared" in params and shared is not None:
     kwargs["shared"] = shared
   if "num_tasks" in params:
@@ -172,10 +189,15 @@ def run(cfg: _config.ExperimentConfig, *, seed: Optional[int] = None, out_dir: O
                               f"({len(train)} samples)")
   model = build_model(cfg, train)
   shared = partition(cfg, model)
+  task_losses, multi = model_loss(cfg)
+  meta = None
+  if needs_meta_loss(cfg):  # Auto-Lambda: the model's losses on a second, reshuffled pass over the training set
+    from mtjax.training._train import default_task_losses  # pylint: disable=import-outside-toplevel
+    specs = task_losses if task_losses is not None or multi is not None else default_task_losses(train.task_types)
+    meta = training.validation_loss_fn(model, specs, multi_task_loss=multi, masked=train.masks is not None)
   # strategy "rep": the marked representation is the split (trunk below, heads above), so the method gets no mask
   tx = build_tx(cfg, num_tasks=train.num_tasks, seed=seed, steps_per_epoch=max(1, len(train) // cfg.train.batch_size),
-                shared=None if cfg.train.strategy == "rep" else shared)
-  task_losses, multi = model_loss(cfg)
+                shared=None if cfg.train.strategy == "rep" else shared, meta_loss_fn=meta)
   res = training.fit(model, tx, train, steps=cfg.train.steps, batch_size=cfg.train.batch_size, seed=seed,
                      strategy=cfg.train.strategy, task_losses=task_losses, multi_task_loss=multi, eval_ds=valid,
                      eval_every=cfg.train.eval_every, eval_batch_size=cfg.train.eval_batch_size,
@@ -184,7 +206,7 @@ def run(cfg: _config.ExperimentConfig, *, seed: Optional[int] = None, out_dir: O
                      desc=f"{cfg.method['name']} s{seed}", sparse=cfg.train.sparse,
                      chunk_size=cfg.train.chunk_size or None, rep_gram=cfg.train.rep_gram, from_step=from_step,
                      shared=shared, similarity_granularity=cfg.train.similarity,
-                     keep_checkpoints=cfg.train.keep_checkpoints)
+                     keep_checkpoints=cfg.train.keep_checkpoints, validation_ds=train if meta is not None else None)
   test_metrics = training.evaluate(model, res.state, test, batch_size=cfg.train.eval_batch_size)
   history = res.history
   if out_dir:  # after a resume the log file holds the whole run, the in-memory history only its end

@@ -90,6 +90,10 @@ def make_train_step(model, tx, *, task_losses="bce", multi_task_loss=None, maske
   trunk's parameters. ``strategy="subset"`` (weights from the Gram of a method's ``gram_leaves``,
   one backward for the update) keeps the Jacobian deferred and tracks no similarity. The state
   buffers are donated, so the input state must not be used after the call.
+
+  ``step(state, batch, validation_batch)`` also passes ``validation_batch=`` to ``tx.update`` (for a
+  transform with a meta loss, :func:`mtjax.auto_lambda`): the batch dict with the model's current
+  non-parameter collections added under ``"variables"`` (see :func:`validation_loss_fn`).
   """
   if strategy == "subset":
     track_similarity = False
@@ -100,10 +104,13 @@ def make_train_step(model, tx, *, task_losses="bce", multi_task_loss=None, maske
   grad_fn = task_grads(loss_fn, strategy="auto" if strategy == "subset" else strategy, has_aux=True,
                        deferred=not track_similarity, sparse=sparse, chunk_size=chunk_size, rep_gram=rep_gram)
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, validation_batch=None):
     rng, dropout_key = jax.random.split(state.rng)
     (task_losses_, aux), grads = grad_fn(state.params, batch, {"dropout": dropout_key}, state.variables)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, task_losses=task_losses_)
+    extra = {}
+    if validation_batch is not None:  # for transforms with a meta loss (mtjax.auto_lambda)
+      extra["validation_batch"] = {**validation_batch, "variables": state.variables}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, task_losses=task_losses_, **extra)
     params = optax.apply_updates(state.params, updates)
     variables = {**state.variables, **aux["updates"]} if mutable else state.variables
     w = method_weights(opt_state)
@@ -121,6 +128,37 @@ def make_train_step(model, tx, *, task_losses="bce", multi_task_loss=None, maske
     return new_state, metrics
 
   return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def validation_loss_fn(model, task_losses="bce", *, multi_task_loss=None, masked: bool = False) -> Callable:
+  """``meta_loss_fn(params, validation_batch) -> [T]``: the model's task losses on a validation batch.
+
+  The meta loss of :func:`mtjax.auto_lambda` as :func:`fit` (``validation_ds=``) and
+  :func:`make_train_step` call it: the model in evaluation mode (no dropout) with the non-parameter
+  collections (e.g. ``batch_stats``) the training step adds to the batch under ``"variables"``
+  (none: ``{}``), and the same per-task losses as training.
+
+  Examples:
+    >>> import optax, mtjax
+    >>> from mtjax import data, models, training
+    >>> ds = data.mmoe_synthetic(64, 0.5, dim=4, seed=0)
+    >>> model = models.MMoE(num_tasks=2, num_experts=2, expert=(4,), tower=(4, 1))
+    >>> meta = training.validation_loss_fn(model, ("mse", "mse"))
+    >>> tx = optax.chain(mtjax.auto_lambda(meta, num_tasks=2, virtual_lr=1e-2), optax.sgd(1e-2))
+    >>> res = training.fit(model, tx, ds, steps=2, batch_size=16, validation_ds=ds, progress=False)
+    >>> res.state.opt_state[0].lambdas.shape
+    (2,)
+  """
+  loss_fn = losses_lib.make_loss_fn(model, task_losses, mask_key="mask" if masked else None, train=False,
+                                    has_aux=True, multi_task_loss=multi_task_loss)
+
+  def meta_loss_fn(params, batch):
+    batch = dict(batch)
+    variables = batch.pop("variables", {})
+    losses, _ = loss_fn(params, batch, None, variables)
+    return losses
+
+  return meta_loss_fn
 
 
 def task_scores(outputs, aux) -> jax.Array:
@@ -179,17 +217,18 @@ def _reports_probs(model, state, dataset) -> bool:
   return isinstance(out, tuple) and isinstance(out[1], Mapping) and "task_log_probs" in out[1]
 
 
-def _check_chain_order(tx, state: TrainState, num_tasks: int) -> None:
+def _check_chain_order(tx, state: TrainState, num_tasks: int, validation_batch=None) -> None:
   """An optimizer state that changes shape after one update means an optax optimizer sits before
   the mtjax method: it received the per-task gradients ``[T, ...]`` and keeps per-task moments (a
   different algorithm, silently). Checked on the chain's abstract evaluation with dense per-task
   gradients (no computation); a chain that cannot be evaluated this way is left to the step."""
   grads = jax.tree.map(lambda p: jax.ShapeDtypeStruct((num_tasks,) + tuple(np.shape(p)), p.dtype), state.params)
   losses = jax.ShapeDtypeStruct((num_tasks,), jnp.float32)
+  extra = {} if validation_batch is None else {"validation_batch": {**validation_batch, "variables": state.variables}}
   try:
     with jax.numpy_rank_promotion("allow"):  # what a misplaced optimizer's broadcasting relies on
-      _, out_state = jax.eval_shape(lambda g, s, p, l: tx.update(g, s, p, task_losses=l), grads, state.opt_state,
-                                    state.params, losses)
+      _, out_state = jax.eval_shape(lambda g, s, p, l, e: tx.update(g, s, p, task_losses=l, **e), grads,
+                                    state.opt_state, state.params, losses, extra)
   except Exception:  # pylint: disable=broad-except
     return
   before = [tuple(np.shape(x)) for x in jax.tree.leaves(state.opt_state)]
@@ -267,7 +306,7 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
         desc: str = "train", stop_after: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None,
         data_axis: str = "data", sparse: bool = True, chunk_size: Optional[int] = None,
         rep_gram: str = "sum", from_step: Optional[int] = None, keep_checkpoints: int = 2, shared="model",
-        similarity_granularity: str = "model") -> FitResult:
+        similarity_granularity: str = "model", validation_ds=None) -> FitResult:
   """Trains ``model`` with the multi-task transform chain ``tx`` on a :class:`mtjax.data.MultiTaskDataset`.
 
   Each step draws a shuffled batch (order fixed by ``seed`` and the epoch), computes per-task
@@ -323,6 +362,13 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
     similarity_granularity: ``"model"`` (one cosine matrix over the shared parameters) or
       ``"layer"`` (also one per shared layer: ``cosine_layers`` / ``conflict_layers`` with their
       ``layers`` names in ``log.jsonl``).
+    validation_ds: for a transform with a meta loss (:func:`mtjax.auto_lambda`, whose
+      ``meta_loss_fn`` is e.g. :func:`validation_loss_fn`): every step also draws a ``batch_size``
+      batch of this dataset, in its own shuffled order (seed ``seed + 1``, so ``validation_ds=train_ds``
+      gives a second, differently ordered pass over the training set, as in Auto-Lambda's code), and
+      passes it to ``tx.update`` as ``validation_batch=`` (with the model's non-parameter
+      collections under ``"variables"``). Its position follows the step count, so a resumed run
+      draws the same batches.
   """
   from mtjax.data import BatchIterator
 
@@ -347,6 +393,9 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
       raise ValueError(f"mtjax: fit: batch_size={batch_size} must be a multiple of the {mesh.shape[data_axis]} "
                        f"devices of mesh axis {data_axis!r}.")
   it = BatchIterator(train_ds, batch_size, seed=seed)
+  if validation_ds is not None and (validation_ds.num_tasks != train_ds.num_tasks or batch_size > len(validation_ds)):
+    raise ValueError(f"mtjax: fit: validation_ds must have the training set's {train_ds.num_tasks} tasks and at least "
+                     f"batch_size={batch_size} samples, got {validation_ds.num_tasks} tasks, {len(validation_ds)} samples.")
   state = init_state(model, tx, train_ds.batch(np.arange(min(batch_size, len(train_ds))))["x"], seed=seed)
   if keep_checkpoints < 1:
     raise ValueError(f"mtjax: fit needs keep_checkpoints >= 1, got {keep_checkpoints}.")
@@ -384,7 +433,13 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
                             track_similarity=track_similarity, sparse=sparse,
                             chunk_size=chunk_size, rep_gram=rep_gram, shared=shared,
                             similarity_granularity=similarity_granularity)
-  _check_chain_order(tx, state, train_ds.num_tasks)
+  val_it = None
+  if validation_ds is not None:  # one validation batch per step: its position is the step count
+    spe = BatchIterator(validation_ds, batch_size, seed=seed + 1).steps_per_epoch
+    val_it = BatchIterator(validation_ds, batch_size, seed=seed + 1, epoch=int(state.step) // spe,
+                           position=int(state.step) % spe)
+  _check_chain_order(tx, state, train_ds.num_tasks,
+                     None if validation_ds is None else validation_ds.batch(np.arange(batch_size)))
   predict_fn = make_predict_fn(model) if eval_ds is not None else None
   layer_names = None
   if track_similarity and similarity_granularity != "model":
@@ -409,12 +464,14 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
   try:
     for step in range(start, end):
       batch = next(it)
+      val_batch = next(val_it) if val_it is not None else None
       if mesh is not None:
         batch = shard_batch(batch, mesh, data_axis)
+        val_batch = shard_batch(val_batch, mesh, data_axis) if val_batch is not None else None
       done = step + 1
       t0 = time.perf_counter()
       try:  # the step keeps mtjax's in-graph checks (NaN/inf, ids out of range, infeasible bounds)
-        state, m = step_fn(state, batch)
+        state, m = step_fn(state, batch) if val_batch is None else step_fn(state, batch, val_batch)
         m = jax.device_get(m)
       except (jax.errors.JaxRuntimeError, ValueError) as e:  # step 1: JaxRuntimeError; later (C++ path): ValueError
         message = _mtjax_message(e)

@@ -39,8 +39,31 @@ from mtjax.transforms._graddrop import GradDropState
 from mtjax.transforms._graddrop import graddrop
 from mtjax.transforms._amortized import AmortizedState
 from mtjax.transforms._amortized import amortized
-# -- 2022-2026 methods, group A --
-# -- 2022-2026 methods, group B --
-# -- 2022-2026 methods, group C --
-# -- 2022-2026 methods, group D --
-# -- 2022-2026 methods, group E --
+from mtjax.transforms._imtl import IMTLLossState
+from mtjax.transforms._famo import FAMOState
+from mtjax.transforms._famo import famo
+from mtjax.transforms._stch import STCHState
+from mtjax.transforms._stch import stch
+from mtjax.transforms._stch import stch_objective
+from mtjax.transforms._gls import GLSState
+from mtjax.transforms._gls import gls
+from mtjax.transforms._scale_invariant import ScaleInvariantState
+from mtjax.transforms._scale_invariant import scale_invariant
+from mtjax.transforms._db_mtl import DBMTLState
+from mtjax.transforms._db_mtl import db_mtl
+from mtjax.transforms._metabalance import MetaBalanceState
+from mtjax.transforms._metabalance import metabalance
+from mtjax.transforms._excess_mtl import ExcessMTLState
+from mtjax.transforms._excess_mtl import excess_mtl
+from mtjax.transforms._normalize import NormalizeState
+from mtjax.transforms._normalize import normalize
+from mtjax.transforms._moco import MoCoState
+from mtjax.transforms._moco import moco
+from mtjax.transforms._m_config import MConFIGState
+from mtjax.transforms._m_config import m_config
+from mtjax.transforms._modo import MoDoState
+from mtjax.transforms._modo import modo
+from mtjax.transforms._sdmgrad import SDMGradState
+from mtjax.transforms._sdmgrad import sdmgrad
+from mtjax.transforms._auto_lambda import AutoLambdaState
+from mtjax.transforms._auto_lambda import auto_lambda

@@ -137,8 +137,16 @@ def test_every_registered_method_builds_from_a_config():
     raw = {"data": {"name": "conflicting"}, "model": {"name": "mmoe"},
            "method": {"name": name, **options.get(name, {})}}
     cfg = experiment.from_dict(raw)
-    tx = _runner.build_tx(cfg, num_tasks=2, seed=0, steps_per_epoch=3)
+    meta = None
+    if _runner.needs_meta_loss(cfg):  # Auto-Lambda: the runner passes the model's validation losses
+      meta = lambda p, batch: jnp.stack([jnp.sum((p["w"] - batch) ** 2), jnp.sum((p["w"] + batch) ** 2)])  # noqa: E731
+      with pytest.raises(experiment.ConfigError, match="needs the model's loss on a validation batch"):
+        _runner.build_tx(cfg, num_tasks=2, seed=0, steps_per_epoch=3)
+    tx = _runner.build_tx(cfg, num_tasks=2, seed=0, steps_per_epoch=3, meta_loss_fn=meta)
     state = tx.init(params)
+    if meta is not None:
+      updates, _ = jax.jit(tx.update)(grads, state, params, task_losses=jnp.ones(2), validation_batch=jnp.ones(3))
+      assert bool(jnp.all(jnp.isfinite(updates["w"]))), name
     if name in options:  # the new methods' options reach the factory: one step runs
       updates, _ = jax.jit(tx.update)(grads, state, params, task_losses=jnp.ones(2))
       assert bool(jnp.all(jnp.isfinite(updates["w"]))), name

@@ -176,11 +176,62 @@ CASES = [
     Case("graddrop", mtjax.graddrop, lambda t: dict(key=0, num_tasks=t), False, deterministic=False,
          toy_lr=decaying_lr(0.3, 4.0)),
     # Methods of 2022-2026.
-    # -- group A --
-    # -- group B --
-    # -- group C --
-    # -- group D --
-    # -- group E --
+    # FAMO: the table's update passes only task_losses, so its rows use the next-batch form; the paper's
+    # default form needs previous_task_losses_after_step= (one extra forward) and is checked in test_famo.py.
+    Case("famo", mtjax.famo, lambda t: dict(num_tasks=t, post_step_losses="next_batch"), True,
+         task_specific="weighted"),
+    Case("famo-adam", mtjax.famo, lambda t: dict(num_tasks=t, post_step_losses="next_batch", logit_update="adam",
+                                                 gamma=0.01), True, task_specific="weighted"),
+    Case("stch", mtjax.stch, lambda t: dict(num_tasks=t, mu=1.0), True,
+         static_args=("num_tasks", "warmup_steps", "nadir_steps"), task_specific="weighted"),
+    Case("stch-log_nadir", mtjax.stch, lambda t: dict(num_tasks=t, mu=0.5, normalization="log_nadir",
+                                                      warmup_steps=2, warmup_weighting="log"), True,
+         static_args=("num_tasks", "warmup_steps", "nadir_steps"), task_specific="weighted"),
+    Case("gls", mtjax.gls, lambda t: dict(num_tasks=t), True, task_specific="weighted"),
+    Case("scale_invariant", mtjax.scale_invariant, lambda t: dict(num_tasks=t), True, task_specific="weighted"),
+    Case("imtl-loss", mtjax.imtl, lambda t: dict(num_tasks=t, mode="loss", learning_rate=1e-2), True,
+         task_specific="weighted"),
+    Case("imtl-hybrid", mtjax.imtl, lambda t: dict(num_tasks=t, mode="hybrid", learning_rate=1e-2), True,
+         task_specific="weighted"),
+    # DB-MTL: the task-specific leaves get sum_i g_i / (L_i + eps), and `weights` records 1 / (L_i + eps).
+    Case("db_mtl", mtjax.db_mtl, lambda t: dict(num_tasks=t), True, task_specific="weighted"),
+    Case("db_mtl-sigma", mtjax.db_mtl, lambda t: dict(num_tasks=t, beta=0.5, beta_sigma=0.5, eps=0.0), True,
+         task_specific="weighted"),
+    # Task 0 is the target: no permutation equivariance (deterministic=False skips that check only).
+    Case("metabalance", mtjax.metabalance, lambda t: dict(num_tasks=t), False, static_args=("num_tasks", "target"),
+         deterministic=False, toy_blocks=((0, 1), (2,), (3,))),
+    Case("metabalance-down-model", mtjax.metabalance,
+         lambda t: dict(num_tasks=t, strategy="down", granularity="model", relax_factor=0.5), False,
+         static_args=("num_tasks", "target"), deterministic=False),
+    Case("excess_mtl", mtjax.excess_mtl, lambda t: dict(num_tasks=t), False, static_args=("num_tasks", "warmup_steps"),
+         task_specific="weighted"),
+    Case("excess_mtl-code", mtjax.excess_mtl,
+         lambda t: dict(num_tasks=t, weight_sum="num_tasks", step_size=0.1, warmup_steps=2, task_specific="sum"),
+         False, static_args=("num_tasks", "warmup_steps")),
+    # UPGrad on unit-norm task gradients: the update does not scale with the gradients (degree 0).
+    Case("normalize-upgrad",
+         lambda num_tasks, normalization="l2", shared=None: mtjax.normalize(
+             mtjax.upgrad(num_tasks=num_tasks, shared=shared), normalization, shared=shared),
+         lambda t: dict(num_tasks=t), False, degree=0),
+    # MoCo's paper default tracks the raw gradients and steps lambda by gamma_k (Y Y^T + rho I) lambda, which is not
+    # homogeneous in the gradients' scale (no `degree` holds: tiny gradients leave lambda uniform, huge ones push it
+    # to a vertex); the table runs LibMTL's loss-normalized variant (degree 0). The paper default is covered by
+    # tests/transforms/test_moco.py (float64 reference trajectory, jit + donation, the toy problem).
+    Case("moco-loss", mtjax.moco, lambda t: dict(num_tasks=t, normalization="loss"), True, degree=0),
+    Case("moco-loss-softmax", mtjax.moco, lambda t: dict(num_tasks=t, normalization="loss", simplex="softmax"), True,
+         degree=0),
+    # One task's gradient per step (round robin): deterministic, but not permutation equivariant (the order of the
+    # tasks is the order of the round robin), hence deterministic=False.
+    Case("m_config", mtjax.m_config, lambda t: dict(num_tasks=t), False, deterministic=False,
+         static_args=("num_tasks", "all_tasks", "adaptive", "wait_for_all")),
+    Case("m_config-random", mtjax.m_config, lambda t: dict(num_tasks=t, selection="random", key=0), False,
+         deterministic=False, static_args=("num_tasks", "all_tasks", "adaptive", "wait_for_all")),
+    Case("m_config-all", mtjax.m_config, lambda t: dict(num_tasks=t, all_tasks=True), False,
+         static_args=("num_tasks", "all_tasks", "adaptive", "wait_for_all")),
+    # SDMGrad's one-batch variant (the authors' code) takes [T, ...] gradients; MoDo and SDMGrad's default
+    # take [M, T, ...] micro-batch gradients: their table checks are in test_modo.py / test_sdmgrad.py.
+    Case("sdmgrad-1batch", mtjax.sdmgrad, lambda t: dict(num_tasks=t, num_batches=1), False,
+         static_args=("num_tasks", "num_batches", "num_inner_steps", "normalize")),
 ]
 CASE_BY_NAME = {c.name: c for c in CASES}
 assert len(CASE_BY_NAME) == len(CASES)
@@ -189,11 +240,10 @@ ALL = pytest.mark.parametrize("name", [c.name for c in CASES])
 DEFAULT_CASES = ("linear", "pcgrad", "gradvac", "mgda", "pareto_ltr", "gradnorm", "dwa", "uncertainty", "cagrad",
                  "imtl", "aligned_mtl", "upgrad", "dualproj", "config", "fairgrad", "nash_mtl", "rlw", "graddrop",
                  # methods of 2022-2026
-                 # -- group A --
-                 # -- group B --
-                 # -- group C --
-                 # -- group D --
-                 # -- group E --
+                 "famo", "stch", "gls", "scale_invariant",
+                 "db_mtl", "metabalance", "excess_mtl", "normalize-upgrad",
+                 "moco-loss", "m_config",
+                 "sdmgrad-1batch",
                  )
 # Each method's default case in the fast tier, the option variants marked slow.
 ALL_DEFAULTS_FAST = pytest.mark.parametrize(
