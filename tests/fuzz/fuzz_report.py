@@ -64,6 +64,9 @@ FAMILIES = ("random", "rank_deficient", "t_gt_p", "opposite", "zero_rows", "stat
             "tiny", "zero", "extreme_losses")
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 RANDOMIZED = ("pcgrad", "gradvac", "rlw", "graddrop")  # no permutation equivariance (random orders/weights)
+# No permutation equivariance by design: M-ConFIG reads task k = step mod T first; MetaBalance rescales every
+# task relative to the target task 0.
+ORDER_DEPENDENT = ("m_config", "metabalance")
 # d(s J) = s^k d(J) for a uniform scale s > 0 (first step).
 HOMOGENEITY = {
     "aligned_mtl": 1, "cagrad": 1, "cagrad-c1.5": 1, "config": 1, "dualproj": 1, "dwa": 1, "graddrop": 1,
@@ -344,7 +347,7 @@ def _one(report, case, update, state0, j, losses, fam, t, dtype, rng):
   tol = 1e-4 if dtype == "float32" else 1e-9
   if _base(case) in SOLVER_BASED:  # d is determined to the solver's tolerance, not to rounding
     tol = 1e-4
-  if _base(case) not in RANDOMIZED and fam in ("random", "scaled") and t > 1:
+  if _base(case) not in RANDOMIZED + ORDER_DEPENDENT and fam in ("random", "scaled") and t > 1:
     perm = rng.permutation(t)
     fixed = np.linspace(0.5, 1.5, t).astype(dtype)
     out = _call(report, update, state0, j[perm], fixed[perm], f"{where} permuted")
