@@ -70,6 +70,16 @@ def shared_state_tree(params, num_tasks: int, shared, dtype_fn=None):
   return jax.tree.unflatten(treedef, out)
 
 
+def check_state_tree(state_leaves, leaves, mask, method: str, what: str) -> None:
+  """A per-task state tree (from :func:`shared_state_tree`) matches the task gradients and the mask."""
+  if len(state_leaves) != len(leaves) or any(
+      (e.shape != l.shape) if m else (e.shape != (0,)) for e, l, m in zip(state_leaves, leaves, mask)):
+    raise ValueError(f"mtjax: {method}: the state's {what} does not match the task gradients; call tx.init on "
+                     "params with the same structure (and the same shared= mask) as the task gradients.")
+  if not any(mask):
+    raise ValueError(f"mtjax: {method}: the shared= mask marks no leaf as shared; nothing to weight.")
+
+
 def task_sq_norms(rows, dtype) -> jax.Array:
   """``[T]`` squared norms of the task rows summed over ``rows`` (``[T, ...]`` arrays), overflow-safe.
 
@@ -184,12 +194,7 @@ def db_mtl(
         updates, params, num_tasks=num_tasks, shared=shared, method=method, task_losses=task_losses,
         losses_required=True)
     ema_leaves = jax.tree.leaves(state.grads_ema)
-    if len(ema_leaves) != len(leaves) or any(
-        (e.shape != l.shape) if m else (e.shape != (0,)) for e, l, m in zip(ema_leaves, leaves, mask)):
-      raise ValueError("mtjax: db_mtl: the state's gradient EMA does not match the task gradients; call tx.init on "
-                       "params with the same structure (and the same shared= mask) as the task gradients.")
-    if not any(mask):
-      raise ValueError("mtjax: db_mtl: the shared= mask marks no leaf as shared; nothing to balance.")
+    check_state_tree(ema_leaves, leaves, mask, method, "gradient EMA")
     dtype = state.alpha.dtype
     shifted = losses.astype(dtype) + jnp.asarray(eps, dtype)
     losses_ok = numerics.condition_check(

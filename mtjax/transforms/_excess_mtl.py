@@ -12,6 +12,7 @@ from mtjax._src import numerics
 from mtjax._src import rows as rows_lib
 from mtjax._src import tree as tree_lib
 from mtjax._src import weighting
+from mtjax.transforms._db_mtl import check_state_tree
 from mtjax.transforms._db_mtl import nonfinite_grads_check
 from mtjax.transforms._db_mtl import prepare_leaves
 from mtjax.transforms._db_mtl import shared_state_tree
@@ -146,12 +147,7 @@ def excess_mtl(
         updates, params, num_tasks=num_tasks, shared=shared, method=method, task_losses=task_losses,
         losses_required=False)
     acc_leaves = jax.tree.leaves(state.sq_sum)
-    if len(acc_leaves) != len(leaves) or any(
-        (a.shape != l.shape) if m else (a.shape != (0,)) for a, l, m in zip(acc_leaves, leaves, mask)):
-      raise ValueError("mtjax: excess_mtl: the state's accumulator does not match the task gradients; call tx.init "
-                       "on params with the same structure (and the same shared= mask) as the task gradients.")
-    if not any(mask):
-      raise ValueError("mtjax: excess_mtl: the shared= mask marks no leaf as shared; nothing to weight.")
+    check_state_tree(acc_leaves, leaves, mask, method, "accumulator")
     dtype = state.weights.dtype
     new_acc, risk = [], jnp.zeros((t,), dtype)
     for leaf, a, m in zip(leaves, acc_leaves, mask):
