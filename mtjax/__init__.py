@@ -193,6 +193,7 @@ __all__ = (
     "SDMGradState",
     "AutoLambdaState",
     "auto_lambda",
+    # anchor: optax composition exports
     # subpackages
     "analysis",
     "data",
