@@ -13,6 +13,7 @@ USAGE = """examples:
   mtjax compare my_experiment.toml --out runs/cmp
   mtjax compare --strategy rep --methods linear,pcgrad,mgda   # weights from representation gradients
   mtjax compare --methods pcgrad,mgda --every 16 --strategy subset  # amortized weights, one backward between
+  mtjax compare --methods linear,modo,sdmgrad,sdmgrad:num_batches=1   # method options: name:key=value
   mtjax run my_experiment.toml --out runs/one    # one configuration, with checkpoints if train.checkpoint_every > 0
   mtjax run my_experiment.toml --out runs/one --from-step 2000   # go back to the checkpoint of step 2000
   mtjax list                                     # models, methods, datasets, optimizers
@@ -36,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
   _speed_args(r)
   c = sub.add_parser("compare", help="train one model with several methods and print a table")
   c.add_argument("config", nargs="?", default=None, help="experiment TOML file (default: the embedded default)")
-  c.add_argument("--methods", default=None, help="comma-separated method names (default: all required methods)")
+  c.add_argument("--methods", default=None, help="comma-separated methods, each name[:key=value...], e.g. "
+                 "linear,modo,sdmgrad:num_batches=1 (default: the eight methods of the embedded default)")
   c.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the config's)")
   c.add_argument("--steps", type=int, default=None, help="override train.steps")
   c.add_argument("--samples", type=int, default=None, help="override data.num_samples (synthetic data)")
@@ -158,13 +160,14 @@ def main(argv=None) -> int:
     # compare
     raw = _load_raw(args.config) if args.config else dict(experiment.DEFAULT_COMPARE)
     raw = _override(raw, args)
-    names = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else
+    names = ([experiment.parse_method(m) for m in args.methods.split(",") if m.strip()] if args.methods else
              list(raw.pop("methods", experiment.DEFAULT_METHODS)))
     raw.pop("methods", None)
     methods = [_method_override(m, args) for m in names]
-    for m in methods:  # validate every method up front, before any training
+    unlabelled = [{k: v for k, v in m.items() if k != "label"} for m in methods]
+    for m in unlabelled:  # validate every method up front, before any training
       experiment.from_dict({**raw, "method": m})
-    cfg = experiment.from_dict({**raw, "method": methods[0]})
+    cfg = experiment.from_dict({**raw, "method": unlabelled[0]})
     out = args.out or os.path.join("runs", f"compare-{cfg.name}")
     t0 = time.time()
     print(f"mtjax compare: model {cfg.model['name']}, data {cfg.data['name']}, {len(methods)} methods x "

@@ -66,7 +66,7 @@ def run(setting: dict = FULL, *, out_dir: Optional[str] = None, echo=print) -> d
   """
   raw = {k: v for k, v in setting.items() if k != "methods"}
   cfg = experiment.from_dict(raw)
-  methods = [{"name": m} for m in setting["methods"]]
+  methods = [m if isinstance(m, dict) else experiment.parse_method(m) for m in setting["methods"]]
   out = experiment.compare(cfg, methods, seeds=list(cfg.seeds), out_dir=out_dir, progress=False, echo=echo)
   first = next(iter(out["results"].values()))[0]
   out["task_names"] = list(first.test.keys() - {"macro"})
@@ -143,7 +143,7 @@ def plot_weights(res: dict):
 def main(argv: Optional[Sequence[str]] = None) -> dict:
   p = _common.parser(NAME, "Linear, PCGrad, GradVac, MGDA, PE-LTR, GradNorm, DWA and uncertainty on an MMoE "
                            "with conflicting tasks.")
-  p.add_argument("--methods", default=None, help="comma-separated subset of methods")
+  p.add_argument("--methods", default=None, help="comma-separated methods, each name[:key=value...]")
   p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, --fast 1)")
   p.add_argument("--steps", type=int, default=None, help="training steps (default 500, --fast 20)")
   args = p.parse_args(argv)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtjax._src import composition
 from mtjax._src import numerics
 from mtjax._src import tree as tree_lib
 from mtjax._src.sparse import SparseRows
@@ -33,12 +34,14 @@ class MicroBatchInputs(NamedTuple):
 
 def how_to(num_batches: int) -> str:
   return (f"compute them with mtjax.micro_batch_task_grads(mtjax.task_grads(loss_fn, sparse=False), {num_batches})"
-          f"(params, batch), which splits the batch into {num_batches} independent micro-batches")
+          f"(params, batch), which splits the batch into {num_batches} independent micro-batches (in "
+          f"mtjax.training.fit / make_train_step: micro_batches={num_batches})")
 
 
 def check_inputs(updates: PyTree, params: Optional[PyTree], task_losses, *, num_batches: int,
                  num_tasks: Optional[int], shared: tree_lib.SharedSpec, method: str) -> MicroBatchInputs:
   """Validates ``[M, T, *param.shape]`` micro-batch task gradients (M static) and resolves the mask."""
+  composition.check_first_in_chain(method)  # no optimizer before the method
   if is_lazy(updates):
     raise ValueError(
         f"mtjax: {method}: got a lazy Jacobian (task_grads(deferred=True) or strategy='rep'/'shared'); {method} "

@@ -5,6 +5,7 @@ from mtjax.experiment._config import ExperimentConfig
 from mtjax.experiment._config import TrainConfig
 from mtjax.experiment._config import from_dict
 from mtjax.experiment._config import load
+from mtjax.experiment._config import parse_method
 
 DEFAULT_COMPARE = {
     "name": "default",

@@ -286,8 +286,34 @@ def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
   name = raw.get("name", f"{model['name']}-{method['name']}")
   if not isinstance(name, str) or not name or os.sep in name:
     raise ConfigError(f"name must be a non-empty string without '{os.sep}', got {name!r}")
-  return ExperimentConfig(data=data, model=model, method=method, optimizer=optimizer, train=train,
-                          name=name, seeds=tuple(seeds))
+  cfg = ExperimentConfig(data=data, model=model, method=method, optimizer=optimizer, train=train,
+                         name=name, seeds=tuple(seeds))
+  micro_batches(cfg)  # a micro-batch method's num_batches against the strategy, amortization and batch size
+  return cfg
+
+
+def micro_batches(cfg: "ExperimentConfig") -> int:
+  """How many independent micro-batches a step of the config's method takes: ``method.num_batches``
+  (or its default) for MoDo and SDMGrad, whose factories have that argument; 1 for every other method."""
+  from mtjax.experiment import _registry as reg  # pylint: disable=import-outside-toplevel
+
+  params = inspect.signature(reg.METHODS[cfg.method["name"]]).parameters
+  if "num_batches" not in params:
+    return 1
+  value = cfg.method.get("num_batches", params["num_batches"].default)
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ConfigError(f"method {cfg.method['name']!r}: num_batches must be a positive int, got {value!r}")
+  if value > 1 and (int(cfg.method.get("every", 1)) > 1 or cfg.method.get("ema") is not None):
+    raise ConfigError(f"method {cfg.method['name']!r} with num_batches={value} takes micro-batch gradients "
+                    "[M, T, ...] every step; it cannot be amortized (method.every / method.ema)")
+  if value > 1 and cfg.train.strategy in ("rep", "shared", "subset"):
+    raise ConfigError(f"method {cfg.method['name']!r} with num_batches={value} needs the per-task rows of "
+                    f"every micro-batch; train.strategy={cfg.train.strategy!r} gives a lazy Jacobian. "
+                    "Use strategy 'auto', 'loop', 'map' or 'vmap'")
+  if value > cfg.train.batch_size:
+    raise ConfigError(f"method {cfg.method['name']!r}: num_batches={value} micro-batches need "
+                    f"train.batch_size >= {value}, got {cfg.train.batch_size}")
+  return value
 
 
 def _is_path_key(key: str) -> bool:
@@ -324,3 +350,39 @@ def load(path: str) -> ExperimentConfig:
   except tomllib.TOMLDecodeError as e:
     raise ConfigError(f"{path}: not valid TOML: {e}") from None
   return from_dict(resolve_data_paths(raw, os.path.dirname(os.path.abspath(path))))
+
+
+def parse_method(spec: str) -> dict:
+  """A method table from a command-line spec ``name[:key=value[:key=value...]]``.
+
+  Values are read as TOML values (``3``, ``0.5``, ``true``, ``"l2"``; a bare word is a string).
+  A spec with options is labelled by the whole spec, so that two variants of one method get their
+  own rows in a comparison.
+
+  Examples:
+    >>> from mtjax.experiment import parse_method
+    >>> parse_method("sdmgrad:num_batches=1")
+    {'name': 'sdmgrad', 'num_batches': 1, 'label': 'sdmgrad:num_batches=1'}
+    >>> parse_method("normalize:inner=upgrad:normalization=loss")["inner"]
+    'upgrad'
+  """
+  import tomllib  # pylint: disable=import-outside-toplevel
+
+  name, *options = [p.strip() for p in spec.strip().split(":")]
+  if not name:
+    raise ConfigError(f"method spec {spec!r} has no method name (expected name[:key=value...])")
+  method: dict = {"name": name}
+  for option in options:
+    key, eq, text = option.partition("=")
+    key, text = key.strip(), text.strip()
+    if not eq or not key or not text:
+      raise ConfigError(f"method spec {spec!r}: option {option!r} is not key=value")
+    try:
+      value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+      value = text  # a bare word: a string
+    method[key] = value
+  if options:
+    method["label"] = spec.strip()
+  return method
+

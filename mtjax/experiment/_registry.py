@@ -49,9 +49,10 @@ METHODS = {
     "normalize": mtjax.transforms._normalize.normalize_by_name,  # pylint: disable=protected-access
     "moco": mtjax.moco,
     "m_config": mtjax.m_config,
-    # The training loop feeds one batch's [T, ...] gradients: SDMGrad's one-batch variant (the authors' code).
-    # MoDo and SDMGrad's paper variant need micro-batch gradients [M, T, ...] (not wired in make_train_step).
-    "sdmgrad": mtjax.transforms._sdmgrad.one_batch_sdmgrad,  # pylint: disable=protected-access
+    # MoDo and SDMGrad take num_batches independent micro-batches per step: the runner passes
+    # fit(micro_batches=num_batches) (SDMGrad's num_batches=1 is the authors' one-batch code).
+    "modo": mtjax.modo,
+    "sdmgrad": mtjax.sdmgrad,
     "auto_lambda": mtjax.auto_lambda,  # the runner passes the model's loss (meta_loss_fn) and validation batches
 }
 

@@ -189,6 +189,7 @@ def run(cfg: _config.ExperimentConfig, *, seed: Optional[int] = None, out_dir: O
                               f"({len(train)} samples)")
   model = build_model(cfg, train)
   shared = partition(cfg, model)
+  parts = _config.micro_batches(cfg)  # MoDo / SDMGrad: independent micro-batches per step
   task_losses, multi = model_loss(cfg)
   meta = None
   if needs_meta_loss(cfg):  # Auto-Lambda: the model's losses on a second, reshuffled pass over the training set
@@ -206,7 +207,8 @@ def run(cfg: _config.ExperimentConfig, *, seed: Optional[int] = None, out_dir: O
                      desc=f"{cfg.method['name']} s{seed}", sparse=cfg.train.sparse,
                      chunk_size=cfg.train.chunk_size or None, rep_gram=cfg.train.rep_gram, from_step=from_step,
                      shared=shared, similarity_granularity=cfg.train.similarity,
-                     keep_checkpoints=cfg.train.keep_checkpoints, validation_ds=train if meta is not None else None)
+                     keep_checkpoints=cfg.train.keep_checkpoints, validation_ds=train if meta is not None else None,
+                     micro_batches=parts)
   test_metrics = training.evaluate(model, res.state, test, batch_size=cfg.train.eval_batch_size)
   history = res.history
   if out_dir:  # after a resume the log file holds the whole run, the in-memory history only its end

@@ -12,4 +12,5 @@ from mtjax.training._train import make_predict_fn
 from mtjax.training._train import make_train_step
 from mtjax.training._train import method_weights
 from mtjax.training._train import shard_batch
+from mtjax.training._train import split_batch
 from mtjax.training._train import validation_loss_fn

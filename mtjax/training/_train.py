@@ -78,7 +78,8 @@ def default_task_losses(task_types: Sequence[str]) -> tuple:
 def make_train_step(model, tx, *, task_losses="bce", multi_task_loss=None, masked: bool = False,
                     strategy: str = "auto", mutable: Sequence[str] = (), track_similarity: bool = True,
                     donate: bool = True, sparse: bool = True, chunk_size: Optional[int] = None,
-                    rep_gram: str = "sum", shared=None, similarity_granularity: str = "model") -> Callable:
+                    rep_gram: str = "sum", shared=None, similarity_granularity: str = "model",
+                    micro_batches: int = 1) -> Callable:
   """A jitted ``step(state, batch) -> (state, metrics)``: forward, per-task gradients, method, optimizer.
 
   ``metrics`` holds ``losses [T]``, ``weights [T]`` (the method's, ones if it records none) and,
@@ -94,33 +95,76 @@ def make_train_step(model, tx, *, task_losses="bce", multi_task_loss=None, maske
   ``step(state, batch, validation_batch)`` also passes ``validation_batch=`` to ``tx.update`` (for a
   transform with a meta loss, :func:`mtjax.auto_lambda`): the batch dict with the model's current
   non-parameter collections added under ``"variables"`` (see :func:`validation_loss_fn`).
+
+  ``micro_batches=M > 1`` feeds a method that takes several independent stochastic Jacobians per
+  step (:func:`mtjax.modo`, :func:`mtjax.sdmgrad`): the batch is split along its sample axis into
+  ``M`` consecutive parts (sizes differ by at most one; see :func:`split_batch`), the per-task
+  gradients of each part are computed with their own dropout key, and the method receives leaves
+  ``[M, T, *param.shape]`` with ``task_losses`` ``[M, T]``. Rows are dense (``sparse`` does not
+  apply) and the strategy must be a row strategy (``"auto"``, ``"loop"``, ``"map"``, ``"vmap"``).
+  The logged ``losses`` and the similarity are those of the whole batch: the parts' losses and
+  gradients averaged with weights ``size_m / B`` (for per-sample mean losses, exactly the whole
+  batch's). Non-parameter collections (``batch_stats``) are updated by the parts in turn.
   """
+  if isinstance(micro_batches, bool) or not isinstance(micro_batches, (int, np.integer)) or micro_batches < 1:
+    raise ValueError(f"mtjax: make_train_step: micro_batches must be a positive int, got {micro_batches!r}.")
+  micro_batches = int(micro_batches)
+  if micro_batches > 1 and strategy in ("rep", "shared", "subset"):
+    raise ValueError(
+        f"mtjax: make_train_step: micro_batches={micro_batches} (a method on independent micro-batches: MoDo, "
+        f"SDMGrad) needs stacked per-task rows of every part; strategy={strategy!r} gives a lazy Jacobian. Use "
+        "strategy 'auto', 'loop', 'map' or 'vmap'.")
   if strategy == "subset":
     track_similarity = False
   loss_fn = losses_lib.make_loss_fn(model, task_losses, mask_key="mask" if masked else None, train=True,
                                     mutable=tuple(mutable), has_aux=True, multi_task_loss=multi_task_loss)
   # Without similarity tracking the per-task gradients stay deferred (a TaskJacobian): methods whose
   # weights do not read the gradients (linear, DWA, uncertainty, RLW) then need one backward pass.
-  grad_fn = task_grads(loss_fn, strategy="auto" if strategy == "subset" else strategy, has_aux=True,
-                       deferred=not track_similarity, sparse=sparse, chunk_size=chunk_size, rep_gram=rep_gram)
+  if micro_batches > 1:  # MoDo / SDMGrad: stacked dense rows of every part
+    grad_fn = task_grads(loss_fn, strategy=strategy, has_aux=True, deferred=False, sparse=False,
+                         chunk_size=chunk_size)
+  else:
+    grad_fn = task_grads(loss_fn, strategy="auto" if strategy == "subset" else strategy, has_aux=True,
+                         deferred=not track_similarity, sparse=sparse, chunk_size=chunk_size, rep_gram=rep_gram)
+
+  def micro_batch_grads(params, batch, dropout_key, variables):
+    """Per-task losses ``[M, T]`` and gradients ``[M, T, ...]`` of the parts, the variables after them,
+    and the whole batch's losses ``[T]`` and gradients ``[T, ...]`` (size-weighted means of the parts)."""
+    parts = split_batch(batch, micro_batches)
+    sizes = np.array([sample_count(p) for p in parts], np.float64)
+    share = jnp.asarray(sizes / sizes.sum(), jnp.float32)
+    outs = []
+    for part, key in zip(parts, jax.random.split(dropout_key, micro_batches)):
+      (losses_m, aux_m), grads_m = grad_fn(params, part, {"dropout": key}, variables)
+      if mutable:
+        variables = {**variables, **aux_m["updates"]}
+      outs.append((losses_m, grads_m))
+    losses, grads = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    whole = jax.tree.map(lambda g: jnp.tensordot(share.astype(g.dtype), g, axes=1), (losses, grads))
+    return losses, grads, variables, whole
 
   def step(state: TrainState, batch, validation_batch=None):
     rng, dropout_key = jax.random.split(state.rng)
-    (task_losses_, aux), grads = grad_fn(state.params, batch, {"dropout": dropout_key}, state.variables)
+    if micro_batches > 1:
+      task_losses_, grads, variables, (logged_losses, logged_grads) = micro_batch_grads(
+          state.params, batch, dropout_key, state.variables)
+    else:
+      (task_losses_, aux), grads = grad_fn(state.params, batch, {"dropout": dropout_key}, state.variables)
+      variables = {**state.variables, **aux["updates"]} if mutable else state.variables
+      logged_losses, logged_grads = task_losses_, grads
     extra = {}
     if validation_batch is not None:  # for transforms with a meta loss (mtjax.auto_lambda)
       extra["validation_batch"] = {**validation_batch, "variables": state.variables}
     updates, opt_state = tx.update(grads, state.opt_state, state.params, task_losses=task_losses_, **extra)
     params = optax.apply_updates(state.params, updates)
-    variables = {**state.variables, **aux["updates"]} if mutable else state.variables
     w = method_weights(opt_state)
-    metrics = {"losses": task_losses_, "weights": jnp.ones_like(task_losses_) if w is None else w}
+    metrics = {"losses": logged_losses, "weights": jnp.ones_like(logged_losses) if w is None else w}
     if track_similarity:
-      if hasattr(grads, "similarity_gram"):  # rep / shared: the Gram they hold, no extra backward pass
-        cos = numerics.cosine_from_gram(grads.similarity_gram())
+      if hasattr(logged_grads, "similarity_gram"):  # rep / shared: the Gram they hold, no extra backward pass
+        cos = numerics.cosine_from_gram(logged_grads.similarity_gram())
         metrics["cosine"], metrics["conflict"] = cos, analysis.conflict_fraction(cos)
       else:
-        stats = analysis.track(grads, granularity=similarity_granularity, shared=shared)
+        stats = analysis.track(logged_grads, granularity=similarity_granularity, shared=shared)
         metrics["cosine"], metrics["conflict"] = stats["cosine"], stats["conflict"]
         if similarity_granularity != "model":
           metrics["cosine_groups"], metrics["conflict_groups"] = stats["cosine_groups"], stats["conflict_groups"]
@@ -128,6 +172,45 @@ def make_train_step(model, tx, *, task_losses="bce", multi_task_loss=None, maske
     return new_state, metrics
 
   return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+SAMPLE_AXIS_1 = ("labels", "mask")  # [T, B]: task axis first; every other batch entry is sample-major
+
+
+def sample_count(batch: Mapping[str, Any]) -> int:
+  """The number of samples of a batch dict (axis 1 of ``labels``, else axis 0 of the first array)."""
+  if "labels" in batch:
+    return int(np.shape(batch["labels"])[1])
+  return int(np.shape(jax.tree.leaves(batch)[0])[0])
+
+
+def split_batch(batch: Mapping[str, Any], num_parts: int) -> list:
+  """``num_parts`` consecutive parts of a batch along its sample axis, as :func:`numpy.array_split`:
+  the first ``B mod num_parts`` parts have one sample more. The sample axis is axis 1 of ``labels``
+  and ``mask`` (``[T, B]``) and axis 0 of every other array (the features, nested or not).
+
+  Examples:
+    >>> import numpy as np
+    >>> from mtjax import training
+    >>> batch = {"x": np.arange(10.0).reshape(5, 2), "labels": np.zeros((3, 5))}
+    >>> [(p["x"].shape, p["labels"].shape) for p in training.split_batch(batch, 2)]
+    [((3, 2), (3, 3)), ((2, 2), (3, 2))]
+  """
+  n = sample_count(batch)
+  if not 1 <= num_parts <= n:
+    raise ValueError(f"mtjax: split_batch: cannot split a batch of {n} samples into {num_parts} non-empty parts; "
+                     f"use a batch size of at least {num_parts}.")
+  sizes = [n // num_parts + (1 if m < n % num_parts else 0) for m in range(num_parts)]
+  starts = np.concatenate([[0], np.cumsum(sizes)])
+  parts = []
+  for m in range(num_parts):
+    def cut(x, axis, m=m):
+      if np.shape(x)[axis] != n:
+        raise ValueError(f"mtjax: split_batch: a batch entry of shape {np.shape(x)} has no sample axis {axis} of "
+                         f"size {n} (features are [B, ...], labels and mask [T, B]).")
+      return jax.lax.slice_in_dim(jnp.asarray(x), int(starts[m]), int(starts[m + 1]), axis=axis)
+    parts.append({k: jax.tree.map(lambda x, k=k: cut(x, 1 if k in SAMPLE_AXIS_1 else 0), v) for k, v in batch.items()})
+  return parts
 
 
 def validation_loss_fn(model, task_losses="bce", *, multi_task_loss=None, masked: bool = False) -> Callable:
@@ -217,13 +300,14 @@ def _reports_probs(model, state, dataset) -> bool:
   return isinstance(out, tuple) and isinstance(out[1], Mapping) and "task_log_probs" in out[1]
 
 
-def _check_chain_order(tx, state: TrainState, num_tasks: int, validation_batch=None) -> None:
+def _check_chain_order(tx, state: TrainState, num_tasks: int, validation_batch=None, micro_batches: int = 1) -> None:
   """An optimizer state that changes shape after one update means an optax optimizer sits before
   the mtjax method: it received the per-task gradients ``[T, ...]`` and keeps per-task moments (a
   different algorithm, silently). Checked on the chain's abstract evaluation with dense per-task
   gradients (no computation); a chain that cannot be evaluated this way is left to the step."""
-  grads = jax.tree.map(lambda p: jax.ShapeDtypeStruct((num_tasks,) + tuple(np.shape(p)), p.dtype), state.params)
-  losses = jax.ShapeDtypeStruct((num_tasks,), jnp.float32)
+  lead = (micro_batches, num_tasks) if micro_batches > 1 else (num_tasks,)  # MoDo / SDMGrad: [M, T, ...]
+  grads = jax.tree.map(lambda p: jax.ShapeDtypeStruct(lead + tuple(np.shape(p)), p.dtype), state.params)
+  losses = jax.ShapeDtypeStruct(lead, jnp.float32)
   extra = {} if validation_batch is None else {"validation_batch": {**validation_batch, "variables": state.variables}}
   try:
     with jax.numpy_rank_promotion("allow"):  # what a misplaced optimizer's broadcasting relies on
@@ -306,7 +390,7 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
         desc: str = "train", stop_after: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None,
         data_axis: str = "data", sparse: bool = True, chunk_size: Optional[int] = None,
         rep_gram: str = "sum", from_step: Optional[int] = None, keep_checkpoints: int = 2, shared="model",
-        similarity_granularity: str = "model", validation_ds=None) -> FitResult:
+        similarity_granularity: str = "model", validation_ds=None, micro_batches: int = 1) -> FitResult:
   """Trains ``model`` with the multi-task transform chain ``tx`` on a :class:`mtjax.data.MultiTaskDataset`.
 
   Each step draws a shuffled batch (order fixed by ``seed`` and the epoch), computes per-task
@@ -369,6 +453,11 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
       passes it to ``tx.update`` as ``validation_batch=`` (with the model's non-parameter
       collections under ``"variables"``). Its position follows the step count, so a resumed run
       draws the same batches.
+    micro_batches: ``M > 1`` for a method that takes ``M`` independent micro-batches per step
+      (:func:`mtjax.modo`, :func:`mtjax.sdmgrad`; ``num_batches`` of the method): every batch is
+      split into ``M`` parts along its sample axis and the method gets per-task gradients
+      ``[M, T, *param.shape]`` and losses ``[M, T]`` (see :func:`make_train_step`). The log's
+      losses and similarity are the whole batch's. ``batch_size`` must be at least ``M``.
   """
   from mtjax.data import BatchIterator
 
@@ -384,6 +473,11 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
 
   if steps < 1 or batch_size < 1:
     raise ValueError("mtjax: fit needs steps >= 1 and batch_size >= 1.")
+  if isinstance(micro_batches, bool) or not isinstance(micro_batches, (int, np.integer)) or micro_batches < 1:
+    raise ValueError(f"mtjax: fit: micro_batches must be a positive int, got {micro_batches!r}.")
+  if batch_size < micro_batches:
+    raise ValueError(f"mtjax: fit: batch_size={batch_size} cannot be split into micro_batches={micro_batches} "
+                     "non-empty parts; use a batch size of at least micro_batches.")
   if task_losses is None and multi_task_loss is None:
     task_losses = default_task_losses(train_ds.task_types)
   if mesh is not None:
@@ -432,14 +526,14 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
                             masked=train_ds.masks is not None, strategy=strategy, mutable=tuple(state.variables),
                             track_similarity=track_similarity, sparse=sparse,
                             chunk_size=chunk_size, rep_gram=rep_gram, shared=shared,
-                            similarity_granularity=similarity_granularity)
+                            similarity_granularity=similarity_granularity, micro_batches=micro_batches)
   val_it = None
   if validation_ds is not None:  # one validation batch per step: its position is the step count
     spe = BatchIterator(validation_ds, batch_size, seed=seed + 1).steps_per_epoch
     val_it = BatchIterator(validation_ds, batch_size, seed=seed + 1, epoch=int(state.step) // spe,
                            position=int(state.step) % spe)
   _check_chain_order(tx, state, train_ds.num_tasks,
-                     None if validation_ds is None else validation_ds.batch(np.arange(batch_size)))
+                     None if validation_ds is None else validation_ds.batch(np.arange(batch_size)), micro_batches)
   predict_fn = make_predict_fn(model) if eval_ds is not None else None
   layer_names = None
   if track_similarity and similarity_granularity != "model":
