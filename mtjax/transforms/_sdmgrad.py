@@ -216,19 +216,3 @@ def sdmgrad(
     return jax.tree.unflatten(inputs.treedef, out), SDMGradState(weights=w.astype(state.weights.dtype))
 
   return optax.GradientTransformationExtraArgs(init_state, update_fn)
-
-
-def one_batch_sdmgrad(
-    *,
-    num_tasks: int,
-    lamda: jax.typing.ArrayLike = 0.3,
-    gamma: jax.typing.ArrayLike = 0.5,
-    num_inner_steps: int = 20,
-    momentum: jax.typing.ArrayLike = 0.0,
-    normalize: bool = True,
-    shared: tree_lib.SharedSpec = None,
-) -> optax.GradientTransformationExtraArgs:
-  """:func:`sdmgrad` with ``num_batches=1`` (the authors' one-batch code): the experiment registry's
-  ``"sdmgrad"``, since the training loop feeds the ordinary ``[T, ...]`` per-task gradients of one batch."""
-  return sdmgrad(num_tasks=num_tasks, lamda=lamda, gamma=gamma, num_inner_steps=num_inner_steps, momentum=momentum,
-                 normalize=normalize, num_batches=1, shared=shared)

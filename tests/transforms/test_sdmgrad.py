@@ -173,9 +173,18 @@ def test_state_contract():
 
 
 @pytest.mark.slow  # imports the experiment registry
-def test_registry_entry_is_the_one_batch_variant():
+def test_registry_entry_is_the_paper_and_num_batches_1_the_code():
+  """The registry's ``sdmgrad`` is the paper's three-batch form (the runner feeds it three micro-batches);
+  ``num_batches = 1`` in a config gives the authors' one-batch code on the plain [T, ...] gradients."""
+  from mtjax import experiment
+  from mtjax.experiment import _config
   from mtjax.experiment import _registry
-  tx = _registry.METHODS["sdmgrad"](num_tasks=2)
+  assert _registry.METHODS["sdmgrad"] is mtjax.sdmgrad
+  raw = {"data": {"name": "conflicting"}, "model": {"name": "mmoe"}, "train": {"batch_size": 32}}
+  assert _config.micro_batches(experiment.from_dict({**raw, "method": {"name": "sdmgrad"}})) == 3
+  cfg = experiment.from_dict({**raw, "method": {"name": "sdmgrad", "num_batches": 1}})
+  assert _config.micro_batches(cfg) == 1
+  tx = _registry.METHODS["sdmgrad"](num_tasks=2, num_batches=1)
   params = {"w": jnp.zeros(3)}
   d, _ = tx.update({"w": jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])}, tx.init(params), params)
   np.testing.assert_allclose(np.asarray(d["w"]), [0.5, 0.5, 0.0], rtol=1e-6)
