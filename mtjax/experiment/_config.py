@@ -38,6 +38,7 @@ An experiment file has four tables and two top-level keys::
     log_every = 10
     checkpoint_every = 0          # 0: no checkpoints
     keep_checkpoints = 2          # the newest checkpoints kept (mtjax run --from-step N goes back to one)
+    tensorboard = false           # true: TensorBoard event files in <out>/tensorboard (mtjax[tensorboard] extra)
 
 Every error (unknown table, key, model, method, optimizer or dataset; wrong type; impossible
 value) is one ``ConfigError`` line raised before any training starts.
@@ -75,6 +76,7 @@ class TrainConfig:
   sparse: bool = True
   similarity: str = "model"  # task-gradient cosines logged over the shared parameters: "model" or per "layer"
   keep_checkpoints: int = 2  # the newest checkpoints kept (raise it to go further back with --from-step)
+  tensorboard: bool = False  # also write TensorBoard event files into <out_dir>/tensorboard (needs tensorboardX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +135,18 @@ def _train_config(raw: Mapping[str, Any]) -> TrainConfig:
     raise ConfigError(f"train.similarity must be 'model' or 'layer', got {cfg.similarity!r}")
   if cfg.rep_gram not in REP_GRAMS:
     raise ConfigError(f"train.rep_gram must be one of {REP_GRAMS}, got {cfg.rep_gram!r}")
+  if cfg.tensorboard and _missing("tensorboardX"):
+    raise ConfigError("train.tensorboard = true needs tensorboardX, which is not installed: pip install "
+                      "'mtjax[tensorboard]' (or set tensorboard = false)")
   return cfg
+
+
+def _missing(module: str) -> bool:
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  try:
+    return importlib.util.find_spec(module) is None
+  except (ImportError, ValueError):
+    return True
 
 
 AMORTIZE_KEYS = ("every", "ema")

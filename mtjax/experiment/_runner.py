@@ -199,6 +199,13 @@ def run(cfg: _config.ExperimentConfig, *, seed: Optional[int] = None, out_dir: O
   # strategy "rep": the marked representation is the split (trunk below, heads above), so the method gets no mask
   tx = build_tx(cfg, num_tasks=train.num_tasks, seed=seed, steps_per_epoch=max(1, len(train) // cfg.train.batch_size),
                 shared=None if cfg.train.strategy == "rep" else shared, meta_loss_fn=meta)
+  writers = []
+  if cfg.train.tensorboard:
+    if out_dir:
+      writers.append(training.TensorBoardWriter(os.path.join(out_dir, "tensorboard")))
+    else:
+      warnings.warn("mtjax: train.tensorboard = true writes into the run's output folder, and this run has none "
+                    "(out_dir=None): no TensorBoard event files are written.", stacklevel=2)
   res = training.fit(model, tx, train, steps=cfg.train.steps, batch_size=cfg.train.batch_size, seed=seed,
                      strategy=cfg.train.strategy, task_losses=task_losses, multi_task_loss=multi, eval_ds=valid,
                      eval_every=cfg.train.eval_every, eval_batch_size=cfg.train.eval_batch_size,
@@ -208,7 +215,7 @@ def run(cfg: _config.ExperimentConfig, *, seed: Optional[int] = None, out_dir: O
                      chunk_size=cfg.train.chunk_size or None, rep_gram=cfg.train.rep_gram, from_step=from_step,
                      shared=shared, similarity_granularity=cfg.train.similarity,
                      keep_checkpoints=cfg.train.keep_checkpoints, validation_ds=train if meta is not None else None,
-                     micro_batches=parts)
+                     micro_batches=parts, writers=writers)
   test_metrics = training.evaluate(model, res.state, test, batch_size=cfg.train.eval_batch_size)
   history = res.history
   if out_dir:  # after a resume the log file holds the whole run, the in-memory history only its end

@@ -1,4 +1,4 @@
-"""Training: jitted multi-task train step, evaluation, logging, checkpoints and exact resume."""
+"""Training: jitted multi-task train step, evaluation, logging (metrics writers), checkpoints and exact resume."""
 
 from mtjax.training._checkpoint import CheckpointCorruptError
 from mtjax.training._checkpoint import CheckpointError
@@ -14,3 +14,8 @@ from mtjax.training._train import method_weights
 from mtjax.training._train import shard_batch
 from mtjax.training._train import split_batch
 from mtjax.training._train import validation_loss_fn
+from mtjax.training._writers import CallbackWriter
+from mtjax.training._writers import JsonlWriter
+from mtjax.training._writers import MetricsWriter
+from mtjax.training._writers import TensorBoardWriter
+from mtjax.training._writers import scalars

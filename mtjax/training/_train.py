@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import logging
 import os
 import statistics
@@ -23,6 +22,7 @@ from mtjax import metrics as metrics_lib
 from mtjax._src import numerics
 from mtjax._src.task_grads import task_grads
 from mtjax.training import _checkpoint
+from mtjax.training import _writers
 
 
 class TrainState(NamedTuple):
@@ -390,7 +390,8 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
         desc: str = "train", stop_after: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None,
         data_axis: str = "data", sparse: bool = True, chunk_size: Optional[int] = None,
         rep_gram: str = "sum", from_step: Optional[int] = None, keep_checkpoints: int = 2, shared="model",
-        similarity_granularity: str = "model", validation_ds=None, micro_batches: int = 1) -> FitResult:
+        similarity_granularity: str = "model", validation_ds=None, micro_batches: int = 1,
+        writers=()) -> FitResult:
   """Trains ``model`` with the multi-task transform chain ``tx`` on a :class:`mtjax.data.MultiTaskDataset`.
 
   Each step draws a shuffled batch (order fixed by ``seed`` and the epoch), computes per-task
@@ -458,6 +459,13 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
       split into ``M`` parts along its sample axis and the method gets per-task gradients
       ``[M, T, *param.shape]`` and losses ``[M, T]`` (see :func:`make_train_step`). The log's
       losses and similarity are the whole batch's. ``batch_size`` must be at least ``M``.
+    writers: metrics writers (:mod:`mtjax.training._writers`) that receive every record of
+      ``log.jsonl`` as well -- e.g. :class:`TensorBoardWriter`, :class:`CallbackWriter` (a plain
+      callable ``fn(record)`` is wrapped in one) or your own :class:`MetricsWriter`. They are
+      started with the step training (re)starts from, flushed before every checkpoint and closed at
+      the end (also when training fails); on a resume they receive the replayed steps again
+      (:class:`TensorBoardWriter` hides the stale ones). An exception of a writer stops training
+      and propagates, with a note naming the writer.
   """
   from mtjax.data import BatchIterator
 
@@ -473,6 +481,7 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
 
   if steps < 1 or batch_size < 1:
     raise ValueError("mtjax: fit needs steps >= 1 and batch_size >= 1.")
+  user_writers = _writers.as_writers(writers)
   if isinstance(micro_batches, bool) or not isinstance(micro_batches, (int, np.integer)) or micro_batches < 1:
     raise ValueError(f"mtjax: fit: micro_batches must be a positive int, got {micro_batches!r}.")
   if batch_size < micro_batches:
@@ -542,20 +551,27 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
   start = int(state.step)
   history, evals, times = [], [], []
   sim = analysis.SimilarityHistory()
+  # Every record goes to log.jsonl (with out_dir) and to the user's writers; all are flushed before a checkpoint.
+  sinks = [(_writers.JsonlWriter(log_path), False)] if log_path else []
+  sinks += [(w, True) for w in user_writers]
+  opened: list = []  # the writers started so far: closed at the end, also after an error
   bar = None
   if progress:
     from tqdm.auto import tqdm
     bar = tqdm(total=steps, initial=start, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # off when not a TTY
-  try:
-    log_file = open(log_path, "a") if log_path else None
-  except OSError as e:
-    if bar is not None:
-      bar.close()
-    raise _checkpoint.write_error(log_path, e, "Make the output folder writable.") from e
   end = steps if stop_after is None else min(steps, start + stop_after)
   quiet = _QuietMtjaxCallbacks()  # the re-raised error below says it all: no logged callback traceback
   logging.getLogger("jax._src.callback").addFilter(quiet)
+
+  def emit(rec: dict) -> None:
+    for w, user in sinks:
+      _writers.call(w, "write", rec["step"], rec, user=user)
+
+  final = None
   try:
+    for w, user in sinks:
+      _writers.call(w, "start", start, tuple(train_ds.task_names), user=user)
+      opened.append((w, user))
     for step in range(start, end):
       batch = next(it)
       val_batch = next(val_it) if val_it is not None else None
@@ -586,8 +602,7 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
             rec["layers"] = layer_names
             rec["cosine_layers"], rec["conflict_layers"] = _to_host(m["cosine_groups"]), _to_host(m["conflict_groups"])
         history.append(rec)
-        if log_file:
-          log_file.write(json.dumps(rec) + "\n")
+        emit(rec)
       if bar is not None:
         bar.update(1)
         if done % max(1, log_every) == 0:
@@ -595,36 +610,31 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
       if eval_ds is not None and eval_every and done % eval_every == 0 and done != steps:
         ev = evaluate(model, state, eval_ds, batch_size=eval_batch_size, predict_fn=predict_fn)
         evals.append((done, ev))
-        if log_file:
-          log_file.write(json.dumps({"step": done, "eval": ev}) + "\n")
+        emit({"step": done, "eval": ev})
       if ckpt_dir and checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-        if log_file:  # every record up to the checkpoint is on disk before it exists (a kill loses none)
-          try:
-            log_file.flush()
-            os.fsync(log_file.fileno())
-          except OSError as e:
-            raise _checkpoint.write_error(log_path, e, "Free disk space or make the folder writable.") from e
+        for w, user in sinks:  # every record up to the checkpoint is on disk before it exists (a kill loses none)
+          _writers.call(w, "flush", user=user)
         _checkpoint.save(ckpt_dir, state, step=done, data_state=it.state(), config=config, keep=keep_checkpoints)
+    if bar is not None:
+      bar.close()
+      bar = None
+    if eval_ds is not None and int(state.step) == steps:
+      final = evaluate(model, state, eval_ds, batch_size=eval_batch_size, predict_fn=predict_fn)
+      evals.append((steps, final))
+      if not any("eval" in r and r["step"] == steps for r in logged):  # not again in a rerun of a finished folder
+        emit({"step": steps, "eval": final})
   finally:
     failing = sys.exc_info()[1] is not None
     logging.getLogger("jax._src.callback").removeFilter(quiet)
     if bar is not None:
       bar.close()
-    if log_file:
+    close_error = None
+    for w, user in opened:  # every writer is closed, even if another one fails to
       try:
-        log_file.close()
-      except OSError as e:
-        if not failing:  # else keep the original error (e.g. a full disk at a checkpoint)
-          raise _checkpoint.write_error(log_path, e, "Free disk space or make the folder writable.") from e
-  final = None
-  if eval_ds is not None and int(state.step) == steps:
-    final = evaluate(model, state, eval_ds, batch_size=eval_batch_size, predict_fn=predict_fn)
-    evals.append((steps, final))
-    if log_path and not any("eval" in r and r["step"] == steps for r in logged):  # a rerun of a finished folder
-      try:
-        with open(log_path, "a") as f:
-          f.write(json.dumps({"step": steps, "eval": final}) + "\n")
-      except OSError as e:
-        raise _checkpoint.write_error(log_path, e, "Free disk space or make the folder writable.") from e
+        _writers.call(w, "close", user=user)
+      except Exception as e:  # pylint: disable=broad-except
+        close_error = close_error or e
+    if close_error is not None and not failing:  # else keep the original error (e.g. a full disk at a checkpoint)
+      raise close_error
   ms = 1e3 * statistics.median(times[1:] if len(times) > 1 else times) if times else float("nan")
   return FitResult(state=state, history=history, evals=evals, final_eval=final, ms_per_step=ms, similarity=sim)
