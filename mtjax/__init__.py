@@ -99,6 +99,9 @@ from mtjax.transforms import modo
 from mtjax.transforms import sdmgrad
 from mtjax.transforms import AutoLambdaState
 from mtjax.transforms import auto_lambda
+from mtjax.transforms import AccumulateState
+from mtjax.transforms import accumulate
+from mtjax.transforms import inject_hyperparams
 
 __version__ = "0.1.0"
 
@@ -193,6 +196,10 @@ __all__ = (
     "SDMGradState",
     "AutoLambdaState",
     "auto_lambda",
+    # composing with optax
+    "accumulate",
+    "AccumulateState",
+    "inject_hyperparams",
     # anchor: optax composition exports
     # subpackages
     "analysis",

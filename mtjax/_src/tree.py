@@ -15,7 +15,24 @@ SharedSpec = Union[None, PyTree, Callable[[PyTree], PyTree]]
 
 
 def path_str(path) -> str:
-  """``'/'``-joined name of a key path, e.g. ``'params/expert_0/Dense_0/kernel'``."""
+  """``'/'``-joined name of a key path, e.g. ``'params/expert_0/Dense_0/kernel'``.
+
+  A trailing attribute step ``.value`` is dropped: it is how a Flax NNX ``Variable`` (``nnx.Param``,
+  ``VariableState``) leaf of an ``nnx.split`` / ``nnx.state`` state flattens, so an NNX layer's
+  kernel is ``'trunk/kernel'`` (as in its ``to_pure_dict()`` and in linen), not ``'trunk/kernel/value'``,
+  and ``granularity="layer"`` puts its kernel and bias in one group. A dict key ``'value'`` is kept.
+
+  Example:
+    >>> import jax
+    >>> from mtjax._src.tree import path_str
+    >>> path_str((jax.tree_util.DictKey('trunk'), jax.tree_util.DictKey('kernel'), jax.tree_util.GetAttrKey('value')))
+    'trunk/kernel'
+    >>> path_str((jax.tree_util.DictKey('stats'), jax.tree_util.DictKey('value')))
+    'stats/value'
+  """
+  path = tuple(path)
+  if len(path) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]  # an NNX Variable's value
   parts = []
   for k in path:
     if isinstance(k, jax.tree_util.DictKey):

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mtjax._src import composition
 from mtjax._src import numerics
 from mtjax._src import rows as rows_lib
 from mtjax._src import tree as tree_lib
@@ -43,7 +44,9 @@ from mtjax._src.sparse import SparseRows
 from mtjax._src.task_grads import is_lazy
 
 PyTree = Any
-GroupSpec = Union[None, str, Callable[[Sequence[str]], Sequence[int]]]
+# A str, or a callable on ONE leaf path -> group name / int id / None (left out); the older form, a
+# callable on the list of paths -> one int id per path, is still accepted (see group_ids).
+GroupSpec = Union[None, str, Callable[[str], Union[str, int, None]], Callable[[Sequence[str]], Sequence[int]]]
 
 
 class WeightingInputs(NamedTuple):
@@ -72,23 +75,89 @@ def group_ids(groups: GroupSpec, paths: Sequence[str]) -> list[int]:
 
   Args:
     groups: ``None`` or ``"model"`` (one group), ``"layer"`` (leaves sharing a parent path, e.g. a
-      Dense layer's kernel and bias), ``"leaf"`` (one group per parameter tensor), or a callable
-      ``paths -> ids``.
+      Dense layer's kernel and bias), ``"leaf"`` (one group per parameter tensor), or a callable on
+      one leaf path (see :func:`group_labels`).
     paths: the ``'/'``-joined paths of the shared leaves.
   """
+  return group_labels(groups, paths)[0]
+
+
+def group_labels(groups: GroupSpec, paths: Sequence[str]) -> tuple[list[int], list[str]]:
+  """Group index per shared leaf (``-1``: left out) and one label per group.
+
+  A callable ``groups`` maps ONE leaf path (``'trunk/Dense_0/kernel'``) to a group name (``str``;
+  groups are numbered in order of first appearance and labelled with the name), an ``int`` id
+  (labelled ``group_<id>``), or ``None`` (the leaf is left out of every group). The older form, a
+  callable on the list of all paths returning one ``int`` id per path (``-1``: left out), is still
+  accepted: a callable is first called with the list, and its result is used as ids when it is a
+  sequence of ints; otherwise it is called once per path.
+
+  Example:
+    >>> from mtjax._src import weighting
+    >>> paths = ['trunk/Dense_0/kernel', 'trunk/Dense_1/kernel', 'head/kernel']
+    >>> weighting.group_labels(lambda p: p.split('/')[0], paths)
+    ([0, 0, 1], ['trunk', 'head'])
+    >>> weighting.group_labels(lambda p: None if p.startswith('head') else p.split('/')[1], paths)
+    ([0, 1, -1], ['Dense_0', 'Dense_1'])
+    >>> weighting.group_labels(lambda ps: [0 if 'trunk' in p else -1 for p in ps], paths)  # list form
+    ([0, 0, -1], ['group_0'])
+  """
+  paths = list(paths)
   if groups is None or groups == "model":
-    return [0] * len(paths)
+    return [0] * len(paths), ["model"]
   if groups == "leaf":
-    return list(range(len(paths)))
+    return list(range(len(paths))), paths
   if groups == "layer":
     names: dict[str, int] = {}
-    return [names.setdefault(layer_name(p), len(names)) for p in paths]
+    return [names.setdefault(layer_name(p), len(names)) for p in paths], list(names)
   if callable(groups):
-    ids = [int(i) for i in groups(list(paths))]
+    return _callable_groups(groups, paths)
+  raise ValueError(f"mtjax: unknown granularity {groups!r}; expected one of {GRANULARITIES} or a callable.")
+
+
+def _int_ids(out) -> Optional[list[int]]:
+  """``out`` as a list of ints when it is a sequence of ints (the list form's result), else ``None``."""
+  if isinstance(out, np.ndarray) and out.dtype.kind in "biu" and out.ndim == 1:
+    return [int(i) for i in out]
+  if isinstance(out, (list, tuple)) and all(isinstance(i, (int, np.integer)) for i in out):
+    return [int(i) for i in out]
+  return None
+
+
+def _numbered_labels(ids: list[int]) -> list[str]:
+  return [f"group_{i}" for i in range(max(ids, default=-1) + 1)]
+
+
+def _callable_groups(fn, paths: list[str]) -> tuple[list[int], list[str]]:
+  list_error = None
+  try:
+    ids = _int_ids(fn(list(paths)))  # the list form: paths -> ids
+  except Exception as e:  # pylint: disable=broad-exception-caught  # e.g. a per-leaf fn doing str ops on a list
+    ids, list_error = None, e
+  if ids is not None:
     if len(ids) != len(paths):
       raise ValueError(f"mtjax: groups callable returned {len(ids)} ids for {len(paths)} shared leaves.")
-    return ids
-  raise ValueError(f"mtjax: unknown granularity {groups!r}; expected one of {GRANULARITIES} or a callable.")
+    return ids, _numbered_labels(ids)
+  try:
+    keys = [fn(p) for p in paths]  # the per-leaf form: path -> name / id / None
+  except Exception:
+    if list_error is not None and not isinstance(list_error, (TypeError, AttributeError)):
+      raise list_error from None  # a list-form callable's own error (e.g. a ValueError it raises)
+    raise
+  bad = [(p, k) for p, k in zip(paths, keys) if k is not None and not isinstance(k, (str, int, np.integer))]
+  if bad or (any(isinstance(k, str) for k in keys) and any(isinstance(k, (int, np.integer)) for k in keys)):
+    if list_error is not None and not isinstance(list_error, (TypeError, AttributeError)):
+      raise list_error
+    got = f"{type(bad[0][1]).__name__} for '{bad[0][0]}'" if bad else "both names and int ids"
+    raise ValueError(
+        "mtjax: a granularity (groups) callable maps one leaf path, e.g. 'trunk/Dense_0/kernel', to a group "
+        f"name (str), an int id, or None to leave the leaf out (or, the older form, maps the list of all paths "
+        f"to one int id per path); it returned {got}.")
+  if any(isinstance(k, str) for k in keys):
+    names: dict[str, int] = {}
+    return [-1 if k is None else names.setdefault(k, len(names)) for k in keys], list(names)
+  ids = [-1 if k is None else int(k) for k in keys]
+  return ids, _numbered_labels(ids)
 
 
 GramLeavesSpec = Union[None, str, Sequence[str], Callable[[Sequence[str]], Sequence[bool]]]
@@ -130,6 +199,7 @@ def check_task_losses(task_losses, num_tasks: int, *, required: bool, method: st
   :class:`~mtjax._src.numerics.Check` for traced losses (``None`` otherwise), for the caller to
   :func:`~mtjax._src.numerics.enforce` on something the update depends on.
   """
+  composition.check_first_in_chain(method)  # every method's update calls this: no optimizer before it
   if task_losses is None:
     if required:
       raise ValueError(
@@ -323,6 +393,7 @@ def gram_weighting(
     raise ValueError(f"mtjax: {method}: unknown granularity {groups!r}; expected one of {GRANULARITIES}.")
 
   def init_fn(params):
+    composition.check_not_wrapped(method)  # optax.MultiSteps / masked / apply_if_finite around the method
     return init_state_fn(params)
 
   def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):

@@ -38,7 +38,7 @@ def _grams(task_grads: PyTree, groups, shared) -> jax.Array:
   return weighting.compute_grams([leaves[i] for i in idx], ids, max(ids) + 1)
 
 
-def cosine_similarity(task_grads: PyTree, *, granularity: str = "model", shared=None) -> jax.Array:
+def cosine_similarity(task_grads: PyTree, *, granularity: weighting.GroupSpec = "model", shared=None) -> jax.Array:
   r"""Task-gradient cosine-similarity matrices.
 
   .. math:: C^{(k)}_{ij} = \frac{\langle g_i^{(k)}, g_j^{(k)} \rangle}{\|g_i^{(k)}\| \, \|g_j^{(k)}\|}
@@ -57,7 +57,10 @@ def cosine_similarity(task_grads: PyTree, *, granularity: str = "model", shared=
   Args:
     task_grads: per-task gradients, every leaf ``[T, ...]``.
     granularity: ``"model"`` (one matrix), ``"layer"`` (leaves with the same parent path, e.g. a
-      Dense kernel and bias), ``"leaf"`` (one per parameter tensor), or a callable on leaf paths.
+      Dense kernel and bias; a Flax NNX state's ``.value`` step is not part of a path), ``"leaf"``
+      (one per parameter tensor), or a callable mapping ONE leaf path (``'trunk/Dense_0/kernel'``)
+      to a group name (``str``), an ``int`` id, or ``None`` to leave the leaf out. (A callable on
+      the list of all paths returning one int id per path, the older form, still works.)
     shared: restrict to shared leaves (pytree of bools or callable, see :func:`mtjax.shared_mask`).
 
   Returns:
@@ -67,27 +70,28 @@ def cosine_similarity(task_grads: PyTree, *, granularity: str = "model", shared=
   return numerics.cosine_from_gram(grams)
 
 
-def group_names(task_grads: PyTree, *, granularity: str = "model", shared=None) -> list[str]:
-  """Labels of the groups of :func:`cosine_similarity` (static, no computation)."""
+def group_names(task_grads: PyTree, *, granularity: weighting.GroupSpec = "model", shared=None) -> list[str]:
+  """Labels of the groups of :func:`cosine_similarity` (static, no computation).
+
+  ``"model"`` gives ``['model']``, ``"leaf"`` the leaf paths, ``"layer"`` the parent paths, a
+  callable returning names those names (in order of first appearance), one returning int ids
+  ``group_<id>``. Order and count match the ``K`` axis of :func:`cosine_similarity` and :func:`track`.
+
+  Example:
+    >>> import jax.numpy as jnp, mtjax
+    >>> g = {'trunk': {'kernel': jnp.ones((2, 3)), 'bias': jnp.ones((2, 1))}, 'head_0': {'kernel': jnp.ones((2, 3))}}
+    >>> mtjax.analysis.group_names(g, granularity="layer")
+    ['head_0', 'trunk']
+    >>> mtjax.analysis.group_names(g, granularity=lambda path: "heads" if path.startswith("head") else "trunk")
+    ['heads', 'trunk']
+  """
   if is_lazy(task_grads):
     task_grads = task_grads.shapes()
   abstract = jax.tree.map(lambda g: jax.ShapeDtypeStruct(jnp.shape(g), g.dtype if is_sparse(g) else jnp.result_type(g)),
                           task_grads, is_leaf=is_sparse)
   mask = tree_lib.resolve_shared(shared, abstract)
   paths = [p for p, m in zip(tree_lib.leaf_paths(abstract), mask) if m]
-  ids = weighting.group_ids(granularity, paths)
-  names = [""] * (max(ids) + 1)
-  for p, i in zip(paths, ids):
-    if i >= 0 and not names[i]:
-      if granularity in (None, "model"):
-        names[i] = "model"
-      elif granularity == "leaf":
-        names[i] = p
-      elif granularity == "layer":
-        names[i] = weighting.layer_name(p)
-      else:
-        names[i] = f"group_{i}"
-  return names
+  return weighting.group_labels(granularity, paths)[1]
 
 
 def conflict_fraction(cosines: jax.Array) -> jax.Array:
@@ -103,7 +107,7 @@ def conflict_fraction(cosines: jax.Array) -> jax.Array:
   return jnp.mean((pairs < 0).astype(cosines.dtype), axis=-1)
 
 
-def gradient_norms(task_grads: PyTree, *, granularity: str = "model", shared=None) -> jax.Array:
+def gradient_norms(task_grads: PyTree, *, granularity: weighting.GroupSpec = "model", shared=None) -> jax.Array:
   """``[K, T]`` per-task gradient norms per group (square roots of the Gram diagonals)."""
   grams = _grams(task_grads, granularity, shared)
   return jnp.sqrt(jnp.maximum(jnp.diagonal(grams, axis1=-2, axis2=-1), 0))
@@ -114,7 +118,8 @@ def norm_ratio(norms: jax.Array) -> jax.Array:
   return numerics.safe_div(jnp.max(norms, axis=-1), jnp.min(norms, axis=-1))
 
 
-def update_alignment(task_grads: PyTree, update: PyTree, *, granularity: str = "model", shared=None) -> jax.Array:
+def update_alignment(task_grads: PyTree, update: PyTree, *, granularity: weighting.GroupSpec = "model",
+                     shared=None) -> jax.Array:
   r"""Cosine between each task gradient and an update, ``[K, T]``: the view after a method's surgery.
 
   ``cos(g_t, d)`` tells whether the combined direction ``d`` (e.g. the output of ``pcgrad`` before
@@ -162,13 +167,14 @@ def _sparse_alignment(task_grads: PyTree, update: PyTree, granularity, shared) -
   return jnp.clip(numerics.safe_div(jnp.stack(dots), norms_g * norm_u), -1.0, 1.0)  # as cosine_from_gram
 
 
-def track(task_grads: PyTree, update: Optional[PyTree] = None, *, granularity: str = "layer",
+def track(task_grads: PyTree, update: Optional[PyTree] = None, *, granularity: weighting.GroupSpec = "layer",
           shared=None) -> dict:
   """A small dict of similarity statistics for logging inside a jitted step.
 
   Returns ``{'cosine': [T, T] (whole model), 'cosine_groups': [K, T, T], 'conflict': scalar
   (whole model), 'conflict_groups': [K], 'norms': [T], 'alignment': [T] (only with update)}``.
-  All are computed from per-leaf Grams of the given gradients: no extra backward pass.
+  All are computed from per-leaf Grams of the given gradients: no extra backward pass. The ``K``
+  groups are those of ``granularity`` (see :func:`cosine_similarity`), labelled by :func:`group_names`.
   """
   task_grads = materialize(task_grads)  # once, for every statistic below
   grams = _grams(task_grads, granularity, shared)

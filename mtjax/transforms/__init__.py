@@ -67,3 +67,6 @@ from mtjax.transforms._sdmgrad import SDMGradState
 from mtjax.transforms._sdmgrad import sdmgrad
 from mtjax.transforms._auto_lambda import AutoLambdaState
 from mtjax.transforms._auto_lambda import auto_lambda
+from mtjax.transforms._accumulate import AccumulateState
+from mtjax.transforms._accumulate import accumulate
+from mtjax.transforms._inject import inject_hyperparams

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mtjax._src import composition
 from mtjax._src import numerics
 from mtjax._src import rows as rows_lib
 from mtjax._src import tree as tree_lib
@@ -187,6 +188,7 @@ def auto_lambda(
   optimizer = weight_optimizer if weight_optimizer is not None else optax.adam(weight_lr)
 
   def init_fn(params):
+    composition.check_not_wrapped("auto_lambda")  # optax.MultiSteps / masked / apply_if_finite around it
     dtype = numerics.gram_dtype(jnp.result_type(*jax.tree.leaves(params)))
     lambdas = jnp.full((num_tasks,), weight_init, dtype)
     return AutoLambdaState(lambdas=lambdas, inner_opt_state=optimizer.init(lambdas), weights=lambdas,

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mtjax._src import composition
 from mtjax._src import numerics
 from mtjax._src import rows as rows_lib
 from mtjax._src import tree as tree_lib
@@ -184,6 +185,7 @@ def db_mtl(
     raise ValueError(f"mtjax: db_mtl: eps must be >= 0, got {eps!r}.")
 
   def init_fn(params):
+    composition.check_not_wrapped("db_mtl")  # optax.MultiSteps / masked / apply_if_finite around it
     dtype = weighting.params_dtype(params)
     return DBMTLState(count=jnp.zeros((), jnp.int32), grads_ema=shared_state_tree(params, num_tasks, shared),
                       alpha=jnp.ones((num_tasks,), dtype), weights=jnp.ones((num_tasks,), dtype))

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtjax._src import composition
 from mtjax._src import numerics
 from mtjax._src import rows as rows_lib
 from mtjax._src import tree as tree_lib
@@ -136,6 +137,7 @@ def excess_mtl(
   total = 1.0 if weight_sum == "simplex" else float(num_tasks)
 
   def init_fn(params):
+    composition.check_not_wrapped("excess_mtl")  # optax.MultiSteps / masked / apply_if_finite around it
     dtype = weighting.params_dtype(params)
     return ExcessMTLState(count=jnp.zeros((), jnp.int32), sq_sum=shared_state_tree(params, num_tasks, shared),
                           baseline=jnp.zeros((num_tasks,), dtype),

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mtjax._src import composition
 from mtjax._src import numerics
 from mtjax._src import tree as tree_lib
 from mtjax._src import weighting
@@ -181,6 +182,7 @@ def famo(
                      f"got shape {np.shape(min_losses)}.")
 
   def init_state(params):
+    composition.check_not_wrapped("famo")  # optax.MultiSteps / masked / apply_if_finite around it
     dtype = weighting.params_dtype(params)
     logits = jnp.zeros((num_tasks,), dtype)
     return FAMOState(count=jnp.zeros((), jnp.int32), logits=logits, inner_opt_state=optimizer.init(logits),

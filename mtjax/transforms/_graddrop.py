@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mtjax._src import composition
 from mtjax._src import numerics
 from mtjax._src import rows as rows_lib
 from mtjax._src import tree as tree_lib
@@ -148,6 +149,7 @@ def graddrop(
       raise ValueError(f"mtjax: graddrop: leak must be in [0, 1], got {values.tolist()}.")
 
   def init_fn(params):
+    composition.check_not_wrapped("graddrop")  # optax.MultiSteps / masked / apply_if_finite around it
     del params
     return GradDropState(key=seed_key(key), weights=weighting.init_weights(num_tasks))
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mtjax._src import composition
 from mtjax._src import numerics
 from mtjax._src import rows as rows_lib
 from mtjax._src import tree as tree_lib
@@ -171,6 +172,7 @@ def m_config(
     raise ValueError(f"mtjax: {method}: eps must be non-negative, got {eps!r}.")
 
   def init_fn(params):
+    composition.check_not_wrapped("m_config")  # optax.MultiSteps / masked / apply_if_finite around it
     dtype = weighting.params_dtype(params)
     zeros_like = lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p))  # noqa: E731
     return MConFIGState(

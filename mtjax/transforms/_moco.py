@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mtjax._src import composition
 from mtjax._src import numerics
 from mtjax._src import rows as rows_lib
 from mtjax._src import solvers
@@ -154,6 +155,7 @@ def moco(
       raise ValueError(f"mtjax: {method}: {name} must be non-negative, got {value!r}.")
 
   def init_fn(params):
+    composition.check_not_wrapped("moco")  # optax.MultiSteps / masked / apply_if_finite around it
     dtype = weighting.params_dtype(params)
     tracked = jax.tree.map(lambda p: jnp.zeros((num_tasks,) + jnp.shape(p), jnp.result_type(p)), params)
     return MoCoState(count=jnp.zeros((), jnp.int32), tracked=tracked,

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mtjax._src import composition
 from mtjax._src import numerics
 from mtjax._src import solvers
 from mtjax._src import tree as tree_lib
@@ -150,6 +151,7 @@ def modo(
   direction = (2,) if num_batches == 3 else (0, 1)
 
   def init_fn(params):
+    composition.check_not_wrapped("modo")  # optax.MultiSteps / masked / apply_if_finite around it
     dtype = weighting.params_dtype(params)
     return MoDoState(weights=jnp.full((t_static,), 1.0 / t_static, dtype))
 

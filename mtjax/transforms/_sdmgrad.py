@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtjax._src import composition
 from mtjax._src import numerics
 from mtjax._src import solvers
 from mtjax._src import tree as tree_lib
@@ -195,6 +196,7 @@ def sdmgrad(
     check_nonneg(value, name, method)
 
   def init_state(params):
+    composition.check_not_wrapped("sdmgrad")  # optax.MultiSteps / masked / apply_if_finite around it
     return SDMGradState(weights=jnp.full((t_static,), 1.0 / t_static, weighting.params_dtype(params)))
 
   if num_batches == 1:
