@@ -1,10 +1,39 @@
 """Test configuration: strict rank promotion catches `w[T] * g[T, D]` broadcasting bugs, and each
 test module's compiled programs are released when the module ends."""
 
+import json
+import os
+import sys
+
 import jax
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+QUICK_SECONDS = 1.0  # tests recorded slower than this are left out of the quick tier (-m "not slow")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Marks ``slow`` every test whose time in ``tests/durations.json`` is above ``QUICK_SECONDS``, so
+  that ``-m "not slow"`` is the quick tier (see ``tests/record_durations.py``)."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  try:
+    import record_durations  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  durations = record_durations.load()
+  for item in items:
+    if durations.get(item.nodeid, 0.0) > QUICK_SECONDS:
+      item.add_marker(pytest.mark.slow)
+
+
+def pytest_runtest_logreport(report):
+  """With ``MTJAX_RECORD_DURATIONS=FILE`` set, appends each test phase's time to FILE (JSON lines; the
+  input of ``python tests/record_durations.py FILE``). Runs in the controlling process under xdist."""
+  path = os.environ.get("MTJAX_RECORD_DURATIONS")
+  if path and "PYTEST_XDIST_WORKER" not in os.environ:  # the workers' reports reach the controller too
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(json.dumps({"nodeid": report.nodeid, "when": report.when, "seconds": report.duration}) + "\n")
 
 
 @pytest.fixture(scope="module", autouse=True)
