@@ -151,8 +151,9 @@ def gradvac(
     num_tasks: number of tasks ``T`` (required: it shapes the targets in the state).
     beta: EMA rate of the targets in ``[0, 1]`` (traceable; the paper uses values down to 1e-2).
     granularity: ``"model"`` (one group), ``"layer"`` (leaves sharing a parent path, e.g. a Dense
-      kernel and bias), ``"leaf"`` (each parameter tensor), or a callable ``paths -> group ids``
-      over the shared leaves' paths.
+      kernel and bias), ``"leaf"`` (each parameter tensor), or a callable mapping one shared
+      leaf's path (``'trunk/Dense_0/kernel'``) to a group name, an int id or ``None`` (left out);
+      the older form, a callable on the list of paths returning one int id per path, still works.
     shared: shared-parameter mask (see :func:`mtjax.shared_mask`).
     reduction: ``"sum"`` (the paper) or ``"mean"`` of the adjusted gradients.
     task_specific: ``"sum"`` (plain sum of the task gradients on task-specific leaves) or

@@ -93,7 +93,8 @@ def metabalance(
     beta: moving-average rate :math:`\beta \in [0, 1)` of the norms (traceable; 0.9).
     strategy: ``"both"``, ``"down"`` or ``"up"`` (see above).
     granularity: ``"leaf"`` (each parameter tensor, the paper), ``"layer"``, ``"model"`` (one
-      norm per task over all shared leaves) or a callable ``paths -> group ids``.
+      norm per task over all shared leaves) or a callable mapping one leaf path to a group name,
+      an int id or ``None`` (as :func:`mtjax.analysis.cosine_similarity`'s ``granularity``).
     shared: shared-parameter mask (see :func:`mtjax.shared_mask`).
     gram_leaves: restrict the balancing to these shared leaves (path regex(es) or a callable);
       the other shared leaves then belong to no group and get the plain sum.
