@@ -101,12 +101,18 @@ def make(case: str, t: int):
     kwargs["c"] = 1.5
   elif case == "fairgrad":
     kwargs["alpha"] = FAIRGRAD_ALPHA
+  elif case == "sdmgrad":
+    kwargs["num_batches"] = 1  # its one-batch form (the authors' code): the fuzz feeds one batch's [T, P] rows
   return factory(**kwargs)
 
 
-# Every registered method that takes one batch's task gradients; Auto-Lambda (a meta loss on a validation batch,
-# which the fuzz inputs do not define) has the same edge-gradient checks in tests/transforms/test_auto_lambda.py.
-METHOD_CASES = tuple(sorted(m for m in METHODS if "meta_loss_fn" not in inspect.signature(METHODS[m]).parameters))
+# Every registered method that takes one batch's task gradients. Auto-Lambda (a meta loss on a validation batch,
+# which the fuzz inputs do not define) has the same edge-gradient checks in tests/transforms/test_auto_lambda.py;
+# MoDo takes only micro-batch gradients [M, T, ...] (M = 2 or 3), its edge-gradient checks are in
+# tests/transforms/test_modo.py (micro_batch_checks.check_edge_gradients). SDMGrad is fuzzed in its one-batch form.
+MICRO_BATCH_ONLY = ("modo",)
+METHOD_CASES = tuple(sorted(m for m in METHODS if "meta_loss_fn" not in inspect.signature(METHODS[m]).parameters
+                            and m not in MICRO_BATCH_ONLY))
 ALL_CASES = METHOD_CASES + ("pareto_ltr-exact", "cagrad-c1.5")
 
 
