@@ -10,7 +10,7 @@ import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-QUICK_SECONDS = 1.0  # tests recorded slower than this are left out of the quick tier (-m "not slow")
+QUICK_SECONDS = 0.5  # tests recorded slower than this are left out of the quick tier (-m "not slow")
 
 
 def pytest_collection_modifyitems(config, items):
