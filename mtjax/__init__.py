@@ -200,7 +200,6 @@ __all__ = (
     "accumulate",
     "AccumulateState",
     "inject_hyperparams",
-    # anchor: optax composition exports
     # subpackages
     "analysis",
     "data",
