@@ -174,3 +174,18 @@ def np_min_norm_gram(gram, tol=1e-8):
       if f < best_f - 1e-15 * max(1.0, gram.max()):
         best_w, best_f = w, f
   return best_w
+
+
+def np_pcgrad(jac, orders) -> np.ndarray:
+  """PCGrad on the rows of ``jac`` [T, P] (NumPy float64, the paper's loop): row ``i`` is projected off
+  each row ``j`` of ``orders[i]`` it conflicts with, in that order; the projected rows are summed."""
+  jac = np.asarray(jac, np.float64)
+  out = np.zeros(jac.shape[1])
+  for i in range(jac.shape[0]):
+    g = jac[i].copy()
+    for j in orders[i]:
+      ip, nsq = g @ jac[j], jac[j] @ jac[j]
+      if ip < 0 and nsq > 0:
+        g = g - ip / nsq * jac[j]
+    out += g
+  return out

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import mtjax
+from mtl_references import np_pcgrad
 from mtjax.experiment._registry import METHODS
 from mtjax.transforms._inject import is_static, split_arguments
 from mtjax.transforms._pcgrad import projection_orders as _projection_orders
@@ -66,19 +67,6 @@ def run(tx, steps, *, with_losses=True, jit=True, **extra):
   return outs, state
 
 
-def ref_pcgrad(jac, orders):
-  """PCGrad on the rows of ``jac`` [T, P] (NumPy float64, the paper's loop)."""
-  out = np.zeros(jac.shape[1])
-  for i in range(jac.shape[0]):
-    g = jac[i].copy()
-    for j in orders[i]:
-      ip, nsq = g @ jac[j], jac[j] @ jac[j]
-      if ip < 0 and nsq > 0:
-        g = g - ip / nsq * jac[j]
-    out += g
-  return out
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # mtjax.accumulate
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,7 +96,7 @@ def test_accumulate_pcgrad_matches_numpy_reference_on_the_mean_gradients():
   key = jax.random.PRNGKey(0)
   for c, (grads, _) in enumerate(numpy_means(steps, k)):
     key, orders = projection_orders(key, t)  # the method's key is split once per emitted step
-    np.testing.assert_allclose(flat(outs[(c + 1) * k - 1]), ref_pcgrad(flat_rows(grads, t), np.asarray(orders)),
+    np.testing.assert_allclose(flat(outs[(c + 1) * k - 1]), np_pcgrad(flat_rows(grads, t), np.asarray(orders)),
                                rtol=1e-4, atol=1e-5)
     for i in range(c * k, (c + 1) * k - 1):
       np.testing.assert_array_equal(flat(outs[i]), 0.0)

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import mtjax
+from mtl_references import np_pcgrad
 from mtjax.transforms._pcgrad import projection_orders as _projection_orders
 
 J_ORACLE = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
@@ -59,19 +60,6 @@ def ref_gradvac(jac, segments, targets, orders, beta, reduction="sum"):
   if reduction == "mean":
     out /= num_tasks
   return out, targets, positive_steps
-
-
-def ref_pcgrad(jac, orders):
-  jac = np.asarray(jac, np.float64)
-  out = np.zeros(jac.shape[1])
-  for i in range(jac.shape[0]):
-    g = jac[i].copy()
-    for j in orders[i]:
-      ip, nsq = g @ jac[j], jac[j] @ jac[j]
-      if ip < 0 and nsq > 0:
-        g = g - ip / nsq * jac[j]
-    out += g
-  return out
 
 
 def segments_for(granularity, shapes=SHAPES, paths=LEAF_PATHS):
@@ -137,7 +125,7 @@ def test_first_step_equals_pcgrad_with_the_same_key(num_tasks):
   np.testing.assert_allclose(flat(u_gv), flat(u_pc), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(s_gv.weights[0], s_pc.weights, rtol=1e-5, atol=1e-6)
   _, orders = projection_orders(gv.init(params).key, num_tasks)
-  np.testing.assert_allclose(flat(u_gv), ref_pcgrad(flat(grads, num_tasks), np.asarray(orders)),
+  np.testing.assert_allclose(flat(u_gv), np_pcgrad(flat(grads, num_tasks), np.asarray(orders)),
                              rtol=1e-4, atol=1e-4)
 
 
