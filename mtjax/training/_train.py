@@ -129,7 +129,8 @@ def make_train_step(model, tx, *, task_losses="bce", multi_task_loss=None, maske
 
   def micro_batch_grads(params, batch, dropout_key, variables):
     """Per-task losses ``[M, T]`` and gradients ``[M, T, ...]`` of the parts, the variables after them,
-    and the whole batch's losses ``[T]`` and gradients ``[T, ...]`` (size-weighted means of the parts)."""
+    and the whole batch's losses ``[T]`` and gradients ``[T, ...]`` (size-weighted means of the parts; ``None``
+    without similarity tracking)."""
     parts = split_batch(batch, micro_batches)
     sizes = np.array([sample_count(p) for p in parts], np.float64)
     share = jnp.asarray(sizes / sizes.sum(), jnp.float32)
@@ -140,8 +141,9 @@ def make_train_step(model, tx, *, task_losses="bce", multi_task_loss=None, maske
         variables = {**variables, **aux_m["updates"]}
       outs.append((losses_m, grads_m))
     losses, grads = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-    whole = jax.tree.map(lambda g: jnp.tensordot(share.astype(g.dtype), g, axes=1), (losses, grads))
-    return losses, grads, variables, whole
+    mean = lambda x: jnp.tensordot(share.astype(x.dtype), x, axes=1)
+    # The whole batch's rows only feed the similarity: not computed (a [T, P] pass) when it is not tracked.
+    return losses, grads, variables, (mean(losses), jax.tree.map(mean, grads) if track_similarity else None)
 
   def step(state: TrainState, batch, validation_batch=None):
     rng, dropout_key = jax.random.split(state.rng)
