@@ -22,7 +22,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
 import scale  # noqa: E402
 
 B, D, E, H1, H2 = 2048, 96, 8, 256, 128
@@ -69,10 +68,11 @@ def main(argv=None):
   print(f"# {desc}; T = {t}; jax {jax.__version__}, {jax.default_backend()}")
   print(f"summed-loss step: {summed:.1f} ms")
   print(f"experts forward: {fwd:.1f} ms; {t} mapped backward passes (with the forward): {rows:.1f} ms")
-  print(f"per-task backward through the experts: {per_task:.1f} ms ({flop / 1e9:.2f} GFLOP, "
-        f"{flop / per_task / 1e6:.0f} GFLOP/s)")
-  print(f"floor of exact rows: (summed + {t - 1} x per-task) / summed = "
-        f"{(summed + (t - 1) * per_task) / summed:.2f}x")
+  print(
+    f"per-task backward through the experts: {per_task:.1f} ms ({flop / 1e9:.2f} GFLOP, "
+    f"{flop / per_task / 1e6:.0f} GFLOP/s)"
+  )
+  print(f"floor of exact rows: (summed + {t - 1} x per-task) / summed = {(summed + (t - 1) * per_task) / summed:.2f}x")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ def time_impl(impl: str, steps: int, batch: int = 1024, dim: int = 128, num_task
     def loss(p):
       logits, _ = model.apply(p, x)
       return optax.sigmoid_binary_cross_entropy(logits, y).mean(axis=1).sum()
+
     return jax.value_and_grad(loss)(params)
 
   jax.block_until_ready(step(params, x, y))  # compile

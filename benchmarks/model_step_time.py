@@ -20,26 +20,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax import losses, models
+from mtjax import losses
+from mtjax import models
 
 SPEC = models.FeatureSpec(
-    categorical=(models.Categorical("user", 10_000, 16), models.Categorical("item", 10_000, 16),
-                 models.Categorical("domain", 3, 16), models.Categorical("prior", 10, 16)),
-    dense=(models.Dense("dense", 8),))
+  categorical=(
+    models.Categorical("user", 10_000, 16),
+    models.Categorical("item", 10_000, 16),
+    models.Categorical("domain", 3, 16),
+    models.Categorical("prior", 10, 16),
+  ),
+  dense=(models.Dense("dense", 8),),
+)
 
 CONFIGS = {
-    "shared_bottom": dict(num_tasks=2, bottom=(128, 64), tower=(32, 1)),
-    "omoe": dict(num_tasks=2, num_experts=8, expert=(128, 64), tower=(32, 1)),
-    "mmoe": dict(num_tasks=2, num_experts=8, expert=(128, 64), tower=(32, 1)),
-    "cgc": dict(num_tasks=2, num_specific_experts=2, num_shared_experts=2, expert=(128, 64), tower=(32, 1)),
-    "ple": dict(num_tasks=2, num_levels=2, num_specific_experts=2, num_shared_experts=2, expert=(128, 64),
-                tower=(32, 1)),
-    "stem": dict(num_tasks=2, num_specific_experts=2, num_shared_experts=2, expert=(128, 64), tower=(32, 1)),
-    "pepnet": dict(num_tasks=2, domain_fields=("domain",), prior_fields=("prior",), tower=(128, 64, 32, 1)),
-    "star": dict(num_tasks=2, num_domains=3, domain_feature="domain", hidden=(128, 64)),
-    "esmm": dict(tower=(128, 64, 32, 1)),
-    "esm2": dict(tower=(128, 64, 32, 1)),
-    "aitm": dict(num_tasks=2, tower=(128, 64, 32)),
+  "shared_bottom": dict(num_tasks=2, bottom=(128, 64), tower=(32, 1)),
+  "omoe": dict(num_tasks=2, num_experts=8, expert=(128, 64), tower=(32, 1)),
+  "mmoe": dict(num_tasks=2, num_experts=8, expert=(128, 64), tower=(32, 1)),
+  "cgc": dict(num_tasks=2, num_specific_experts=2, num_shared_experts=2, expert=(128, 64), tower=(32, 1)),
+  "ple": dict(num_tasks=2, num_levels=2, num_specific_experts=2, num_shared_experts=2, expert=(128, 64), tower=(32, 1)),
+  "stem": dict(num_tasks=2, num_specific_experts=2, num_shared_experts=2, expert=(128, 64), tower=(32, 1)),
+  "pepnet": dict(num_tasks=2, domain_fields=("domain",), prior_fields=("prior",), tower=(128, 64, 32, 1)),
+  "star": dict(num_tasks=2, num_domains=3, domain_feature="domain", hidden=(128, 64)),
+  "esmm": dict(tower=(128, 64, 32, 1)),
+  "esm2": dict(tower=(128, 64, 32, 1)),
+  "aitm": dict(num_tasks=2, tower=(128, 64, 32)),
 }
 MULTI = {"esmm": losses.esmm_loss, "esm2": losses.esm2_loss, "aitm": losses.aitm_loss}
 
@@ -51,11 +56,16 @@ def main(argv=None):
   args = parser.parse_args(argv)
   rng = np.random.default_rng(0)
   b = args.batch
-  x = {"user": rng.integers(0, 10_000, b), "item": rng.integers(0, 10_000, b), "domain": rng.integers(0, 3, b),
-       "prior": rng.integers(0, 10, b), "dense": rng.normal(size=(b, 8)).astype(np.float32)}
+  x = {
+    "user": rng.integers(0, 10_000, b),
+    "item": rng.integers(0, 10_000, b),
+    "domain": rng.integers(0, 3, b),
+    "prior": rng.integers(0, 10, b),
+    "dense": rng.normal(size=(b, 8)).astype(np.float32),
+  }
   x = {k: jnp.asarray(v) for k, v in x.items()}
   print(f"jax {jax.__version__} on {jax.default_backend()}; batch {b}; median of {args.steps} steps")
-  print(f"| model | params | embedding params | fwd+bwd ms/step |")
+  print("| model | params | embedding params | fwd+bwd ms/step |")
   print("|---|---|---|---|")
   for name, cfg in CONFIGS.items():
     model = models.get(name, features=SPEC, **cfg)
@@ -63,10 +73,12 @@ def main(argv=None):
     params = variables.pop("params")
     rows = 3 if name == "esm2" else 2
     labels = jnp.asarray(rng.integers(0, 2, (rows, b)), jnp.float32)
-    loss_fn = losses.make_loss_fn(model, "bce", multi_task_loss=MULTI.get(name), train=True,
-                                  mutable=tuple(variables), has_aux=True)
-    grad = jax.jit(jax.grad(lambda p, v: loss_fn(p, {"x": x, "labels": labels}, {"dropout": jax.random.PRNGKey(2)},
-                                                 v)[0].sum()))
+    loss_fn = losses.make_loss_fn(
+      model, "bce", multi_task_loss=MULTI.get(name), train=True, mutable=tuple(variables), has_aux=True
+    )
+    grad = jax.jit(
+      jax.grad(lambda p, v: loss_fn(p, {"x": x, "labels": labels}, {"dropout": jax.random.PRNGKey(2)}, v)[0].sum())
+    )
     jax.block_until_ready(grad(params, variables))
     times = []
     for _ in range(args.steps):
@@ -74,8 +86,11 @@ def main(argv=None):
       jax.block_until_ready(grad(params, variables))
       times.append(time.perf_counter() - t0)
     n_all = sum(int(np.size(p)) for p in jax.tree.leaves(params))
-    n_emb = sum(int(np.size(p)) for path, p in jax.tree_util.tree_leaves_with_path(params)
-                if "embed" in jax.tree_util.keystr(path))
+    n_emb = sum(
+      int(np.size(p))
+      for path, p in jax.tree_util.tree_leaves_with_path(params)
+      if "embed" in jax.tree_util.keystr(path)
+    )
     print(f"| {name} | {n_all:,} | {n_emb:,} | {1e3 * statistics.median(times):.2f} |")
 
 

@@ -65,11 +65,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from step_time import Interleaved  # noqa: E402
+from step_time import build as build_mmoe  # noqa: E402
 
 import mtjax  # noqa: E402
 from mtjax import models  # noqa: E402
-from step_time import Interleaved  # noqa: E402
-from step_time import build as build_mmoe  # noqa: E402
 
 LR = 1e-3
 # Every expert's last Dense layer in the benchmark MMoE (paths: experts/expert_<e>/Dense_1/{kernel,bias}).
@@ -101,17 +101,23 @@ class Case:
 def build_embedding(num_tasks: int, batch_size: int, vocab_scale: float, seed: int = 0):
   """Table (a): the embedding MMoE (96.6M parameters at vocab_scale 1), its batch and BCE loss."""
   vocab = lambda v: max(8, int(round(v * vocab_scale)))
-  spec = models.FeatureSpec(categorical=(models.Categorical("user", vocab(2_000_000), 32),
-                                         models.Categorical("item", vocab(1_000_000), 32),
-                                         models.Categorical("category", vocab(1000), 32)))
+  spec = models.FeatureSpec(
+    categorical=(
+      models.Categorical("user", vocab(2_000_000), 32),
+      models.Categorical("item", vocab(1_000_000), 32),
+      models.Categorical("category", vocab(1000), 32),
+    )
+  )
   model = models.MMoE(num_tasks=num_tasks, num_experts=8, expert=(256, 128), tower=(64, 1), features=spec)
   rng = np.random.default_rng(seed)
   ids = {f.name: jnp.asarray(rng.integers(0, f.vocab_size, size=batch_size), jnp.int32) for f in spec.categorical}
   labels = jnp.asarray(rng.integers(0, 2, size=(num_tasks, batch_size)), jnp.float32)
   params = jax.jit(model.init)(jax.random.PRNGKey(seed), ids)["params"]
   loss_fn = mtjax.losses.make_loss_fn(model, "bce", has_aux=False)
-  desc = (f"MMoE on embeddings user {vocab(2_000_000):,} / item {vocab(1_000_000):,} / category "
-          f"{vocab(1000):,} x 32, 8 experts [256,128], towers [64,1], BCE, batch {batch_size}, ids uniform")
+  desc = (
+    f"MMoE on embeddings user {vocab(2_000_000):,} / item {vocab(1_000_000):,} / category "
+    f"{vocab(1000):,} x 32, 8 experts [256,128], towers [64,1], BCE, batch {batch_size}, ids uniform"
+  )
   return params, {"x": ids, "labels": labels}, loss_fn, desc
 
 
@@ -127,8 +133,11 @@ def build_dense(num_tasks: int, batch_size: int):
 
 def cases_a(t: int) -> list[Case]:
   out = [Case("summed-loss step (1 backward)")]
-  methods = {"pcgrad": lambda: mtjax.pcgrad(key=0, num_tasks=t), "mgda": lambda: mtjax.mgda(num_tasks=t),
-             "upgrad": lambda: mtjax.upgrad(num_tasks=t)}
+  methods = {
+    "pcgrad": lambda: mtjax.pcgrad(key=0, num_tasks=t),
+    "mgda": lambda: mtjax.mgda(num_tasks=t),
+    "upgrad": lambda: mtjax.upgrad(num_tasks=t),
+  }
   for name, f in methods.items():
     out.append(Case(f"{name} [dense rows, sparse=False]", f, {"sparse": False}, slow=True))
   for name, f in methods.items():
@@ -146,9 +155,9 @@ def experts_only(params):
 
 
 def cases_b(t: int) -> list[Case]:
-  pc = lambda **kw: (lambda: mtjax.pcgrad(key=0, num_tasks=t, **kw))
-  mg = lambda **kw: (lambda: mtjax.mgda(num_tasks=t, **kw))
-  up = lambda **kw: (lambda: mtjax.upgrad(num_tasks=t, **kw))
+  pc = lambda **kw: lambda: mtjax.pcgrad(key=0, num_tasks=t, **kw)
+  mg = lambda **kw: lambda: mtjax.mgda(num_tasks=t, **kw)
+  up = lambda **kw: lambda: mtjax.upgrad(num_tasks=t, **kw)
   auto = mtjax.default_strategy()
   out = [Case("summed-loss step (1 backward)")]
   for name, f in (("pcgrad", pc()), ("mgda", mg()), ("upgrad", up())):
@@ -162,23 +171,29 @@ def cases_b(t: int) -> list[Case]:
     out.append(Case(f"{name} [subset: experts' last layer, deferred]", f, {"deferred": True}))
   out.append(Case(f"gradnorm [full rows, {auto}]", lambda: mtjax.gradnorm(num_tasks=t), {}))
   out.append(Case("gradnorm [default layer, deferred]", lambda: mtjax.gradnorm(num_tasks=t), {"deferred": True}))
-  out.append(Case("gradnorm [shared=experts, their last layer, deferred]",
-                  lambda: mtjax.gradnorm(num_tasks=t, shared=experts_only,
-                                         layer=lambda paths: [p.split("/")[-2] == "Dense_1" for p in paths]),
-                  {"deferred": True}))
+  out.append(
+    Case(
+      "gradnorm [shared=experts, their last layer, deferred]",
+      lambda: mtjax.gradnorm(
+        num_tasks=t, shared=experts_only, layer=lambda paths: [p.split("/")[-2] == "Dense_1" for p in paths]
+      ),
+      {"deferred": True},
+    )
+  )
   return out
 
 
 def cases_c(t: int, vmap_unchunked: bool = False) -> list[Case]:
   pc = lambda: mtjax.pcgrad(key=0, num_tasks=t)
   auto = mtjax.default_strategy()
-  out = [Case("summed-loss step (1 backward)"),
-         Case(f"pcgrad [full rows, {auto}, chunk None]", pc, {})]
+  out = [Case("summed-loss step (1 backward)"), Case(f"pcgrad [full rows, {auto}, chunk None]", pc, {})]
   if auto != "vmap" and vmap_unchunked:  # all 64 rows batched: ~9.6 GiB temporaries at T = 64, batch 1024
     out.append(Case("pcgrad [full rows, vmap, chunk None]", pc, {"strategy": "vmap"}))
-  out += [Case("pcgrad [full rows, chunk 8]", pc, {"chunk_size": 8}),
-          Case("pcgrad [shared, chunk None]", pc, {"strategy": "shared"}),
-          Case("pcgrad [shared, chunk 8]", pc, {"strategy": "shared", "chunk_size": 8})]
+  out += [
+    Case("pcgrad [full rows, chunk 8]", pc, {"chunk_size": 8}),
+    Case("pcgrad [shared, chunk None]", pc, {"strategy": "shared"}),
+    Case("pcgrad [shared, chunk 8]", pc, {"strategy": "shared", "chunk_size": 8}),
+  ]
   return out
 
 
@@ -190,25 +205,42 @@ def cases_d(t: int) -> list[Case]:
   def expect(full, k):
     return lambda ms: (ms[full] + (k - 1) * ms[single]) / k
 
-  out = [Case("summed-loss step (1 backward)"),
-         Case(single, lambda: mtjax.linear(num_tasks=t), {"deferred": True}),
-         Case(pc_full, lambda: mtjax.pcgrad(key=0, num_tasks=t), {})]
+  out = [
+    Case("summed-loss step (1 backward)"),
+    Case(single, lambda: mtjax.linear(num_tasks=t), {"deferred": True}),
+    Case(pc_full, lambda: mtjax.pcgrad(key=0, num_tasks=t), {}),
+  ]
   for k in (1, 4, 16):
-    out.append(Case(f"amortized(pcgrad, every={k}) [deferred]",
-                    lambda k=k: mtjax.amortized(mtjax.pcgrad(key=0, num_tasks=t), every=k), {"deferred": True},
-                    predict=expect(pc_full, k)))
+    out.append(
+      Case(
+        f"amortized(pcgrad, every={k}) [deferred]",
+        lambda k=k: mtjax.amortized(mtjax.pcgrad(key=0, num_tasks=t), every=k),
+        {"deferred": True},
+        predict=expect(pc_full, k),
+      )
+    )
   # The exact trunk rows ("shared": same update as the full rows with shared= the experts); its reuse
   # steps need no rows, only J^T w (one backward through the heads and one through the trunk).
   pc_shared = "pcgrad [shared]"
   out.append(Case(pc_shared, lambda: mtjax.pcgrad(key=0, num_tasks=t), {"strategy": "shared"}))
-  out.append(Case("amortized(pcgrad, every=16) [shared]",
-                  lambda: mtjax.amortized(mtjax.pcgrad(key=0, num_tasks=t), every=16), {"strategy": "shared"},
-                  predict=expect(pc_shared, 16)))
+  out.append(
+    Case(
+      "amortized(pcgrad, every=16) [shared]",
+      lambda: mtjax.amortized(mtjax.pcgrad(key=0, num_tasks=t), every=16),
+      {"strategy": "shared"},
+      predict=expect(pc_shared, 16),
+    )
+  )
   mg_full = f"mgda [full rows, {auto}]"
   out.append(Case(mg_full, lambda: mtjax.mgda(num_tasks=t), {}))
-  out.append(Case("amortized(mgda, every=16, ema=0.9) [deferred]",
-                  lambda: mtjax.amortized(mtjax.mgda(num_tasks=t), every=16, ema=0.9), {"deferred": True},
-                  predict=expect(mg_full, 16)))
+  out.append(
+    Case(
+      "amortized(mgda, every=16, ema=0.9) [deferred]",
+      lambda: mtjax.amortized(mtjax.mgda(num_tasks=t), every=16, ema=0.9),
+      {"deferred": True},
+      predict=expect(mg_full, 16),
+    )
+  )
   return out
 
 
@@ -237,6 +269,7 @@ class Shared:
 def make_step(loss_fn, case: Case, adam):
   """``step(params, adam_state, method_state, batch)``: one full training step of ``case``."""
   if case.method is None:
+
     def step(p, o, m, b):
       g = jax.grad(lambda q: loss_fn(q, b).sum())(p)
       u, o = adam.update(g, o, p)
@@ -328,8 +361,17 @@ def only_main(args):
 def rss_per_row(table: str, t: int, cases: list[Case], args) -> dict:
   out = {}
   for case in cases:
-    cmd = [sys.executable, os.path.abspath(__file__), "--table", table, "--tasks", str(t), "--only", case.name,
-           *sizing_argv(args)]
+    cmd = [
+      sys.executable,
+      os.path.abspath(__file__),
+      "--table",
+      table,
+      "--tasks",
+      str(t),
+      "--only",
+      case.name,
+      *sizing_argv(args),
+    ]
     try:
       res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.rss_timeout, check=False)
       lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
@@ -397,20 +439,33 @@ def run_table(table: str, t: int, args) -> dict:
       rows.append({"name": case.name, "failed": failed[case.name]})
       continue
     temp, compile_s = stats[case.name]
-    row = {"name": case.name, "ms": ms[case.name], "vs_summed": ms[case.name] / ms[base],
-           "temp_mib": temp / 2**20 if temp >= 0 else None,
-           "temp_vs_summed": temp / stats[base][0] if temp >= 0 and stats[base][0] > 0 else None,
-           "compile_s": compile_s, "rss_mib": rss_rows.get(case.name), "checks": case.checks,
-           "timed_steps": len(timer.entries[case.name][3]) * timer.steps_per_call[case.name]}
+    row = {
+      "name": case.name,
+      "ms": ms[case.name],
+      "vs_summed": ms[case.name] / ms[base],
+      "temp_mib": temp / 2**20 if temp >= 0 else None,
+      "temp_vs_summed": temp / stats[base][0] if temp >= 0 and stats[base][0] > 0 else None,
+      "compile_s": compile_s,
+      "rss_mib": rss_rows.get(case.name),
+      "checks": case.checks,
+      "timed_steps": len(timer.entries[case.name][3]) * timer.steps_per_call[case.name],
+    }
     if case.predict is not None:
       try:
         row["expected_ms"] = case.predict(ms)
       except KeyError:
         pass
     rows.append(row)
-  return {"table": table, "tasks": t, "model": desc, "num_params": num_params, "rows": rows,
-          "process_peak_rss_mib": peak_rss_mib(), "rounds": rounds,
-          "cycle_steps": cycle if table == "d" else None}
+  return {
+    "table": table,
+    "tasks": t,
+    "model": desc,
+    "num_params": num_params,
+    "rows": rows,
+    "process_peak_rss_mib": peak_rss_mib(),
+    "rounds": rounds,
+    "cycle_steps": cycle if table == "d" else None,
+  }
 
 
 def fmt(x, spec):
@@ -420,11 +475,16 @@ def fmt(x, spec):
 def print_table(res: dict):
   t, table = res["tasks"], res["table"]
   print(f"\n## ({table}) T = {t}: {res['model']}; {res['num_params'] / 1e6:.1f}M parameters; Adam")
-  how = (f"mean over {res['cycle_steps']} consecutive steps (whole cycles), median of {res['rounds']} rounds"
-         if table == "d" else f"median over interleaved rounds after compilation")
-  print(f"ms/step: {how}. Runtime checks OFF (mtjax.runtime_checks(False) at trace time) except rows "
-        "marked +checks. Ratios are to the summed-loss step of this run. RSS: peak of a process running that "
-        "variant alone.")
+  how = (
+    f"mean over {res['cycle_steps']} consecutive steps (whole cycles), median of {res['rounds']} rounds"
+    if table == "d"
+    else "median over interleaved rounds after compilation"
+  )
+  print(
+    f"ms/step: {how}. Runtime checks OFF (mtjax.runtime_checks(False) at trace time) except rows "
+    "marked +checks. Ratios are to the summed-loss step of this run. RSS: peak of a process running that "
+    "variant alone."
+  )
   extra = table == "d"
   head = "| step | ms/step | / summed | temp MiB | temp / summed | compile s | RSS MiB | timed steps |"
   sep = "|---|---|---|---|---|---|---|---|"
@@ -437,9 +497,11 @@ def print_table(res: dict):
     if "failed" in r:
       print(f"| {r['name']} | FAILED: {r['failed']} |" + " |" * (6 + extra))
       continue
-    line = (f"| {r['name']} | {r['ms']:.2f} | {r['vs_summed']:.2f} | {fmt(r['temp_mib'], '.1f')} | "
-            f"{fmt(r['temp_vs_summed'], '.2f')} | {r['compile_s']:.1f} | {fmt(r['rss_mib'], '.0f')} | "
-            f"{r['timed_steps']} |")
+    line = (
+      f"| {r['name']} | {r['ms']:.2f} | {r['vs_summed']:.2f} | {fmt(r['temp_mib'], '.1f')} | "
+      f"{fmt(r['temp_vs_summed'], '.2f')} | {r['compile_s']:.1f} | {fmt(r['rss_mib'], '.0f')} | "
+      f"{r['timed_steps']} |"
+    )
     if extra:
       line += f" {fmt(r.get('expected_ms'), '.2f')} |"
     print(line)
@@ -462,23 +524,32 @@ def write_json(path: str, results: list, meta: dict):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  parser = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+  )
   parser.add_argument("--table", choices=sorted(CASES), required=True)
   parser.add_argument("--tasks", type=int, nargs="+", default=None, help="default: a 4 8, b 3 10, c 64, d 10")
-  parser.add_argument("--steps", type=int, default=None,
-                      help="timed steps per variant (a: of the dense rows, default 5; b: 30; c: 5)")
+  parser.add_argument(
+    "--steps", type=int, default=None, help="timed steps per variant (a: of the dense rows, default 5; b: 30; c: 5)"
+  )
   parser.add_argument("--steps-fast", type=int, default=20, help="(a) timed steps of the other rows")
   parser.add_argument("--rounds", type=int, default=5, help="(d) rounds of --cycles * 16 steps per variant")
   parser.add_argument("--cycles", type=int, default=4, help="(d) cycles of 16 steps per timed call")
   parser.add_argument("--batch", type=int, default=None, help="default: a 2048, others 1024")
   parser.add_argument("--vocab-scale", type=float, default=1.0, help="(a) multiply every vocabulary size")
   parser.add_argument("--methods", nargs="+", default=None, help="only rows whose name contains one of these")
-  parser.add_argument("--rss-rows", choices=("auto", "yes", "no"), default="auto",
-                      help="peak RSS of each variant in its own process (auto: tables a and c)")
+  parser.add_argument(
+    "--rss-rows",
+    choices=("auto", "yes", "no"),
+    default="auto",
+    help="peak RSS of each variant in its own process (auto: tables a and c)",
+  )
   parser.add_argument("--rss-timeout", type=int, default=1800)
-  parser.add_argument("--vmap-unchunked", action="store_true",
-                      help="(c) also PCGrad with all T rows vmapped at once (~9.6 GiB of temporaries at T = 64)")
+  parser.add_argument(
+    "--vmap-unchunked",
+    action="store_true",
+    help="(c) also PCGrad with all T rows vmapped at once (~9.6 GiB of temporaries at T = 64)",
+  )
   parser.add_argument("--out", default=None, help="JSON file to write/update (keyed by table and T)")
   parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: one variant, print RSS
   args = parser.parse_args(argv)
@@ -487,12 +558,22 @@ def main(argv=None):
   if args.only is not None:
     only_main(args)
     return
-  meta = {"jax": jax.__version__, "backend": jax.default_backend(), "devices": str(jax.devices()),
-          "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-          "argv": sys.argv[1:] if argv is None else list(argv),
-          "default_strategy": mtjax.default_strategy(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}, {os.cpu_count()} CPUs; "
-        f"mtjax default task_grads strategy '{mtjax.default_strategy()}'", flush=True)
+  meta = {
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "devices": str(jax.devices()),
+    "cpus": os.cpu_count(),
+    "machine": platform.machine(),
+    "python": platform.python_version(),
+    "argv": sys.argv[1:] if argv is None else list(argv),
+    "default_strategy": mtjax.default_strategy(),
+    "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+  }
+  print(
+    f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}, {os.cpu_count()} CPUs; "
+    f"mtjax default task_grads strategy '{mtjax.default_strategy()}'",
+    flush=True,
+  )
   results = []
   for t in args.tasks:
     res = run_table(args.table, t, args)

@@ -46,14 +46,14 @@ STRATEGIES = ("loop", "map", "vmap")
 def method_factories(num_tasks):
   t = num_tasks
   return {
-      "linear": lambda: mtjax.linear(num_tasks=t),
-      "pcgrad": lambda: mtjax.pcgrad(key=0, num_tasks=t),
-      "gradvac": lambda: mtjax.gradvac(key=0, num_tasks=t),
-      "mgda": lambda: mtjax.mgda(num_tasks=t),
-      "pareto_ltr": lambda: mtjax.pareto_ltr(jnp.full((t,), 0.5 / t), num_tasks=t),
-      "gradnorm": lambda: mtjax.gradnorm(num_tasks=t),
-      "dwa": lambda: mtjax.dwa(num_tasks=t, steps_per_epoch=100),
-      "uncertainty": lambda: mtjax.uncertainty(num_tasks=t),
+    "linear": lambda: mtjax.linear(num_tasks=t),
+    "pcgrad": lambda: mtjax.pcgrad(key=0, num_tasks=t),
+    "gradvac": lambda: mtjax.gradvac(key=0, num_tasks=t),
+    "mgda": lambda: mtjax.mgda(num_tasks=t),
+    "pareto_ltr": lambda: mtjax.pareto_ltr(jnp.full((t,), 0.5 / t), num_tasks=t),
+    "gradnorm": lambda: mtjax.gradnorm(num_tasks=t),
+    "dwa": lambda: mtjax.dwa(num_tasks=t, steps_per_epoch=100),
+    "uncertainty": lambda: mtjax.uncertainty(num_tasks=t),
   }
 
 
@@ -61,16 +61,16 @@ def extra_method_factories(num_tasks):
   """Methods beyond the required set: timed with the default strategy only."""
   t = num_tasks
   return {
-      "cagrad": lambda: mtjax.cagrad(num_tasks=t),
-      "imtl": lambda: mtjax.imtl(num_tasks=t),
-      "aligned_mtl": lambda: mtjax.aligned_mtl(num_tasks=t),
-      "upgrad": lambda: mtjax.upgrad(num_tasks=t),
-      "dualproj": lambda: mtjax.dualproj(num_tasks=t),
-      "config": lambda: mtjax.config(num_tasks=t),
-      "fairgrad": lambda: mtjax.fairgrad(num_tasks=t),
-      "nash_mtl": lambda: mtjax.nash_mtl(num_tasks=t),
-      "rlw": lambda: mtjax.rlw(key=0, num_tasks=t),
-      "graddrop": lambda: mtjax.graddrop(key=0, num_tasks=t),
+    "cagrad": lambda: mtjax.cagrad(num_tasks=t),
+    "imtl": lambda: mtjax.imtl(num_tasks=t),
+    "aligned_mtl": lambda: mtjax.aligned_mtl(num_tasks=t),
+    "upgrad": lambda: mtjax.upgrad(num_tasks=t),
+    "dualproj": lambda: mtjax.dualproj(num_tasks=t),
+    "config": lambda: mtjax.config(num_tasks=t),
+    "fairgrad": lambda: mtjax.fairgrad(num_tasks=t),
+    "nash_mtl": lambda: mtjax.nash_mtl(num_tasks=t),
+    "rlw": lambda: mtjax.rlw(key=0, num_tasks=t),
+    "graddrop": lambda: mtjax.graddrop(key=0, num_tasks=t),
   }
 
 
@@ -78,19 +78,19 @@ def recent_method_factories(num_tasks):
   """The methods of 2022-2026 that take one batch's [T, ...] gradients: timed with the default strategy."""
   t = num_tasks
   return {
-      "famo": lambda: mtjax.famo(num_tasks=t, post_step_losses="next_batch"),
-      "stch": lambda: mtjax.stch(num_tasks=t),
-      "gls": lambda: mtjax.gls(num_tasks=t),
-      "scale_invariant": lambda: mtjax.scale_invariant(num_tasks=t),
-      "imtl_loss": lambda: mtjax.imtl(num_tasks=t, mode="loss"),
-      "imtl_hybrid": lambda: mtjax.imtl(num_tasks=t, mode="hybrid"),
-      "db_mtl": lambda: mtjax.db_mtl(num_tasks=t),
-      "metabalance": lambda: mtjax.metabalance(num_tasks=t),
-      "excess_mtl": lambda: mtjax.excess_mtl(num_tasks=t),
-      "moco": lambda: mtjax.moco(num_tasks=t),
-      "m_config": lambda: mtjax.m_config(num_tasks=t),
-      "sdmgrad": lambda: mtjax.sdmgrad(num_tasks=t, num_batches=1),
-      "normalize_upgrad": lambda: mtjax.normalize(mtjax.upgrad(num_tasks=t)),
+    "famo": lambda: mtjax.famo(num_tasks=t, post_step_losses="next_batch"),
+    "stch": lambda: mtjax.stch(num_tasks=t),
+    "gls": lambda: mtjax.gls(num_tasks=t),
+    "scale_invariant": lambda: mtjax.scale_invariant(num_tasks=t),
+    "imtl_loss": lambda: mtjax.imtl(num_tasks=t, mode="loss"),
+    "imtl_hybrid": lambda: mtjax.imtl(num_tasks=t, mode="hybrid"),
+    "db_mtl": lambda: mtjax.db_mtl(num_tasks=t),
+    "metabalance": lambda: mtjax.metabalance(num_tasks=t),
+    "excess_mtl": lambda: mtjax.excess_mtl(num_tasks=t),
+    "moco": lambda: mtjax.moco(num_tasks=t),
+    "m_config": lambda: mtjax.m_config(num_tasks=t),
+    "sdmgrad": lambda: mtjax.sdmgrad(num_tasks=t, num_batches=1),
+    "normalize_upgrad": lambda: mtjax.normalize(mtjax.upgrad(num_tasks=t)),
   }
 
 
@@ -104,8 +104,25 @@ SPECIAL = ("famo_extra_forward", "modo", "sdmgrad_3batch", "auto_lambda")
 # (M-ConFIG: one task's gradient per step, J^T e_k, plus J^T 1 for the task-specific leaves).
 DEFERRED = ("linear", "dwa", "uncertainty", "rlw", "famo", "stch", "gls", "scale_invariant", "imtl_loss", "m_config")
 
-GRAM_BASED = ("pcgrad", "gradvac", "mgda", "pareto_ltr", "gradnorm", "cagrad", "imtl", "aligned_mtl", "upgrad",
-              "dualproj", "config", "fairgrad", "nash_mtl", "imtl_hybrid", "metabalance", "sdmgrad", "normalize_upgrad")
+GRAM_BASED = (
+  "pcgrad",
+  "gradvac",
+  "mgda",
+  "pareto_ltr",
+  "gradnorm",
+  "cagrad",
+  "imtl",
+  "aligned_mtl",
+  "upgrad",
+  "dualproj",
+  "config",
+  "fairgrad",
+  "nash_mtl",
+  "imtl_hybrid",
+  "metabalance",
+  "sdmgrad",
+  "normalize_upgrad",
+)
 
 
 def build(num_tasks, batch_size=1024, dim=128, seed=0):
@@ -141,6 +158,7 @@ def special_steps(num_tasks, loss_fn, strategy, optimizer):
       after = loss_fn(p, b)  # the previous batch's losses at the current parameters: one extra forward
       u, o = tx.update(grads, o, p, task_losses=losses, previous_task_losses_after_step=after)
       return optax.apply_updates(p, u), o
+
     return step
 
   def micro_step(tx):
@@ -149,6 +167,7 @@ def special_steps(num_tasks, loss_fn, strategy, optimizer):
       losses, grads = micro(p, {"x": b["x"][:n], "y": b["y"][:, :n].T})
       u, o = tx.update(grads, o, p, task_losses=losses)
       return optax.apply_updates(p, u), o
+
     return step
 
   def auto_lambda_step(tx):
@@ -156,13 +175,14 @@ def special_steps(num_tasks, loss_fn, strategy, optimizer):
       losses, grads = tg(p, b)
       u, o = tx.update(grads, o, p, task_losses=losses, validation_batch=b)
       return optax.apply_updates(p, u), o
+
     return step
 
   txs = {
-      "famo_extra_forward": (chained(mtjax.famo(num_tasks=t)), famo_step),
-      "modo": (chained(mtjax.modo(num_tasks=t)), micro_step),
-      "sdmgrad_3batch": (chained(mtjax.sdmgrad(num_tasks=t)), micro_step),
-      "auto_lambda": (chained(mtjax.auto_lambda(loss_fn, num_tasks=t, virtual_lr=1e-3)), auto_lambda_step),
+    "famo_extra_forward": (chained(mtjax.famo(num_tasks=t)), famo_step),
+    "modo": (chained(mtjax.modo(num_tasks=t)), micro_step),
+    "sdmgrad_3batch": (chained(mtjax.sdmgrad(num_tasks=t)), micro_step),
+    "auto_lambda": (chained(mtjax.auto_lambda(loss_fn, num_tasks=t, virtual_lr=1e-3)), auto_lambda_step),
   }
   return {name: (tx, make(tx)) for name, (tx, make) in txs.items()}
 
@@ -231,8 +251,7 @@ def run(num_tasks, steps, strategies=STRATEGIES, methods=None, extra=True):
     u, o = adam.update(g, o, p)
     return optax.apply_updates(p, u), o
 
-  timer.add("summed", jax.jit(summed_step, donate_argnums=(0, 1)), (copy(params), adam.init(params), batch),
-            carry)
+  timer.add("summed", jax.jit(summed_step, donate_argnums=(0, 1)), (copy(params), adam.init(params), batch), carry)
 
   def make_step(tx, strat, deferred=False):
     tg = mtjax.task_grads(loss_fn, strategy=strat, deferred=deferred)
@@ -248,6 +267,7 @@ def run(num_tasks, steps, strategies=STRATEGIES, methods=None, extra=True):
     def update(g, o, p=None, **kw):
       del kw
       return adam.update(jax.tree.map(lambda x: jnp.sum(x, 0), g), o, p)
+
     return optax.GradientTransformationExtraArgs(adam.init, update)
 
   failed = {}
@@ -275,25 +295,33 @@ def run(num_tasks, steps, strategies=STRATEGIES, methods=None, extra=True):
         continue
       try:
         with mtjax.runtime_checks(False):
-          timer.add(f"{name}[{auto}]", jax.jit(step, donate_argnums=(0, 1)), (copy(params), tx.init(params), batch),
-                    carry)
+          timer.add(
+            f"{name}[{auto}]", jax.jit(step, donate_argnums=(0, 1)), (copy(params), tx.init(params), batch), carry
+          )
       except Exception as e:  # report, do not hide
         failed[f"{name}[{auto}]"] = f"{type(e).__name__}: {str(e)[:80]}"
   if auto in strategies:  # deferred per-task gradients: one backward for weightings that ignore gradients
-    factories = {**method_factories(num_tasks), **extra_method_factories(num_tasks),
-                 **recent_method_factories(num_tasks)}
+    factories = {
+      **method_factories(num_tasks),
+      **extra_method_factories(num_tasks),
+      **recent_method_factories(num_tasks),
+    }
     for name in DEFERRED:
       if methods and name not in methods:
         continue
       tx = optax.chain(factories[name](), adam)
       with mtjax.runtime_checks(False):
-        timer.add(f"{name}[deferred]", make_step(tx, auto, deferred=True), (copy(params), tx.init(params), batch),
-                  carry)
+        timer.add(
+          f"{name}[deferred]", make_step(tx, auto, deferred=True), (copy(params), tx.init(params), batch), carry
+        )
   t = timer.run(rounds=max(1, steps // 3))
   f, s_ = t["forward"], t["single"]
   floor = f + num_tasks * (s_ - f)
-  rows = [("forward F", f, None, None, None), ("single-task grad S", s_, None, None, None),
-          ("floor F + T(S-F)", floor, None, None, None)]
+  rows = [
+    ("forward F", f, None, None, None),
+    ("single-task grad S", s_, None, None, None),
+    ("floor F + T(S-F)", floor, None, None, None),
+  ]
   for strat in strategies:
     k = f"task_grads[{strat}]"
     rows.append((k, t[k], t[k] / floor, None, memory[strat]))
@@ -301,8 +329,12 @@ def run(num_tasks, steps, strategies=STRATEGIES, methods=None, extra=True):
   for strat in strategies:
     b = t[f"bare[{strat}]"]
     rows.append((f"per-task step [{strat}] (sum+Adam)", b, None, b / t["summed"], None))
-  for name in (list(method_factories(num_tasks)) + list(extra_method_factories(num_tasks))
-               + list(recent_method_factories(num_tasks)) + list(SPECIAL)):
+  for name in (
+    list(method_factories(num_tasks))
+    + list(extra_method_factories(num_tasks))
+    + list(recent_method_factories(num_tasks))
+    + list(SPECIAL)
+  ):
     for strat in strategies:
       for k in (f"{name}[{strat}]", f"{name}[{strat}]+checks"):
         if k in t:
@@ -324,8 +356,10 @@ def main(argv=None):
   parser.add_argument("--no-extra", action="store_true", help="only the required methods (no CAGrad, UPGrad, ...)")
   args = parser.parse_args(argv)
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
-  print("MMoE: input 128, 8 experts [256,128], towers [64,1], BCE, batch 1024; median of "
-        f"{args.steps} steps after compilation")
+  print(
+    "MMoE: input 128, 8 experts [256,128], towers [64,1], BCE, batch 1024; median of "
+    f"{args.steps} steps after compilation"
+  )
   for t in args.tasks:
     rows, floor, bare, auto = run(t, args.steps, tuple(args.strategies), args.methods, extra=not args.no_extra)
     print(f"\n## T = {t}   (auto strategy = {auto}; ratio column: task_grads / floor, or method / per-task step)")
@@ -337,13 +371,17 @@ def main(argv=None):
       print(f"{name:48s} {sec * 1e3:9.2f} {r} {vsum} {m}")
     if auto in bare:
       print(f"default strategy '{auto}': task_grads / floor = {bare[auto] / floor:.3f}")
-      gram = [(name, sec, ratio) for name, sec, ratio, _, _ in rows
-              if ratio is not None and name.split("[")[0] in GRAM_BASED and name.startswith(tuple(GRAM_BASED))
-              and f"[{auto}]" in name]
+      gram = [
+        (name, sec, ratio)
+        for name, sec, ratio, _, _ in rows
+        if ratio is not None
+        and name.split("[")[0] in GRAM_BASED
+        and name.startswith(tuple(GRAM_BASED))
+        and f"[{auto}]" in name
+      ]
       if gram:
         worst = max(gram, key=lambda r: r[2])
-        print(f"Gram-based methods, strategy '{auto}': method step / per-task step at most {worst[2]:.3f} "
-              f"({worst[0]})")
+        print(f"Gram-based methods, strategy '{auto}': method step / per-task step at most {worst[2]:.3f} ({worst[0]})")
 
 
 if __name__ == "__main__":

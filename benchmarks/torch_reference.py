@@ -60,14 +60,15 @@ def torch_setup(num_tasks, x_np, y_np, seed=0):
   torch.manual_seed(seed)
 
   class MMoE(nn.Module):
-
     def __init__(self):
       super().__init__()
       self.experts = nn.ModuleList(
-          nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU()) for _ in range(8))
+        nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU()) for _ in range(8)
+      )
       self.gates = nn.ModuleList(nn.Linear(128, 8, bias=False) for _ in range(num_tasks))
       self.towers = nn.ModuleList(
-          nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 1)) for _ in range(num_tasks))
+        nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 1)) for _ in range(num_tasks)
+      )
 
     def forward_with_features(self, x):
       """``([T] logits [B], expert outputs [B, E, H])``: the experts' outputs are the shared features."""
@@ -119,7 +120,9 @@ def torch_setup(num_tasks, x_np, y_np, seed=0):
     from importlib import metadata
 
     from torchjd import aggregation
-    from torchjd.autojac import backward, jac_to_grad, mtl_backward
+    from torchjd.autojac import backward
+    from torchjd.autojac import jac_to_grad
+    from torchjd.autojac import mtl_backward
   except ImportError:
     print("(TorchJD not installed: no PyTorch-library method rows)")
     return steps
@@ -130,6 +133,7 @@ def torch_setup(num_tasks, x_np, y_np, seed=0):
       backward(task_losses())
       jac_to_grad(params, aggregator)
       opt.step()
+
     return step
 
   expert_params = [p for e in model.experts for p in e.parameters()]
@@ -143,6 +147,7 @@ def torch_setup(num_tasks, x_np, y_np, seed=0):
       mtl_backward(losses, features=features)
       jac_to_grad(expert_params, aggregator)
       opt.step()
+
     return step
 
   version = metadata.version("torchjd")
@@ -204,17 +209,23 @@ def jax_setup(num_tasks, x_np, y_np, seed=0):
     def update(g, o, p=None, **kw):
       del kw
       return adam.update(jax.tree.map(lambda t: jnp.sum(t, 0), g), o, p)
+
     return optax.GradientTransformationExtraArgs(adam.init, update)
 
   t = num_tasks
-  methods = {"pcgrad": lambda: mtjax.pcgrad(key=0, num_tasks=t), "mgda": lambda: mtjax.mgda(num_tasks=t),
-             "upgrad": lambda: mtjax.upgrad(num_tasks=t)}
+  methods = {
+    "pcgrad": lambda: mtjax.pcgrad(key=0, num_tasks=t),
+    "mgda": lambda: mtjax.mgda(num_tasks=t),
+    "upgrad": lambda: mtjax.upgrad(num_tasks=t),
+  }
   steps = {"summed-loss step (1 backward)": make(), "per-task gradients (loop of T backward) + sum": make(bare())}
   for name, method in methods.items():
     steps[name] = make(optax.chain(method(), adam))
   for name, method in methods.items():  # the experts' rows only: TorchJD's mtl_backward(features=experts)
     steps[f"{name} {SHARED_TAG}"] = make(optax.chain(method(), adam), strategy="shared")
-  return steps, f"jax {jax.__version__} ({jax.default_backend()}), mtjax task_grads strategy '{mtjax.default_strategy()}'"
+  return steps, (
+    f"jax {jax.__version__} ({jax.default_backend()}), mtjax task_grads strategy '{mtjax.default_strategy()}'"
+  )
 
 
 def time_interleaved(fns: dict, rounds: int, per_round: int = 3, warmup: int = 3) -> dict:
@@ -249,9 +260,10 @@ def main(argv=None):
     fns.update({("mtjax", k): v for k, v in jax_steps.items()})
     ms = time_interleaved(fns, args.rounds)
     print(f"\n## T = {t}: MMoE input 128, 8 experts [256,128], towers [64,1], BCE, batch 1024, Adam")
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads); {jax_info}; "
-          f"median of {3 * args.rounds} steps")
-    print(f"| framework | step | ms/step | / own summed-loss step | mtjax / PyTorch |")
+    print(
+      f"torch {torch.__version__} ({torch.get_num_threads()} threads); {jax_info}; median of {3 * args.rounds} steps"
+    )
+    print("| framework | step | ms/step | / own summed-loss step | mtjax / PyTorch |")
     print("|---|---|---|---|---|")
     torch_sum = ms[("torch", "summed-loss step (1 backward)")]
     jax_sum = ms[("mtjax", "summed-loss step (1 backward)")]
@@ -267,8 +279,10 @@ def main(argv=None):
           shared_ratios.append(f"{k.split(' ')[0]} {v / match:.2f}")
       print(f"| {fw} | {k} | {v:.2f} | {v / own:.2f} | {vs} |")
     if shared_ratios:
-      print(f"\nmtjax task_grads(strategy='shared') / TorchJD mtl_backward(features=experts), same method: "
-            + ", ".join(shared_ratios))
+      print(
+        "\nmtjax task_grads(strategy='shared') / TorchJD mtl_backward(features=experts), same method: "
+        + ", ".join(shared_ratios)
+      )
 
 
 if __name__ == "__main__":

@@ -2,16 +2,28 @@
 
 J = [[-4, 1, 1], [6, 1, 1]]: two tasks whose gradients conflict on the first coordinate. Each
 line is the update direction (before the optimizer) and, where the method defines them, the
-task weights (the values each method's paper and reference implementation give; the README lists them). The same values are asserted in tests/transforms/ (atol 1e-4).
+task weights (the values each method's paper and reference implementation give; the README lists
+them). The same values are asserted in tests/transforms/ (atol 1e-4).
 
 Run: python examples/oracles.py
 """
-import jax.numpy as jnp, numpy as np, mtjax
-J = jnp.array([[-4.0, 1, 1], [6.0, 1, 1]]); g = {"w": J}; p = {"w": jnp.zeros(3)}
+
+import jax.numpy as jnp
+import numpy as np
+
+import mtjax
+
+J = jnp.array([[-4.0, 1, 1], [6.0, 1, 1]])
+g = {"w": J}
+p = {"w": jnp.zeros(3)}
+
+
 def run(tx, **kw):  # -> (update, weights) rounded to 4 decimals
   u, s = tx.update(g, tx.init(p), p, **kw)
   r = lambda x: (np.round(np.asarray(x, np.float64), 4) + 0.0).tolist()
   return r(u["w"]), r(s.weights)
+
+
 print("pcgrad      update, weights", run(mtjax.pcgrad(num_tasks=2)))
 print("gradvac     update (1st step = PCGrad)", run(mtjax.gradvac(num_tasks=2))[0])
 print("mgda        update, weights", run(mtjax.mgda(num_tasks=2)))

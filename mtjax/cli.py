@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -21,8 +22,12 @@ USAGE = """examples:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="mtjax", description="Gradient-level multi-task learning experiments in JAX.",
-                              epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="mtjax",
+    description="Gradient-level multi-task learning experiments in JAX.",
+    epilog=USAGE,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   sub = p.add_subparsers(dest="command", required=True)
   r = sub.add_parser("run", help="train one configuration and write results + plots")
   r.add_argument("config", help="experiment TOML file")
@@ -31,14 +36,22 @@ def _parser() -> argparse.ArgumentParser:
   r.add_argument("--steps", type=int, default=None, help="override train.steps")
   r.add_argument("--no-progress", action="store_true")
   r.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in the output folder")
-  r.add_argument("--from-step", type=int, default=None, metavar="N",
-                 help="restart from the checkpoint of step N (e.g. before a divergence), deleting later checkpoints "
-                      "and log records")
+  r.add_argument(
+    "--from-step",
+    type=int,
+    default=None,
+    metavar="N",
+    help="restart from the checkpoint of step N (e.g. before a divergence), deleting later checkpoints and log records",
+  )
   _speed_args(r)
   c = sub.add_parser("compare", help="train one model with several methods and print a table")
   c.add_argument("config", nargs="?", default=None, help="experiment TOML file (default: the embedded default)")
-  c.add_argument("--methods", default=None, help="comma-separated methods, each name[:key=value...], e.g. "
-                 "linear,modo,sdmgrad:num_batches=1 (default: the eight methods of the embedded default)")
+  c.add_argument(
+    "--methods",
+    default=None,
+    help="comma-separated methods, each name[:key=value...], e.g. "
+    "linear,modo,sdmgrad:num_batches=1 (default: the eight methods of the embedded default)",
+  )
   c.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the config's)")
   c.add_argument("--steps", type=int, default=None, help="override train.steps")
   c.add_argument("--samples", type=int, default=None, help="override data.num_samples (synthetic data)")
@@ -50,11 +63,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _speed_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--strategy", default=None,
-                 help="override train.strategy: auto, loop, map, vmap, rep, shared or subset")
+  p.add_argument(
+    "--strategy", default=None, help="override train.strategy: auto, loop, map, vmap, rep, shared or subset"
+  )
   p.add_argument("--chunk-size", type=int, default=None, help="override train.chunk_size (task rows at a time)")
   p.add_argument("--every", type=int, default=None, help="amortized weights: recompute every k steps (method.every)")
   p.add_argument("--ema", type=float, default=None, help="amortized weights: EMA factor (method.ema)")
+  p.add_argument(
+    "--precision",
+    default=None,
+    choices=("fp32", "bf16"),
+    help="override train.precision: fp32, or bf16 (bfloat16 compute, float32 parameters)",
+  )
 
 
 def _method_override(method, args):
@@ -80,6 +100,8 @@ def _override(raw: dict, args) -> dict:
     raw.setdefault("train", {})["strategy"] = args.strategy
   if getattr(args, "chunk_size", None) is not None:
     raw.setdefault("train", {})["chunk_size"] = args.chunk_size
+  if getattr(args, "precision", None) is not None:
+    raw.setdefault("train", {})["precision"] = args.precision
   if "method" in raw:
     raw["method"] = _method_override(raw["method"], args)
   return raw
@@ -89,6 +111,7 @@ def _load_raw(path):
   import tomllib
 
   from mtjax.experiment import ConfigError
+
   if not os.path.exists(path):
     raise ConfigError(f"config file {path!r} does not exist")
   try:
@@ -97,21 +120,59 @@ def _load_raw(path):
   except tomllib.TOMLDecodeError as e:
     raise ConfigError(f"{path}: not valid TOML: {e}") from None
   from mtjax.experiment import _config
+
   return _config.resolve_data_paths(raw, os.path.dirname(os.path.abspath(path)))  # relative to the TOML file
 
 
+def _precision_line(cfg) -> str:
+  """``"fp32"`` or ``"bf16 (float32 parameters, bfloat16 compute, float32 losses)"``."""
+  from mtjax.training import _precision  # pylint: disable=import-outside-toplevel
+
+  return _precision.describe(_precision.Precision.from_name(cfg.train.precision))
+
+
+METRIC_ORDER = ("auc", "logloss", "mse")
+
+
 def _metrics_table(test: dict) -> str:
-  """A markdown table of per-task test metrics; a metric a task does not have is left blank."""
-  names = [k for k in test if k != "macro"] + (["macro"] if "macro" in test else [])
-  keys = sorted({k for n in names for k in test[n]})
-  cell = lambda v: "n/a" if v != v else f"{v:.4f}"  # NaN: an undefined metric (one class only)
-  lines = ["| task | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-  lines += [f"| {n} | " + " | ".join(cell(test[n][k]) if k in test[n] else "" for k in keys) + " |" for n in names]
-  return "\n".join(lines)
+  """A markdown table of per-task test metrics (header, separator and rows of equal width), then a
+  note on its symbols: "—" where a metric does not apply to a task's type (AUC and logloss for
+  binary tasks, MSE for regression), "n/a" where it is undefined (e.g. the AUC of a task without
+  positives in the test split), and a "mean" row over the tasks that have each metric."""
+  names = [k for k in test if k != "macro"]
+  found = {k for n in names for k in test[n]}
+  keys = [k for k in METRIC_ORDER if k in found] + sorted(found - set(METRIC_ORDER))
+  cell = lambda v: "n/a" if not math.isfinite(v) else f"{v:.4f}"  # NaN: an undefined metric (one class only)
+  esc = lambda text: str(text).replace("|", "\\|")
+  header = ["task"] + [k.upper() if k in ("auc", "mse") else k for k in keys]
+  rows = [[esc(n)] + [cell(float(test[n][k])) if k in test[n] else "—" for k in keys] for n in names]
+  if len(names) > 1:
+    means = []
+    for k in keys:
+      vals = [float(test[n][k]) for n in names if k in test[n] and math.isfinite(float(test[n][k]))]
+      means.append(
+        f"{sum(vals) / len(vals):.4f}" + (f" ({len(vals)} tasks)" if len(vals) < len(names) else "")
+        if len(vals) > 1
+        else "—"
+      )
+    rows.append(["mean"] + means)
+  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+  line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+  out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
+  notes = []
+  if any("—" in r[1:] for r in rows):
+    notes.append(
+      "—: does not apply (AUC and logloss are metrics of binary tasks, MSE of regression tasks; "
+      "the mean row averages a metric over two tasks or more)"
+    )
+  if any("n/a" in r for r in rows):
+    notes.append("n/a: undefined (e.g. an AUC without both classes in the test split)")
+  return "\n".join(out) + ("\n\n" + "; ".join(notes) + "." if notes else "")
 
 
 def _missing(module: str) -> bool:
   import importlib.util
+
   try:
     return importlib.util.find_spec(module) is None
   except ModuleNotFoundError:  # the parent package of a dotted name is missing
@@ -126,12 +187,12 @@ def main(argv=None) -> int:
   if args.command in ("run", "compare"):
     missing = [m for m in ("tqdm", "matplotlib", "orbax.checkpoint") if _missing(m)]
     if missing:
-      print(f"mtjax: the {args.command} command needs {', '.join(missing)}: pip install 'mtjax[cli]'",
-            file=sys.stderr)
+      print(f"mtjax: the {args.command} command needs {', '.join(missing)}: pip install 'mtjax[cli]'", file=sys.stderr)
       return 2
   try:
     if args.command == "list":
       from mtjax import models
+
       print("models:     " + ", ".join(models.available()))
       print("methods:    " + ", ".join(reg.METHODS))
       print("datasets:   " + ", ".join(reg.DATASETS))
@@ -144,6 +205,7 @@ def main(argv=None) -> int:
         raise experiment.ConfigError("--fresh and --from-step exclude each other")
       if args.fresh and os.path.isdir(os.path.join(out, "checkpoints")):
         import shutil
+
         shutil.rmtree(os.path.join(out, "checkpoints"))
       seeds = [cfg.train.seed] if args.seed is not None else list(cfg.seeds)
       if len(seeds) > 1 and args.from_step is not None:
@@ -152,16 +214,21 @@ def main(argv=None) -> int:
         sub = out if len(seeds) == 1 else os.path.join(out, f"seed_{seed}")
         t0 = time.time()
         res = experiment.run(cfg, seed=seed, out_dir=sub, progress=not args.no_progress, from_step=args.from_step)
-        print(f"{cfg.name}: method {res.method}, seed {res.seed}, {cfg.train.steps} steps, "
-              f"{res.ms_per_step:.2f} ms/step, {time.time() - t0:.1f} s")
-        print(_metrics_table(res.test))
+        print(
+          f"{cfg.name}: method {res.method}, seed {res.seed}, {cfg.train.steps} steps, "
+          f"precision {_precision_line(cfg)}, {res.ms_per_step:.2f} ms/step, {time.time() - t0:.1f} s"
+        )
+        print("\ntest metrics:\n\n" + _metrics_table(res.test) + "\n")  # blank lines: a markdown table block
         print(f"results, log.jsonl and learning_curves.png in {sub}")
       return 0
     # compare
     raw = _load_raw(args.config) if args.config else dict(experiment.DEFAULT_COMPARE)
     raw = _override(raw, args)
-    names = ([experiment.parse_method(m) for m in args.methods.split(",") if m.strip()] if args.methods else
-             list(raw.pop("methods", experiment.DEFAULT_METHODS)))
+    names = (
+      [experiment.parse_method(m) for m in args.methods.split(",") if m.strip()]
+      if args.methods
+      else list(raw.pop("methods", experiment.DEFAULT_METHODS))
+    )
     raw.pop("methods", None)
     methods = [_method_override(m, args) for m in names]
     unlabelled = [{k: v for k, v in m.items() if k != "label"} for m in methods]
@@ -170,12 +237,16 @@ def main(argv=None) -> int:
     cfg = experiment.from_dict({**raw, "method": unlabelled[0]})
     out = args.out or os.path.join("runs", f"compare-{cfg.name}")
     t0 = time.time()
-    print(f"mtjax compare: model {cfg.model['name']}, data {cfg.data['name']}, {len(methods)} methods x "
-          f"{len(cfg.seeds)} seed(s), {cfg.train.steps} steps of batch {cfg.train.batch_size}, "
-          f"strategy {cfg.train.strategy}" + (f", weights every {args.every} steps" if args.every else ""))
+    print(
+      f"mtjax compare: model {cfg.model['name']}, data {cfg.data['name']}, {len(methods)} methods x "
+      f"{len(cfg.seeds)} seed(s), {cfg.train.steps} steps of batch {cfg.train.batch_size}, "
+      f"strategy {cfg.train.strategy}, precision {_precision_line(cfg)}"
+      + (f", weights every {args.every} steps" if args.every else "")
+    )
     experiment.compare(cfg, methods, seeds=cfg.seeds, out_dir=out, progress=not args.no_progress)
-    print(f"test metrics (mean over seeds); total {time.time() - t0:.0f} s; table, results and "
-          f"learning_curves.png in {out}")
+    print(
+      f"test metrics (mean over seeds); total {time.time() - t0:.0f} s; table, results and learning_curves.png in {out}"
+    )
     return 0
   except experiment.ConfigError as e:
     print(f"mtjax: config error: {e}", file=sys.stderr)

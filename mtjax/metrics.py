@@ -223,14 +223,14 @@ def logloss(labels, probs, *, eps: float = DEFAULT_LOGLOSS_EPS, from_logits: boo
 
 
 def per_task(
-    metric: Callable[..., float],
-    labels,
-    scores,
-    masks=None,
-    *,
-    groups=None,
-    names: Optional[Sequence[str]] = None,
-    macro: bool = True,
+  metric: Callable[..., float],
+  labels,
+  scores,
+  masks=None,
+  *,
+  groups=None,
+  names: Optional[Sequence[str]] = None,
+  macro: bool = True,
 ) -> dict:
   r"""Applies ``metric`` to each task's valid samples; adds the macro average.
 
@@ -265,9 +265,7 @@ def per_task(
   y = np.asarray(labels)
   s = np.asarray(scores)
   if y.ndim != 2 or s.shape != y.shape:
-    raise ValueError(
-        f"mtjax: per_task: labels and scores must both be [T, B], got shapes {y.shape} and {s.shape}."
-    )
+    raise ValueError(f"mtjax: per_task: labels and scores must both be [T, B], got shapes {y.shape} and {s.shape}.")
   num_tasks = y.shape[0]
   if masks is not None:
     masks = np.asarray(masks)
@@ -303,9 +301,9 @@ def per_task(
 
 
 def delta_m(
-    metrics: Union[Mapping[str, float], Sequence[float]],
-    baseline: Union[Mapping[str, float], Sequence[float]],
-    lower_is_better: Union[bool, Mapping[str, bool], Sequence[bool]] = False,
+  metrics: Union[Mapping[str, float], Sequence[float], np.ndarray],
+  baseline: Union[Mapping[str, float], Sequence[float], np.ndarray],
+  lower_is_better: Union[bool, Mapping[str, bool], Sequence[bool], np.ndarray] = False,
 ) -> float:
   r"""Average relative improvement over a baseline, in percent (:math:`\Delta_m\%`).
 
@@ -344,13 +342,13 @@ def delta_m(
   if isinstance(metrics, Mapping):
     if "macro" in metrics or "macro" in baseline:
       raise ValueError(
-          "mtjax: delta_m: got a 'macro' entry; Delta_m averages per-task metrics, so drop 'macro' "
-          "(e.g. {k: v for k, v in d.items() if k != 'macro'})."
+        "mtjax: delta_m: got a 'macro' entry; Delta_m averages per-task metrics, so drop 'macro' "
+        "(e.g. {k: v for k, v in d.items() if k != 'macro'})."
       )
     if set(metrics) != set(baseline):
       raise ValueError(
-          f"mtjax: delta_m: metrics and baseline name different tasks: only in metrics "
-          f"{sorted(set(metrics) - set(baseline))}, only in baseline {sorted(set(baseline) - set(metrics))}."
+        f"mtjax: delta_m: metrics and baseline name different tasks: only in metrics "
+        f"{sorted(set(metrics) - set(baseline))}, only in baseline {sorted(set(baseline) - set(metrics))}."
       )
     names = list(metrics)
     m = np.array([metrics[k] for k in names], dtype=np.float64)
@@ -358,7 +356,7 @@ def delta_m(
     if isinstance(lower_is_better, Mapping):
       if set(lower_is_better) != set(names):
         raise ValueError(
-            f"mtjax: delta_m: lower_is_better names {sorted(lower_is_better)} but the metrics are {sorted(names)}."
+          f"mtjax: delta_m: lower_is_better names {sorted(lower_is_better)} but the metrics are {sorted(names)}."
         )
       lower = np.array([bool(lower_is_better[k]) for k in names])
     elif isinstance(lower_is_better, (bool, np.bool_)):
@@ -377,14 +375,16 @@ def delta_m(
     if lower.ndim == 0:
       lower = np.full(m.shape, bool(lower))
     if lower.shape != m.shape:
-      raise ValueError(f"mtjax: delta_m: lower_is_better has {lower.shape[0]} entries but there are {m.shape[0]} metrics.")
+      raise ValueError(
+        f"mtjax: delta_m: lower_is_better has {lower.shape[0]} entries but there are {m.shape[0]} metrics."
+      )
   if m.size == 0:
     raise ValueError("mtjax: delta_m: no metrics given.")
   bad_base = [names[i] for i in np.flatnonzero(~np.isfinite(b) | (b == 0))]
   if bad_base:
     raise ValueError(
-        f"mtjax: delta_m: the baseline is zero or non-finite for {bad_base}; the relative change is "
-        "undefined. Use a metric with a nonzero baseline or leave that task out."
+      f"mtjax: delta_m: the baseline is zero or non-finite for {bad_base}; the relative change is "
+      "undefined. Use a metric with a nonzero baseline or leave that task out."
     )
   bad = [names[i] for i in np.flatnonzero(~np.isfinite(m))]
   if bad:

@@ -22,8 +22,9 @@ REPO_ROOT = os.path.dirname(RESEARCH_DIR)
 def parser(name: str, description: str) -> argparse.ArgumentParser:
   """The common command line: ``--fast`` (a tiny setting for CI) and ``--out DIR``."""
   p = argparse.ArgumentParser(prog=f"research/{name}.py", description=description)
-  p.add_argument("--fast", action="store_true",
-                 help="tiny setting for CI and smoke tests (well under a minute on 2 CPU cores)")
+  p.add_argument(
+    "--fast", action="store_true", help="tiny setting for CI and smoke tests (well under a minute on 2 CPU cores)"
+  )
   p.add_argument("--out", default=None, help=f"output folder (default: research/outputs/{name}/)")
   return p
 
@@ -56,11 +57,10 @@ def save(fig, path: str) -> str:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-  """A padded markdown table from string cells."""
-  rows = [[str(c) for c in r] for r in rows]
-  widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-  fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-  return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows])
+  """A padded markdown table from string cells (the public :func:`mtjax.experiment.markdown_table`)."""
+  from mtjax import experiment
+
+  return experiment.markdown_table(header, rows)
 
 
 def mean_std(values, digits: int = 4) -> str:

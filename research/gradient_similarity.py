@@ -39,15 +39,20 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-import _common  # noqa: E402
 import mtjax  # noqa: E402
 from mtjax import data as data_lib  # noqa: E402
 from mtjax import models  # noqa: E402
+from mtjax._src.plotting import band  # noqa: E402
+from mtjax._src.plotting import grid  # noqa: E402
+from mtjax._src.plotting import legend_outside  # noqa: E402
+from mtjax._src.plotting import method_colors  # noqa: E402
+from mtjax._src.plotting import task_colors  # noqa: E402
 
 NAME = "gradient_similarity"
 
@@ -70,8 +75,19 @@ class Config:
 
 
 FULL = Config()
-FAST = Config(correlations=(0.5, 0.0), methods=("linear", "pcgrad"), seeds=(0,), num_samples=2000, dim=20,
-              bottom=(16, 16, 8), tower=(4, 1), steps=60, batch_size=64, log_every=5, fast_compile=True)
+FAST = Config(
+  correlations=(0.5, 0.0),
+  methods=("linear", "pcgrad"),
+  seeds=(0,),
+  num_samples=2000,
+  dim=20,
+  bottom=(16, 16, 8),
+  tower=(4, 1),
+  steps=60,
+  batch_size=64,
+  log_every=5,
+  fast_compile=True,
+)
 
 
 def depth_groups(paths: Sequence[str]) -> list:
@@ -155,8 +171,7 @@ def train(init, block, cfg: Config, train_sets: Sequence) -> dict:
 def run(cfg: Config = FULL, *, log=print) -> dict:
   """``{'config', 'layers', 'runs': {(method, correlation): stats}}``; each method compiles once."""
   data = {p: datasets(cfg, p) for p in cfg.correlations}
-  out = {"config": dataclasses.asdict(cfg), "layers": layer_names(cfg), "task_names": ["task_1", "task_2"],
-         "runs": {}}
+  out = {"config": dataclasses.asdict(cfg), "layers": layer_names(cfg), "task_names": ["task_1", "task_2"], "runs": {}}
   for m in cfg.methods:
     init, block = make_block_fn(m, cfg)
     for p in cfg.correlations:
@@ -176,8 +191,11 @@ def pair_cosine(cos: np.ndarray) -> np.ndarray:
 def windows(num_records: int) -> dict:
   """Record index ranges of the early (first 10%), mid (50-75%) and late (last 25%) phases."""
   n = num_records
-  return {"early": slice(0, max(1, n // 10)), "mid": slice(n // 2, max(n // 2 + 1, 3 * n // 4)),
-          "late": slice(min(3 * n // 4, n - 1), n)}
+  return {
+    "early": slice(0, max(1, n // 10)),
+    "mid": slice(n // 2, max(n // 2 + 1, 3 * n // 4)),
+    "late": slice(min(3 * n // 4, n - 1), n),
+  }
 
 
 def _phase(series: np.ndarray, phase: str) -> np.ndarray:
@@ -189,13 +207,14 @@ def layer_table(res: dict, method: str = "linear") -> str:
   cfg = res["config"]
   main = cfg["main_correlation"]
   others = [p for p in cfg["correlations"] if p != main]
-  header = (["layer"] + [f"{ph} (p={main:g})" for ph in ("early", "mid", "late")]
-            + [f"late (p={p:g})" for p in others])
+  header = ["layer"] + [f"{ph} (p={main:g})" for ph in ("early", "mid", "late")] + [f"late (p={p:g})" for p in others]
   rows = []
   for k, name in enumerate(res["layers"] + ["whole model"]):
+
     def series(p):
       r = res["runs"][method, p]
       return pair_cosine(r["cosine_groups"][:, :, k] if k < len(res["layers"]) else r["cosine"])
+
     cells = [name] + [_common.mean_std(_phase(series(main), ph), 3) for ph in ("early", "mid", "late")]
     cells += [_common.mean_std(_phase(series(p), "late"), 3) for p in others]
     rows.append(cells)
@@ -204,14 +223,15 @@ def layer_table(res: dict, method: str = "linear") -> str:
 
 def alignment_table(res: dict) -> str:
   names = res["task_names"]
-  header = (["method", "p"] + [f"late cos({n}, d)" for n in names]
-            + ["late cos(g1, g2)", "steps with conflict"])
+  header = ["method", "p"] + [f"late cos({n}, d)" for n in names] + ["late cos(g1, g2)", "steps with conflict"]
   rows = []
   for (m, p), r in res["runs"].items():
     al = _phase(r["alignment"], "late")  # [S, T]
-    rows.append([m, f"{p:g}"] + [_common.mean_std(al[:, t], 3) for t in range(len(names))]
-                + [_common.mean_std(_phase(pair_cosine(r["cosine"]), "late"), 3),
-                   f"{100 * r['conflict'].mean():.1f}%"])
+    rows.append(
+      [m, f"{p:g}"]
+      + [_common.mean_std(al[:, t], 3) for t in range(len(names))]
+      + [_common.mean_std(_phase(pair_cosine(r["cosine"]), "late"), 3), f"{100 * r['conflict'].mean():.1f}%"]
+    )
   return _common.markdown_table(header, rows)
 
 
@@ -222,18 +242,21 @@ def observations(res: dict, method: str = "linear") -> str:
   layer_cos = pair_cosine(r["cosine_groups"])  # [S, R, K]
   early, mid, late = (_phase(layer_cos, ph).mean(0) for ph in ("early", "mid", "late"))
   names = res["layers"]
-  by_corr = {p: float(_phase(pair_cosine(res["runs"][method, p]["cosine"]), "late").mean())
-             for p in cfg["correlations"]}
+  by_corr = {
+    p: float(_phase(pair_cosine(res["runs"][method, p]["cosine"]), "late").mean()) for p in cfg["correlations"]
+  }
   order = sorted(by_corr, reverse=True)
   ordered = all(by_corr[a] > by_corr[b] for a, b in zip(order, order[1:]))
-  return "\n".join([
+  return "\n".join(
+    [
       f"- settles (p={main:g}): largest per-layer change early -> mid {np.abs(mid - early).max():.3f}, "
       f"mid -> late {np.abs(late - mid).max():.3f}",
       f"- differs by depth (p={main:g}): late cosine from {late.min():+.3f} ({names[int(np.argmin(late))]}) to "
       f"{late.max():+.3f} ({names[int(np.argmax(late))]})",
       f"- higher for more related tasks: late whole-model cosine "
       f"{', '.join(f'p={p:g}: {by_corr[p]:+.3f}' for p in order)} -> {'ordered' if ordered else 'NOT ordered'} by p",
-  ])
+    ]
+  )
 
 
 def plot_over_steps(res: dict, method: str = "linear", correlation: Optional[float] = None, smooth: float = 0.1):
@@ -242,28 +265,50 @@ def plot_over_steps(res: dict, method: str = "linear", correlation: Optional[flo
   r = res["runs"][method, p]
   series = pair_cosine(r["cosine_groups"]).mean(0)  # [R, K]
   return mtjax.analysis.plot_similarity_over_steps(
-      r["steps"], _common.ema(series, smooth), labels=res["layers"],
-      title=f"task-gradient cosine per layer ({method}, p={p:g})")
+    r["steps"],
+    _common.ema(series, smooth),
+    labels=res["layers"],
+    title=f"task-gradient cosine per layer ({method}, p={p:g})",
+  )
 
 
 def plot_by_correlation(res: dict, method: str = "linear", smooth: float = 0.1):
-  """One panel per layer (and the whole model), one curve per task correlation."""
+  """One panel per layer (and the whole model), one curve per task correlation (line: seed mean,
+  band: min--max over seeds; EMA-smoothed); one legend outside the panels."""
   plt = _common.pyplot()
   cors = res["config"]["correlations"]
   names = res["layers"] + ["whole model"]
-  fig, axes = plt.subplots(1, len(names), figsize=(3.1 * len(names), 3), squeeze=False, sharey=True)
+  fig, axes = grid(len(names), ncols=4, panel=(3.1, 2.8), sharey=True)
+  cmap = plt.get_cmap("viridis")
+  order = sorted(cors, reverse=True)
+  nseeds = 1
   for p in cors:
     r = res["runs"][method, p]
-    series = np.concatenate([pair_cosine(r["cosine_groups"]), pair_cosine(r["cosine"])[..., None]], -1).mean(0)
-    for k, ax in enumerate(axes[0]):
-      ax.plot(r["steps"], _common.ema(series[:, k], smooth), label=f"p={p:g}")
-  for ax, name in zip(axes[0], names):
+    series = np.concatenate([pair_cosine(r["cosine_groups"]), pair_cosine(r["cosine"])[..., None]], -1)  # [S, R, K+1]
+    nseeds = series.shape[0]
+    colour = cmap(0.85 * order.index(p) / max(1, len(order) - 1))
+    for k, ax in enumerate(axes):
+      band(
+        ax,
+        r["steps"],
+        np.asarray([_common.ema(seed[:, k], smooth) for seed in series]),
+        color=colour,
+        label=f"p = {p:g}",
+      )
+  for i, (ax, name) in enumerate(zip(axes, names)):
     ax.axhline(0, color="gray", lw=0.8, ls="--")
     ax.set_title(name, fontsize=9)
     ax.set_xlabel("step")
-  axes[0, 0].set_ylabel(f"cosine ({method})")
-  axes[0, -1].legend(fontsize=7)
+    ax.grid(alpha=0.25)
+    if i % 4 == 0:
+      ax.set_ylabel(f"task-gradient cosine ({method})", fontsize=8.5)
+  fig.suptitle(
+    "task-gradient cosine per layer and task correlation p"
+    + (f" (line: mean, band: min–max over {nseeds} seeds)" if nseeds > 1 else ""),
+    fontsize=9.5,
+  )
   fig.tight_layout()
+  legend_outside(fig, axes[:1], title="task correlation")
   return fig
 
 
@@ -275,12 +320,20 @@ def plot_layer_step_heatmap(res: dict, method: str = "linear", correlation: Opti
   series = pair_cosine(r["cosine_groups"]).mean(0)  # [R, K]
   lim = max(1e-3, float(np.abs(series).max()))
   fig, ax = plt.subplots(figsize=(7, 0.5 * len(res["layers"]) + 1.2))
-  im = ax.imshow(series.T, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-lim, vmax=lim,
-                 extent=(r["steps"][0], r["steps"][-1], -0.5, len(res["layers"]) - 0.5))
+  im = ax.imshow(
+    series.T,
+    aspect="auto",
+    origin="lower",
+    cmap="RdBu_r",
+    vmin=-lim,
+    vmax=lim,
+    extent=(r["steps"][0], r["steps"][-1], -0.5, len(res["layers"]) - 0.5),
+  )
   ax.set_yticks(range(len(res["layers"])), res["layers"], fontsize=8)
   ax.set_xlabel("step")
   ax.set_title(f"task-gradient cosine by layer and step ({method}, p={p:g})", fontsize=9)
-  fig.colorbar(im, ax=ax)
+  cb = fig.colorbar(im, ax=ax)
+  cb.set_label(f"cosine (colour range ±{lim:.2f})", fontsize=8)
   return fig
 
 
@@ -293,21 +346,34 @@ def plot_heatmaps(res: dict, method: str = "linear", correlation: Optional[float
 
 
 def plot_alignment(res: dict, correlation: Optional[float] = None, smooth: float = 0.1):
-  """``cos(g_t, d)`` of every task with each method's combined direction, over steps."""
-  plt = _common.pyplot()
+  """``cos(g_t, d)`` of every task with each method's combined direction, over steps: one panel per
+  method (title in the method's colour), one colour per task (line: seed mean, band: min--max)."""
   p = res["config"]["main_correlation"] if correlation is None else correlation
-  methods = res["config"]["methods"]
-  fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3), squeeze=False, sharey=True)
-  for ax, m in zip(axes[0], methods):
+  methods = list(res["config"]["methods"])
+  colors = method_colors(methods)
+  tcol = task_colors(len(res["task_names"]))
+  fig, axes = grid(len(methods), ncols=4, panel=(3.6, 2.8), sharey=True)
+  for i, (ax, m) in enumerate(zip(axes, methods)):
     r = res["runs"][m, p]
-    al = r["alignment"].mean(0)  # [R, T]
+    al = r["alignment"]  # [S, R, T]
     for t, name in enumerate(res["task_names"]):
-      ax.plot(r["steps"], _common.ema(al[:, t], smooth), label=name)
+      band(
+        ax,
+        r["steps"],
+        np.asarray([_common.ema(seed[:, t], smooth) for seed in al]),
+        color=tcol[t],
+        label=name,
+        ls=("-", "--", ":", "-.")[t % 4],
+      )
     ax.axhline(0, color="gray", lw=0.8, ls="--")
-    ax.set_title(f"{m}: cos(task gradient, update), p={p:g}", fontsize=9)
+    ax.set_title(m, fontsize=9.5, color=colors[m], fontweight="bold")
     ax.set_xlabel("step")
-  axes[0, -1].legend(fontsize=7)
+    ax.grid(alpha=0.25)
+    if i % 4 == 0:
+      ax.set_ylabel("cos(task gradient, update)", fontsize=8.5)
+  fig.suptitle(f"alignment of each task gradient with the update direction (p = {p:g}, EMA)", fontsize=9.5)
   fig.tight_layout()
+  legend_outside(fig, axes[:1], title="task")
   return fig
 
 
@@ -322,16 +388,26 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   out = _common.out_dir(args.out, NAME)
   with _common.Timer() as timer:
     res = run(cfg)
-  text = (f"Task-gradient cosine per shared layer (linear, mean ± std over {len(cfg.seeds)} seeds, {cfg.steps} "
-          f"steps, averaged over blocks of {cfg.log_every} steps):\n\n{layer_table(res)}\n\nObservations:\n"
-          f"{observations(res)}\n\nAfter the method's surgery: alignment of each task gradient with the update "
-          f"direction d (late training):\n\n{alignment_table(res)}\n\nwall time {timer.seconds:.1f} s")
+  text = (
+    f"Task-gradient cosine per shared layer (linear, mean ± std over {len(cfg.seeds)} seeds, {cfg.steps} "
+    f"steps, averaged over blocks of {cfg.log_every} steps):\n\n{layer_table(res)}\n\nObservations:\n"
+    f"{observations(res)}\n\nAfter the method's surgery: alignment of each task gradient with the update "
+    f"direction d (late training):\n\n{alignment_table(res)}\n\nwall time {timer.seconds:.1f} s"
+  )
   print(text)
   _common.write_text(os.path.join(out, "table.md"), text)
-  _common.write_json(os.path.join(out, "results.json"), {
-      "config": res["config"], "layers": res["layers"], "wall_seconds": timer.seconds,
-      "runs": {f"{m}@{p:g}": {k: r[k] for k in ("steps", "cosine", "cosine_groups", "alignment", "conflict")}
-               for (m, p), r in res["runs"].items()}})
+  _common.write_json(
+    os.path.join(out, "results.json"),
+    {
+      "config": res["config"],
+      "layers": res["layers"],
+      "wall_seconds": timer.seconds,
+      "runs": {
+        f"{m}@{p:g}": {k: r[k] for k in ("steps", "cosine", "cosine_groups", "alignment", "conflict")}
+        for (m, p), r in res["runs"].items()
+      },
+    },
+  )
   _common.save(plot_over_steps(res), os.path.join(out, "similarity_over_steps.png"))
   _common.save(plot_by_correlation(res), os.path.join(out, "similarity_by_layer_and_correlation.png"))
   _common.save(plot_layer_step_heatmap(res), os.path.join(out, "layer_step_heatmap.png"))

@@ -58,15 +58,17 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-import _common  # noqa: E402
 import mtjax  # noqa: E402
 from mtjax import data as data_lib  # noqa: E402
+from mtjax import experiment  # noqa: E402
 from mtjax import models  # noqa: E402
+from mtjax._src.plotting import legend_outside  # noqa: E402
 
 NAME = "mmoe_synthetic_ablation"
 MODEL_NAMES = ("Shared-Bottom", "OMoE", "MMoE")
@@ -97,17 +99,30 @@ class Config:
 
 
 FULL = Config()
-FAST = Config(seeds=(0, 1), learning_rates=(1e-2,), num_train=1024, num_valid=256, num_test=256, dim=20, steps=120,
-              batch_size=64, eval_every=40, num_experts=4, expert_units=8, tower_units=4, bottom_units=24,
-              fast_compile=True)
+FAST = Config(
+  seeds=(0, 1),
+  learning_rates=(1e-2,),
+  num_train=1024,
+  num_valid=256,
+  num_test=256,
+  dim=20,
+  steps=120,
+  batch_size=64,
+  eval_every=40,
+  num_experts=4,
+  expert_units=8,
+  tower_units=4,
+  bottom_units=24,
+  fast_compile=True,
+)
 
 
 def build_models(cfg: Config) -> dict:
   tower = (cfg.tower_units, 1)
   return {
-      "Shared-Bottom": models.SharedBottom(num_tasks=2, bottom=(cfg.bottom_units,), tower=tower),
-      "OMoE": models.OMoE(num_tasks=2, num_experts=cfg.num_experts, expert=(cfg.expert_units,), tower=tower),
-      "MMoE": models.MMoE(num_tasks=2, num_experts=cfg.num_experts, expert=(cfg.expert_units,), tower=tower),
+    "Shared-Bottom": models.SharedBottom(num_tasks=2, bottom=(cfg.bottom_units,), tower=tower),
+    "OMoE": models.OMoE(num_tasks=2, num_experts=cfg.num_experts, expert=(cfg.expert_units,), tower=tower),
+    "MMoE": models.MMoE(num_tasks=2, num_experts=cfg.num_experts, expert=(cfg.expert_units,), tower=tower),
   }
 
 
@@ -160,7 +175,7 @@ def batch_indices(cfg: Config, replica_seeds: Sequence[int], start: int, num_ste
       epoch, pos = divmod(start + k, per_epoch)
       if (seed, epoch) not in orders:
         orders[seed, epoch] = data_lib.epoch_order(cfg.num_train, seed=seed, epoch=epoch)
-      out[r, k] = orders[seed, epoch][pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
+      out[r, k] = orders[seed, epoch][pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
   return out
 
 
@@ -219,8 +234,10 @@ def train_model(model, cfg: Config, arrays: dict, *, log=print) -> dict:
       curves["train_curve"].append(np.asarray(train_losses))
       curves["valid_curve"].append(np.asarray(evaluate(params, a["x_valid"], a["y_valid"])))
       curves["test_curve"].append(np.asarray(evaluate(params, a["x_test"], a["y_test"])))
-  log(f"  {num_params} parameters; trained {len(reps)} data replicas x {num_lr} learning rates x {cfg.steps} "
-      f"steps in {timer.seconds:.1f} s")
+  log(
+    f"  {num_params} parameters; trained {len(reps)} data replicas x {num_lr} learning rates x {cfg.steps} "
+    f"steps in {timer.seconds:.1f} s"
+  )
   return {"num_params": num_params, "seconds": timer.seconds, **{k: np.asarray(v) for k, v in curves.items()}}
 
 
@@ -258,9 +275,12 @@ def run(cfg: Config = FULL, *, log=print) -> dict:
     losses["end"].append(r["test_nmse"][end, :, li].mean(0).reshape(c, s))
     losses["curve"].append(r["test_nmse"][:, :, li].mean(0).reshape(c, s))
     results[name] = r
-  return {"config": dataclasses.asdict(cfg), "models": results,
-          "losses": {k: np.stack(v) for k, v in losses.items()},
-          "label_corr": arrays["label_corr"].reshape(c, s)}
+  return {
+    "config": dataclasses.asdict(cfg),
+    "models": results,
+    "losses": {k: np.stack(v) for k, v in losses.items()},
+    "label_corr": arrays["label_corr"].reshape(c, s),
+  }
 
 
 def selected_curves(res: dict, name: str, split: str = "test") -> np.ndarray:
@@ -277,20 +297,22 @@ def selected_curves(res: dict, name: str, split: str = "test") -> np.ndarray:
 def summary(r) -> dict:
   """Mean ± standard error of per-seed paired log ratios ``r`` and how many are above / below 0.
 
-  ``ratio = exp(mean)`` is the geometric-mean ratio; ``t = mean / se`` (``nan`` with one seed).
+  ``ratio = exp(mean)`` is the geometric-mean ratio; ``t = mean / se`` and ``p`` the exact
+  sign-flip p-value (``nan`` with one seed), from :func:`mtjax.experiment.difference_stats`, the
+  paired statistics of ``compare_grid``.
   """
-  r = np.asarray(r, np.float64).ravel()
-  n = r.size
-  mean = float(r.mean())
-  se = float(r.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-  if n > 1 and se > 0:
-    t = mean / se
-  elif n > 1:
-    t = float(np.copysign(np.inf, mean)) if mean != 0 else 0.0
-  else:
-    t = float("nan")
-  return {"ratio": float(np.exp(mean)), "log_mean": mean, "log_se": se, "t": float(t),
-          "above": int(np.sum(r > 0)), "below": int(np.sum(r < 0)), "n": n}
+  s = experiment.difference_stats(r)
+  nan = lambda v: float("nan") if v is None else float(v)
+  return {
+    "ratio": float(np.exp(s.mean)),
+    "log_mean": s.mean,
+    "log_se": nan(s.se),
+    "t": nan(s.t),
+    "above": s.wins,
+    "below": s.losses,
+    "n": s.n,
+    "p": nan(s.p),
+  }
 
 
 def paired(a, b) -> dict:
@@ -318,25 +340,31 @@ def trends(res: dict, metric: str = "end") -> dict:
   for m, i in idx.items():
     adjacent = [paired(loss[i, a], loss[i, b]) for a, b in zip(order[:-1], order[1:])]
     extreme = paired(loss[i, lo], loss[i, hi])
-    correlation[m] = {"lowest_vs_highest": extreme, "adjacent": adjacent,
-                      "holds": bool(extreme["t"] >= SIGNIFICANT and all(p["log_mean"] > 0 for p in adjacent))}
+    correlation[m] = {
+      "lowest_vs_highest": extreme,
+      "adjacent": adjacent,
+      "holds": bool(extreme["t"] >= SIGNIFICANT and all(p["log_mean"] > 0 for p in adjacent)),
+    }
   degradation = {m: np.log(loss[i, lo] / loss[i, hi]) for m, i in idx.items()}
   mmoe_vs = {o: summary(degradation["MMoE"] - degradation[o]) for o in ("Shared-Bottom", "OMoE")}
   sb = idx["Shared-Bottom"]
   beat = {}
   for m in ("OMoE", "MMoE"):
     per = [paired(loss[idx[m], j], loss[sb, j]) for j in range(len(cors))]
-    beat[m] = {"per_correlation": per, "pooled": paired(loss[idx[m]], loss[sb]),
-               "holds": bool(all(p["t"] <= -SIGNIFICANT for p in per))}
+    beat[m] = {
+      "per_correlation": per,
+      "pooled": paired(loss[idx[m]], loss[sb]),
+      "holds": bool(all(p["t"] <= -SIGNIFICANT for p in per)),
+    }
   return {
-      "metric": metric,
-      "every_model_better_at_higher_correlation": all(v["holds"] for v in correlation.values()),
-      "better_at_higher": correlation,
-      "mmoe_degrades_least": bool(all(v["t"] <= -SIGNIFICANT for v in mmoe_vs.values())),
-      "degradation": {m: summary(v) for m, v in degradation.items()},
-      "mmoe_degradation_minus": mmoe_vs,
-      "both_moe_beat_shared_bottom": all(v["holds"] for v in beat.values()),
-      "moe_vs_shared_bottom": beat,
+    "metric": metric,
+    "every_model_better_at_higher_correlation": all(v["holds"] for v in correlation.values()),
+    "better_at_higher": correlation,
+    "mmoe_degrades_least": bool(all(v["t"] <= -SIGNIFICANT for v in mmoe_vs.values())),
+    "degradation": {m: summary(v) for m, v in degradation.items()},
+    "mmoe_degradation_minus": mmoe_vs,
+    "both_moe_beat_shared_bottom": all(v["holds"] for v in beat.values()),
+    "moe_vs_shared_bottom": beat,
   }
 
 
@@ -359,8 +387,11 @@ def table(res: dict, metric: str = "end") -> str:
   lo, hi = min(cors), max(cors)
   loss = res["losses"][metric]
   tr = trends(res, metric)
-  header = (["model", "params", "Adam lr"] + [f"corr {p:g}" for p in cors]
-            + [f"loss({lo:g}) / loss({hi:g})", "vs Shared-Bottom"])
+  header = (
+    ["model", "params", "Adam lr"]
+    + [f"corr {p:g}" for p in cors]
+    + [f"loss({lo:g}) / loss({hi:g})", "vs Shared-Bottom"]
+  )
   rows = []
   for i, m in enumerate(MODEL_NAMES):
     cells = [m, str(res["models"][m]["num_params"]), f"{res['models'][m]['best_lr']:g}"]
@@ -385,22 +416,48 @@ def verdict(res: dict, metric: str = "end") -> str:
   lines = [f"- (1) every model better at higher correlation: {yes(tr['every_model_better_at_higher_correlation'])}"]
   for m, v in tr["better_at_higher"].items():
     p = v["lowest_vs_highest"]
-    steps = ", ".join(f"{a:g} vs {b:g} {_pct(q, se=False)} ({q['above']}/{q['n']})"
-                      for (a, b), q in zip(zip(order[:-1], order[1:]), v["adjacent"]))
-    lines.append(f"    {m}: loss({lo:g}) / loss({hi:g}) {_pct(p)}, higher in {p['above']}/{p['n']} seeds "
-                 f"[{steps}]: {yes(v['holds'])}")
+    steps = ", ".join(
+      f"{a:g} vs {b:g} {_pct(q, se=False)} ({q['above']}/{q['n']})"
+      for (a, b), q in zip(zip(order[:-1], order[1:]), v["adjacent"])
+    )
+    lines.append(
+      f"    {m}: loss({lo:g}) / loss({hi:g}) {_pct(p)}, higher in {p['above']}/{p['n']} seeds "
+      f"[{steps}]: {yes(v['holds'])}"
+    )
   lines.append(f"- (2) MMoE degrades least as the correlation drops: {yes(tr['mmoe_degrades_least'])}")
-  lines.append("    degradation loss(%g) / loss(%g): " % (lo, hi)
-               + ", ".join(f"{m} {_pct(p, se=False)}" for m, p in tr["degradation"].items()))
+  lines.append(
+    f"    degradation loss({lo:g}) / loss({hi:g}): "
+    + ", ".join(f"{m} {_pct(p, se=False)}" for m, p in tr["degradation"].items())
+  )
   for o, q in tr["mmoe_degradation_minus"].items():
-    lines.append(f"    MMoE's log degradation minus {o}'s: {100 * q['log_mean']:+.1f} ± {100 * q['log_se']:.1f} "
-                 f"(x100), MMoE degrades less in {q['below']}/{q['n']} seeds")
-  lines.append(f"- (3) both MoE models beat Shared-Bottom at every correlation: "
-               f"{yes(tr['both_moe_beat_shared_bottom'])}")
+    lines.append(
+      f"    MMoE's log degradation minus {o}'s: {100 * q['log_mean']:+.1f} ± {100 * q['log_se']:.1f} "
+      f"(x100), MMoE degrades less in {q['below']}/{q['n']} seeds"
+    )
+  lines.append(
+    f"- (3) both MoE models beat Shared-Bottom at every correlation: {yes(tr['both_moe_beat_shared_bottom'])}"
+  )
   for m, v in tr["moe_vs_shared_bottom"].items():
     per = ", ".join(f"{p:g}: {_pct(q)} ({q['below']}/{q['n']})" for p, q in zip(cors, v["per_correlation"]))
     lines.append(f"    loss({m}) / loss(Shared-Bottom) [{per}]: {yes(v['holds'])}")
   return "\n".join(lines)
+
+
+def seed_caveat(res: dict) -> str:
+  """A warning generated from the number of seeds when no paired test could show an effect (else "").
+
+  With ``n`` seeds the exact sign-flip test (:func:`mtjax.experiment.difference_stats`) cannot go
+  below ``2 / 2**n``; at 0.05 or above (``n <= 5``, the fast setting) a verdict of "yes" (the
+  mean ``SIGNIFICANT`` standard errors from 0) is not evidence.
+  """
+  n = len(res["config"]["seeds"])
+  least = 2.0 / 2**n
+  if least < 0.05:
+    return ""
+  return (
+    f"Caveat: with {n} seed{'s' if n != 1 else ''} no paired test can show an effect (the smallest "
+    f"possible sign-flip p-value is {least:g}); the verdicts above are not evidence either way."
+  )
 
 
 def report(res: dict, seconds: Optional[float] = None) -> str:
@@ -408,13 +465,19 @@ def report(res: dict, seconds: Optional[float] = None) -> str:
   cfg = res["config"]
   s = len(cfg["seeds"])
   corr = ", ".join(f"{p:g}: {_mean_se(res['label_corr'][j], 2)}" for j, p in enumerate(cfg["correlations"]))
-  blocks = [f"Test NMSE (MSE / label variance, mean of the 2 tasks), mean ± s.e. over {s} seeds; "
-            f"{cfg['num_train']} training samples, {cfg['steps']} steps, labels "
-            f"{'standardized' if cfg['standardize_labels'] else 'raw'}. Pearson correlation of the two labels "
-            f"at each p: {corr}."]
+  blocks = [
+    f"Test NMSE (MSE / label variance, mean of the 2 tasks), mean ± s.e. over {s} seeds; "
+    f"{cfg['num_train']} training samples, {cfg['steps']} steps, labels "
+    f"{'standardized' if cfg['standardize_labels'] else 'raw'}. Pearson correlation of the two labels "
+    f"at each p: {corr}."
+  ]
   for metric, label in METRICS.items():
-    blocks.append(f"{label.capitalize()}:\n\n{table(res, metric)}\n\nPaper's trends ({label}; paired over seeds, "
-                  f"mean ± s.e. of log ratios, 'yes' = at least {SIGNIFICANT:g} s.e. from 0):\n{verdict(res, metric)}")
+    blocks.append(
+      f"{label.capitalize()}:\n\n{table(res, metric)}\n\nPaper's trends ({label}; paired over seeds, "
+      f"mean ± s.e. of log ratios, 'yes' = at least {SIGNIFICANT:g} s.e. from 0):\n{verdict(res, metric)}"
+    )
+  if seed_caveat(res):
+    blocks.append(seed_caveat(res))
   if seconds is not None:
     blocks.append(f"wall time {seconds:.1f} s")
   return "\n\n".join(blocks)
@@ -425,20 +488,37 @@ def report(res: dict, seconds: Optional[float] = None) -> str:
 _STYLES = ("-", "--", ":", "-.")
 
 
+MODEL_COLORS = {"Shared-Bottom": "#1f77b4", "OMoE": "#ff7f0e", "MMoE": "#2ca02c"}  # the same in every figure
+
+
+def _corr_colors(cors) -> dict:
+  """One colour per task correlation, ordered (light = low p, dark = high p), the same in every figure."""
+  cmap = _common.pyplot().get_cmap("viridis")
+  order = sorted(cors)
+  return {p: cmap(0.85 - 0.75 * order.index(p) / max(1, len(order) - 1)) for p in cors}
+
+
 def plot_loss_vs_correlation(res: dict):
   plt = _common.pyplot()
   cors = np.asarray(res["config"]["correlations"])
   fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 3.5), squeeze=False)
+  dodge = 0.012 * (cors.max() - cors.min() or 1.0)  # models side by side at each p: error bars do not overlap
+  nseeds = 1
   for ax, (metric, label) in zip(axes[0], METRICS.items()):
     for i, m in enumerate(MODEL_NAMES):
       y = res["losses"][metric][i]
+      nseeds = y.shape[-1]
       se = y.std(-1, ddof=1) / np.sqrt(y.shape[-1]) if y.shape[-1] > 1 else None
-      ax.errorbar(cors, y.mean(-1), yerr=se, marker="o", capsize=3, label=m)
+      ax.errorbar(
+        cors + (i - 1) * dodge, y.mean(-1), yerr=se, marker="o", ms=4, capsize=3, label=m, color=MODEL_COLORS.get(m)
+      )
     ax.set_xlabel("task correlation p")
-    ax.set_title(label)
-  axes[0, 0].set_ylabel("test NMSE (mean ± s.e. over seeds)")
-  axes[0, -1].legend()
+    ax.set_xticks(cors)
+    ax.set_title(label, fontsize=10)
+    ax.grid(alpha=0.25)
+  axes[0, 0].set_ylabel(f"test NMSE (mean ± s.e. over {nseeds} seeds)", fontsize=9)
   fig.tight_layout()
+  legend_outside(fig, axes[0, :1], title="model")
   return fig
 
 
@@ -446,22 +526,28 @@ def plot_learning_curves(res: dict, *, split: str = "test"):
   """NMSE over steps like the paper's Fig. 4: one panel per model, one curve per correlation (mean ± s.e.)."""
   plt = _common.pyplot()
   cors = res["config"]["correlations"]
+  colors = _corr_colors(cors)
   fig, axes = plt.subplots(1, len(MODEL_NAMES), figsize=(4 * len(MODEL_NAMES), 3.3), squeeze=False, sharey=True)
+  nseeds = 1
   for ax, m in zip(axes[0], MODEL_NAMES):
     curve = selected_curves(res, m, split)  # [K, C, S]
+    nseeds = curve.shape[-1]
     steps = res["models"][m]["steps"]
     for j, p in enumerate(cors):
       mean = curve[:, j].mean(-1)
-      line, = ax.plot(steps, mean, _STYLES[j % len(_STYLES)], label=f"p = {p:g}")
+      (line,) = ax.plot(steps, mean, _STYLES[j % len(_STYLES)], color=colors[p], label=f"p = {p:g}")
       if curve.shape[-1] > 1:
         se = curve[:, j].std(-1, ddof=1) / np.sqrt(curve.shape[-1])
-        ax.fill_between(steps, mean - se, mean + se, color=line.get_color(), alpha=0.2)
-    ax.set_title(f"{m} (lr {res['models'][m]['best_lr']:g})")
+        ax.fill_between(steps, mean - se, mean + se, color=line.get_color(), alpha=0.15, lw=0)
+    ax.set_title(f"{m} (lr {res['models'][m]['best_lr']:g})", fontsize=10)
     ax.set_xlabel("step")
     ax.set_yscale("log")
+    ax.grid(alpha=0.25, which="both")
   axes[0, 0].set_ylabel(f"{split} NMSE" + (" (mean over each chunk)" if split == "train" else ""))
-  axes[0, -1].legend()
+  if nseeds > 1:
+    fig.suptitle(f"{split} NMSE over training; line: mean, band: ± 1 s.e. over {nseeds} seeds", fontsize=10)
   fig.tight_layout()
+  legend_outside(fig, axes[0, :1], title="task correlation")
   return fig
 
 
@@ -469,6 +555,7 @@ def plot_correlation_gap(res: dict):
   """Paired geometric-mean ratio loss(p) / loss(p_max) over steps per model (± 2 s.e.): > 1 = worse at lower p."""
   plt = _common.pyplot()
   cors = list(res["config"]["correlations"])
+  colors = _corr_colors(cors)
   hi = int(np.argmax(cors))
   fig, axes = plt.subplots(1, len(MODEL_NAMES), figsize=(4 * len(MODEL_NAMES), 3.3), squeeze=False, sharey=True)
   for ax, m in zip(axes[0], MODEL_NAMES):
@@ -479,16 +566,20 @@ def plot_correlation_gap(res: dict):
         continue
       r = np.log(curve[:, j] / curve[:, hi])  # [K, S]
       mean = r.mean(-1)
-      line, = ax.plot(steps, np.exp(mean), label=f"p = {p:g} vs {cors[hi]:g}")
+      (line,) = ax.plot(steps, np.exp(mean), color=colors[p], label=f"p = {p:g} vs {cors[hi]:g}")
       if r.shape[-1] > 1:
         se = r.std(-1, ddof=1) / np.sqrt(r.shape[-1])
-        ax.fill_between(steps, np.exp(mean - 2 * se), np.exp(mean + 2 * se), color=line.get_color(), alpha=0.2)
+        ax.fill_between(steps, np.exp(mean - 2 * se), np.exp(mean + 2 * se), color=line.get_color(), alpha=0.15, lw=0)
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_title(m)
+    ax.set_title(m, fontsize=10)
     ax.set_xlabel("step")
-  axes[0, 0].set_ylabel("test loss ratio (paired, geometric mean)")
-  axes[0, -1].legend()
+    ax.grid(alpha=0.25)
+  axes[0, 0].set_ylabel("test loss ratio (paired, geometric mean)", fontsize=9)
+  fig.suptitle(
+    "test loss at lower task correlation relative to the highest (> 1: worse); band: ± 2 s.e. over seeds", fontsize=10
+  )
   fig.tight_layout()
+  legend_outside(fig, axes[0, :1], title="correlation")
   return fig
 
 
@@ -515,15 +606,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   text = report(res, timer.seconds)
   print(text)
   _common.write_text(os.path.join(out, "table.md"), text)
-  _common.write_json(os.path.join(out, "results.json"), {
-      "config": res["config"], "losses": res["losses"], "label_corr": res["label_corr"],
+  _common.write_json(
+    os.path.join(out, "results.json"),
+    {
+      "config": res["config"],
+      "losses": res["losses"],
+      "label_corr": res["label_corr"],
       "trends": {metric: trends(res, metric) for metric in METRICS},
       "num_params": {m: res["models"][m]["num_params"] for m in MODEL_NAMES},
       "best_lr": {m: res["models"][m]["best_lr"] for m in MODEL_NAMES},
       "valid_end_per_lr": {m: res["models"][m]["valid_end_per_lr"] for m in MODEL_NAMES},
       "steps": res["models"][MODEL_NAMES[0]]["steps"],
       "test_curves": {m: selected_curves(res, m) for m in MODEL_NAMES},
-      "wall_seconds": timer.seconds})
+      "wall_seconds": timer.seconds,
+    },
+  )
   _common.save(plot_loss_vs_correlation(res), os.path.join(out, "loss_vs_correlation.png"))
   _common.save(plot_learning_curves(res, split="test"), os.path.join(out, "learning_curves_test.png"))
   _common.save(plot_learning_curves(res, split="train"), os.path.join(out, "learning_curves_train.png"))

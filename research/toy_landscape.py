@@ -42,13 +42,16 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-import _common  # noqa: E402
 import mtjax  # noqa: E402
+from mtjax._src.plotting import grid  # noqa: E402
+from mtjax._src.plotting import legend_outside  # noqa: E402
+from mtjax._src.plotting import method_colors  # noqa: E402
 
 NAME = "toy_landscape"
 EPS = 5e-6
@@ -68,8 +71,15 @@ class Config:
 
 
 FULL = Config()
-FAST = Config(methods=("linear", "pcgrad", "mgda"), steps=3000, learning_rate=1e-2, record_every=20, grid=801,
-              tol=0.25, fast_compile=True)
+FAST = Config(
+  methods=("linear", "pcgrad", "mgda"),
+  steps=3000,
+  learning_rate=1e-2,
+  record_every=20,
+  grid=801,
+  tol=0.25,
+  fast_compile=True,
+)
 
 
 def toy_losses(x, xp=jnp):
@@ -87,11 +97,11 @@ def toy_losses(x, xp=jnp):
 def make_method(name: str):
   """The mtjax transform of a method name (first element of the optax chain)."""
   factories = {
-      "linear": lambda: mtjax.linear(num_tasks=2),
-      "pcgrad": lambda: mtjax.pcgrad(key=0, num_tasks=2),
-      "gradvac": lambda: mtjax.gradvac(key=0, num_tasks=2),
-      "mgda": lambda: mtjax.mgda(num_tasks=2),
-      "pareto_ltr": lambda: mtjax.pareto_ltr(lower_bounds=[0.2, 0.2]),
+    "linear": lambda: mtjax.linear(num_tasks=2),
+    "pcgrad": lambda: mtjax.pcgrad(key=0, num_tasks=2),
+    "gradvac": lambda: mtjax.gradvac(key=0, num_tasks=2),
+    "mgda": lambda: mtjax.mgda(num_tasks=2),
+    "pareto_ltr": lambda: mtjax.pareto_ltr(lower_bounds=[0.2, 0.2]),
   }
   if name not in factories:
     raise ValueError(f"unknown method {name!r}; choose from {sorted(factories)}")
@@ -151,8 +161,14 @@ def run(cfg: Config = FULL, *, log=print) -> dict:
     final = traj[:, -1]
     losses = toy_losses(final, xp=np).T  # [I, 2]
     gap = dominance_gap(losses, front)
-    out["methods"][m] = {"trajectories": traj, "final": final, "final_losses": losses, "gap": gap,
-                         "reached": gap <= cfg.tol, "seconds": t.seconds}
+    out["methods"][m] = {
+      "trajectories": traj,
+      "final": final,
+      "final_losses": losses,
+      "gap": gap,
+      "reached": gap <= cfg.tol,
+      "seconds": t.seconds,
+    }
     log(f"  {m}: {int(np.sum(gap <= cfg.tol))}/{len(cfg.inits)} reached the front ({t.seconds:.1f} s)")
   return out
 
@@ -180,27 +196,59 @@ def _contour(ax, lim=10.0, n=300):
   ax.contour(t, t, ls[1], levels=12, colors="tab:orange", linewidths=0.4, alpha=0.5)
 
 
+def _marker_legend(fig, axes, *, front_label: str, front_style: dict):
+  """The legend of the symbols (outside the panels): start, end on / off the front, the Pareto set or front."""
+  from matplotlib.lines import Line2D
+
+  handles = [
+    Line2D([], [], **front_style),
+    Line2D([], [], marker="o", ls="", color="gray", ms=5),
+    Line2D([], [], marker="*", ls="", color="red", mec="black", mew=0.5, ms=10),
+    Line2D([], [], marker="X", ls="", color="black", ms=8),
+  ]
+  labels = [front_label, "start (colour: initial point)", "end, on the Pareto front", "end, not on the front"]
+  legend_outside(fig, axes, handles=handles, labels=labels, where="below")
+
+
 def plot_trajectories(res: dict):
   """One panel per method: trajectories over the contours (grey: mean loss; blue/orange: L1/L2)."""
   plt = _common.pyplot()
   methods = list(res["methods"])
-  fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3.6), squeeze=False)
+  mcol = method_colors(methods)
+  fig, axes = grid(len(methods), ncols=4, panel=(3.5, 3.5))
   colors = plt.cm.viridis(np.linspace(0, 0.9, len(res["config"]["inits"])))
-  for ax, m in zip(axes[0], methods):
+  for i, (ax, m) in enumerate(zip(axes, methods)):
     _contour(ax)
     fp = res["front_points"]
-    ax.plot(fp[:, 0], fp[:, 1], ".", color="red", ms=1.5, label="Pareto set")
+    ax.plot(fp[:, 0], fp[:, 1], ".", color="gold", ms=1.2, zorder=2)
     r = res["methods"][m]
     for traj, ok, c in zip(r["trajectories"], r["reached"], colors):
-      ax.plot(traj[:, 0], traj[:, 1], color=c, lw=1.4)
-      ax.plot(*traj[0], "o", color=c, ms=4)
-      ax.plot(*traj[-1], "*" if ok else "X", color="red" if ok else "black", ms=9)
-    ax.set_title(f"{m} ({int(np.sum(r['reached']))}/{len(r['reached'])} on the front)", fontsize=9)
+      ax.plot(traj[:, 0], traj[:, 1], color=c, lw=1.4, zorder=3)
+      ax.plot(*traj[0], "o", color=c, ms=5, mec="white", mew=0.6, zorder=4)
+      ax.plot(
+        *traj[-1],
+        "*" if ok else "X",
+        color="red" if ok else "black",
+        mec="black" if ok else "white",
+        mew=0.5,
+        ms=10 if ok else 8,
+        zorder=5,
+      )
+    ax.set_title(
+      f"{m} ({int(np.sum(r['reached']))}/{len(r['reached'])} ends on the front)",
+      fontsize=9,
+      color=mcol[m],
+      fontweight="bold",
+    )
     ax.set_xlim(-10, 10)
     ax.set_ylim(-10, 10)
+    ax.set_aspect("equal")
     ax.set_xlabel("$x_1$")
-  axes[0, 0].set_ylabel("$x_2$")
+    if i % 4 == 0:
+      ax.set_ylabel("$x_2$")
+  fig.suptitle("trajectories in parameter space (grey: mean loss; blue / orange contours: $L_1$ / $L_2$)", fontsize=9.5)
   fig.tight_layout()
+  _marker_legend(fig, axes, front_label="Pareto set", front_style={"marker": ".", "ls": "", "color": "gold", "ms": 8})
   return fig
 
 
@@ -208,22 +256,36 @@ def plot_loss_space(res: dict):
   """Trajectories in the ``(L1, L2)`` plane with the Pareto front."""
   plt = _common.pyplot()
   methods = list(res["methods"])
-  fig, axes = plt.subplots(1, len(methods), figsize=(3.4 * len(methods), 3.2), squeeze=False, sharey=True)
+  mcol = method_colors(methods)
+  fig, axes = grid(len(methods), ncols=4, panel=(3.3, 3.2), sharey=True)
   colors = plt.cm.viridis(np.linspace(0, 0.9, len(res["config"]["inits"])))
-  for ax, m in zip(axes[0], methods):
-    ax.plot(res["front"][:, 0], res["front"][:, 1], color="red", lw=2, label="Pareto front")
+  for i, (ax, m) in enumerate(zip(axes, methods)):
+    ax.plot(res["front"][:, 0], res["front"][:, 1], color="red", lw=2, alpha=0.6, zorder=2)
     r = res["methods"][m]
-    for traj, c in zip(r["trajectories"], colors):
+    for traj, ok, c in zip(r["trajectories"], r["reached"], colors):
       ls = toy_losses(traj, xp=np)
-      ax.plot(ls[0], ls[1], color=c, lw=1)
-      ax.plot(ls[0, -1], ls[1, -1], "*", color=c, ms=8)
-    ax.set_title(m, fontsize=9)
+      ax.plot(ls[0], ls[1], color=c, lw=1, zorder=3)
+      ax.plot(ls[0, 0], ls[1, 0], "o", color=c, ms=5, mec="white", mew=0.6, zorder=4)
+      ax.plot(
+        ls[0, -1],
+        ls[1, -1],
+        "*" if ok else "X",
+        color="red" if ok else "black",
+        mec="black" if ok else "white",
+        mew=0.5,
+        ms=10 if ok else 8,
+        zorder=5,
+      )
+    ax.set_title(m, fontsize=9.5, color=mcol[m], fontweight="bold")
     ax.set_xlabel("$L_1$")
     ax.set_xlim(-21, 10)
     ax.set_ylim(-21, 10)
-  axes[0, 0].set_ylabel("$L_2$")
-  axes[0, 0].legend(fontsize=7)
+    ax.grid(alpha=0.25)
+    if i % 4 == 0:
+      ax.set_ylabel("$L_2$")
+  fig.suptitle("trajectories in loss space", fontsize=9.5)
   fig.tight_layout()
+  _marker_legend(fig, axes, front_label="Pareto front", front_style={"color": "red", "lw": 2, "alpha": 0.6})
   return fig
 
 
@@ -238,14 +300,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   out = _common.out_dir(args.out, NAME)
   with _common.Timer() as timer:
     res = run(cfg)
-  text = (f"Final (L1, L2) after {cfg.steps} Adam steps (lr {cfg.learning_rate:g}) and whether it is on the "
-          f"Pareto front (dominance gap <= {cfg.tol:g}):\n\n{table(res)}\n\nwall time {timer.seconds:.1f} s")
+  text = (
+    f"Final (L1, L2) after {cfg.steps} Adam steps (lr {cfg.learning_rate:g}) and whether it is on the "
+    f"Pareto front (dominance gap <= {cfg.tol:g}):\n\n{table(res)}\n\nwall time {timer.seconds:.1f} s"
+  )
   print(text)
   _common.write_text(os.path.join(out, "table.md"), text)
-  _common.write_json(os.path.join(out, "results.json"), {
-      "config": res["config"], "wall_seconds": timer.seconds,
-      "methods": {m: {k: r[k] for k in ("final", "final_losses", "gap", "reached", "seconds")}
-                  for m, r in res["methods"].items()}})
+  _common.write_json(
+    os.path.join(out, "results.json"),
+    {
+      "config": res["config"],
+      "wall_seconds": timer.seconds,
+      "methods": {
+        m: {k: r[k] for k in ("final", "final_losses", "gap", "reached", "seconds")} for m, r in res["methods"].items()
+      },
+    },
+  )
   _common.save(plot_trajectories(res), os.path.join(out, "trajectories.png"))
   _common.save(plot_loss_space(res), os.path.join(out, "loss_space.png"))
   print(f"figures and results in {out}")

@@ -60,8 +60,11 @@ def main(argv) -> int:
     print(f"no '--durations=0' lines in {argv[1]}")
     return 1
   with open(PATH, "w", encoding="utf-8") as f:
-    json.dump({"source": os.path.basename(argv[1]), "tests": {k: round(v, 2) for k, v in sorted(durations.items())}},
-              f, indent=0)
+    json.dump(
+      {"source": os.path.basename(argv[1]), "tests": {k: round(v, 2) for k, v in sorted(durations.items())}},
+      f,
+      indent=0,
+    )
     f.write("\n")
   print(f"{len(durations)} tests, {sum(durations.values()):.0f} s in all -> {PATH}")
   return 0

@@ -38,6 +38,7 @@ def test_readme_python_blocks_run(index, capsys):
 
 def test_readme_config_is_valid():
   from mtjax import experiment
+
   (block,) = _blocks("toml")
   cfg = experiment.from_dict(tomllib.loads(block))  # validated up front, as `mtjax run` does
   assert cfg.model["name"] == "mmoe" and cfg.method["name"] == "pcgrad"
@@ -46,6 +47,7 @@ def test_readme_config_is_valid():
 def test_readme_lists_every_method_and_model():
   text = open(README, encoding="utf-8").read()
   from mtjax.experiment import _registry
+
   for name in _registry.METHODS:
     assert f"mtjax.{name}(" in text, f"README's method table lacks {name}"
   for name in set(mtjax.models.available()) - {"my_linear"}:  # registered by a docstring example
@@ -54,10 +56,20 @@ def test_readme_lists_every_method_and_model():
 
 def test_examples_oracles_prints_the_reference_values(capsys):
   import runpy
+
   runpy.run_path(os.path.join(os.path.dirname(__file__), os.pardir, "examples", "oracles.py"), run_name="__main__")
   out = capsys.readouterr().out
-  for expected in ("[0.5848, 3.8012, 3.8012], [2.2222, 1.5789]", "[0.0, 1.0, 1.0], [0.6, 0.4]",
-                   "c=(0.7, 0.1) weights [0.7, 0.3]", "L=[1,2,4]: 3.5", "[0.2929, 1.9004, 1.9004]",
-                   "[0.5563, 1.1109, 1.1109]", "[0.1835, 1.2041, 1.2041]", "[0.0767, 1.0, 1.0]",
-                   "[0.2133, 0.9673, 0.9673]", "[0.1588, 2.0706, 2.0706]", "[0.0766, 0.9985, 0.9985]"):
+  for expected in (
+    "[0.5848, 3.8012, 3.8012], [2.2222, 1.5789]",
+    "[0.0, 1.0, 1.0], [0.6, 0.4]",
+    "c=(0.7, 0.1) weights [0.7, 0.3]",
+    "L=[1,2,4]: 3.5",
+    "[0.2929, 1.9004, 1.9004]",
+    "[0.5563, 1.1109, 1.1109]",
+    "[0.1835, 1.2041, 1.2041]",
+    "[0.0767, 1.0, 1.0]",
+    "[0.2133, 0.9673, 0.9673]",
+    "[0.1588, 2.0706, 2.0706]",
+    "[0.0766, 0.9985, 0.9985]",
+  ):
     assert expected in out, (expected, out)

@@ -60,7 +60,8 @@ def test_bce_matches_float64_reference_including_extreme_logits():
   assert got32.dtype == np.float32 and np.all(np.isfinite(got32))
   np.testing.assert_allclose(got32, want, rtol=2e-6, atol=0)  # relative accuracy even at 2e-22
   grad32 = jax.grad(lambda z: jnp.sum(losses.bce_with_logits(z, jnp.asarray(y, jnp.float32))))(
-      jnp.asarray(x, jnp.float32))
+    jnp.asarray(x, jnp.float32)
+  )
   assert np.all(np.isfinite(np.asarray(grad32)))
   np.testing.assert_allclose(grad32, 1 / (1 + np.exp(-x)) - y, atol=1e-6)
   with jax.enable_x64(True):
@@ -69,15 +70,16 @@ def test_bce_matches_float64_reference_including_extreme_logits():
     np.testing.assert_allclose(np.asarray(got64), want, rtol=1e-13, atol=0)
   # integer / bool labels are accepted
   np.testing.assert_allclose(
-      losses.bce_with_logits(jnp.array([1.0, -1.0]), jnp.array([True, False])), ref_bce([1.0, -1.0], [1, 0]),
-      rtol=1e-6)
+    losses.bce_with_logits(jnp.array([1.0, -1.0]), jnp.array([True, False])), ref_bce([1.0, -1.0], [1, 0]), rtol=1e-6
+  )
 
 
 def test_mse_and_masked_mean():
   rng = np.random.default_rng(1)
   p, t = rng.normal(size=(3, 7)), rng.normal(size=(3, 7))
-  np.testing.assert_allclose(losses.mse(jnp.asarray(p, jnp.float32), jnp.asarray(t, jnp.float32)), (p - t) ** 2,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.mse(jnp.asarray(p, jnp.float32), jnp.asarray(t, jnp.float32)), (p - t) ** 2, rtol=1e-5
+  )
   m = rng.uniform(size=(3, 7)) < 0.5
   m[2] = False
   got = np.asarray(losses.masked_mean(jnp.asarray(p, jnp.float32), jnp.asarray(m), axis=-1))
@@ -86,7 +88,8 @@ def test_mse_and_masked_mean():
     assert got[k] == pytest.approx(sum(vals) / len(vals) if vals else 0.0, abs=1e-6)
   w = rng.uniform(size=7)
   assert float(losses.masked_mean(jnp.asarray(p[0]), jnp.asarray(w))) == pytest.approx(
-      float(np.sum(w * p[0]) / np.sum(w)), rel=1e-5)
+    float(np.sum(w * p[0]) / np.sum(w)), rel=1e-5
+  )
   with pytest.raises(ValueError, match="mtjax: masked_mean"):
     losses.masked_mean(jnp.ones((2, 3)), jnp.ones(3))
 
@@ -131,7 +134,8 @@ def test_ranknet_matches_double_loop():
     assert float(rank(sj, yj)) == pytest.approx(ref_ranknet(s, y), rel=1e-5, abs=1e-6)
     assert float(rank(sj, yj, jnp.asarray(g))) == pytest.approx(ref_ranknet(s, y, g), rel=1e-5, abs=1e-6)
     assert float(rank(sj, yj, jnp.asarray(g), jnp.asarray(m))) == pytest.approx(
-        ref_ranknet(s, y, g, m), rel=1e-5, abs=1e-6)
+      ref_ranknet(s, y, g, m), rel=1e-5, abs=1e-6
+    )
   with jax.enable_x64(True):
     got = losses.ranknet(jnp.asarray(s), jnp.asarray(y), groups=jnp.asarray(g))
     assert got.dtype == jnp.float64
@@ -157,19 +161,25 @@ def test_per_task_loss_mixed_specs_against_loop():
   t, b = 4, 9
   o = rng.normal(size=(t, b)) * 2
   y = np.stack([rng.integers(0, 2, b), rng.normal(size=b), rng.integers(0, 3, b), rng.integers(0, 2, b)]).astype(
-      np.float64)
+    np.float64
+  )
   m = rng.uniform(size=(t, b)) < 0.7
   g = rng.integers(0, 2, b)
   l1 = lambda out, lab, mask: losses.masked_mean(jnp.abs(out - lab), mask)
-  got = losses.per_task_loss(jnp.asarray(o, jnp.float32), jnp.asarray(y, jnp.float32), jnp.asarray(m),
-                             task_losses=("bce", "mse", "ranknet", l1), groups=jnp.asarray(g))
+  got = losses.per_task_loss(
+    jnp.asarray(o, jnp.float32),
+    jnp.asarray(y, jnp.float32),
+    jnp.asarray(m),
+    task_losses=("bce", "mse", "ranknet", l1),
+    groups=jnp.asarray(g),
+  )
   assert got.shape == (t,)
   idx = [[i for i in range(b) if m[k, i]] for k in range(t)]
   want = [
-      np.mean(ref_bce(o[0, idx[0]], y[0, idx[0]])),
-      np.mean((o[1, idx[1]] - y[1, idx[1]]) ** 2),
-      ref_ranknet(o[2], y[2], g, m[2]),
-      np.mean(np.abs(o[3, idx[3]] - y[3, idx[3]])),
+    np.mean(ref_bce(o[0, idx[0]], y[0, idx[0]])),
+    np.mean((o[1, idx[1]] - y[1, idx[1]]) ** 2),
+    ref_ranknet(o[2], y[2], g, m[2]),
+    np.mean(np.abs(o[3, idx[3]] - y[3, idx[3]])),
   ]
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
   # single spec for all tasks; no mask == mean over all samples
@@ -201,9 +211,9 @@ class TinyModel(nn.Module):
 
 def _batch(rng, b=6, t=2):
   return {
-      "x": jnp.asarray(rng.normal(size=(b, 3)), jnp.float32),
-      "labels": jnp.asarray(rng.integers(0, 2, (t, b)), jnp.float32),
-      "mask": jnp.asarray(np.array([[1, 1, 1, 1, 1, 1], [1, 0, 1, 0, 0, 0]][:t])[:, :b], bool),
+    "x": jnp.asarray(rng.normal(size=(b, 3)), jnp.float32),
+    "labels": jnp.asarray(rng.integers(0, 2, (t, b)), jnp.float32),
+    "mask": jnp.asarray(np.array([[1, 1, 1, 1, 1, 1], [1, 0, 1, 0, 0, 0]][:t])[:, :b], bool),
   }
 
 
@@ -247,8 +257,10 @@ def test_make_loss_fn_ranknet_groups_and_multi_task_loss():
   lab = np.asarray(batch["labels"])
   f = losses.make_loss_fn(model, ("ranknet", "mse"), group_key="user", has_aux=False)
   np.testing.assert_allclose(
-      f(params, batch), [ref_ranknet(out[0], lab[0], np.asarray(batch["user"])), np.mean((out[1] - lab[1]) ** 2)],
-      rtol=1e-5)
+    f(params, batch),
+    [ref_ranknet(out[0], lab[0], np.asarray(batch["user"])), np.mean((out[1] - lab[1]) ** 2)],
+    rtol=1e-5,
+  )
   joint = lambda o, y, m: jnp.stack([jnp.mean(o[0] * y[1]), jnp.mean(o[1])])
   f = losses.make_loss_fn(model, multi_task_loss=joint, has_aux=False)
   np.testing.assert_allclose(f(params, batch), [np.mean(out[0] * lab[1]), np.mean(out[1])], rtol=1e-5, atol=1e-7)
@@ -270,8 +282,9 @@ def test_make_loss_fn_batch_stats_and_errors():
   new_state = aux["updates"]
   got = eval_fn(params, batch, variables=new_state)
   logits = np.asarray(model.apply({"params": params, **new_state}, batch["x"])[0], np.float64)
-  np.testing.assert_allclose(got, [np.mean(ref_bce(logits[k], np.asarray(batch["labels"])[k])) for k in range(2)],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    got, [np.mean(ref_bce(logits[k], np.asarray(batch["labels"])[k])) for k in range(2)], rtol=1e-5
+  )
   with pytest.raises(ValueError, match="has_aux=True"):
     losses.make_loss_fn(model, mutable=("batch_stats",), has_aux=False)
   with pytest.raises(ValueError, match="unknown task loss"):

@@ -143,8 +143,11 @@ def test_per_task_masks_and_macro(metric):
   want = []
   for k, name in enumerate("abc"):
     idx = [i for i in range(b) if m[k, i]]
-    ref = brute_auc(y[k, idx], s[k, idx]) if metric is metrics.auc else -np.mean(
-        [y[k, i] * math.log(s[k, i]) + (1 - y[k, i]) * math.log(1 - s[k, i]) for i in idx])
+    ref = (
+      brute_auc(y[k, idx], s[k, idx])
+      if metric is metrics.auc
+      else -np.mean([y[k, i] * math.log(s[k, i]) + (1 - y[k, i]) * math.log(1 - s[k, i]) for i in idx])
+    )
     assert out[name] == pytest.approx(ref, abs=1e-12)
     want.append(ref)
   assert out["macro"] == pytest.approx(np.mean(want), abs=1e-12)

@@ -10,8 +10,9 @@ import mtjax
 
 def loss_fn(params, batch):
   z = jnp.tanh(batch["x"] @ params["w"])
-  return jnp.stack([jnp.mean((z[:, 0] - batch["y"][:, 0]) ** 2),
-                    jnp.mean(z[:, 1] * batch["y"][:, 1]) + jnp.sum(params["b"] ** 2)])
+  return jnp.stack(
+    [jnp.mean((z[:, 0] - batch["y"][:, 0]) ** 2), jnp.mean(z[:, 1] * batch["y"][:, 1]) + jnp.sum(params["b"] ** 2)]
+  )
 
 
 def aux_loss_fn(params, batch):
@@ -21,10 +22,14 @@ def aux_loss_fn(params, batch):
 
 def setup(n=6):
   rng = np.random.default_rng(0)
-  params = {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
-            "b": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}
-  batch = {"x": jnp.asarray(rng.normal(size=(n, 3)), jnp.float32), "y": jnp.asarray(rng.normal(size=(n, 2)),
-                                                                                      jnp.float32)}
+  params = {
+    "w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=(2,)), jnp.float32),
+  }
+  batch = {
+    "x": jnp.asarray(rng.normal(size=(n, 3)), jnp.float32),
+    "y": jnp.asarray(rng.normal(size=(n, 2)), jnp.float32),
+  }
   return params, batch
 
 
@@ -53,7 +58,8 @@ def test_equals_per_slice_by_hand():
 def test_has_aux_and_multi_input():
   params, batch = setup()
   (losses, aux), grads = jax.jit(mtjax.micro_batch_task_grads(mtjax.task_grads(aux_loss_fn, has_aux=True), 2))(
-      params, batch)
+    params, batch
+  )
   assert losses.shape == (2, 2) and aux["n"].shape == (2,) and grads["w"].shape == (2, 2, 3, 2)
   np.testing.assert_allclose(aux["n"][1], jnp.sum(batch["x"][3:]), rtol=1e-6)
 
@@ -61,8 +67,7 @@ def test_has_aux_and_multi_input():
     return jnp.mean((jnp.tanh(b["x"] @ p["w"])[:, 0] - b["y"]) ** 2)
 
   task_batches = {"x": jnp.stack([batch["x"], -batch["x"]]), "y": jnp.stack([batch["y"][:, 0], batch["y"][:, 1]])}
-  losses, grads = mtjax.micro_batch_task_grads(mtjax.multi_input_task_grads(one_task), 3, axis=1)(params,
-                                                                                                   task_batches)
+  losses, grads = mtjax.micro_batch_task_grads(mtjax.multi_input_task_grads(one_task), 3, axis=1)(params, task_batches)
   assert losses.shape == (3, 2) and grads["w"].shape == (3, 2, 3, 2)
   ref_l, ref_g = mtjax.multi_input_task_grads(one_task)(params, slice_batch(task_batches, 1, 2, axis=1))
   np.testing.assert_allclose(losses[1], ref_l, rtol=1e-6)
@@ -82,7 +87,8 @@ def test_errors():
     mtjax.micro_batch_task_grads(mtjax.task_grads(loss_fn), 2, batch_argnums=3)(params, batch)
   with pytest.raises(ValueError, match="no batch axis 0"):
     mtjax.micro_batch_task_grads(mtjax.task_grads(lambda p, b, s: loss_fn(p, b) * s), 2, batch_argnums=2)(
-        params, batch, jnp.float32(2.0))
+      params, batch, jnp.float32(2.0)
+    )
 
 
 def test_sparse_rows_are_rejected():

@@ -27,9 +27,12 @@ def _is_bce(t):
 
 def _problem(num_tasks, seed=0, dtype=np.float32):
   rng = np.random.default_rng(seed)
-  params = {"trunk": {"kernel": rng.normal(size=(D, H)) * 0.7, "bias": rng.normal(size=H) * 0.1},
-            "heads": {f"t{t}": {"kernel": rng.normal(size=H), "bias": np.asarray(rng.normal() * 0.1)}
-                      for t in range(num_tasks)}}
+  params = {
+    "trunk": {"kernel": rng.normal(size=(D, H)) * 0.7, "bias": rng.normal(size=H) * 0.1},
+    "heads": {
+      f"t{t}": {"kernel": rng.normal(size=H), "bias": np.asarray(rng.normal() * 0.1)} for t in range(num_tasks)
+    },
+  }
   y = rng.normal(size=(B, num_tasks))
   for t in range(num_tasks):
     if _is_bce(t):
@@ -90,7 +93,7 @@ def np_z_rows(params, r):
 
 def np_trunk_backward(params, batch, z, cot):
   """Gradient of the trunk's parameters for the cotangent ``cot [B, H]`` at ``z``."""
-  dpre = cot * (1.0 - z ** 2)
+  dpre = cot * (1.0 - z**2)
   return {"kernel": batch["x"].T @ dpre, "bias": dpre.sum(axis=0)}
 
 
@@ -124,16 +127,18 @@ def np_rep_update(params, batch, weights, head_weights):
   z, _, r = np_model(params, batch)
   z_rows = np_z_rows(params, r)
   trunk = np_trunk_backward(params, batch, z, np.tensordot(weights, z_rows, axes=1))
-  heads = {f"t{t}": {"kernel": head_weights[t] * (z.T @ r[t]), "bias": head_weights[t] * r[t].sum()}
-           for t in range(len(r))}
+  heads = {
+    f"t{t}": {"kernel": head_weights[t] * (z.T @ r[t]), "bias": head_weights[t] * r[t].sum()} for t in range(len(r))
+  }
   return {"trunk": trunk, "heads": heads}
 
 
 def _assert_tree_close(actual, expected, rtol, atol=0.0):
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
   for (path, a), e in zip(jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(expected)):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol, atol=atol,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path)
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,27 +240,31 @@ def test_pcgrad_rep_matches_numpy(rep_gram, loss):
 
 T_ID = 3
 GRAM_METHODS = {
-    "pcgrad": lambda **kw: mtjax.pcgrad(key=5, num_tasks=T_ID, **kw),
-    "mgda": lambda **kw: mtjax.mgda(num_tasks=T_ID, **kw),
-    "upgrad": lambda **kw: mtjax.upgrad(num_tasks=T_ID, **kw),
-    "cagrad": lambda **kw: mtjax.cagrad(num_tasks=T_ID, **kw),
-    "imtl": lambda **kw: mtjax.imtl(num_tasks=T_ID, **kw),
-    "aligned_mtl": lambda **kw: mtjax.aligned_mtl(num_tasks=T_ID, **kw),
-    "dualproj": lambda **kw: mtjax.dualproj(num_tasks=T_ID, **kw),
-    "config": lambda **kw: mtjax.config(num_tasks=T_ID, **kw),
-    "nash_mtl": lambda **kw: mtjax.nash_mtl(num_tasks=T_ID, **kw),
-    "fairgrad": lambda **kw: mtjax.fairgrad(num_tasks=T_ID, **kw),
-    "pareto_ltr": lambda **kw: mtjax.pareto_ltr([0.1] * T_ID, num_tasks=T_ID, **kw),
-    "gradvac": lambda **kw: mtjax.gradvac(key=5, num_tasks=T_ID, **kw),
+  "pcgrad": lambda **kw: mtjax.pcgrad(key=5, num_tasks=T_ID, **kw),
+  "mgda": lambda **kw: mtjax.mgda(num_tasks=T_ID, **kw),
+  "upgrad": lambda **kw: mtjax.upgrad(num_tasks=T_ID, **kw),
+  "cagrad": lambda **kw: mtjax.cagrad(num_tasks=T_ID, **kw),
+  "imtl": lambda **kw: mtjax.imtl(num_tasks=T_ID, **kw),
+  "aligned_mtl": lambda **kw: mtjax.aligned_mtl(num_tasks=T_ID, **kw),
+  "dualproj": lambda **kw: mtjax.dualproj(num_tasks=T_ID, **kw),
+  "config": lambda **kw: mtjax.config(num_tasks=T_ID, **kw),
+  "nash_mtl": lambda **kw: mtjax.nash_mtl(num_tasks=T_ID, **kw),
+  "fairgrad": lambda **kw: mtjax.fairgrad(num_tasks=T_ID, **kw),
+  "pareto_ltr": lambda **kw: mtjax.pareto_ltr([0.1] * T_ID, num_tasks=T_ID, **kw),
+  "gradvac": lambda **kw: mtjax.gradvac(key=5, num_tasks=T_ID, **kw),
 }
 
 
 def _identity_problem(seed=0):
   rng = np.random.default_rng(seed)
-  params = {"heads": {f"t{t}": jnp.asarray(rng.normal(size=H), jnp.float64) for t in range(T_ID)},
-            "shared": jnp.asarray(rng.normal(size=(D, H)) * 0.6, jnp.float64)}
-  batch = {"x": jnp.asarray(rng.normal(size=(B, D)), jnp.float64),
-           "y": jnp.asarray(rng.normal(size=(B, T_ID)), jnp.float64)}
+  params = {
+    "heads": {f"t{t}": jnp.asarray(rng.normal(size=H), jnp.float64) for t in range(T_ID)},
+    "shared": jnp.asarray(rng.normal(size=(D, H)) * 0.6, jnp.float64),
+  }
+  batch = {
+    "x": jnp.asarray(rng.normal(size=(B, D)), jnp.float64),
+    "y": jnp.asarray(rng.normal(size=(B, T_ID)), jnp.float64),
+  }
   return params, batch
 
 
@@ -284,8 +293,9 @@ def _identity_jacobians(seed):
   return (params,) + grads(params, batch)
 
 
-@pytest.mark.parametrize("name,task_specific", [(n, "sum") for n in GRAM_METHODS]
-                         + [(n, "weighted") for n in ("mgda", "pcgrad")])
+@pytest.mark.parametrize(
+  "name,task_specific", [(n, "sum") for n in GRAM_METHODS] + [(n, "weighted") for n in ("mgda", "pcgrad")]
+)
 def test_identity_trunk_equals_the_full_jacobian_method(name, task_specific):
   with jax.enable_x64(True):
     params = _identity_jacobians(1)[0]
@@ -296,8 +306,10 @@ def test_identity_trunk_equals_the_full_jacobian_method(name, task_specific):
     @jax.jit
     def updates(params, losses, jac, rows, rep_state, full_state):
       assert isinstance(jac, mtjax.RepJacobian)
-      return (rep_tx.update(jac, rep_state, params, task_losses=losses),
-              full_tx.update(rows, full_state, params, task_losses=losses))
+      return (
+        rep_tx.update(jac, rep_state, params, task_losses=losses),
+        full_tx.update(rows, full_state, params, task_losses=losses),
+      )
 
     rep_state, full_state = rep_tx.init(params), full_tx.init(params)
     for seed in range(1, 3 if name in STATEFUL else 2):  # stateful methods advance alike
@@ -322,6 +334,7 @@ def test_rep_errors():
     def f():
       losses, jac = mtjax.task_grads(_loss_fn, strategy="rep")(jp, jb)
       return tx.update(jac, tx.init(jp), jp, task_losses=losses)
+
     return jax.eval_shape(f)
 
   with pytest.raises(ValueError, match=r"mgda: strategy='rep'.*without shared="):
@@ -365,8 +378,10 @@ def test_shared_without_a_gram_takes_one_backward_and_is_exact(loss):
   """strategy="shared" when the method needs no Gram (amortized reuse steps, loss-only weightings): the
   update is J^T w from one backward through the trunk (no T trunk rows), equal to the rows' update."""
   num_tasks = 3
-  mask = {"heads": {f"t{t}": {"kernel": False, "bias": False} for t in range(num_tasks)},
-          "trunk": {"kernel": True, "bias": True}}
+  mask = {
+    "heads": {f"t{t}": {"kernel": False, "bias": False} for t in range(num_tasks)},
+    "trunk": {"kernel": True, "bias": True},
+  }
   with jax.enable_x64(True):
     params, _, jp, _ = _problem(num_tasks, seed=5, dtype=jnp.float64)
     batches = [_problem(num_tasks, seed=30 + k, dtype=jnp.float64)[3] for k in range(3)]
@@ -377,8 +392,10 @@ def test_shared_without_a_gram_takes_one_backward_and_is_exact(loss):
     def both(p, b, s_state, r_state):
       losses, jac = mtjax.task_grads(LOSSES[loss], strategy="shared")(p, b)
       _, rows = mtjax.task_grads(_loss_fn, strategy="loop")(p, b)
-      return (shared_tx.update(jac, s_state, p, task_losses=losses),
-              rows_tx.update(rows, r_state, p, task_losses=losses))
+      return (
+        shared_tx.update(jac, s_state, p, task_losses=losses),
+        rows_tx.update(rows, r_state, p, task_losses=losses),
+      )
 
     s_state, r_state = shared_tx.init(jp), rows_tx.init(jp)
     for b in batches:  # refresh, reuse, refresh
@@ -392,8 +409,9 @@ def test_shared_without_a_gram_takes_one_backward_and_is_exact(loss):
 
   def program(tx):
     del BACKWARD_TRACES[:]
-    jaxpr = jax.make_jaxpr(lambda: tx.update(mtjax.task_grads(LOSSES[loss], strategy="shared")(jp32, jb32)[1],
-                                             tx.init(jp32), jp32)[0])()
+    jaxpr = jax.make_jaxpr(
+      lambda: tx.update(mtjax.task_grads(LOSSES[loss], strategy="shared")(jp32, jb32)[1], tx.init(jp32), jp32)[0]
+    )()
     return str(jaxpr), len(BACKWARD_TRACES)
 
   text, traces = program(mtjax.linear(num_tasks=num_tasks))

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtjax._src import numerics, solvers
-
+from mtjax._src import numerics
+from mtjax._src import solvers
 
 # ----------------------------------------------------------------------------- NumPy references
 
@@ -103,7 +103,7 @@ def test_min_norm_matches_brute_force(dtype):
   rng = np.random.default_rng(1)
   with jax.enable_x64(dtype == "float64"):
     tol = 1e-6 if dtype == "float32" else 1e-12
-    for t in ((1, 2, 3, 5, 8) if dtype == "float32" else (3, 8)):
+    for t in (1, 2, 3, 5, 8) if dtype == "float32" else (3, 8):
       for p in (2, t + 3):  # rank deficient and full rank
         jac = _random_jacobian(rng, t, p, common=rng.uniform(0, 2))
         gram = jac @ jac.T
@@ -145,7 +145,8 @@ def test_min_norm_converges_in_float32_when_the_support_spans_the_space():
   jacs = rng.standard_normal((200, 16, 8)) * rng.uniform(0.5, 2.0, size=(200, 16, 1))
   grams = np.einsum("bip,bjp->bij", jacs, jacs)
   result = jax.jit(jax.vmap(lambda g: solvers.min_norm_simplex(g, max_iters=250, tol=1e-6)))(
-      jnp.asarray(grams, jnp.float32))
+    jnp.asarray(grams, jnp.float32)
+  )
   iterations = np.asarray(result.iterations)
   assert iterations.max() <= 60, np.sort(iterations)[-5:]
   w = np.asarray(result.weights, np.float64)
@@ -210,10 +211,10 @@ def test_min_norm_scale_invariant_and_edge_cases():
     np.testing.assert_allclose(w, base, atol=1e-4)
   g = rng.normal(size=(1, 5))
   cases = {
-      "zero": np.zeros((3, 5)),
-      "identical": np.repeat(g, 3, axis=0),
-      "opposite": np.concatenate([g, -g]),
-      "single": g,
+    "zero": np.zeros((3, 5)),
+    "identical": np.repeat(g, 3, axis=0),
+    "opposite": np.concatenate([g, -g]),
+    "single": g,
   }
   for name, j in cases.items():
     result = _solve(jnp.asarray(j @ j.T, jnp.float32))
@@ -272,8 +273,7 @@ def test_projection_properties():
     np.testing.assert_allclose(xp, x[perm], atol=1e-6)
   # Shifting v by a constant does not change the projection; huge offsets stay finite.
   v = rng.normal(size=5)
-  np.testing.assert_allclose(_project(jnp.asarray(v + 3.0), 1.0),
-                             _project(jnp.asarray(v), 1.0), atol=1e-5)
+  np.testing.assert_allclose(_project(jnp.asarray(v + 3.0), 1.0), _project(jnp.asarray(v), 1.0), atol=1e-5)
   assert np.all(np.isfinite(_project(jnp.asarray(v * 1e10), 1.0)))
 
 

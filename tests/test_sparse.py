@@ -25,7 +25,9 @@ import pytest
 
 import mtjax
 from mtjax._src.sparse import is_sparse
-from mtjax.models import Categorical, FeatureEmbedding, FeatureSpec
+from mtjax.models import Categorical
+from mtjax.models import FeatureEmbedding
+from mtjax.models import FeatureSpec
 
 # Same numerics, less compile time (as in tests/transforms/test_conformance.py).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -51,13 +53,13 @@ def init_params(rng, dtype):
   feat = FeatureEmbedding(SPEC).init(jax.random.key(0), {"u": jnp.zeros((2,), jnp.int32)})["params"]
   feat = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), dtype), feat)
   return {
-      "emb_a": {"table": n(V, D)},  # looked up by two fields: f1 ("fill") and f2 ("clip")
-      "emb_seq": {"table": n(VS, D)},  # [B, L] sequences, padding id 0, masked mean pooling
-      "feat": feat,  # FeatureEmbedding, only task 2 reads it: ids outside [0, 20) go to the reserved row 20
-      "trunk": {"kernel": n(3 * D + 2, 8) / 3, "bias": n(8)},
-      "head_0": {"kernel": n(8)},
-      "head_1": {"kernel": n(8), "bias": n()},
-      "head_2": {"kernel": n(8 + D)},
+    "emb_a": {"table": n(V, D)},  # looked up by two fields: f1 ("fill") and f2 ("clip")
+    "emb_seq": {"table": n(VS, D)},  # [B, L] sequences, padding id 0, masked mean pooling
+    "feat": feat,  # FeatureEmbedding, only task 2 reads it: ids outside [0, 20) go to the reserved row 20
+    "trunk": {"kernel": n(3 * D + 2, 8) / 3, "bias": n(8)},
+    "head_0": {"kernel": n(8)},
+    "head_1": {"kernel": n(8), "bias": n()},
+    "head_2": {"kernel": n(8 + D)},
   }
 
 
@@ -75,8 +77,9 @@ def loss_fn(params, batch):
   u, _ = FeatureEmbedding(SPEC).apply({"params": params["feat"]}, batch)  # [B, D]
   o2 = jnp.concatenate([h, u], axis=-1) @ params["head_2"]["kernel"]
   y = batch["y"]
-  return jnp.stack([jnp.mean((o0 - y[0]) ** 2), jnp.mean(jax.nn.softplus(o1) - y[1] * o1),
-                    jnp.mean(jnp.abs(o2 - y[2]) ** 1.5)])
+  return jnp.stack(
+    [jnp.mean((o0 - y[0]) ** 2), jnp.mean(jax.nn.softplus(o1) - y[1] * o1), jnp.mean(jnp.abs(o2 - y[2]) ** 1.5)]
+  )
 
 
 def make_batch(rng, dtype):
@@ -89,9 +92,14 @@ def make_batch(rng, dtype):
   seq[0] = 0  # an all-padding sequence
   uid = rng.integers(0, 5, size=B)
   uid[:3] = [20, 99, -4]  # FeatureEmbedding: all three go to the reserved row 20
-  return {"f1": jnp.asarray(f1, jnp.int32), "f2": jnp.asarray(f2, jnp.int32), "seq": jnp.asarray(seq, jnp.int32),
-          "u": jnp.asarray(uid, jnp.int32), "dense": jnp.asarray(rng.normal(size=(B, 2)), dtype),
-          "y": jnp.asarray(rng.uniform(size=(T, B)), dtype)}
+  return {
+    "f1": jnp.asarray(f1, jnp.int32),
+    "f2": jnp.asarray(f2, jnp.int32),
+    "seq": jnp.asarray(seq, jnp.int32),
+    "u": jnp.asarray(uid, jnp.int32),
+    "dense": jnp.asarray(rng.normal(size=(B, 2)), dtype),
+    "y": jnp.asarray(rng.uniform(size=(T, B)), dtype),
+  }
 
 
 def _both(params, batch):
@@ -117,8 +125,10 @@ def problem(dtype: str):
 
 
 def _paths(tree):
-  return [jax.tree_util.keystr(p, simple=True, separator="/")
-          for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_sparse)[0]]
+  return [
+    jax.tree_util.keystr(p, simple=True, separator="/")
+    for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_sparse)[0]
+  ]
 
 
 def assert_trees_close(a, b, rtol, what=""):
@@ -165,34 +175,34 @@ def test_fill_mode_negative_ids_look_up_zeros():
 # ----------------------------------------------------------------------------- every method: sparse == dense
 
 MASKS = {
-    "all": None,
-    "heads": mtjax.shared_mask(exclude="head"),  # dense task-specific heads, every table shared
-    "table": mtjax.shared_mask(exclude=("head", "feat")),  # + the table only task 2 reads: task-specific
+  "all": None,
+  "heads": mtjax.shared_mask(exclude="head"),  # dense task-specific heads, every table shared
+  "table": mtjax.shared_mask(exclude=("head", "feat")),  # + the table only task 2 reads: task-specific
 }
 _emb_or_trunk = lambda paths: [("emb" in p) or ("trunk" in p) for p in paths]
 
 # name -> factory(shared) -> transform (fixed keys for the random ones); task_losses go to every method.
 METHODS = {
-    "pcgrad": lambda s: mtjax.pcgrad(key=0, num_tasks=T, shared=s),
-    "gradvac-model": lambda s: mtjax.gradvac(key=1, num_tasks=T, beta=0.5, granularity="model", shared=s),
-    "gradvac-layer": lambda s: mtjax.gradvac(key=2, num_tasks=T, beta=0.5, granularity="layer", shared=s),
-    "gradvac-leaf": lambda s: mtjax.gradvac(key=3, num_tasks=T, beta=0.5, granularity="leaf", shared=s),
-    "mgda": lambda s: mtjax.mgda(num_tasks=T, normalization="l2", shared=s),
-    "pareto_ltr": lambda s: mtjax.pareto_ltr(np.array([0.1, 0.2, 0.3]), num_tasks=T, shared=s),
-    "cagrad": lambda s: mtjax.cagrad(0.4, num_tasks=T, shared=s),
-    "imtl": lambda s: mtjax.imtl(num_tasks=T, shared=s),
-    "aligned_mtl": lambda s: mtjax.aligned_mtl(num_tasks=T, shared=s),
-    "upgrad": lambda s: mtjax.upgrad(num_tasks=T, shared=s),
-    "dualproj": lambda s: mtjax.dualproj(num_tasks=T, shared=s),
-    "config": lambda s: mtjax.config(num_tasks=T, shared=s),
-    "fairgrad": lambda s: mtjax.fairgrad(1.0, num_tasks=T, shared=s),
-    "nash_mtl": lambda s: mtjax.nash_mtl(num_tasks=T, shared=s),
-    # The Gram of the tables and the trunk (the default "last" layer would leave the tables out).
-    "gradnorm": lambda s: mtjax.gradnorm(num_tasks=T, layer=_emb_or_trunk, shared=s),
-    "linear": lambda s: mtjax.linear(np.array([0.5, 1.0, 2.0]), num_tasks=T, shared=s),
-    "dwa": lambda s: mtjax.dwa(num_tasks=T, mode="step", shared=s),
-    "uncertainty": lambda s: mtjax.uncertainty(num_tasks=T, learning_rate=0.1, shared=s),
-    "rlw": lambda s: mtjax.rlw(key=5, num_tasks=T, shared=s),
+  "pcgrad": lambda s: mtjax.pcgrad(key=0, num_tasks=T, shared=s),
+  "gradvac-model": lambda s: mtjax.gradvac(key=1, num_tasks=T, beta=0.5, granularity="model", shared=s),
+  "gradvac-layer": lambda s: mtjax.gradvac(key=2, num_tasks=T, beta=0.5, granularity="layer", shared=s),
+  "gradvac-leaf": lambda s: mtjax.gradvac(key=3, num_tasks=T, beta=0.5, granularity="leaf", shared=s),
+  "mgda": lambda s: mtjax.mgda(num_tasks=T, normalization="l2", shared=s),
+  "pareto_ltr": lambda s: mtjax.pareto_ltr(np.array([0.1, 0.2, 0.3]), num_tasks=T, shared=s),
+  "cagrad": lambda s: mtjax.cagrad(0.4, num_tasks=T, shared=s),
+  "imtl": lambda s: mtjax.imtl(num_tasks=T, shared=s),
+  "aligned_mtl": lambda s: mtjax.aligned_mtl(num_tasks=T, shared=s),
+  "upgrad": lambda s: mtjax.upgrad(num_tasks=T, shared=s),
+  "dualproj": lambda s: mtjax.dualproj(num_tasks=T, shared=s),
+  "config": lambda s: mtjax.config(num_tasks=T, shared=s),
+  "fairgrad": lambda s: mtjax.fairgrad(1.0, num_tasks=T, shared=s),
+  "nash_mtl": lambda s: mtjax.nash_mtl(num_tasks=T, shared=s),
+  # The Gram of the tables and the trunk (the default "last" layer would leave the tables out).
+  "gradnorm": lambda s: mtjax.gradnorm(num_tasks=T, layer=_emb_or_trunk, shared=s),
+  "linear": lambda s: mtjax.linear(np.array([0.5, 1.0, 2.0]), num_tasks=T, shared=s),
+  "dwa": lambda s: mtjax.dwa(num_tasks=T, mode="step", shared=s),
+  "uncertainty": lambda s: mtjax.uncertainty(num_tasks=T, learning_rate=0.1, shared=s),
+  "rlw": lambda s: mtjax.rlw(key=5, num_tasks=T, shared=s),
 }
 
 
@@ -239,8 +249,11 @@ def test_method_update_sparse_equals_dense(name, dtype):
 def _rows_case(dtype=np.float32, row=(3,), n_ids=None, seed=0):
   rng = np.random.default_rng(seed)
   vocab, t = 7, 3
-  ids = np.array([4, 1, 4, vocab, 0, 1, 4, vocab, 6], np.int32) if n_ids is None else \
-      rng.integers(0, vocab + 1, size=n_ids).astype(np.int32)
+  ids = (
+    np.array([4, 1, 4, vocab, 0, 1, 4, vocab, 6], np.int32)
+    if n_ids is None
+    else rng.integers(0, vocab + 1, size=n_ids).astype(np.int32)
+  )
   values = rng.normal(size=(t, len(ids)) + row).astype(dtype)
   values[:, ids == vocab] = 0.0  # the sentinel carries zeros, as task_grads produces
   return mtjax.SparseRows(jnp.asarray(ids), jnp.asarray(values), (vocab,) + row), ids, values.astype(np.float64), vocab
@@ -264,20 +277,22 @@ def test_sparse_rows_methods_match_numpy(row):
   np.testing.assert_allclose(np.asarray(sr.todense()), dense, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(np.asarray(sr.gram()), flat @ flat.T, rtol=1e-5, atol=1e-5)
   w = np.array([0.3, -1.2, 2.0])
-  np.testing.assert_allclose(np.asarray(sr.weighted_sum(jnp.asarray(w, jnp.float32))), np.tensordot(w, dense, 1),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(sr.weighted_sum(jnp.asarray(w, jnp.float32))), np.tensordot(w, dense, 1), rtol=1e-5, atol=1e-5
+  )
   np.testing.assert_allclose(np.asarray(sr.sum()), dense.sum(0), rtol=1e-5, atol=1e-5)
   other = np.random.default_rng(1).normal(size=(vocab,) + row)
-  np.testing.assert_allclose(np.asarray(sr.dot(jnp.asarray(other, jnp.float32))), flat @ other.ravel(), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(sr.dot(jnp.asarray(other, jnp.float32))), flat @ other.ravel(), rtol=1e-5, atol=1e-5
+  )
   # segments: distinct ids in increasing order, then the sentinel; per-id sums; zeros in unused slots.
   uids, s = map(np.asarray, sr.segments())
   distinct = sorted(set(ids.tolist()) - {vocab})
   assert uids.shape == ids.shape and s.shape == values.shape
-  np.testing.assert_array_equal(uids[:len(distinct)], distinct)
-  np.testing.assert_array_equal(uids[len(distinct):], vocab)
-  np.testing.assert_allclose(s[:, :len(distinct)], dense[:, distinct], rtol=1e-6, atol=1e-6)
-  np.testing.assert_array_equal(s[:, len(distinct):], 0.0)
+  np.testing.assert_array_equal(uids[: len(distinct)], distinct)
+  np.testing.assert_array_equal(uids[len(distinct) :], vocab)
+  np.testing.assert_allclose(s[:, : len(distinct)], dense[:, distinct], rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(s[:, len(distinct) :], 0.0)
   # map_rows keeps the ids.
   np.testing.assert_allclose(np.asarray(sr.map_rows(lambda v: 2 * v).todense()), 2 * dense, rtol=1e-6, atol=1e-6)
 
@@ -330,21 +345,26 @@ def test_analysis_sparse_equals_dense(dtype):
 
     def stats(g):
       return {
-          "track": an.track(g, update),  # granularity "layer", alignment with the update
-          "track_heads": an.track(g, update, granularity="leaf", shared=MASKS["heads"]),
-          "cos_leaf": an.cosine_similarity(g, granularity="leaf"),
-          "norms_model": an.gradient_norms(g),
-          "norms_leaf": an.gradient_norms(g, granularity="leaf"),
-          "align_model": an.update_alignment(g, update),
-          "align_leaf": an.update_alignment(g, update, granularity="leaf", shared=MASKS["table"]),
+        "track": an.track(g, update),  # granularity "layer", alignment with the update
+        "track_heads": an.track(g, update, granularity="leaf", shared=MASKS["heads"]),
+        "cos_leaf": an.cosine_similarity(g, granularity="leaf"),
+        "norms_model": an.gradient_norms(g),
+        "norms_leaf": an.gradient_norms(g, granularity="leaf"),
+        "align_model": an.update_alignment(g, update),
+        "align_leaf": an.update_alignment(g, update, granularity="leaf", shared=MASKS["table"]),
       }
 
     s, d = jax.jit(lambda a, b: (stats(a), stats(b)), compiler_options=FAST_COMPILE)(g_s, g_d)
     assert jax.tree.structure(s) == jax.tree.structure(d)
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(s)[0], jax.tree.leaves(d)):
       assert x.dtype == y.dtype, (path, x.dtype, y.dtype)
-      np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=RTOL[dtype],
-                                 atol=RTOL[dtype], err_msg=jax.tree_util.keystr(path))
+      np.testing.assert_allclose(
+        np.asarray(x, np.float64),
+        np.asarray(y, np.float64),
+        rtol=RTOL[dtype],
+        atol=RTOL[dtype],
+        err_msg=jax.tree_util.keystr(path),
+      )
     assert an.group_names(g_s, granularity="leaf") == an.group_names(g_d, granularity="leaf")
     assert s["cos_leaf"].shape == (len(jax.tree.leaves(update)), T, T)
 
@@ -399,8 +419,9 @@ def test_graddrop_sparse_replays_numpy_draw():
         lk = np.broadcast_to(np.asarray(leak), (3,))[:, None]
         mask = lk + (1 - lk) * np.where(u < purity.astype(np.float32), w > 0, w < 0)
         np.testing.assert_allclose(np.asarray(update["b_w"]), (mask * w).sum(0), rtol=1e-12)
-        np.testing.assert_allclose(np.asarray(state.weights), (kept + (mask * w * w).sum(1)) /
-                                   (total + (w * w).sum(1)), rtol=1e-6)  # the state keeps float32
+        np.testing.assert_allclose(
+          np.asarray(state.weights), (kept + (mask * w * w).sum(1)) / (total + (w * w).sum(1)), rtol=1e-6
+        )  # the state keeps float32
 
 
 @functools.cache
@@ -487,14 +508,18 @@ def test_graddrop_sparse_is_unbiased():
 
 
 def _mmoe_setup():
-  spec = FeatureSpec(categorical=(Categorical("user", 30, 4), Categorical("item", 40, 3)),
-                     dense=(mtjax.models.Dense("age"),))
+  spec = FeatureSpec(
+    categorical=(Categorical("user", 30, 4), Categorical("item", 40, 3)), dense=(mtjax.models.Dense("age"),)
+  )
   model = mtjax.models.MMoE(num_tasks=2, num_experts=2, expert=(8,), tower=(4, 1), features=spec)
   rng = np.random.default_rng(0)
   user = rng.integers(0, 6, size=24)
   user[:2] = [30, -2]  # out of vocabulary: the reserved row
-  x = {"user": jnp.asarray(user, jnp.int32), "item": jnp.asarray(rng.integers(0, 40, size=24), jnp.int32),
-       "age": jnp.asarray(rng.normal(size=24), jnp.float32)}
+  x = {
+    "user": jnp.asarray(user, jnp.int32),
+    "item": jnp.asarray(rng.integers(0, 40, size=24), jnp.int32),
+    "age": jnp.asarray(rng.normal(size=24), jnp.float32),
+  }
   batch = {"x": x, "labels": jnp.asarray(rng.integers(0, 2, size=(2, 24)), jnp.float32)}
   params = model.init(jax.random.key(1), x)["params"]
   return model, params, batch
@@ -505,8 +530,7 @@ def test_builtin_model_tables_are_sparse():
   loss = mtjax.losses.make_loss_fn(model, "bce", has_aux=True)
 
   def both(p, b):
-    return (mtjax.task_grads(loss, has_aux=True)(p, b),
-            mtjax.task_grads(loss, has_aux=True, sparse=False)(p, b))
+    return (mtjax.task_grads(loss, has_aux=True)(p, b), mtjax.task_grads(loss, has_aux=True, sparse=False)(p, b))
 
   ((losses, _), g), ((losses_d, _), g_d) = jax.jit(both, compiler_options=FAST_COMPILE)(params, batch)
   np.testing.assert_allclose(np.asarray(losses), np.asarray(losses_d), rtol=1e-6)
@@ -525,9 +549,11 @@ def test_builtin_model_tables_are_sparse():
 
 def test_table_also_used_densely_is_dense():
   rng = np.random.default_rng(0)
-  params = {"table": jnp.asarray(rng.normal(size=(V, D)), jnp.float32), "w": jnp.asarray(rng.normal(size=D),
-                                                                                        jnp.float32),
-            "other": jnp.asarray(rng.normal(size=(V, D)), jnp.float32)}
+  params = {
+    "table": jnp.asarray(rng.normal(size=(V, D)), jnp.float32),
+    "w": jnp.asarray(rng.normal(size=D), jnp.float32),
+    "other": jnp.asarray(rng.normal(size=(V, D)), jnp.float32),
+  }
   batch = {"ids": jnp.asarray([3, 7, 3, V + 1, 0], jnp.int32), "y": jnp.asarray(rng.normal(size=5), jnp.float32)}
 
   def loss(p, b):
@@ -535,8 +561,9 @@ def test_table_also_used_densely_is_dense():
     s = mtjax.embedding_lookup(p["other"], b["ids"]) @ p["w"]
     return jnp.stack([jnp.mean((r + s - b["y"]) ** 2), jnp.mean(r * s) + 0.01 * jnp.sum(p["table"] ** 2)])
 
-  (_, g), ref = jax.jit(lambda p, b: (mtjax.task_grads(loss)(p, b), jax.jacrev(loss)(p, b)),
-                       compiler_options=FAST_COMPILE)(params, batch)
+  (_, g), ref = jax.jit(
+    lambda p, b: (mtjax.task_grads(loss)(p, b), jax.jacrev(loss)(p, b)), compiler_options=FAST_COMPILE
+  )(params, batch)
   assert isinstance(g["table"], jax.Array) and g["table"].shape == (2, V, D)
   assert is_sparse(g["other"])
   assert_trees_close(mtjax.densify(g), ref, 1e-5, "table used densely")
@@ -553,6 +580,9 @@ def test_fit_mmoe_with_categorical_features_and_pcgrad():
   assert losses[-5:].mean() < losses[:5].mean(), losses
   # The tables moved (their sparse gradients reached the optimizer).
   init = mtjax.training.init_state(model, tx, ds.batch(np.arange(128))["x"], seed=0)
-  moved = [p for p, a, b in zip(_paths(res.state.params), jax.tree.leaves(res.state.params),
-                                jax.tree.leaves(init.params)) if "embed_" in p and not np.allclose(a, b)]
+  moved = [
+    p
+    for p, a, b in zip(_paths(res.state.params), jax.tree.leaves(res.state.params), jax.tree.leaves(init.params))
+    if "embed_" in p and not np.allclose(a, b)
+  ]
   assert len(moved) == len(ds.spec.categorical), moved

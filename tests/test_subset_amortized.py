@@ -29,9 +29,13 @@ _counted, BACKWARD_TRACES = backward_counter()  # traced backward passes through
 def _problem(seed=0, num_tasks=T, dtype=jnp.float32):
   rng = np.random.default_rng(seed)
   a = lambda *shape, s=1.0: jnp.asarray(rng.normal(size=shape) * s, dtype)
-  params = {"trunk": {"Dense_0": {"kernel": a(D, H1, s=0.6), "bias": a(H1, s=0.1)},
-                      "Dense_1": {"kernel": a(H1, H2, s=0.6), "bias": a(H2, s=0.1)}},
-            "tower": a(H2, num_tasks, s=0.6)}
+  params = {
+    "trunk": {
+      "Dense_0": {"kernel": a(D, H1, s=0.6), "bias": a(H1, s=0.1)},
+      "Dense_1": {"kernel": a(H1, H2, s=0.6), "bias": a(H2, s=0.1)},
+    },
+    "tower": a(H2, num_tasks, s=0.6),
+  }
   batch = {"x": a(B, D), "y": a(B, num_tasks)}
   return params, batch
 
@@ -87,25 +91,32 @@ def np_update(rows, weights, mask=None):
   """``sum_t w_t g_t`` on the shared leaves, the plain sum on the others, params-shaped (float64)."""
   leaves, treedef = jax.tree.flatten(rows)
   shared = [True] * len(leaves) if mask is None else jax.tree.leaves(mask)
-  out = [np.tensordot(weights if m else np.ones_like(weights), np.asarray(g, np.float64), axes=1)
-         for g, m in zip(leaves, shared)]
+  out = [
+    np.tensordot(weights if m else np.ones_like(weights), np.asarray(g, np.float64), axes=1)
+    for g, m in zip(leaves, shared)
+  ]
   return jax.tree.unflatten(treedef, out)
 
 
 def _assert_tree_close(actual, expected, rtol, atol=0.0, msg=""):
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
   for (path, a), e in zip(jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(expected)):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol, atol=atol,
-                               err_msg=msg + jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      np.asarray(a, np.float64),
+      np.asarray(e, np.float64),
+      rtol=rtol,
+      atol=atol,
+      err_msg=msg + jax.tree_util.keystr(path),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # subset: gram_leaves= on a deferred TaskJacobian
 
 SUBSET = {
-    "pcgrad": lambda **kw: mtjax.pcgrad(key=2, num_tasks=T, gram_leaves="Dense_1", **kw),
-    "mgda": lambda **kw: mtjax.mgda(num_tasks=T, gram_leaves="Dense_1", **kw),
-    "upgrad": lambda **kw: mtjax.upgrad(num_tasks=T, gram_leaves="Dense_1", tol=1e-12, max_iters=500, **kw),
+  "pcgrad": lambda **kw: mtjax.pcgrad(key=2, num_tasks=T, gram_leaves="Dense_1", **kw),
+  "mgda": lambda **kw: mtjax.mgda(num_tasks=T, gram_leaves="Dense_1", **kw),
+  "upgrad": lambda **kw: mtjax.upgrad(num_tasks=T, gram_leaves="Dense_1", tol=1e-12, max_iters=500, **kw),
 }
 
 
@@ -118,8 +129,7 @@ def test_subset_matches_numpy_and_dense_rows(name, masked):
     def step(params, state, batch):
       losses, jac = mtjax.task_grads(_loss_fn, strategy="loop", deferred=True)(params, batch)
       _, rows = mtjax.task_grads(_loss_fn, strategy="loop")(params, batch)
-      return rows, tx.update(jac, state, params, task_losses=losses), tx.update(rows, state, params,
-                                                                                task_losses=losses)
+      return rows, tx.update(jac, state, params, task_losses=losses), tx.update(rows, state, params, task_losses=losses)
 
     params, batch = _problem(1, dtype=jnp.float64)
     state = tx.init(params)
@@ -206,8 +216,11 @@ SHAPES = {"a": {"kernel": (3, 2), "bias": (2,)}, "b": (3,), "tower": (2,)}
 
 
 def _random_grads(rng, num_tasks=T):
-  return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=(num_tasks,) + s) + 0.5 * rng.normal(size=s),
-                                            jnp.float32), SHAPES, is_leaf=lambda x: isinstance(x, tuple))
+  return jax.tree.map(
+    lambda s: jnp.asarray(rng.normal(size=(num_tasks,) + s) + 0.5 * rng.normal(size=s), jnp.float32),
+    SHAPES,
+    is_leaf=lambda x: isinstance(x, tuple),
+  )
 
 
 def _params():
@@ -215,9 +228,9 @@ def _params():
 
 
 STATEFUL = {
-    "pcgrad": lambda **kw: mtjax.pcgrad(key=7, num_tasks=T, **kw),
-    "gradvac": lambda **kw: mtjax.gradvac(key=7, num_tasks=T, beta=0.5, **kw),
-    "mgda": lambda **kw: mtjax.mgda(num_tasks=T, **kw),
+  "pcgrad": lambda **kw: mtjax.pcgrad(key=7, num_tasks=T, **kw),
+  "gradvac": lambda **kw: mtjax.gradvac(key=7, num_tasks=T, beta=0.5, **kw),
+  "mgda": lambda **kw: mtjax.mgda(num_tasks=T, **kw),
 }
 
 
@@ -331,8 +344,9 @@ def test_fixed_weights_reuse_path_is_one_backward_pass(masked):
   assert len(BACKWARD_TRACES) == (2 if masked else 1) + 1  # (+ the tower's plain sum) + the reference rows
   for x, y in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
     np.testing.assert_array_equal(x, y)  # no solve, state unchanged
-  _assert_tree_close(update, np_update(rows, np.asarray(w, np.float64), SHARED(params) if masked else None),
-                     rtol=1e-5, atol=1e-6)
+  _assert_tree_close(
+    update, np_update(rows, np.asarray(w, np.float64), SHARED(params) if masked else None), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_amortized_gradvac_one_group_record_reuses_as_task_weights():
@@ -395,8 +409,9 @@ def test_chunked_rows_equal_unchunked(strategy):
     out = {}
     for c in (None, 1, 2, 3):
       out[f"rows-{c}"] = mtjax.task_grads(_loss_fn, strategy=strategy, chunk_size=c)(params, batch)[1]
-      out[f"deferred-{c}"] = mtjax.task_grads(_loss_fn, strategy=strategy, deferred=True,
-                                              chunk_size=c)(params, batch)[1].materialize()
+      out[f"deferred-{c}"] = mtjax.task_grads(_loss_fn, strategy=strategy, deferred=True, chunk_size=c)(params, batch)[
+        1
+      ].materialize()
     return out
 
   out = all_rows(params, batch)

@@ -115,13 +115,13 @@ def test_multi_input_task_grads():
 
 
 @pytest.mark.parametrize(
-    "bad, match",
-    [
-        (lambda p, b: _loss_fn(p, b).sum(), "1-D vector"),
-        (lambda p, b: jnp.stack([_loss_fn(p, b)] * 2), "1-D vector"),
-        (lambda p, b: _loss_fn(p, b)[:0], "empty"),
-        (lambda p, b: (_loss_fn(p, b), {"aux": 1.0}), "returned a tuple.*has_aux=True"),
-    ],
+  "bad, match",
+  [
+    (lambda p, b: _loss_fn(p, b).sum(), "1-D vector"),
+    (lambda p, b: jnp.stack([_loss_fn(p, b)] * 2), "1-D vector"),
+    (lambda p, b: _loss_fn(p, b)[:0], "empty"),
+    (lambda p, b: (_loss_fn(p, b), {"aux": 1.0}), "returned a tuple.*has_aux=True"),
+  ],
 )
 def test_bad_loss_fn_raises(bad, match):
   params, batch = _problem(2)
@@ -143,7 +143,8 @@ def test_multi_input_bad_inputs():
   params, _ = _problem(1)
   with pytest.raises(ValueError, match="same leading task axis"):
     mtjax.multi_input_task_grads(lambda p, b: _loss_fn(p, b)[0])(
-        params, {"x": jnp.ones((2, 4, 5)), "y": jnp.ones((3, 4, 1))})
+      params, {"x": jnp.ones((2, 4, 5)), "y": jnp.ones((3, 4, 1))}
+    )
   with pytest.raises(ValueError, match="scalar loss"):
     mtjax.multi_input_task_grads(_loss_fn)(params, {"x": jnp.ones((2, 4, 5)), "y": jnp.ones((2, 4, 1))})
 

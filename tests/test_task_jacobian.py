@@ -1,7 +1,6 @@
 """Deferred per-task gradients (task_grads(deferred=True) -> TaskJacobian): same updates, fewer backward passes."""
 
 import functools
-
 import os
 import sys
 
@@ -18,37 +17,49 @@ from mtl_references import backward_counter  # pylint: disable=wrong-import-posi
 
 T = 3
 FACTORIES = {
-    "linear": lambda **kw: mtjax.linear(num_tasks=T, **kw),
-    "dwa": lambda **kw: mtjax.dwa(num_tasks=T, steps_per_epoch=1, **kw),
-    "uncertainty": lambda **kw: mtjax.uncertainty(num_tasks=T, **kw),
-    "rlw": lambda **kw: mtjax.rlw(key=1, num_tasks=T, **kw),
-    "pcgrad": lambda **kw: mtjax.pcgrad(key=1, num_tasks=T, **kw),
-    "mgda": lambda **kw: mtjax.mgda(num_tasks=T, **kw),
-    "gradvac": lambda **kw: mtjax.gradvac(key=1, num_tasks=T, granularity="layer", **kw),
-    "gradnorm": lambda **kw: mtjax.gradnorm(num_tasks=T, **kw),
-    "upgrad": lambda **kw: mtjax.upgrad(num_tasks=T, **kw),
-    "graddrop": lambda **kw: mtjax.graddrop(key=1, num_tasks=T, **kw),
-    # the loss-only methods of issue #12 (FAMO in its next-batch form: the step below passes only task_losses)
-    "famo": lambda **kw: mtjax.famo(num_tasks=T, post_step_losses="next_batch", logit_update="adam", **kw),
-    "stch": lambda **kw: mtjax.stch(num_tasks=T, mu=0.5, normalization="log_nadir", warmup_steps=1, **kw),
-    "gls": lambda **kw: mtjax.gls(num_tasks=T, **kw),
-    "scale_invariant": lambda **kw: mtjax.scale_invariant(num_tasks=T, **kw),
-    "imtl-loss": lambda **kw: mtjax.imtl(num_tasks=T, mode="loss", learning_rate=0.1, **kw),
-    "imtl-hybrid": lambda **kw: mtjax.imtl(num_tasks=T, mode="hybrid", learning_rate=0.1, **kw),  # Gram: T passes
+  "linear": lambda **kw: mtjax.linear(num_tasks=T, **kw),
+  "dwa": lambda **kw: mtjax.dwa(num_tasks=T, steps_per_epoch=1, **kw),
+  "uncertainty": lambda **kw: mtjax.uncertainty(num_tasks=T, **kw),
+  "rlw": lambda **kw: mtjax.rlw(key=1, num_tasks=T, **kw),
+  "pcgrad": lambda **kw: mtjax.pcgrad(key=1, num_tasks=T, **kw),
+  "mgda": lambda **kw: mtjax.mgda(num_tasks=T, **kw),
+  "gradvac": lambda **kw: mtjax.gradvac(key=1, num_tasks=T, granularity="layer", **kw),
+  "gradnorm": lambda **kw: mtjax.gradnorm(num_tasks=T, **kw),
+  "upgrad": lambda **kw: mtjax.upgrad(num_tasks=T, **kw),
+  "graddrop": lambda **kw: mtjax.graddrop(key=1, num_tasks=T, **kw),
+  # the loss-only methods of issue #12 (FAMO in its next-batch form: the step below passes only task_losses)
+  "famo": lambda **kw: mtjax.famo(num_tasks=T, post_step_losses="next_batch", logit_update="adam", **kw),
+  "stch": lambda **kw: mtjax.stch(num_tasks=T, mu=0.5, normalization="log_nadir", warmup_steps=1, **kw),
+  "gls": lambda **kw: mtjax.gls(num_tasks=T, **kw),
+  "scale_invariant": lambda **kw: mtjax.scale_invariant(num_tasks=T, **kw),
+  "imtl-loss": lambda **kw: mtjax.imtl(num_tasks=T, mode="loss", learning_rate=0.1, **kw),
+  "imtl-hybrid": lambda **kw: mtjax.imtl(num_tasks=T, mode="hybrid", learning_rate=0.1, **kw),  # Gram: T passes
 }
-LOSS_ONLY = ("linear", "dwa", "uncertainty", "rlw",  # weights that do not read the gradients
-             "famo", "stch", "gls", "scale_invariant", "imtl-loss")
+LOSS_ONLY = (
+  "linear",
+  "dwa",
+  "uncertainty",
+  "rlw",  # weights that do not read the gradients
+  "famo",
+  "stch",
+  "gls",
+  "scale_invariant",
+  "imtl-loss",
+)
 SHARED = mtjax.shared_mask(exclude="tower")
 _counted, BACKWARD_TRACES = backward_counter()  # traced backward passes through the trunk
 
 
 def _problem(seed=0):
   rng = np.random.default_rng(seed)
-  params = {"trunk": {"kernel": jnp.asarray(rng.normal(size=(5, 4)) * 0.5, jnp.float32),
-                      "bias": jnp.zeros(4, jnp.float32)},
-            "tower": jnp.asarray(rng.normal(size=(4, T)) * 0.5, jnp.float32)}
-  batch = {"x": jnp.asarray(rng.normal(size=(32, 5)), jnp.float32),
-           "y": jnp.asarray(rng.normal(size=(32, T)), jnp.float32)}
+  params = {
+    "trunk": {"kernel": jnp.asarray(rng.normal(size=(5, 4)) * 0.5, jnp.float32), "bias": jnp.zeros(4, jnp.float32)},
+    "tower": jnp.asarray(rng.normal(size=(4, T)) * 0.5, jnp.float32),
+  }
+  batch = {
+    "x": jnp.asarray(rng.normal(size=(32, 5)), jnp.float32),
+    "y": jnp.asarray(rng.normal(size=(32, T)), jnp.float32),
+  }
   return params, batch
 
 
@@ -152,8 +163,9 @@ def test_task_jacobian_api():
     np.testing.assert_allclose(v, mtjax.analysis.track(dense)[k], rtol=1e-5, atol=1e-6, err_msg=k)
   # Its validation is the transforms' usual one.
   with pytest.raises(ValueError, match="num_tasks"):
-    mtjax.dwa(num_tasks=2, steps_per_epoch=1).update(jac, mtjax.dwa(num_tasks=2, steps_per_epoch=1).init(params),
-                                                     params, task_losses=losses[:2])
+    mtjax.dwa(num_tasks=2, steps_per_epoch=1).update(
+      jac, mtjax.dwa(num_tasks=2, steps_per_epoch=1).init(params), params, task_losses=losses[:2]
+    )
 
 
 def test_fit_without_similarity_tracking_trains_the_same():
@@ -163,6 +175,7 @@ def test_fit_without_similarity_tracking_trains_the_same():
   kw = dict(steps=5, batch_size=64, seed=1, progress=False, log_every=1)
   tracked = mtjax.training.fit(model, tx, ds, **kw)
   deferred = mtjax.training.fit(model, tx, ds, track_similarity=False, **kw)
-  np.testing.assert_allclose([r["losses"] for r in deferred.history], [r["losses"] for r in tracked.history],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    [r["losses"] for r in deferred.history], [r["losses"] for r in tracked.history], rtol=1e-5, atol=1e-6
+  )
   assert "cosine" in tracked.history[0] and "cosine" not in deferred.history[0]

@@ -13,10 +13,16 @@ from mtjax._src import weighting
 
 def _tree(num_tasks, seed=0, scale=1.0):
   rng = np.random.default_rng(seed)
-  shapes = {"trunk": {"Dense_0": {"kernel": (4, 3), "bias": (3,)}, "Dense_1": {"kernel": (3, 2)}},
-            "tower_0": {"kernel": (2,)}, "tower_1": {"kernel": (2, 2)}}
-  return jax.tree.map(lambda s: jnp.asarray(scale * rng.normal(size=(num_tasks,) + s), jnp.float32),
-                      shapes, is_leaf=lambda s: isinstance(s, tuple))
+  shapes = {
+    "trunk": {"Dense_0": {"kernel": (4, 3), "bias": (3,)}, "Dense_1": {"kernel": (3, 2)}},
+    "tower_0": {"kernel": (2,)},
+    "tower_1": {"kernel": (2, 2)},
+  }
+  return jax.tree.map(
+    lambda s: jnp.asarray(scale * rng.normal(size=(num_tasks,) + s), jnp.float32),
+    shapes,
+    is_leaf=lambda s: isinstance(s, tuple),
+  )
 
 
 def _recording_transform(groups=None, shared=None, weights=None, task_specific="sum"):
@@ -34,8 +40,9 @@ def _recording_transform(groups=None, shared=None, weights=None, task_specific="
     w = jnp.ones((inputs.num_tasks,)) if weights is None else weights
     return w, {"grams": inputs.grams}
 
-  return weighting.gram_weighting(weights_fn, init, method="recorder", groups=groups, shared=shared,
-                                  task_specific=task_specific)
+  return weighting.gram_weighting(
+    weights_fn, init, method="recorder", groups=groups, shared=shared, task_specific=task_specific
+  )
 
 
 def _np_gram(leaves):
@@ -67,20 +74,27 @@ def test_update_is_weighted_sum_and_task_specific_sum():
   w = jnp.array([0.5, 2.0, -1.0])
   tx = _recording_transform(shared=mtjax.shared_mask(exclude=r"tower_"), weights=w)
   upd, _ = tx.update(g, tx.init(params), params)
-  np.testing.assert_allclose(upd["trunk"]["Dense_0"]["kernel"],
-                             np.tensordot(np.asarray(w), np.asarray(g["trunk"]["Dense_0"]["kernel"]), 1), rtol=1e-6)
+  np.testing.assert_allclose(
+    upd["trunk"]["Dense_0"]["kernel"],
+    np.tensordot(np.asarray(w), np.asarray(g["trunk"]["Dense_0"]["kernel"]), 1),
+    rtol=1e-6,
+  )
   # Task-specific leaves get exactly the plain sum of their task gradients.
   np.testing.assert_array_equal(upd["tower_0"]["kernel"], np.asarray(g["tower_0"]["kernel"]).sum(0))
   tx_w = _recording_transform(shared=mtjax.shared_mask(exclude=r"tower_"), weights=w, task_specific="weighted")
   upd_w, _ = tx_w.update(g, tx_w.init(params), params)
-  np.testing.assert_allclose(upd_w["tower_1"]["kernel"], np.tensordot(np.asarray(w), np.asarray(g["tower_1"]["kernel"]), 1),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    upd_w["tower_1"]["kernel"], np.tensordot(np.asarray(w), np.asarray(g["tower_1"]["kernel"]), 1), rtol=1e-6
+  )
 
 
 def test_shared_mask_helper_and_explicit_masks():
   params = {"bottom": {"kernel": 1.0}, "tower_0": {"kernel": 1.0}, "gate_1": {"kernel": 1.0}}
   assert mtjax.shared_mask(exclude=r"tower_|gate_")(params) == {
-      "bottom": {"kernel": True}, "tower_0": {"kernel": False}, "gate_1": {"kernel": False}}
+    "bottom": {"kernel": True},
+    "tower_0": {"kernel": False},
+    "gate_1": {"kernel": False},
+  }
   assert mtjax.shared_mask(include="bottom")(params)["gate_1"]["kernel"] is False
   g = _tree(2)
   bad_mask = {"trunk": True}
@@ -154,9 +168,14 @@ def test_linear_against_numpy_and_sum():
     mtjax.linear([1.0, 1.0]).update(g, mtjax.linear([1.0, 1.0]).init(params))
 
 
-@pytest.mark.parametrize("factory", [lambda: mtjax.linear(num_tasks=3),
-                                     lambda: mtjax.dwa(num_tasks=3, steps_per_epoch=2),
-                                     lambda: mtjax.uncertainty(num_tasks=3)])
+@pytest.mark.parametrize(
+  "factory",
+  [
+    lambda: mtjax.linear(num_tasks=3),
+    lambda: mtjax.dwa(num_tasks=3, steps_per_epoch=2),
+    lambda: mtjax.uncertainty(num_tasks=3),
+  ],
+)
 def test_gram_free_methods_reject_nonfinite_gradients(factory):
   g = _tree(3)
   bad = jax.tree.map(lambda x: x.at[1].set(jnp.inf), g)
@@ -190,11 +209,14 @@ def test_runtime_checks_switch():
   assert "callback" in lowered.as_text()
 
 
-@pytest.mark.parametrize("factory,conds", [
+@pytest.mark.parametrize(
+  "factory,conds",
+  [
     (lambda: mtjax.pcgrad(num_tasks=3), 1),  # losses + Gram diagonal: one test
     (lambda: mtjax.linear(num_tasks=3), 1),  # losses + update: one test
     (lambda: mtjax.mgda(num_tasks=3, normalization="loss"), 2),  # + its own non-negative-loss check
-])
+  ],
+)
 def test_checks_are_one_cond_with_a_pure_callback(factory, conds):
   # One on-device test per update, through a pure (not side-effecting) callback: a side-effecting
   # one makes XLA:CPU run the whole step in sequence (see numerics.enforce).

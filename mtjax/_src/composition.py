@@ -31,28 +31,32 @@ _OPTAX_DIR = os.sep + "optax" + os.sep
 _MAX_DEPTH = 96  # frames searched above the caller
 
 _WRAPPER_ERRORS = {
-    "MultiSteps": (
-        "mtjax: {method} is inside optax.MultiSteps, which accumulates params-shaped gradients: it cannot hold "
-        "the per-task gradients [T, ...] (the method would see its buffer, without a task axis). Accumulate the "
-        "per-task gradients before the method with mtjax.accumulate(optax.chain(mtjax.{method}(...), "
-        "optax.adam(...)), every_k=k), or put MultiSteps after the method, optax.chain(mtjax.{method}(...), "
-        "optax.MultiSteps(optax.adam(...), k)), to accumulate the combined updates instead (another algorithm)."),
-    "multi_transform": (
-        "mtjax: {method} is inside optax.multi_transform (optax.transforms.partition), which masks every "
-        "transform to its labelled leaves: the others would keep their task axis [T, ...]. Put the method first "
-        "and multi_transform after it: optax.chain(mtjax.{method}(...), optax.multi_transform(transforms, "
-        "labels)); pass shared= to the method to choose the leaves it compares the tasks on."),
-    "masked": (
-        "mtjax: {method} is inside optax.masked: the leaves outside the mask would keep their task axis [T, ...]. "
-        "Pass the mask to the method instead, mtjax.{method}(shared=mask) (the leaves outside it get the sum of "
-        "their task gradients), and mask plain optax transforms after the method: optax.chain(mtjax.{method}("
-        "shared=mask), optax.masked(optax.add_decayed_weights(1e-4), decay_mask), optax.adam(...))."),
-    "apply_if_finite": (
-        "mtjax: {method} is inside optax.apply_if_finite, whose skipped step returns zeros shaped like its input, "
-        "the per-task gradients [T, ...], not a params-shaped update. Put it after the method: optax.chain("
-        "mtjax.{method}(...), optax.apply_if_finite(optax.adam(...), max_consecutive_errors=k)); under jit with "
-        "mtjax.set_runtime_checks(False) a NaN/inf task gradient then gives a non-finite update that "
-        "apply_if_finite skips (with the checks on, the method raises instead)."),
+  "MultiSteps": (
+    "mtjax: {method} is inside optax.MultiSteps, which accumulates params-shaped gradients: it cannot hold "
+    "the per-task gradients [T, ...] (the method would see its buffer, without a task axis). Accumulate the "
+    "per-task gradients before the method with mtjax.accumulate(optax.chain(mtjax.{method}(...), "
+    "optax.adam(...)), every_k=k), or put MultiSteps after the method, optax.chain(mtjax.{method}(...), "
+    "optax.MultiSteps(optax.adam(...), k)), to accumulate the combined updates instead (another algorithm)."
+  ),
+  "multi_transform": (
+    "mtjax: {method} is inside optax.multi_transform (optax.transforms.partition), which masks every "
+    "transform to its labelled leaves: the others would keep their task axis [T, ...]. Put the method first "
+    "and multi_transform after it: optax.chain(mtjax.{method}(...), optax.multi_transform(transforms, "
+    "labels)); pass shared= to the method to choose the leaves it compares the tasks on."
+  ),
+  "masked": (
+    "mtjax: {method} is inside optax.masked: the leaves outside the mask would keep their task axis [T, ...]. "
+    "Pass the mask to the method instead, mtjax.{method}(shared=mask) (the leaves outside it get the sum of "
+    "their task gradients), and mask plain optax transforms after the method: optax.chain(mtjax.{method}("
+    "shared=mask), optax.masked(optax.add_decayed_weights(1e-4), decay_mask), optax.adam(...))."
+  ),
+  "apply_if_finite": (
+    "mtjax: {method} is inside optax.apply_if_finite, whose skipped step returns zeros shaped like its input, "
+    "the per-task gradients [T, ...], not a params-shaped update. Put it after the method: optax.chain("
+    "mtjax.{method}(...), optax.apply_if_finite(optax.adam(...), max_consecutive_errors=k)); under jit with "
+    "mtjax.set_runtime_checks(False) a NaN/inf task gradient then gives a non-finite update that "
+    "apply_if_finite skips (with the checks on, the method raises instead)."
+  ),
 }
 
 _ALIASES = {"partition": "multi_transform"}  # optax.multi_transform is optax.transforms.partition
@@ -119,7 +123,8 @@ def check_first_in_chain(method: str) -> None:
       if b != a:
         changed = next(((x, y) for x, y in zip(b, a) if x != y), (len(b), len(a)))
         raise ValueError(
-            f"mtjax: {method} comes after a transform in optax.chain whose optimizer state changes shape after "
-            f"one step ({changed[0]} -> {changed[1]}): it received the per-task gradients [T, ...] and keeps "
-            f"per-task state (e.g. optax.adam's moments). Put the mtjax method first: optax.chain(mtjax.{method}"
-            "(...), optax.adam(...)).")
+          f"mtjax: {method} comes after a transform in optax.chain whose optimizer state changes shape after "
+          f"one step ({changed[0]} -> {changed[1]}): it received the per-task gradients [T, ...] and keeps "
+          f"per-task state (e.g. optax.adam's moments). Put the mtjax method first: optax.chain(mtjax.{method}"
+          "(...), optax.adam(...))."
+        )

@@ -52,11 +52,12 @@ def leaf_gram(task_leaf: jax.Array) -> jax.Array:
   return jnp.matmul(flat, flat.T, precision=HIGHEST, preferred_element_type=acc).astype(acc)
 
 
-def weighted_task_sum(weights: jax.Array, task_leaf: jax.Array) -> jax.Array:
-  """``sum_t weights[t] * task_leaf[t]`` for one leaf, returned in the leaf's dtype."""
+def weighted_task_sum(weights: jax.Array, task_leaf: jax.Array, dtype=None) -> jax.Array:
+  """``sum_t weights[t] * task_leaf[t]`` for one leaf (accumulated in at least float32), returned in
+  ``dtype`` (default: the leaf's dtype; mixed precision: the params' float32 for bfloat16 rows)."""
   acc = gram_dtype(task_leaf.dtype)
   out = jnp.tensordot(weights.astype(acc), task_leaf.astype(acc), axes=1, precision=HIGHEST)
-  return out.astype(task_leaf.dtype)
+  return out.astype(dtype or task_leaf.dtype)
 
 
 def _is_concrete(x) -> bool:
@@ -68,8 +69,10 @@ def _is_concrete(x) -> bool:
 
 
 def _nonfinite_message(what: str, values) -> str:
-  return (f"mtjax: non-finite {what} detected ({np.asarray(values).tolist()}). Check the loss for NaN/inf "
-          "(log of 0, division by zero, exploding logits) before the gradient method sees it.")
+  return (
+    f"mtjax: non-finite {what} detected ({np.asarray(values).tolist()}). Check the loss for NaN/inf "
+    "(log of 0, division by zero, exploding logits) before the gradient method sees it."
+  )
 
 
 class Check(NamedTuple):
@@ -94,17 +97,18 @@ def finite_check(x: jax.Array, what: str) -> Optional[Check]:
     return None
   if not config.runtime_checks_enabled():
     return None
-  return Check(jnp.any(~jnp.isfinite(x)), lambda v: _nonfinite_message(what, v), x,
-               lambda v: not np.all(np.isfinite(v)))
+  return Check(
+    jnp.any(~jnp.isfinite(x)), lambda v: _nonfinite_message(what, v), x, lambda v: not np.all(np.isfinite(v))
+  )
 
 
-def condition_check(bad: jax.Array, message: Union[str, Callable[[Any], str]],
-                    operand: Any = None) -> Optional[Check]:
+def condition_check(bad: jax.Array, message: Union[str, Callable[[Any], str]], operand: Any = None) -> Optional[Check]:
   """A check that the boolean scalar ``bad`` is false; raises ``ValueError(message)`` at once when concrete.
 
   ``message`` may be a function of ``operand`` (values to show in the error, e.g. a solver's
   residual), called on the host with the concrete values.
   """
+
   def text(values):
     return message(values) if callable(message) else message
 

@@ -45,7 +45,8 @@ def infer_shared(loss_fn: Callable[..., jax.Array], params: PyTree, *args, **kwa
   Args:
     loss_fn: ``(params, *args, **kwargs) -> [T]`` per-task losses.
     params: the parameters.
-    *args, **kwargs: the loss's other inputs (a sample batch).
+    *args: the loss's other inputs (a sample batch).
+    **kwargs: the loss's keyword inputs.
 
   Returns:
     A pytree of bools with the structure of ``params``.
@@ -53,7 +54,8 @@ def infer_shared(loss_fn: Callable[..., jax.Array], params: PyTree, *args, **kwa
   from mtjax._src.task_grads import task_grads  # pylint: disable=import-outside-toplevel
 
   _, grads = jax.jit(lambda p, a, k: task_grads(lambda p_: loss_fn(p_, *a, **k), strategy="loop")(p))(
-      params, args, kwargs)
+    params, args, kwargs
+  )
   grads = jax.device_get(grads)
 
   def decide(g) -> bool:
@@ -72,9 +74,12 @@ def describe(mask: PyTree, params: PyTree) -> dict:
   layer = lambda p: p.rsplit("/", 1)[0] if "/" in p else p
   shared = sorted({layer(p) for p, f in zip(paths, flags) if f})
   specific = sorted({layer(p) for p, f in zip(paths, flags) if not f})
-  return {"shared_layers": shared, "task_specific_layers": specific,
-          "shared_params": sum(s for s, f in zip(sizes, flags) if f),
-          "task_specific_params": sum(s for s, f in zip(sizes, flags) if not f)}
+  return {
+    "shared_layers": shared,
+    "task_specific_layers": specific,
+    "shared_params": sum(s for s, f in zip(sizes, flags) if f),
+    "task_specific_params": sum(s for s, f in zip(sizes, flags) if not f),
+  }
 
 
 def resolve(spec, model) -> Optional[Callable[[PyTree], PyTree]]:
@@ -88,5 +93,4 @@ def resolve(spec, model) -> Optional[Callable[[PyTree], PyTree]]:
     return None
   if isinstance(spec, dict) and set(spec) <= {"include", "exclude"}:
     return tree_lib.shared_mask(include=spec.get("include"), exclude=spec.get("exclude"))
-  raise ValueError(f"mtjax: shared must be 'model', 'all' or a table with include/exclude path patterns, "
-                   f"got {spec!r}.")
+  raise ValueError(f"mtjax: shared must be 'model', 'all' or a table with include/exclude path patterns, got {spec!r}.")

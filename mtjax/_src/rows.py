@@ -28,6 +28,9 @@ class Layout(NamedTuple):
   paths: tuple  # '/'-joined leaf paths
   method: str
   mask_given: bool = True  # False: the method got no shared= (every leaf shared by default)
+  # dtype of each leaf's update (mixed precision: the params' float32 for bfloat16 rows, so the
+  # weighted sum is rounded once); () keeps each leaf's own dtype.
+  out_dtypes: tuple = ()
 
 
 def flatten(tree: PyTree):
@@ -48,18 +51,18 @@ def leaf_gram(leaf, dtype=None) -> jax.Array:
   return g if dtype is None else g.astype(dtype)
 
 
-def leaf_weighted_sum(weights: jax.Array, leaf) -> jax.Array:
-  """``sum_t w_t g_t`` of one leaf, params-shaped."""
+def leaf_weighted_sum(weights: jax.Array, leaf, dtype=None) -> jax.Array:
+  """``sum_t w_t g_t`` of one leaf, params-shaped (in ``dtype``, default the leaf's)."""
   if isinstance(leaf, SparseRows):
-    return leaf.weighted_sum(weights)
-  return numerics.weighted_task_sum(weights, leaf)
+    return leaf.weighted_sum(weights, dtype)
+  return numerics.weighted_task_sum(weights, leaf, dtype)
 
 
-def leaf_sum(leaf) -> jax.Array:
-  """``sum_t g_t`` of one leaf, params-shaped."""
+def leaf_sum(leaf, dtype=None) -> jax.Array:
+  """``sum_t g_t`` of one leaf, params-shaped (in ``dtype``, default the leaf's)."""
   if isinstance(leaf, SparseRows):
-    return leaf.sum()
-  return jnp.sum(leaf, axis=0)
+    return leaf.sum(dtype)
+  return jnp.sum(leaf if dtype is None else leaf.astype(dtype), axis=0)
 
 
 def leaf_dtype(leaf):
@@ -85,8 +88,7 @@ def weights_for_leaf(weights: jax.Array, i: int, layout: Layout) -> jax.Array:
     return weights
   gid = layout.group[i]
   if gid < 0:
-    raise ValueError(f"mtjax: {layout.method}: leaf '{layout.paths[i]}' is in no group but the weights are per "
-                     "group.")
+    raise ValueError(f"mtjax: {layout.method}: leaf '{layout.paths[i]}' is in no group but the weights are per group.")
   return weights[gid]
 
 
@@ -100,11 +102,12 @@ def task_specific_weights(weights: jax.Array, layout: Layout):
 
 
 def combine_leaf(i: int, leaf, weights: jax.Array, layout: Layout):
-  """The update of leaf ``i`` from its task gradients."""
+  """The update of leaf ``i`` from its task gradients (in ``layout.out_dtypes[i]`` when given)."""
+  dtype = layout.out_dtypes[i] if layout.out_dtypes else None
   if layout.mask[i]:
-    return leaf_weighted_sum(weights_for_leaf(weights, i, layout), leaf)
+    return leaf_weighted_sum(weights_for_leaf(weights, i, layout), leaf, dtype)
   ts = task_specific_weights(weights, layout)
-  return leaf_sum(leaf) if ts is None else leaf_weighted_sum(ts, leaf)
+  return leaf_sum(leaf, dtype) if ts is None else leaf_weighted_sum(ts, leaf, dtype)
 
 
 def rows_gram_and_combiner(leaves: Sequence[Any], layout: Layout, need_gram: bool):
@@ -117,3 +120,37 @@ def rows_gram_and_combiner(leaves: Sequence[Any], layout: Layout, need_gram: boo
     return [combine_leaf(i, leaf, weights, layout) for i, leaf in enumerate(leaves)]
 
   return grams, combine
+
+
+def update_dtypes(leaves: Sequence[Any], params: PyTree) -> tuple:
+  """The dtype of each leaf's update: its rows' dtype promoted with its parameter's (mixed precision:
+  bfloat16 rows of float32 master params give a float32 update); ``()`` without ``params``."""
+  if params is None:
+    return ()
+  p_leaves = jax.tree.leaves(params)
+  if len(p_leaves) != len(leaves):
+    return ()
+  return tuple(
+    jnp.promote_types(leaf_dtype(x), p.dtype if hasattr(p, "dtype") else jnp.result_type(p))
+    for x, p in zip(leaves, p_leaves)
+  )
+
+
+def upcast_rows(updates: PyTree, params: PyTree) -> PyTree:
+  """Per-task gradients cast to their update dtype (:func:`update_dtypes`): bfloat16 rows of float32
+  params become float32, so a method that does more than a Gram and a weighted sum (projections,
+  masks, tracked gradients in its state) computes and keeps its state in float32. Unchanged without
+  ``params`` or when the dtypes agree (the default float32 path is untouched)."""
+  leaves, treedef = flatten(updates)
+  dtypes = update_dtypes(leaves, params)
+  if not dtypes or all(leaf_dtype(x) == d for x, d in zip(leaves, dtypes)):
+    return updates
+  out = []
+  for x, d in zip(leaves, dtypes):
+    if leaf_dtype(x) == d:
+      out.append(x)
+    elif isinstance(x, SparseRows):
+      out.append(x.map_rows(lambda v, d=d: v.astype(d)))
+    else:
+      out.append(jnp.asarray(x).astype(d))
+  return jax.tree_util.tree_unflatten(treedef, out)

@@ -75,10 +75,13 @@ def _corrective_step(gram: jax.Array, w: jax.Array) -> jax.Array:
   eye = jnp.eye(t, dtype=gram.dtype)
   top = jnp.where(both, gram, jnp.zeros_like(gram)) + jnp.where(support, 0.0, 1.0)[:, None] * eye
   ones = jnp.where(support, 1.0, 0.0).astype(gram.dtype)
-  kkt = jnp.concatenate([
+  kkt = jnp.concatenate(
+    [
       jnp.concatenate([top, ones[:, None]], axis=1),
       jnp.concatenate([ones, jnp.zeros((1,), gram.dtype)])[None, :],
-  ], axis=0)
+    ],
+    axis=0,
+  )
   rhs = jnp.concatenate([jnp.zeros((t,), gram.dtype), jnp.ones((1,), gram.dtype)])
 
   def objective(v):
@@ -106,8 +109,14 @@ def _corrective_step(gram: jax.Array, w: jax.Array) -> jax.Array:
   return jnp.where(ok, moved, w)
 
 
-def min_norm_simplex(gram: jax.Array, *, max_iters: int = 250, tol: float = 1e-6,
-                     scale: bool = True, corrective: bool = True) -> MinNormResult:
+def min_norm_simplex(
+  gram: jax.Array,
+  *,
+  max_iters: int = 250,
+  tol: jax.typing.ArrayLike = 1e-6,
+  scale: bool = True,
+  corrective: bool = True,
+) -> MinNormResult:
   r"""Min-norm point of the convex hull of the task gradients, from their Gram matrix.
 
   Solves
@@ -265,8 +274,9 @@ class NonnegQPResult(NamedTuple):
   iterations: jax.Array
 
 
-def nonneg_qp(matrix: jax.Array, linear: jax.Array, *, max_iters: int = 100,
-              tol: jax.typing.ArrayLike = 1e-6) -> NonnegQPResult:
+def nonneg_qp(
+  matrix: jax.Array, linear: jax.Array, *, max_iters: int = 100, tol: jax.typing.ArrayLike = 1e-6
+) -> NonnegQPResult:
   r"""Convex quadratic program over the non-negative orthant, by a primal active-set method.
 
   .. math::
@@ -346,11 +356,21 @@ def nonneg_qp(matrix: jax.Array, linear: jax.Array, *, max_iters: int = 100,
     v_next = jnp.where(feasible, z, moved)
     free_next = jnp.where(feasible, free_now, free_now & ~dropped)
     keep = optimal
-    return (it + 1, jnp.where(keep, v, v_next), jnp.where(keep, free, free_next),
-            jnp.where(keep, need_free, feasible), optimal)
+    return (
+      it + 1,
+      jnp.where(keep, v, v_next),
+      jnp.where(keep, free, free_next),
+      jnp.where(keep, need_free, feasible),
+      optimal,
+    )
 
-  init = (jnp.asarray(0, jnp.int32), jnp.zeros((n,), dtype), jnp.zeros((n,), bool), jnp.asarray(True),
-          jnp.asarray(False))
+  init = (
+    jnp.asarray(0, jnp.int32),
+    jnp.zeros((n,), dtype),
+    jnp.zeros((n,), bool),
+    jnp.asarray(True),
+    jnp.asarray(False),
+  )
   it, v, _, _, _ = jax.lax.while_loop(cond, body, init)
   residual = jnp.max(jnp.abs(jnp.minimum(v, gradient(v))))
   return NonnegQPResult(solution=v, residual=residual, iterations=it)
@@ -385,8 +405,9 @@ def _zero_floor(dtype, t):
   return jnp.asarray(ZERO_FLOOR * t * np.finfo(dtype).eps, dtype)
 
 
-def cagrad_dual(gram: jax.Array, c: jax.typing.ArrayLike, *, max_iters: int = 100,
-                tol: jax.typing.ArrayLike = 1e-6) -> CAGradDualResult:
+def cagrad_dual(
+  gram: jax.Array, c: jax.typing.ArrayLike, *, max_iters: int = 100, tol: jax.typing.ArrayLike = 1e-6
+) -> CAGradDualResult:
   r"""The dual problem of CAGrad on the simplex, by an exact active-set method.
 
   With :math:`b = \mathbf 1 / T` (so :math:`g_0 = J^\top b` is the average gradient),
@@ -492,12 +513,20 @@ def cagrad_dual(gram: jax.Array, c: jax.typing.ArrayLike, *, max_iters: int = 10
     m = inv / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(inv))), jnp.finfo(dtype).tiny)
     beta = m[jnp.argmax(inv)] / jnp.maximum(jnp.max(inv), jnp.finfo(dtype).tiny)  # |constraint| scale
     cos = inv[:, None] * gram * inv[None, :]
-    kkt = jnp.concatenate([
+    kkt = jnp.concatenate(
+      [
         jnp.concatenate([jnp.where(support[:, None] & support[None, :], cos, 0.0), m[:, None]], axis=1),
         jnp.concatenate([m, jnp.zeros((1,), dtype)])[None, :],
-    ], axis=0)
-    rhs = jnp.stack([jnp.concatenate([jnp.zeros((t,), dtype), jnp.full((1,), beta, dtype)]),
-                     jnp.concatenate([-jnp.where(support, inv * a, 0.0), jnp.zeros((1,), dtype)])], axis=1)
+      ],
+      axis=0,
+    )
+    rhs = jnp.stack(
+      [
+        jnp.concatenate([jnp.zeros((t,), dtype), jnp.full((1,), beta, dtype)]),
+        jnp.concatenate([-jnp.where(support, inv * a, 0.0), jnp.zeros((1,), dtype)]),
+      ],
+      axis=1,
+    )
     sol = inv[:, None] * jnp.matmul(jnp.linalg.pinv(kkt), rhs, precision=numerics.HIGHEST)[:t]
     x0 = jnp.where(support, sol[:, 0], 0.0)
     p = jnp.where(support, sol[:, 1], 0.0)
@@ -505,8 +534,7 @@ def cagrad_dual(gram: jax.Array, c: jax.typing.ArrayLike, *, max_iters: int = 10
     r_sq = radius * radius
     bounded = q < r_sq * (1.0 - 1e-6)
     shrink = jnp.where(bounded, 1.0 - q / jnp.where(bounded, r_sq, 1.0), 1.0)
-    tau = jnp.where(bounded & (radius > 0),
-                    jnp.sqrt(n0_sq / shrink) / jnp.where(radius > 0, radius, 1.0), 0.0)
+    tau = jnp.where(bounded & (radius > 0), jnp.sqrt(n0_sq / shrink) / jnp.where(radius > 0, radius, 1.0), 0.0)
     return x0 + tau * p, bounded, p
 
   rounding = jnp.asarray(10.0 * t * np.finfo(dtype).eps, dtype)
@@ -534,7 +562,8 @@ def cagrad_dual(gram: jax.Array, c: jax.typing.ArrayLike, *, max_iters: int = 10
     y_pos = y_pos / jnp.maximum(jnp.sum(y_pos), jnp.finfo(dtype).tiny)
     f_w = objective(w)
     slack = 1e-6 * jnp.abs(f_w) + rounding * (mean_norm + radius) * jnp.maximum(
-        jnp.dot(w, norms, precision=numerics.HIGHEST), jnp.dot(y_pos, norms, precision=numerics.HIGHEST))
+      jnp.dot(w, norms, precision=numerics.HIGHEST), jnp.dot(y_pos, norms, precision=numerics.HIGHEST)
+    )
     y_ok = jnp.all(jnp.isfinite(y_pos)) & (objective(y_pos) <= f_w + slack)
     w_feas = jnp.where(y_ok, y_pos, w)
     gap, best = gap_of(w_feas)
@@ -591,8 +620,15 @@ class BalanceResult(NamedTuple):
   iterations: jax.Array
 
 
-def balance_newton(cosines: jax.Array, coef: jax.Array, alpha: jax.typing.ArrayLike, active: jax.Array, *,
-                   max_iters: int = 100, tol: jax.typing.ArrayLike = 1e-10) -> BalanceResult:
+def balance_newton(
+  cosines: jax.Array,
+  coef: jax.Array,
+  alpha: jax.typing.ArrayLike,
+  active: jax.Array,
+  *,
+  max_iters: int = 100,
+  tol: jax.typing.ArrayLike = 1e-10,
+) -> BalanceResult:
   r"""Solves the balance equations :math:`(C v)_i = c_i\, v_i^{-1/\alpha}`, :math:`v > 0`.
 
   This is Nash-MTL's :math:`v \odot C v = \mathbf 1` (:math:`\alpha = 1`, :math:`c = \mathbf 1`)
@@ -746,7 +782,8 @@ def balance_newton(cosines: jax.Array, coef: jax.Array, alpha: jax.typing.ArrayL
   v0 = jnp.where(active, jnp.exp(alpha / (1.0 + alpha) * jnp.log(coef)), 1.0)
   grad0, delta0, decrement0, floor0 = newton(v0)
   it, v, status, decrement, grad, delta = jax.lax.while_loop(
-      cond, body, (jnp.asarray(0, jnp.int32), v0, classify(v0, decrement0, floor0), decrement0, grad0, delta0))
+    cond, body, (jnp.asarray(0, jnp.int32), v0, classify(v0, decrement0, floor0), decrement0, grad0, delta0)
+  )
   (polished, _, _, _), _ = jax.lax.scan(polish, (v, grad, delta, relative_residual(v, grad)), None, length=POLISH_STEPS)
   v = jnp.where(status == SOLVED, polished, v)
   v = jnp.where(active & (status != STATIONARY), v, 0.0)

@@ -233,16 +233,19 @@ class SparseRows:
     acc = dtype or jnp.promote_types(flat.dtype, jnp.float32)
     return jnp.matmul(flat, flat.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=acc).astype(acc)
 
-  def weighted_sum(self, weights: jax.Array) -> jax.Array:
-    """``sum_t weights[t] * g_t``: the ``[V, *row]`` update, one scatter of the weighted cotangents."""
+  def weighted_sum(self, weights: jax.Array, dtype=None) -> jax.Array:
+    """``sum_t weights[t] * g_t``: the ``[V, *row]`` update, one scatter of the weighted cotangents
+    (in ``dtype``, default the values' dtype)."""
     acc = jnp.promote_types(self.values.dtype, jnp.float32)
-    rows = jnp.tensordot(jnp.asarray(weights).astype(acc), self.values.astype(acc), axes=1,
-                         precision=jax.lax.Precision.HIGHEST)
-    return scatter_rows(self.ids, rows.astype(self.values.dtype), self.table_shape)
+    rows = jnp.tensordot(
+      jnp.asarray(weights).astype(acc), self.values.astype(acc), axes=1, precision=jax.lax.Precision.HIGHEST
+    )
+    return scatter_rows(self.ids, rows.astype(dtype or self.values.dtype), self.table_shape)
 
-  def sum(self) -> jax.Array:
-    """``sum_t g_t`` (``[V, *row]``)."""
-    return scatter_rows(self.ids, jnp.sum(self.values, axis=0), self.table_shape)
+  def sum(self, dtype=None) -> jax.Array:
+    """``sum_t g_t`` (``[V, *row]``, in ``dtype``, default the values' dtype)."""
+    values = self.values if dtype is None else self.values.astype(dtype)
+    return scatter_rows(self.ids, jnp.sum(values, axis=0), self.table_shape)
 
   def dot(self, dense: jax.Array) -> jax.Array:
     """``[T]``: ``<g_t, dense>`` for a ``[V, *row]`` array, without densifying."""
@@ -256,7 +259,7 @@ class SparseRows:
     out = jnp.zeros(self.shape, self.values.dtype)
     return out.at[:, self.ids].add(self.values, mode="drop")
 
-  def map_rows(self, fn) -> "SparseRows":
+  def map_rows(self, fn) -> SparseRows:
     """A new SparseRows with ``values`` replaced by ``fn(values)`` (same ids)."""
     return SparseRows(self.ids, fn(self.values), self.table_shape)
 
@@ -346,22 +349,26 @@ class Probe:
 
   def lookup(self, table, ids, mode):
     idx = next((i for i, leaf in enumerate(self.leaves) if leaf is table), None)
-    self.lookups.append(LookupInfo(idx, tuple(ids.shape), tuple(jnp.shape(table)), jnp.result_type(table), mode,
-                                   self.rep is None))
+    self.lookups.append(
+      LookupInfo(idx, tuple(ids.shape), tuple(jnp.shape(table)), jnp.result_type(table), mode, self.rep is None)
+    )
     if idx is None:
       return _take(table, ids, mode)
     return jnp.zeros(tuple(ids.shape) + tuple(jnp.shape(table))[1:], jnp.result_type(table))
 
   def representation(self, z, batch_axis):
     if self.rep is not None:
-      raise ValueError("mtjax.representation was called more than once in one loss evaluation; mark one "
-                       "representation (a pytree of arrays is fine).")
+      raise ValueError(
+        "mtjax.representation was called more than once in one loss evaluation; mark one "
+        "representation (a pytree of arrays is fine)."
+      )
     struct = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), z)
     if batch_axis is not None:
       for a in jax.tree.leaves(struct):
         if not -len(a.shape) <= batch_axis < len(a.shape):
-          raise ValueError(f"mtjax.representation: batch_axis={batch_axis} is out of range for a leaf of shape "
-                           f"{a.shape}.")
+          raise ValueError(
+            f"mtjax.representation: batch_axis={batch_axis} is out of range for a leaf of shape {a.shape}."
+          )
     self.rep = RepInfo(struct, batch_axis)
     self.rep_value = jax.tree.leaves(z)
     return z
@@ -376,8 +383,9 @@ def _check_view_of_rep(z, rep_leaves):
   leaves = jax.tree.leaves(z)
   if rep_leaves is None or len(leaves) != len(rep_leaves) or any(a is not b for a, b in zip(leaves, rep_leaves)):
     raise ValueError(
-        "mtjax.task_view takes the value mtjax.representation returned (the whole pytree, unchanged), "
-        + ("but no representation was marked before it." if rep_leaves is None else "but got another value."))
+      "mtjax.task_view takes the value mtjax.representation returned (the whole pytree, unchanged), "
+      + ("but no representation was marked before it." if rep_leaves is None else "but got another value.")
+    )
 
 
 class RepReached(Exception):
@@ -411,11 +419,15 @@ class Tapper:
   def lookup(self, table, ids, mode):
     j = self.count
     self.count += 1
-    if j >= len(self.lookups) or tuple(ids.shape) != self.lookups[j].ids_shape or \
-        tuple(jnp.shape(table)) != self.lookups[j].table_shape:
+    if (
+      j >= len(self.lookups)
+      or tuple(ids.shape) != self.lookups[j].ids_shape
+      or tuple(jnp.shape(table)) != self.lookups[j].table_shape
+    ):
       raise ValueError(
-          "mtjax: task_grads: the loss made different embedding lookups in two traces of the same call "
-          "(lookup order or shapes changed). loss_fn must be a pure function of its arguments.")
+        "mtjax: task_grads: the loss made different embedding lookups in two traces of the same call "
+        "(lookup order or shapes changed). loss_fn must be a pure function of its arguments."
+      )
     out = _take(table, ids, mode)
     k = self.tap_of_lookup[j]
     if k is None:
@@ -445,6 +457,7 @@ def used_inputs(closed_jaxpr) -> list[bool]:
   jaxpr = closed_jaxpr.jaxpr
   try:
     from jax._src.interpreters import partial_eval as pe  # pylint: disable=import-outside-toplevel
+
     _, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
     return [bool(u) for u in used]
   except Exception:  # pragma: no cover - internal API moved: conservative scan of the equations

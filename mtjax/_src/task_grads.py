@@ -99,7 +99,7 @@ class Plan(NamedTuple):
     """Canonical ids ``[N]`` and values ``[*lead, N, *row]`` of one table's lookups."""
     all_ids, all_vals = [], []
     row = t.table_shape[1:]
-    for (k, mode) in t.taps:
+    for k, mode in t.taps:
       cid, valid = sparse_lib.canonical_ids(ids[k], t.table_shape[0], mode)
       v = jnp.reshape(tap_values[k], lead + (-1,) + row)
       v = v * jnp.reshape(valid, (1,) * len(lead) + valid.shape + (1,) * len(row)).astype(v.dtype)
@@ -199,8 +199,9 @@ class TaskJacobian:
     strategy: how :meth:`materialize` computes the T rows (``"auto"``, ``"loop"``, ``"map"``, ``"vmap"``).
   """
 
-  def __init__(self, vjp_fn, num_tasks: int, dtype, strategy: str = "auto", param_struct=None, plan=None,
-               ids=(), chunk_size=None):
+  def __init__(
+    self, vjp_fn, num_tasks: int, dtype, strategy: str = "auto", param_struct=None, plan=None, ids=(), chunk_size=None
+  ):
     self.vjp_fn = vjp_fn
     self.num_tasks = int(num_tasks)
     self.dtype = jnp.dtype(dtype)
@@ -212,14 +213,20 @@ class TaskJacobian:
     self.chunk_size = chunk_size
 
   @classmethod
-  def from_vjp(cls, vjp_fn, num_tasks: int, dtype, strategy: str, params) -> "TaskJacobian":
+  def from_vjp(cls, vjp_fn, num_tasks: int, dtype, strategy: str, params) -> TaskJacobian:
     leaves, treedef = jax.tree.flatten(params)
     struct = (treedef, tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves))
     return cls(vjp_fn, num_tasks, dtype, strategy, struct)
 
   def tree_flatten(self):
-    return (self.vjp_fn, self.ids), (self.num_tasks, self.dtype, self.strategy, self.param_struct, self.plan,
-                                     self.chunk_size)
+    return (self.vjp_fn, self.ids), (
+      self.num_tasks,
+      self.dtype,
+      self.strategy,
+      self.param_struct,
+      self.plan,
+      self.chunk_size,
+    )
 
   @classmethod
   def tree_unflatten(cls, aux, children):
@@ -277,8 +284,9 @@ class TaskJacobian:
       grad = jax.eval_shape(lambda: self.vjp_fn(jnp.zeros((self.num_tasks,), self.dtype))[0])
       return jax.tree.map(lambda g: jax.ShapeDtypeStruct((self.num_tasks,) + tuple(g.shape), g.dtype), grad)
     treedef, specs = self.param_struct
-    return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct((self.num_tasks,) + shape, dtype)
-                                        for shape, dtype in specs])
+    return jax.tree.unflatten(
+      treedef, [jax.ShapeDtypeStruct((self.num_tasks,) + shape, dtype) for shape, dtype in specs]
+    )
 
   def default_mask(self, num_leaves: int) -> list[bool]:
     return [True] * num_leaves
@@ -303,8 +311,9 @@ class TaskJacobian:
         sub = [xr[i] if i in in_gram else None for i in range(n)]
       else:
         sub = self.plan.to_rows(xr, self.ids, self.num_tasks, leaves=set(in_gram))
-      grams = rows_lib.compute_grams([sub[i] for i in in_gram], [layout.group[i] for i in in_gram],
-                                     max(layout.num_groups, 1))
+      grams = rows_lib.compute_grams(
+        [sub[i] for i in in_gram], [layout.group[i] for i in in_gram], max(layout.num_groups, 1)
+      )
 
     def combine(weights):
       if weights.ndim != 1:  # per-group weights: the rows of every leaf are needed after all
@@ -338,8 +347,9 @@ class _ViewsSwitch(threading.local):
 _VIEWS = _ViewsSwitch()
 
 
-def check_task_views(loss_fn: Callable[..., jax.Array], params: PyTree, *args, rtol: float = 1e-5,
-                     atol: float = 0.0, **kwargs) -> float:
+def check_task_views(
+  loss_fn: Callable[..., jax.Array], params: PyTree, *args, rtol: float = 1e-5, atol: float = 0.0, **kwargs
+) -> float:
   r"""Checks a loss's :func:`mtjax.task_view` marks on a sample: one-pass rows equal per-task VJPs.
 
   Computes every task's :math:`\partial L_t/\partial z` (and the default ``"rep"`` Gram of their
@@ -359,7 +369,9 @@ def check_task_views(loss_fn: Callable[..., jax.Array], params: PyTree, *args, r
 
   Args:
     loss_fn: ``(params, *args, **kwargs) -> [T]`` losses that mark a representation and its views.
-    params, *args, **kwargs: its inputs (a sample batch).
+    params: its parameters.
+    *args: its other inputs (a sample batch).
+    **kwargs: its keyword inputs.
     rtol, atol: the tolerance of each comparison (``rtol`` relative to that array's largest entry).
 
   Returns:
@@ -368,6 +380,7 @@ def check_task_views(loss_fn: Callable[..., jax.Array], params: PyTree, *args, r
   Raises:
     ValueError: the loss marks no views, or the two computations differ.
   """
+
   def rows(off):  # every row of z (copies), and the default "rep" Gram (batch sums)
     _VIEWS.off = off
 
@@ -392,9 +405,10 @@ def check_task_views(loss_fn: Callable[..., jax.Array], params: PyTree, *args, r
     diff = float(np.max(np.abs(a - b), initial=0.0))
     if not diff <= atol + rtol * big:
       raise ValueError(
-          f"mtjax.check_task_views: the per-task representation gradients from one backward (each task reading "
-          f"its own mtjax.task_view) differ from the T per-task backward passes by {diff:.3g} (largest entry "
-          f"{big:.3g}): some task's head reads another task's view.")
+        f"mtjax.check_task_views: the per-task representation gradients from one backward (each task reading "
+        f"its own mtjax.task_view) differ from the T per-task backward passes by {diff:.3g} (largest entry "
+        f"{big:.3g}): some task's head reads another task's view."
+      )
     worst = max(worst, diff / big if big > 0 else 0.0)
   return worst
 
@@ -409,7 +423,7 @@ def _views_usable(probe, num_tasks: int, f_fn, x0, z0) -> bool:
   jaxpr = jax.make_jaxpr(lambda xs, z, zs: f_fn(xs, z, zs)[0])(x0, z0, tuple(z0 for _ in range(num_tasks)))
   used = sparse_lib.used_inputs(jaxpr)
   n_x, n_z = len(x0), len(jax.tree.leaves(z0))
-  return not any(used[n_x:n_x + n_z])  # z read directly somewhere: T per-task VJPs instead
+  return not any(used[n_x : n_x + n_z])  # z read directly somewhere: T per-task VJPs instead
 
 
 @jax.tree_util.register_pytree_node_class
@@ -479,8 +493,7 @@ class _RepBase:
   num_tasks: int
   plan: Plan
 
-  def _init_common(self, z_rows, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, strategy,
-                   chunk_size):
+  def _init_common(self, z_rows, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, strategy, chunk_size):
     self.z_store = z_rows  # [T, *z.shape] leaves, BatchSums ("rep") or LazyCopies / None ("shared")
     self.trunk_vjp = trunk_vjp
     self.head_vjp = head_vjp
@@ -503,8 +516,9 @@ class _RepBase:
     When the one-pass ``"rep"`` Gram kept only their batch sums, asking for the rows computes them
     with T backward passes through the heads (under ``jit``, only if used)."""
     if isinstance(self.z_store, BatchSums):
-      return map_rows(lambda c: self.head_vjp(c)[0], jnp.eye(self.num_tasks, dtype=self.dtype), self.strategy,
-                      self.chunk_size)
+      return map_rows(
+        lambda c: self.head_vjp(c)[0], jnp.eye(self.num_tasks, dtype=self.dtype), self.strategy, self.chunk_size
+      )
     return _stacked(self.z_store)
 
   head_sum = None  # the heads' inputs' cotangent for weights 1 when the views' backward gave it already
@@ -524,8 +538,9 @@ class _RepBase:
     trunk = map_rows(lambda c: self.trunk_vjp(c)[0], self.z_rows, self.strategy, self.chunk_size)
     for j, r in zip(self.idx_z, trunk):
       out[j] = r
-    head = map_rows(lambda c: self.head_vjp(c)[1], jnp.eye(self.num_tasks, dtype=self.dtype), self.strategy,
-                    self.chunk_size)
+    head = map_rows(
+      lambda c: self.head_vjp(c)[1], jnp.eye(self.num_tasks, dtype=self.dtype), self.strategy, self.chunk_size
+    )
     for j, r in zip(self.idx_h, head):
       out[j] = _add(out[j], r)
     return out
@@ -564,16 +579,38 @@ class RepJacobian(_RepBase):
   trunk's Jacobian is orthogonal (MGDA-UB's bound). Methods with several Gram groups cannot use it.
   """
 
-  def __init__(self, z_rows, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, batch_axis, rep_gram,
-               strategy="auto", chunk_size=None):
+  def __init__(
+    self,
+    z_rows,
+    trunk_vjp,
+    head_vjp,
+    ids,
+    num_tasks,
+    dtype,
+    plan,
+    idx_z,
+    idx_h,
+    batch_axis,
+    rep_gram,
+    strategy="auto",
+    chunk_size=None,
+  ):
     self._init_common(z_rows, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, strategy, chunk_size)
     self.batch_axis = batch_axis
     self.rep_gram = rep_gram
 
   def tree_flatten(self):
     return (self.z_store, self.trunk_vjp, self.head_vjp, self.ids, self.head_sum), (
-        self.num_tasks, self.dtype, self.plan, self.idx_z, self.idx_h, self.batch_axis, self.rep_gram,
-        self.strategy, self.chunk_size)
+      self.num_tasks,
+      self.dtype,
+      self.plan,
+      self.idx_z,
+      self.idx_h,
+      self.batch_axis,
+      self.rep_gram,
+      self.strategy,
+      self.chunk_size,
+    )
 
   @classmethod
   def tree_unflatten(cls, aux, children):
@@ -595,12 +632,14 @@ class RepJacobian(_RepBase):
   def gram_and_combiner(self, layout: rows_lib.Layout, need_gram: bool):
     if layout.mask_given and not all(layout.mask):
       raise ValueError(
-          f"mtjax: {layout.method}: strategy='rep' weights the gradients of the marked representation; the "
-          "shared part is the trunk that computes it, so build the method without shared=.")
+        f"mtjax: {layout.method}: strategy='rep' weights the gradients of the marked representation; the "
+        "shared part is the trunk that computes it, so build the method without shared=."
+      )
     if layout.num_groups > 1:
       raise ValueError(
-          f"mtjax: {layout.method}: strategy='rep' gives one Gram (of the representation's gradients) but the "
-          f"method asks for {layout.num_groups} Gram groups; use the whole-model granularity.")
+        f"mtjax: {layout.method}: strategy='rep' gives one Gram (of the representation's gradients) but the "
+        f"method asks for {layout.num_groups} Gram groups; use the whole-model granularity."
+      )
     grams = self.gram() if need_gram else None
 
     def combine(weights):
@@ -634,8 +673,25 @@ class SharedJacobian(_RepBase):
   through the heads' parameter gradients.
   """
 
-  def __init__(self, z_rows, n_over, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, idx_rows,
-               idx_pure_head, rows_leaves, row_specs, strategy="auto", chunk_size=None):
+  def __init__(
+    self,
+    z_rows,
+    n_over,
+    trunk_vjp,
+    head_vjp,
+    ids,
+    num_tasks,
+    dtype,
+    plan,
+    idx_z,
+    idx_h,
+    idx_rows,
+    idx_pure_head,
+    rows_leaves,
+    row_specs,
+    strategy="auto",
+    chunk_size=None,
+  ):
     # z_rows: LazyCopies (the views' one backward), or None (computed with the rows, by T head VJPs).
     self._init_common(z_rows, trunk_vjp, head_vjp, ids, num_tasks, dtype, plan, idx_z, idx_h, strategy, chunk_size)
     self.n_over = int(n_over)  # the first n_over entries of idx_h: inputs the trunk and the heads both read
@@ -646,8 +702,19 @@ class SharedJacobian(_RepBase):
 
   def tree_flatten(self):
     return (self.z_store, self.trunk_vjp, self.head_vjp, self.ids, self.head_sum), (
-        self.n_over, self.num_tasks, self.dtype, self.plan, self.idx_z, self.idx_h, self.idx_rows,
-        self.idx_pure_head, self.rows_leaves, self.row_specs, self.strategy, self.chunk_size)
+      self.n_over,
+      self.num_tasks,
+      self.dtype,
+      self.plan,
+      self.idx_z,
+      self.idx_h,
+      self.idx_rows,
+      self.idx_pure_head,
+      self.rows_leaves,
+      self.row_specs,
+      self.strategy,
+      self.chunk_size,
+    )
 
   @classmethod
   def tree_unflatten(cls, aux, children):
@@ -678,10 +745,12 @@ class SharedJacobian(_RepBase):
     z_rows, over_rows = self._z_and_overlap_rows()
     trunk_rows = map_rows(lambda c: self.trunk_vjp(c)[0], z_rows, self.strategy, self.chunk_size)
     by_x = dict(zip(self.idx_z, trunk_rows))
-    for j, r in zip(self.idx_h[:self.n_over], over_rows):
+    for j, r in zip(self.idx_h[: self.n_over], over_rows):
       by_x[j] = _add(by_x.get(j), r)
-    return [by_x[j] if j in by_x else jnp.zeros((self.num_tasks,) + tuple(shape), dtype)
-            for j, (shape, dtype) in zip(self.idx_rows, self.row_specs)]
+    return [
+      by_x[j] if j in by_x else jnp.zeros((self.num_tasks,) + tuple(shape), dtype)
+      for j, (shape, dtype) in zip(self.idx_rows, self.row_specs)
+    ]
 
   def default_mask(self, num_leaves: int) -> list[bool]:
     rows = set(self.rows_leaves)
@@ -705,7 +774,7 @@ class SharedJacobian(_RepBase):
     xs: list = [None] * self.plan.num_x
     for j, v in zip(self.idx_z, self.trunk_vjp(zc)[0]):
       xs[j] = v
-    for j, v in zip(self.idx_h[:self.n_over], xh[:self.n_over]):
+    for j, v in zip(self.idx_h[: self.n_over], xh[: self.n_over]):
       xs[j] = _add(xs[j], v)
     if self.idx_pure_head:
       head = self._head_update(head_w, self.idx_h, self.ids, ones=ones)
@@ -718,9 +787,10 @@ class SharedJacobian(_RepBase):
     for i, m in enumerate(layout.mask):
       if m and i not in rows:
         raise ValueError(
-            f"mtjax: {layout.method}: leaf '{layout.paths[i]}' is marked shared but the representation does not "
-            "depend on it; with strategy='shared' only the trunk's parameters can be shared (leave shared= "
-            "unset to share exactly those).")
+          f"mtjax: {layout.method}: leaf '{layout.paths[i]}' is marked shared but the representation does not "
+          "depend on it; with strategy='shared' only the trunk's parameters can be shared (leave shared= "
+          "unset to share exactly those)."
+        )
     if not need_gram and layout.num_groups <= 1 and all(layout.mask[i] for i in rows):
       # No Gram needed (amortized reuse steps, loss-only weightings): J^T w without the T trunk rows.
       def combine_weighted(weights):
@@ -737,8 +807,9 @@ class SharedJacobian(_RepBase):
       idx = [i for i in range(len(leaves)) if layout.group[i] >= 0]
       if not idx:
         raise ValueError(f"mtjax: {layout.method}: no trunk parameter is in a Gram.")
-      grams = rows_lib.compute_grams([leaves[i] for i in idx], [layout.group[i] for i in idx],
-                                     max(layout.num_groups, 1))
+      grams = rows_lib.compute_grams(
+        [leaves[i] for i in idx], [layout.group[i] for i in idx], max(layout.num_groups, 1)
+      )
 
     def combine(weights):
       ts = rows_lib.task_specific_weights(weights, layout)
@@ -787,15 +858,19 @@ def default_strategy(backend: str | None = None) -> str:
 def _check_losses(losses, where: str):
   if isinstance(losses, (tuple, list, dict)):
     raise ValueError(
-        f"mtjax: {where}: loss_fn returned a {type(losses).__name__}, not a [T] vector of task losses. If it "
-        "returns (losses, aux), pass has_aux=True; otherwise return jnp.stack([loss_0, loss_1, ...]).")
+      f"mtjax: {where}: loss_fn returned a {type(losses).__name__}, not a [T] vector of task losses. If it "
+      "returns (losses, aux), pass has_aux=True; otherwise return jnp.stack([loss_0, loss_1, ...])."
+    )
   shape = jnp.shape(losses)
   if len(shape) != 1:
     raise ValueError(
-        f"mtjax: {where}: loss_fn must return a 1-D vector of task losses [T] "
-        f"(one scalar per task), got shape {shape}. "
-        + ("Return jnp.stack([loss_0, loss_1, ...]) instead of their sum." if len(shape) == 0 else
-           "Reduce over the batch (e.g. mean over axis 0) inside loss_fn.")
+      f"mtjax: {where}: loss_fn must return a 1-D vector of task losses [T] "
+      f"(one scalar per task), got shape {shape}. "
+      + (
+        "Return jnp.stack([loss_0, loss_1, ...]) instead of their sum."
+        if len(shape) == 0
+        else "Reduce over the batch (e.g. mean over axis 0) inside loss_fn."
+      )
     )
   if shape[0] < 1:
     raise ValueError(f"mtjax: {where}: loss_fn returned an empty vector of task losses.")
@@ -804,15 +879,15 @@ def _check_losses(losses, where: str):
 
 
 def task_grads(
-    loss_fn: Callable[..., Any],
-    *,
-    strategy: str = "auto",
-    has_aux: bool = False,
-    argnums: int = 0,
-    deferred: bool = False,
-    sparse: bool = True,
-    chunk_size: Optional[int] = None,
-    rep_gram: str = "sum",
+  loss_fn: Callable[..., Any],
+  *,
+  strategy: str = "auto",
+  has_aux: bool = False,
+  argnums: int = 0,
+  deferred: bool = False,
+  sparse: bool = True,
+  chunk_size: Optional[int] = None,
+  rep_gram: str = "sum",
 ) -> Callable[..., Any]:
   r"""Transforms ``loss_fn(params, ...) -> [T]`` into a function returning losses and per-task gradients.
 
@@ -946,8 +1021,7 @@ def task_grads(
       else:
         tap_of_lookup.append(None)
     dense_idx = tuple(i for i in range(len(leaves)) if i not in sparse_leaves)
-    plan = Plan(treedef, specs, dense_idx,
-                tuple(TableInfo(i, specs[i][0], tuple(tables[i])) for i in sorted(tables)))
+    plan = Plan(treedef, specs, dense_idx, tuple(TableInfo(i, specs[i][0], tuple(tables[i])) for i in sorted(tables)))
     num_dense = len(dense_idx)
     taps0 = [jnp.zeros(s.shape, s.dtype) for s in taps_info]
     x0 = [leaves[i] for i in dense_idx] + taps0
@@ -963,6 +1037,7 @@ def task_grads(
       return call(full_leaves(xs), rec), rec
 
     if not split:
+
       def g(dense_xs, taps):
         (losses, aux), rec = run(list(dense_xs) + list(taps), "full")
         return losses, (aux, tuple(rec.ids[k] for k in range(len(taps_info))))
@@ -976,8 +1051,9 @@ def task_grads(
     # 2. Split at the representation: trunk Z(x) -> z, heads F(x, z) -> losses.
     if probe.rep is None:
       raise ValueError(
-          f"mtjax: task_grads(strategy={strategy!r}) needs the shared representation marked with "
-          "mtjax.representation(z) in the model or loss_fn; none was marked.")
+        f"mtjax: task_grads(strategy={strategy!r}) needs the shared representation marked with "
+        "mtjax.representation(z) in the model or loss_fn; none was marked."
+      )
 
     def z_fn(xs):
       try:
@@ -993,7 +1069,7 @@ def task_grads(
     z_struct = probe.rep.struct
     z0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), z_struct)
     used_z = sparse_lib.used_inputs(jax.make_jaxpr(z_fn)(x0))
-    used_f = sparse_lib.used_inputs(jax.make_jaxpr(lambda xs, z: f_fn(xs, z)[0])(x0, z0))[:len(x0)]
+    used_f = sparse_lib.used_inputs(jax.make_jaxpr(lambda xs, z: f_fn(xs, z)[0])(x0, z0))[: len(x0)]
     idx_z = [j for j in range(len(x0)) if used_z[j]]
 
     z, trunk_vjp = jax.vjp(lambda xz: z_fn(_merge_x(x0, idx_z, xz)), _split_x(x0, idx_z))
@@ -1010,8 +1086,9 @@ def task_grads(
     views = _views_usable(probe, num_tasks, f_fn, x0, z0)
     batch_ax = probe.rep.batch_axis
     # The heads' VJP at z: sum_t c_t dL_t/dz and the heads' own inputs' cotangent, one backward per call.
-    losses, head_vjp, (aux, ids) = jax.vjp(lambda zz, xh: f_fn(_merge_x(x0, idx_h, xh), zz), z,
-                                           _split_x(x0, idx_h), has_aux=True)
+    losses, head_vjp, (aux, ids) = jax.vjp(
+      lambda zz, xh: f_fn(_merge_x(x0, idx_h, xh), zz), z, _split_x(x0, idx_h), has_aux=True
+    )
     head_sum = None
     ones = jnp.ones((num_tasks,), losses.dtype)
     if views and strategy == "rep" and rep_gram == "sum" and batch_ax is not None:
@@ -1021,16 +1098,19 @@ def task_grads(
         vs = tuple(jax.tree.map(lambda a, d: a + jnp.expand_dims(d, batch_ax % a.ndim), z, dt) for dt in ds)
         return f_fn(_merge_x(x0, idx_h, xh), z, vs)
 
-      deltas = tuple(jax.tree.map(lambda a: jnp.zeros(np.delete(np.shape(a), batch_ax % a.ndim), a.dtype), z)
-                     for _ in range(num_tasks))
+      deltas = tuple(
+        jax.tree.map(lambda a: jnp.zeros(np.delete(np.shape(a), batch_ax % a.ndim), a.dtype), z)
+        for _ in range(num_tasks)
+      )
       _, delta_vjp, _ = jax.vjp(f_delta, deltas, _split_x(x0, idx_h), has_aux=True)
       sums, head_sum = delta_vjp(ones)
       z_store = BatchSums(jax.tree.map(lambda *r: jnp.stack(r), *sums))
     elif views:  # task t reads its own copy of z: every dL_t/dz from ONE backward through the heads
       # T separate copies (not one [T, ...] array: indexing it would transpose to T zero-padded sums).
       copies = tuple(z for _ in range(num_tasks))
-      _, views_vjp, _ = jax.vjp(lambda zs, xh: f_fn(_merge_x(x0, idx_h, xh), z, zs), copies,
-                                _split_x(x0, idx_h), has_aux=True)
+      _, views_vjp, _ = jax.vjp(
+        lambda zs, xh: f_fn(_merge_x(x0, idx_h, xh), z, zs), copies, _split_x(x0, idx_h), has_aux=True
+      )
       if strategy == "rep":  # rep_gram="stack" (or no batch axis): every row is needed
         parts, head_sum = views_vjp(ones)  # the rows of z AND the heads' gradient of sum_t L_t
         z_store = _stack_copies(parts)
@@ -1039,14 +1119,42 @@ def task_grads(
     eye = jnp.eye(num_tasks, dtype=losses.dtype)
     if strategy == "rep":
       z_rows = z_store if views else map_rows(lambda c: head_vjp(c)[0], eye, strat, chunk_size)
-      jac = RepJacobian(z_rows, trunk_vjp, head_vjp, ids, num_tasks, losses.dtype, plan, idx_z, idx_h,
-                        probe.rep.batch_axis, rep_gram, strat, chunk_size)
+      jac = RepJacobian(
+        z_rows,
+        trunk_vjp,
+        head_vjp,
+        ids,
+        num_tasks,
+        losses.dtype,
+        plan,
+        idx_z,
+        idx_h,
+        probe.rep.batch_axis,
+        rep_gram,
+        strat,
+        chunk_size,
+      )
       jac.head_sum = head_sum
     else:
       row_specs = [(tuple(jnp.shape(x0[j])), jnp.dtype(jnp.result_type(x0[j]))) for j in x_rows_set]
-      jac = SharedJacobian(z_store if views else None, len(overlap), trunk_vjp, head_vjp, ids, num_tasks,
-                           losses.dtype, plan, idx_z, idx_h, x_rows_set, pure, rows_leaves, row_specs, strat,
-                           chunk_size)
+      jac = SharedJacobian(
+        z_store if views else None,
+        len(overlap),
+        trunk_vjp,
+        head_vjp,
+        ids,
+        num_tasks,
+        losses.dtype,
+        plan,
+        idx_z,
+        idx_h,
+        x_rows_set,
+        pure,
+        rows_leaves,
+        row_specs,
+        strat,
+        chunk_size,
+      )
       jac.head_sum = head_sum
     return ((losses, aux), jac) if has_aux else (losses, jac)
 
@@ -1054,9 +1162,9 @@ def task_grads(
 
 
 def multi_input_task_grads(
-    loss_fn: Callable[..., Any],
-    *,
-    has_aux: bool = False,
+  loss_fn: Callable[..., Any],
+  *,
+  has_aux: bool = False,
 ) -> Callable[..., Any]:
   r"""Per-task gradients when each task has its own batch (stacked along a leading task axis).
 
@@ -1084,8 +1192,8 @@ def multi_input_task_grads(
     sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
     if len(sizes) != 1 or None in sizes:
       raise ValueError(
-          "mtjax: multi_input_task_grads: every leaf of task_batches needs the same leading task "
-          f"axis, got leading sizes {sorted(map(str, sizes))}."
+        "mtjax: multi_input_task_grads: every leaf of task_batches needs the same leading task "
+        f"axis, got leading sizes {sorted(map(str, sizes))}."
       )
 
     def one(batch):
@@ -1093,8 +1201,8 @@ def multi_input_task_grads(
       loss = out[0] if has_aux else out
       if jnp.ndim(loss) != 0:
         raise ValueError(
-            "mtjax: multi_input_task_grads: loss_fn must return the scalar loss of one task on its "
-            f"batch, got shape {jnp.shape(loss)}."
+          "mtjax: multi_input_task_grads: loss_fn must return the scalar loss of one task on its "
+          f"batch, got shape {jnp.shape(loss)}."
         )
       return out
 
@@ -1107,11 +1215,11 @@ def multi_input_task_grads(
 
 
 def micro_batch_task_grads(
-    grad_fn: Callable[..., Any],
-    num_micro_batches: int,
-    *,
-    batch_argnums: int | Sequence[int] = 1,
-    axis: int = 0,
+  grad_fn: Callable[..., Any],
+  num_micro_batches: int,
+  *,
+  batch_argnums: int | Sequence[int] = 1,
+  axis: int = 0,
 ) -> Callable[..., Any]:
   r"""Per-task gradients on ``M`` independent micro-batches: leaves ``[M, T, *param.shape]``.
 
@@ -1159,10 +1267,12 @@ def micro_batch_task_grads(
     ValueError: ``M`` is not a positive int, a batch leaf has no axis ``axis`` or a size there
       that ``M`` does not divide, or ``grad_fn`` returns a lazy Jacobian or sparse rows.
   """
-  if isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, (int, np.integer)) \
-      or num_micro_batches < 1:
+  if (
+    isinstance(num_micro_batches, bool) or not isinstance(num_micro_batches, (int, np.integer)) or num_micro_batches < 1
+  ):
     raise ValueError(
-        f"mtjax: micro_batch_task_grads: num_micro_batches must be a positive int, got {num_micro_batches!r}.")
+      f"mtjax: micro_batch_task_grads: num_micro_batches must be a positive int, got {num_micro_batches!r}."
+    )
   m_count = int(num_micro_batches)
   argnums = (batch_argnums,) if isinstance(batch_argnums, (int, np.integer)) else tuple(batch_argnums)
   if not argnums or not all(isinstance(i, (int, np.integer)) for i in argnums):
@@ -1174,14 +1284,16 @@ def micro_batch_task_grads(
       shape = jnp.shape(x)
       if len(shape) <= axis:
         raise ValueError(
-            f"mtjax: micro_batch_task_grads: leaf '{jax.tree_util.keystr(path)}' of {where} has shape {shape}, "
-            f"no batch axis {axis} to split into {m_count} micro-batches.")
+          f"mtjax: micro_batch_task_grads: leaf '{jax.tree_util.keystr(path)}' of {where} has shape {shape}, "
+          f"no batch axis {axis} to split into {m_count} micro-batches."
+        )
       n = shape[axis]
       if n % m_count:
         raise ValueError(
-            f"mtjax: micro_batch_task_grads: leaf '{jax.tree_util.keystr(path)}' of {where} has batch size {n} "
-            f"(shape {shape}, axis {axis}), not divisible into {m_count} equal micro-batches; use a batch size "
-            f"that is a multiple of {m_count}.")
+          f"mtjax: micro_batch_task_grads: leaf '{jax.tree_util.keystr(path)}' of {where} has batch size {n} "
+          f"(shape {shape}, axis {axis}), not divisible into {m_count} equal micro-batches; use a batch size "
+          f"that is a multiple of {m_count}."
+        )
       size = n // m_count
       return jax.lax.slice_in_dim(jnp.asarray(x), m * size, (m + 1) * size, axis=axis)
 
@@ -1192,8 +1304,9 @@ def micro_batch_task_grads(
     for i in argnums:
       if not -len(args) <= i < len(args):
         raise ValueError(
-            f"mtjax: micro_batch_task_grads: batch_argnums={batch_argnums!r} but only {len(args)} positional "
-            "arguments were given.")
+          f"mtjax: micro_batch_task_grads: batch_argnums={batch_argnums!r} but only {len(args)} positional "
+          "arguments were given."
+        )
     outs = []
     for m in range(m_count):
       call_args = list(args)
@@ -1204,13 +1317,15 @@ def micro_batch_task_grads(
         raise ValueError("mtjax: micro_batch_task_grads: grad_fn must return (task_losses, task_grads).")
       if is_lazy(out[1]):
         raise ValueError(
-            "mtjax: micro_batch_task_grads: grad_fn returned a lazy Jacobian (task_grads(deferred=True) or "
-            "strategy='rep'/'shared'); micro-batch methods need the stacked per-task rows: use task_grads(loss_fn) "
-            "with a row strategy ('auto', 'loop', 'map', 'vmap') and deferred=False.")
+          "mtjax: micro_batch_task_grads: grad_fn returned a lazy Jacobian (task_grads(deferred=True) or "
+          "strategy='rep'/'shared'); micro-batch methods need the stacked per-task rows: use task_grads(loss_fn) "
+          "with a row strategy ('auto', 'loop', 'map', 'vmap') and deferred=False."
+        )
       if any(isinstance(x, SparseRows) for x in jax.tree.leaves(out[1], is_leaf=sparse_lib.is_sparse)):
         raise ValueError(
-            "mtjax: micro_batch_task_grads: grad_fn returned sparse embedding rows (SparseRows); build it with "
-            "mtjax.task_grads(loss_fn, sparse=False) to get dense [T, *param.shape] rows.")
+          "mtjax: micro_batch_task_grads: grad_fn returned sparse embedding rows (SparseRows); build it with "
+          "mtjax.task_grads(loss_fn, sparse=False) to get dense [T, *param.shape] rows."
+        )
       outs.append(out)
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 

@@ -56,8 +56,9 @@ def leaf_paths(tree: PyTree) -> list[str]:
 _UNKNOWN = object()  # check_task_axis(params=...) not given: the caller does not know whether params were passed
 
 
-def check_task_axis(task_grads: PyTree, num_tasks: int | None = None, *, name: str = "task_grads",
-                    params: Any = _UNKNOWN) -> int:
+def check_task_axis(
+  task_grads: PyTree, num_tasks: int | None = None, *, name: str = "task_grads", params: Any = _UNKNOWN
+) -> int:
   """Checks that every leaf has the same leading task axis and returns its size ``T``.
 
   When ``params`` is passed (``None`` included) and neither ``num_tasks`` nor ``params`` is known,
@@ -78,29 +79,33 @@ def check_task_axis(task_grads: PyTree, num_tasks: int | None = None, *, name: s
     shape = np.shape(leaf)
     if len(shape) == 0:
       raise ValueError(
-          f"mtjax: leaf '{path_str(path)}' of {name} is a scalar; every leaf needs a leading task "
-          "axis [T, *param_shape]. Did you pass the summed gradient instead of mtjax.task_grads(...)?"
+        f"mtjax: leaf '{path_str(path)}' of {name} is a scalar; every leaf needs a leading task "
+        "axis [T, *param_shape]. Did you pass the summed gradient instead of mtjax.task_grads(...)?"
       )
     if found is None:
       found, first_path = shape[0], path_str(path)
     elif shape[0] != found:
       raise ValueError(
-          f"mtjax: leaves of {name} disagree on the task axis: '{first_path}' has leading size {found} "
-          f"but '{path_str(path)}' has shape {shape}. Every leaf must be [T, *param_shape]."
+        f"mtjax: leaves of {name} disagree on the task axis: '{first_path}' has leading size {found} "
+        f"but '{path_str(path)}' has shape {shape}. Every leaf must be [T, *param_shape]."
       )
-  if (num_tasks is None and params is None and found >= 2
-      and all(len(np.shape(leaf)) == 1 and not is_sparse(leaf) for _, leaf in flat)):
+  if (
+    num_tasks is None
+    and params is None
+    and found >= 2
+    and all(len(np.shape(leaf)) == 1 and not is_sparse(leaf) for _, leaf in flat)
+  ):
     raise ValueError(
-        f"mtjax: {name}: every leaf is 1-D (leading size {found}), which is ambiguous: per-task gradients of "
-        f"scalar parameters ([T] = [{found}]) or an already-summed [P] gradient read as {found} tasks? Build the "
-        "transform with num_tasks=T, or pass params to update (tx.update(task_grads, state, params)); compute "
-        "per-task gradients with mtjax.task_grads(...)."
+      f"mtjax: {name}: every leaf is 1-D (leading size {found}), which is ambiguous: per-task gradients of "
+      f"scalar parameters ([T] = [{found}]) or an already-summed [P] gradient read as {found} tasks? Build the "
+      "transform with num_tasks=T, or pass params to update (tx.update(task_grads, state, params)); compute "
+      "per-task gradients with mtjax.task_grads(...)."
     )
   if num_tasks is not None and found != num_tasks:
     raise ValueError(
-        f"mtjax: the transform was built with num_tasks={num_tasks} but {name} has a leading task "
-        f"axis of size {found} (leaf '{first_path}'). Build it with num_tasks={found}, or check that "
-        "the task axis is the leading one."
+      f"mtjax: the transform was built with num_tasks={num_tasks} but {name} has a leading task "
+      f"axis of size {found} (leaf '{first_path}'). Build it with num_tasks={found}, or check that "
+      "the task axis is the leading one."
     )
   return int(found)
 
@@ -113,20 +118,20 @@ def check_params_match(task_grads: PyTree, params: PyTree | None) -> None:
   p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)
   if g_def != p_def:
     raise ValueError(
-        "mtjax: task_grads and params have different tree structures; task_grads must be the "
-        "per-task gradients of these params (every leaf [T, *param.shape])."
+      "mtjax: task_grads and params have different tree structures; task_grads must be the "
+      "per-task gradients of these params (every leaf [T, *param.shape])."
     )
   for (path, g), (_, p) in zip(g_flat, p_flat):
     if tuple(np.shape(g)[1:]) != tuple(np.shape(p)):
       raise ValueError(
-          f"mtjax: leaf '{path_str(path)}': task gradient shape {np.shape(g)} does not match param "
-          f"shape {np.shape(p)} with a leading task axis; is the task axis the leading one?"
+        f"mtjax: leaf '{path_str(path)}': task gradient shape {np.shape(g)} does not match param "
+        f"shape {np.shape(p)} with a leading task axis; is the task axis the leading one?"
       )
 
 
 def shared_mask(
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
+  include: str | Sequence[str] | None = None,
+  exclude: str | Sequence[str] | None = None,
 ) -> Callable[[PyTree], PyTree]:
   """Builds a ``shared=`` mask from parameter-path regular expressions.
 
@@ -169,8 +174,11 @@ def resolve_shared(shared: SharedSpec, task_grads: PyTree, params: PyTree | None
     return [True] * num_leaves
   if callable(shared):
     # The callable sees a params-shaped tree; without params, use the per-task slice shapes.
-    target = params if params is not None else jax.tree.map(
-        lambda g: jax.ShapeDtypeStruct(np.shape(g)[1:], g.dtype), task_grads, is_leaf=is_sparse)
+    target = (
+      params
+      if params is not None
+      else jax.tree.map(lambda g: jax.ShapeDtypeStruct(np.shape(g)[1:], g.dtype), task_grads, is_leaf=is_sparse)
+    )
     mask = shared(target)
   else:
     mask = shared
@@ -179,8 +187,8 @@ def resolve_shared(shared: SharedSpec, task_grads: PyTree, params: PyTree | None
     flat_mask = g_def.flatten_up_to(mask)
   except (ValueError, TypeError) as e:
     raise ValueError(
-        "mtjax: the shared= mask must be a pytree of bools with the structure of params "
-        f"(or a callable returning one): {e}"
+      "mtjax: the shared= mask must be a pytree of bools with the structure of params "
+      f"(or a callable returning one): {e}"
     ) from None
   out = []
   for m in flat_mask:
@@ -188,20 +196,20 @@ def resolve_shared(shared: SharedSpec, task_grads: PyTree, params: PyTree | None
       out.append(bool(m))
     else:
       raise ValueError(
-          f"mtjax: shared= mask leaves must be Python bools (static), got {type(m).__name__}. "
-          "Use mtjax.shared_mask(...) to build one from parameter paths."
+        f"mtjax: shared= mask leaves must be Python bools (static), got {type(m).__name__}. "
+        "Use mtjax.shared_mask(...) to build one from parameter paths."
       )
   return out
 
 
-def with_task_axis_check(tx, num_tasks: int | None, method: str, expected: int | None = None,
-                         expected_what: str = ""):
+def with_task_axis_check(tx, num_tasks: int | None, method: str, expected: int | None = None, expected_what: str = ""):
   """Wraps a transform so that its update first runs :func:`check_task_axis` with ``params``.
 
   ``expected`` (with ``expected_what``, e.g. ``"weights has 2 entries"``) is a task count that
   comes from an argument other than ``num_tasks``; a mismatch names that argument.
   """
   import optax  # pylint: disable=import-outside-toplevel
+
   from mtjax._src.task_grads import is_lazy  # pylint: disable=import-outside-toplevel
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -150,9 +150,10 @@ def _callable_groups(fn, paths: list[str]) -> tuple[list[int], list[str]]:
       raise list_error
     got = f"{type(bad[0][1]).__name__} for '{bad[0][0]}'" if bad else "both names and int ids"
     raise ValueError(
-        "mtjax: a granularity (groups) callable maps one leaf path, e.g. 'trunk/Dense_0/kernel', to a group "
-        f"name (str), an int id, or None to leave the leaf out (or, the older form, maps the list of all paths "
-        f"to one int id per path); it returned {got}.")
+      "mtjax: a granularity (groups) callable maps one leaf path, e.g. 'trunk/Dense_0/kernel', to a group "
+      f"name (str), an int id, or None to leave the leaf out (or, the older form, maps the list of all paths "
+      f"to one int id per path); it returned {got}."
+    )
   if any(isinstance(k, str) for k in keys):
     names: dict[str, int] = {}
     return [-1 if k is None else names.setdefault(k, len(names)) for k in keys], list(names)
@@ -170,16 +171,20 @@ def gram_leaf_flags(gram_leaves: GramLeavesSpec, paths: Sequence[str], method: s
   if callable(gram_leaves):
     flags = [bool(f) for f in gram_leaves(list(paths))]
     if len(flags) != len(paths):
-      raise ValueError(f"mtjax: {method}: gram_leaves callable returned {len(flags)} flags for {len(paths)} "
-                       "shared leaves.")
+      raise ValueError(
+        f"mtjax: {method}: gram_leaves callable returned {len(flags)} flags for {len(paths)} shared leaves."
+      )
   else:
     import re  # pylint: disable=import-outside-toplevel
+
     pats = [gram_leaves] if isinstance(gram_leaves, str) else list(gram_leaves)
     regs = [re.compile(p) for p in pats]
     flags = [any(r.search(p) for r in regs) for p in paths]
   if paths and not any(flags):
-    raise ValueError(f"mtjax: {method}: gram_leaves={gram_leaves!r} selects none of the shared leaves "
-                     f"{list(paths)[:8]}{' ...' if len(paths) > 8 else ''}.")
+    raise ValueError(
+      f"mtjax: {method}: gram_leaves={gram_leaves!r} selects none of the shared leaves "
+      f"{list(paths)[:8]}{' ...' if len(paths) > 8 else ''}."
+    )
   return flags
 
 
@@ -203,15 +208,14 @@ def check_task_losses(task_losses, num_tasks: int, *, required: bool, method: st
   if task_losses is None:
     if required:
       raise ValueError(
-          f"mtjax: {method} needs the per-task losses: call tx.update(task_grads, state, params, "
-          "task_losses=losses) with losses of shape [T] (mtjax.task_grads returns them)."
+        f"mtjax: {method} needs the per-task losses: call tx.update(task_grads, state, params, "
+        "task_losses=losses) with losses of shape [T] (mtjax.task_grads returns them)."
       )
     return None, None
   task_losses = jnp.asarray(task_losses)
   if task_losses.shape != (num_tasks,):
     raise ValueError(
-        f"mtjax: {method}: task_losses must have shape ({num_tasks},) (one loss per task), "
-        f"got {task_losses.shape}."
+      f"mtjax: {method}: task_losses must have shape ({num_tasks},) (one loss per task), got {task_losses.shape}."
     )
   pending = numerics.finite_check(task_losses, f"task losses passed to {method}") if check_finite else None
   return task_losses, pending
@@ -250,8 +254,9 @@ def _scale_rows(leaf, e: jax.Array, dtype):
   return mul(leaf)
 
 
-def guard_grams(grams: jax.Array, leaves: Optional[Sequence[Any]], layout: rows_lib.Layout, *, rescale: bool,
-                check_finite: bool):
+def guard_grams(
+  grams: jax.Array, leaves: Optional[Sequence[Any]], layout: rows_lib.Layout, *, rescale: bool, check_finite: bool
+):
   """Makes the Gram stack safe for the weights function.
 
   * If ``grams`` is not finite (overflow) or, with ``rescale``, its largest diagonal is below
@@ -306,10 +311,12 @@ def guard_grams(grams: jax.Array, leaves: Optional[Sequence[Any]], layout: rows_
     diag, tops = operand if operand is not None else (None, None)
     tops = np.asarray(tops) if tops is not None else np.full((1,), np.nan)
     if leaves is not None and np.all(np.isfinite(tops)):
-      return (f"mtjax: {method}: the task gradients' Gram overflows {dtype_name} (gradient entries up to "
-              f"~{float(np.max(tops)):.3g}, so squared norms beyond {float(jnp.finfo(dtype).max):.3g}); the "
-              "gradients themselves are finite. Scale the losses down, clip the gradients before this transform, "
-              "or use float64 (jax.config.update('jax_enable_x64', True)).")
+      return (
+        f"mtjax: {method}: the task gradients' Gram overflows {dtype_name} (gradient entries up to "
+        f"~{float(np.max(tops)):.3g}, so squared norms beyond {float(jnp.finfo(dtype).max):.3g}); the "
+        "gradients themselves are finite. Scale the losses down, clip the gradients before this transform, "
+        "or use float64 (jax.config.update('jax_enable_x64', True))."
+      )
     text = numerics._nonfinite_message(f"task gradients given to {method}", diag)  # pylint: disable=protected-access
     if leaves is None:
       text += f" (If the gradients are finite, their Gram overflows {dtype_name}: scale the losses down.)"
@@ -329,9 +336,11 @@ def leaves_finite_check(values: Sequence[Any], idx: Sequence[int], layout: rows_
   def message(operand):
     bad = np.asarray(operand).reshape(-1, len(paths)).any(axis=0) if operand is not None else [True] * len(paths)
     names = [p for p, b in zip(paths, bad) if b]
-    return (f"mtjax: non-finite task gradients given to {layout.method} detected in the leaves {names} ({what}). "
-            "Check the loss for NaN/inf (log of 0, division by zero, exploding logits) before the gradient method "
-            "sees it.")
+    return (
+      f"mtjax: non-finite task gradients given to {layout.method} detected in the leaves {names} ({what}). "
+      "Check the loss for NaN/inf (log of 0, division by zero, exploding logits) before the gradient method "
+      "sees it."
+    )
 
   return numerics.condition_check(jnp.any(flags), message, flags)
 
@@ -344,20 +353,20 @@ CORE_MARK = "mtjax_gram_core"
 
 
 def gram_weighting(
-    weights_fn: WeightsFn,
-    init_state_fn: Callable[[PyTree], Any],
-    *,
-    method: str,
-    num_tasks: Optional[int] = None,
-    shared: tree_lib.SharedSpec = None,
-    groups: GroupSpec = None,
-    needs_gram: bool = True,
-    requires_task_losses: bool = False,
-    task_specific: str = "sum",
-    check_finite: bool = True,
-    record_weights: bool = True,
-    gram_leaves: GramLeavesSpec = None,
-    rescale_gram: bool = False,
+  weights_fn: WeightsFn,
+  init_state_fn: Callable[[PyTree], Any],
+  *,
+  method: str,
+  num_tasks: Optional[int] = None,
+  shared: tree_lib.SharedSpec = None,
+  groups: GroupSpec = None,
+  needs_gram: bool = True,
+  requires_task_losses: bool = False,
+  task_specific: str = "sum",
+  check_finite: bool = True,
+  record_weights: bool = True,
+  gram_leaves: GramLeavesSpec = None,
+  rescale_gram: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a multi-task transform from a weights function (see the module docstring).
 
@@ -403,8 +412,9 @@ def gram_weighting(
     struct = lazy.shapes() if lazy is not None else updates
     t = tree_lib.check_task_axis(struct, num_tasks, name=f"the task gradients given to {method}")
     tree_lib.check_params_match(struct, params)
-    losses, losses_check = check_task_losses(task_losses, t, required=requires_task_losses and fixed is None,
-                                             method=method, check_finite=check_finite)
+    losses, losses_check = check_task_losses(
+      task_losses, t, required=requires_task_losses and fixed is None, method=method, check_finite=check_finite
+    )
     flat_with_path, treedef = rows_lib.flatten_with_path(struct)
     leaves = [leaf for _, leaf in flat_with_path]
     paths = [tree_lib.path_str(p) for p, _ in flat_with_path]
@@ -426,7 +436,11 @@ def gram_weighting(
       k = max(ids) + 1 if max(ids) >= 0 else 1
     elif needs_gram and fixed is None:
       raise ValueError(f"mtjax: {method}: the shared= mask marks no leaf as shared; nothing to weight.")
-    layout = rows_lib.Layout(tuple(mask), tuple(group), k, task_specific, tuple(paths), method, shared is not None)
+    # Mixed precision: bfloat16 rows of float32 params give a float32 update (the Gram is float32 anyway).
+    out_dtypes = rows_lib.update_dtypes(leaves, params)
+    layout = rows_lib.Layout(
+      tuple(mask), tuple(group), k, task_specific, tuple(paths), method, shared is not None, out_dtypes
+    )
     need = needs_gram and fixed is None and bool(shared_idx)
     if lazy is not None:
       grams, combine = lazy.gram_and_combiner(layout, need)
@@ -438,8 +452,7 @@ def gram_weighting(
     log2_scale = 0.0
     outside = [i for i in range(len(leaves)) if group[i] < 0]  # leaves in no Gram (task-specific ones too)
     if grams is not None:
-      grams, log2_scale, grams_check = guard_grams(grams, rows, layout, rescale=rescale_gram,
-                                                   check_finite=check_finite)
+      grams, log2_scale, grams_check = guard_grams(grams, rows, layout, rescale=rescale_gram, check_finite=check_finite)
       if check_finite and rows is not None:
         leaf_check = leaves_finite_check(rows, outside, layout, "outside the Gram")
 
@@ -453,6 +466,8 @@ def gram_weighting(
       losses_check = None
 
     out = combine(weights)
+    if out_dtypes:  # lazy Jacobians combine by a backward pass in the rows' dtype
+      out = [o.astype(d) if o.dtype != d else o for o, d in zip(out, out_dtypes)]
 
     if grams is not None and rows is None and check_finite:  # lazy rows: check the leaves outside the Gram
       out = numerics.enforce(out, leaves_finite_check(out, outside, layout, "NaN/inf in their update"))
@@ -461,16 +476,21 @@ def gram_weighting(
       if check_finite:
         bad = jnp.logical_not(jnp.all(jnp.stack([jnp.all(jnp.isfinite(o)) for o in out])))
         update_check = numerics.condition_check(
-            bad, f"mtjax: non-finite task gradients given to {method} (NaN/inf in the update). Check "
-            "the loss for NaN/inf (log of 0, division by zero, exploding logits); with finite gradients, the "
-            "weighted sum of the task gradients overflowed.")
+          bad,
+          f"mtjax: non-finite task gradients given to {method} (NaN/inf in the update). Check "
+          "the loss for NaN/inf (log of 0, division by zero, exploding logits); with finite gradients, the "
+          "weighted sum of the task gradients overflowed.",
+        )
         weights_check = numerics.condition_check(
-            jnp.logical_not(jnp.all(jnp.isfinite(weights))),
-            lambda w: f"mtjax: {method}: the task weights are not finite ({np.asarray(w).tolist()}).", weights)
+          jnp.logical_not(jnp.all(jnp.isfinite(weights))),
+          lambda w: f"mtjax: {method}: the task weights are not finite ({np.asarray(w).tolist()}).",
+          weights,
+        )
       out = numerics.enforce(out, losses_check, weights_check, update_check)
     if fixed is None and record_weights and hasattr(new_state, "weights") and jnp.size(new_state.weights) > 0:
-      new_state = new_state._replace(weights=jnp.broadcast_to(weights, new_state.weights.shape).astype(
-          new_state.weights.dtype))
+      new_state = new_state._replace(
+        weights=jnp.broadcast_to(weights, new_state.weights.shape).astype(new_state.weights.dtype)
+      )
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   setattr(update_fn, CORE_MARK, True)
@@ -487,8 +507,8 @@ def static_int(value, name: str, method: str) -> int:
     out = int(np.asarray(value))
   except Exception:  # a tracer: e.g. optax.inject_hyperparams without static_args
     raise ValueError(
-        f"mtjax: {method}: {name} must be a static Python int (it sets a solver's loop bound); "
-        f"with optax.inject_hyperparams pass static_args=('{name}',)."
+      f"mtjax: {method}: {name} must be a static Python int (it sets a solver's loop bound); "
+      f"with optax.inject_hyperparams pass static_args=('{name}',)."
     ) from None
   if out < 0 or out != np.asarray(value):
     raise ValueError(f"mtjax: {method}: {name} must be a non-negative int, got {value!r}.")
@@ -522,7 +542,5 @@ def canonical_key(key) -> jax.Array:
   """A typed-agnostic raw PRNG key from an int seed or an existing key."""
   if isinstance(key, int):
     return jax.random.PRNGKey(key)
-  key = jnp.asarray(key) if not jax.dtypes.issubdtype(jnp.result_type(key), jax.dtypes.prng_key) else key
+  key = jnp.asarray(key) if not jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key) else key
   return key
-
-

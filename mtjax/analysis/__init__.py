@@ -10,3 +10,16 @@ from mtjax.analysis._similarity import group_names
 from mtjax.analysis._similarity import norm_ratio
 from mtjax.analysis._similarity import track
 from mtjax.analysis._similarity import update_alignment
+
+__all__ = (
+  "SimilarityHistory",
+  "conflict_fraction",
+  "cosine_similarity",
+  "gradient_norms",
+  "group_names",
+  "norm_ratio",
+  "plot_similarity_heatmaps",
+  "plot_similarity_over_steps",
+  "track",
+  "update_alignment",
+)

@@ -7,16 +7,16 @@ leaf, no concatenation), so it is cheap enough to run inside the jitted training
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mtjax._src import numerics
+from mtjax._src import rows as rows_lib
 from mtjax._src import tree as tree_lib
 from mtjax._src import weighting
-from mtjax._src import rows as rows_lib
 from mtjax._src.sparse import SparseRows
 from mtjax._src.sparse import is_sparse
 from mtjax._src.task_grads import is_lazy
@@ -87,8 +87,11 @@ def group_names(task_grads: PyTree, *, granularity: weighting.GroupSpec = "model
   """
   if is_lazy(task_grads):
     task_grads = task_grads.shapes()
-  abstract = jax.tree.map(lambda g: jax.ShapeDtypeStruct(jnp.shape(g), g.dtype if is_sparse(g) else jnp.result_type(g)),
-                          task_grads, is_leaf=is_sparse)
+  abstract = jax.tree.map(
+    lambda g: jax.ShapeDtypeStruct(jnp.shape(g), g.dtype if is_sparse(g) else jnp.result_type(g)),
+    task_grads,
+    is_leaf=is_sparse,
+  )
   mask = tree_lib.resolve_shared(shared, abstract)
   paths = [p for p, m in zip(tree_lib.leaf_paths(abstract), mask) if m]
   return weighting.group_labels(granularity, paths)[1]
@@ -118,8 +121,9 @@ def norm_ratio(norms: jax.Array) -> jax.Array:
   return numerics.safe_div(jnp.max(norms, axis=-1), jnp.min(norms, axis=-1))
 
 
-def update_alignment(task_grads: PyTree, update: PyTree, *, granularity: weighting.GroupSpec = "model",
-                     shared=None) -> jax.Array:
+def update_alignment(
+  task_grads: PyTree, update: PyTree, *, granularity: weighting.GroupSpec = "model", shared=None
+) -> jax.Array:
   r"""Cosine between each task gradient and an update, ``[K, T]``: the view after a method's surgery.
 
   ``cos(g_t, d)`` tells whether the combined direction ``d`` (e.g. the output of ``pcgrad`` before
@@ -158,8 +162,9 @@ def _sparse_alignment(task_grads: PyTree, update: PyTree, granularity, shared) -
     if isinstance(g, SparseRows):
       d = g.dot(u)
     else:
-      d = jnp.matmul(jnp.reshape(g, (t, -1)).astype(acc), jnp.reshape(u, (-1,)).astype(acc),
-                     precision=jax.lax.Precision.HIGHEST)
+      d = jnp.matmul(
+        jnp.reshape(g, (t, -1)).astype(acc), jnp.reshape(u, (-1,)).astype(acc), precision=jax.lax.Precision.HIGHEST
+      )
     dots[gid] = dots[gid] + d.astype(acc)
     sq[gid] = sq[gid] + jnp.sum(jnp.square(u.astype(acc)))
   norms_g = jnp.sqrt(jnp.maximum(jnp.diagonal(gram, axis1=-2, axis2=-1), 0))
@@ -167,8 +172,9 @@ def _sparse_alignment(task_grads: PyTree, update: PyTree, granularity, shared) -
   return jnp.clip(numerics.safe_div(jnp.stack(dots), norms_g * norm_u), -1.0, 1.0)  # as cosine_from_gram
 
 
-def track(task_grads: PyTree, update: Optional[PyTree] = None, *, granularity: weighting.GroupSpec = "layer",
-          shared=None) -> dict:
+def track(
+  task_grads: PyTree, update: Optional[PyTree] = None, *, granularity: weighting.GroupSpec = "layer", shared=None
+) -> dict:
   """A small dict of similarity statistics for logging inside a jitted step.
 
   Returns ``{'cosine': [T, T] (whole model), 'cosine_groups': [K, T, T], 'conflict': scalar
@@ -182,11 +188,11 @@ def track(task_grads: PyTree, update: Optional[PyTree] = None, *, granularity: w
   total = jnp.sum(grams, axis=0)
   cos = numerics.cosine_from_gram(total)
   out = {
-      "cosine": cos,
-      "cosine_groups": cos_groups,
-      "conflict": conflict_fraction(cos),
-      "conflict_groups": conflict_fraction(cos_groups),
-      "norms": jnp.sqrt(jnp.maximum(jnp.diagonal(total), 0)),
+    "cosine": cos,
+    "cosine_groups": cos_groups,
+    "conflict": conflict_fraction(cos),
+    "conflict_groups": conflict_fraction(cos_groups),
+    "norms": jnp.sqrt(jnp.maximum(jnp.diagonal(total), 0)),
   }
   if update is not None:
     out["alignment"] = update_alignment(task_grads, update, granularity="model", shared=shared)[0]

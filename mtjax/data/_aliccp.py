@@ -9,16 +9,47 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from mtjax.data._dataset import (MultiTaskDataset, _BadRows, _check_file, _check_on_bad_rows, _cut_hint, _lines,
-                                 _map_to_ids, _no_rows, _open_text, _read_csv, _read_header, _RowError, _vocabulary)
-from mtjax.models._features import Categorical, Dense, FeatureSpec
+from mtjax.data._dataset import MultiTaskDataset
+from mtjax.data._dataset import _BadRows
+from mtjax.data._dataset import _check_file
+from mtjax.data._dataset import _check_on_bad_rows
+from mtjax.data._dataset import _cut_hint
+from mtjax.data._dataset import _lines
+from mtjax.data._dataset import _map_to_ids
+from mtjax.data._dataset import _no_rows
+from mtjax.data._dataset import _open_text
+from mtjax.data._dataset import _read_csv
+from mtjax.data._dataset import _read_header
+from mtjax.data._dataset import _RowError
+from mtjax.data._dataset import _vocabulary
+from mtjax.models._features import Categorical
+from mtjax.models._features import Dense
+from mtjax.models._features import FeatureSpec
 
 PathLike = Union[str, os.PathLike]
 
 #: The 18 single-valued fields of the usual processed form (user side 101-129 from the common
 #: features, ad side 205-853 and 301 from the skeleton).
-ALICCP_FIELDS = ("101", "121", "122", "124", "125", "126", "127", "128", "129", "205", "206", "207", "216",
-                 "508", "509", "702", "853", "301")
+ALICCP_FIELDS = (
+  "101",
+  "121",
+  "122",
+  "124",
+  "125",
+  "126",
+  "127",
+  "128",
+  "129",
+  "205",
+  "206",
+  "207",
+  "216",
+  "508",
+  "509",
+  "702",
+  "853",
+  "301",
+)
 
 #: The dense float columns of the widely shared processed CSVs (torch-rechub's ``ali_ccp_*.csv``);
 #: :func:`aliccp_processed` reads every column named ``D<digit>...`` as dense by default.
@@ -71,8 +102,10 @@ def _read_common(path: str, wanted: dict, on_bad_rows: str) -> dict:
       ids = [-1] * len(wanted)
       try:
         if len(parts) != 3 or "," in parts[2]:
-          raise _RowError(f"has {text.count(',') + 1} fields; expected 'common_feature_index,num_features,"
-                          f"feature_list'{_cut_hint(complete)}")
+          raise _RowError(
+            f"has {text.count(',') + 1} fields; expected 'common_feature_index,num_features,"
+            f"feature_list'{_cut_hint(complete)}"
+          )
         _parse_feature_list(parts[2], parts[1], wanted, ids)
       except _RowError as e:
         bad(line, str(e))
@@ -105,8 +138,10 @@ def _read_skeleton(path: str, common: dict, wanted: dict, on_bad_rows: str) -> t
       row = [-1] * num_fields
       try:
         if len(parts) != 6 or "," in parts[5]:
-          raise _RowError(f"has {text.count(',') + 1} fields; expected 'sample_id,click,conversion,"
-                          f"common_feature_index,num_features,feature_list'{_cut_hint(complete)}")
+          raise _RowError(
+            f"has {text.count(',') + 1} fields; expected 'sample_id,click,conversion,"
+            f"common_feature_index,num_features,feature_list'{_cut_hint(complete)}"
+          )
         for name, s in (("click", parts[1]), ("conversion", parts[2])):
           if s.strip() not in ("0", "1"):
             raise _RowError(f"column {name!r} holds {s!r}, not 0 or 1")
@@ -141,14 +176,28 @@ def _read_skeleton(path: str, common: dict, wanted: dict, on_bad_rows: str) -> t
 
 def _funnel_dataset(feats: dict, labels: np.ndarray, spec: FeatureSpec, extras: dict, metadata: dict):
   click = labels[0] > 0.5
-  return MultiTaskDataset(features=feats, labels=labels, masks=np.stack([np.ones_like(click), click]),
-                          task_names=("click", "conversion"), spec=spec, extras=extras, metadata=metadata)
+  return MultiTaskDataset(
+    features=feats,
+    labels=labels,
+    masks=np.stack([np.ones_like(click), click]),
+    task_names=("click", "conversion"),
+    spec=spec,
+    extras=extras,
+    metadata=metadata,
+  )
 
 
-def aliccp(skeleton_path: PathLike, common_features_path: PathLike, *, test_skeleton_path: Optional[PathLike] = None,
-           test_common_features_path: Optional[PathLike] = None, min_count: int = 10,
-           fields: Sequence[str] = ALICCP_FIELDS, embed_dim: int = 8,
-           on_bad_rows: str = "error") -> dict[str, MultiTaskDataset]:
+def aliccp(
+  skeleton_path: PathLike,
+  common_features_path: PathLike,
+  *,
+  test_skeleton_path: Optional[PathLike] = None,
+  test_common_features_path: Optional[PathLike] = None,
+  min_count: int = 10,
+  fields: Sequence[str] = ALICCP_FIELDS,
+  embed_dim: int = 8,
+  on_bad_rows: str = "error",
+) -> dict[str, MultiTaskDataset]:
   """Loads Ali-CCP from the raw ``sample_skeleton_*.csv`` + ``common_features_*.csv`` files.
 
   Format: a skeleton row is ``sample_id,click,conversion,common_feature_index,num_features,
@@ -227,8 +276,9 @@ def aliccp(skeleton_path: PathLike, common_features_path: PathLike, *, test_skel
   for split, (ids, labels, counts) in raw.items():
     feats = {f: _map_to_ids(ids[:, j], vocab[f]) for j, f in enumerate(fields)}
     extras = {"user_id": ids[:, wanted["101"]]} if "101" in wanted else {}
-    out[split] = _funnel_dataset(feats, labels, spec, extras,
-                                 {"name": "aliccp", "counts": counts, "vocabularies": vocab, "min_count": min_count})
+    out[split] = _funnel_dataset(
+      feats, labels, spec, extras, {"name": "aliccp", "counts": counts, "vocabularies": vocab, "min_count": min_count}
+    )
   return out
 
 
@@ -242,9 +292,15 @@ def _processed_dense(header: Sequence[str], dense_columns: Optional[Sequence[str
   return dense
 
 
-def aliccp_processed(train_path: PathLike, test_path: Optional[PathLike] = None, *,
-                     validation_path: Optional[PathLike] = None, dense_columns: Optional[Sequence[str]] = None,
-                     embed_dim: int = 8, on_bad_rows: str = "error") -> dict[str, MultiTaskDataset]:
+def aliccp_processed(
+  train_path: PathLike,
+  test_path: Optional[PathLike] = None,
+  *,
+  validation_path: Optional[PathLike] = None,
+  dense_columns: Optional[Sequence[str]] = None,
+  embed_dim: int = 8,
+  on_bad_rows: str = "error",
+) -> dict[str, MultiTaskDataset]:
   """Loads the common processed Ali-CCP CSVs: a header row, labels ``click`` and ``purchase``, one column per field.
 
   Two forms are in wide use, both read as they are:
@@ -303,8 +359,10 @@ def aliccp_processed(train_path: PathLike, test_path: Optional[PathLike] = None,
     if header is None:
       missing = [c for c in ("click", "purchase") if c not in head]
       if missing or len(head) < 3:
-        raise ValueError(f"mtjax: {path!r} line 1: the header {head} lacks {missing or 'feature columns'}; expected "
-                         "'click,purchase,<field ids>'.")
+        raise ValueError(
+          f"mtjax: {path!r} line 1: the header {head} lacks {missing or 'feature columns'}; expected "
+          "'click,purchase,<field ids>'."
+        )
       header = head
       dense = _processed_dense(header, dense_columns, path)
       fields = tuple(h for h in header if h not in ("click", "purchase") and h not in dense)
@@ -313,28 +371,35 @@ def aliccp_processed(train_path: PathLike, test_path: Optional[PathLike] = None,
     schema = {"click": "int", "purchase": "int"}
     schema.update({f: "int" for f in fields})
     schema.update({f: "float" for f in dense})
-    values, missing = _read_csv(path, schema, required=("click", "purchase"), on_bad_rows=on_bad_rows,
-                                allowed={"click": (0, 1), "purchase": (0, 1)}, header=head)
+    values, missing = _read_csv(
+      path,
+      schema,
+      required=("click", "purchase"),
+      on_bad_rows=on_bad_rows,
+      allowed={"click": (0, 1), "purchase": (0, 1)},
+      header=head,
+    )
     for f in fields:
       if ((values[f] < 0) & ~missing[f]).any():
         raise ValueError(f"mtjax: {path!r}: column {f!r} has negative ids; processed Ali-CCP ids are >= 0.")
     keep = ~((values["click"] == 0) & (values["purchase"] == 1))
-    raw[split] = ({k: v[keep] for k, v in values.items()}, {k: m[keep] for k, m in missing.items()},
-                  int((~keep).sum()))
+    raw[split] = ({k: v[keep] for k, v in values.items()}, {k: m[keep] for k, m in missing.items()}, int((~keep).sum()))
   vocab, missing_id = {}, {}
   for f in fields:
     seen = [v[f][~m[f]] for v, m, _ in raw.values()]
     top = max((int(s.max()) for s in seen if s.size), default=-1)
     missing_id[f] = top + 1
     vocab[f] = top + 1 + int(any(m[f].any() for _, m, _ in raw.values()))
-  spec = FeatureSpec(categorical=tuple(Categorical(f, max(vocab[f], 1), embed_dim) for f in fields),
-                     dense=tuple(Dense(f) for f in dense))
+  spec = FeatureSpec(
+    categorical=tuple(Categorical(f, max(vocab[f], 1), embed_dim) for f in fields), dense=tuple(Dense(f) for f in dense)
+  )
   out = {}
   for split, (values, missing, dropped) in raw.items():
     feats = {f: np.where(missing[f], missing_id[f], values[f]).astype(np.int32) for f in fields}
     feats.update({f: np.where(missing[f], 0.0, values[f]).astype(np.float32) for f in dense})
     labels = np.stack([values["click"], values["purchase"]]).astype(np.float32)
     extras = {"user_id": values["101"]} if "101" in fields else {}
-    out[split] = _funnel_dataset(feats, labels, spec, extras,
-                                 {"name": "aliccp_processed", "dropped_click0_conversion1": dropped})
+    out[split] = _funnel_dataset(
+      feats, labels, spec, extras, {"name": "aliccp_processed", "dropped_click0_conversion1": dropped}
+    )
   return out

@@ -7,8 +7,13 @@ from typing import Optional, Union
 
 import numpy as np
 
-from mtjax.data._dataset import MultiTaskDataset, _check_file, _check_on_bad_rows, _read_csv
-from mtjax.models._features import Categorical, Dense, FeatureSpec
+from mtjax.data._dataset import MultiTaskDataset
+from mtjax.data._dataset import _check_file
+from mtjax.data._dataset import _check_on_bad_rows
+from mtjax.data._dataset import _read_csv
+from mtjax.models._features import Categorical
+from mtjax.models._features import Dense
+from mtjax.models._features import FeatureSpec
 
 PathLike = Union[str, os.PathLike]
 
@@ -29,8 +34,9 @@ def _country_dir(path: str, country: Optional[str]) -> str:
   return path
 
 
-def aliexpress(path: PathLike, country: Optional[str] = None, *, embed_dim: int = 8,
-               on_bad_rows: str = "error") -> dict[str, MultiTaskDataset]:
+def aliexpress(
+  path: PathLike, country: Optional[str] = None, *, embed_dim: int = 8, on_bad_rows: str = "error"
+) -> dict[str, MultiTaskDataset]:
   """Loads one country of the AliExpress dataset (``AliExpress_{NL,ES,FR,US}/{train,test}.csv``).
 
   Each CSV has a header with ``search_id``, ``categorical_1`` .. ``categorical_16`` (integer
@@ -109,8 +115,9 @@ def aliexpress(path: PathLike, country: Optional[str] = None, *, embed_dim: int 
     missing_id.append(top + 1)
     vocab.append(top + 1 + int(any_missing))
   spec = FeatureSpec(
-      categorical=tuple(Categorical(c, max(v, 1), embed_dim) for c, v in zip(ALIEXPRESS_CATEGORICAL, vocab)),
-      dense=(Dense("numerical", len(ALIEXPRESS_NUMERICAL)),))
+    categorical=tuple(Categorical(c, max(v, 1), embed_dim) for c, v in zip(ALIEXPRESS_CATEGORICAL, vocab)),
+    dense=(Dense("numerical", len(ALIEXPRESS_NUMERICAL)),),
+  )
 
   out = {}
   for split, (ids, ids_missing, num, num_missing) in raw.items():
@@ -121,11 +128,12 @@ def aliexpress(path: PathLike, country: Optional[str] = None, *, embed_dim: int 
     click = num[:, 63] > 0.5
     conversion = num[:, 64] > 0.5
     out[split] = MultiTaskDataset(
-        features=feats,
-        labels=np.stack([click, conversion]).astype(np.float32),
-        masks=np.stack([np.ones_like(click), click]),
-        task_names=("click", "conversion"),
-        spec=spec,
-        extras={"search_id": ids[:, 0]},
-        metadata={"name": "aliexpress", "directory": directory})
+      features=feats,
+      labels=np.stack([click, conversion]).astype(np.float32),
+      masks=np.stack([np.ones_like(click), click]),
+      task_names=("click", "conversion"),
+      spec=spec,
+      extras={"search_id": ids[:, 0]},
+      metadata={"name": "aliexpress", "directory": directory},
+    )
   return out

@@ -17,8 +17,10 @@ def _check(dataset: MultiTaskDataset, batch_size: int, seed: int, drop_remainder
   if int(seed) < 0:
     raise ValueError(f"mtjax: seed must be a non-negative int, got {seed}.")
   if len(dataset) == 0 or (drop_remainder and batch_size > len(dataset)):
-    raise ValueError(f"mtjax: a dataset of {len(dataset)} samples gives no batch of {batch_size}; "
-                     "use a smaller batch_size or drop_remainder=False.")
+    raise ValueError(
+      f"mtjax: a dataset of {len(dataset)} samples gives no batch of {batch_size}; "
+      "use a smaller batch_size or drop_remainder=False."
+    )
 
 
 def _num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
@@ -36,8 +38,16 @@ def epoch_order(num_samples: int, *, seed: int, epoch: int, shuffle: bool = True
   return np.random.default_rng((int(seed), int(epoch))).permutation(num_samples)
 
 
-def batches(dataset: MultiTaskDataset, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
-            drop_remainder: bool = True, include_extras: bool = False) -> Iterator[dict[str, Any]]:
+def batches(
+  dataset: MultiTaskDataset,
+  batch_size: int,
+  *,
+  seed: int = 0,
+  epoch: int = 0,
+  shuffle: bool = True,
+  drop_remainder: bool = True,
+  include_extras: bool = False,
+) -> Iterator[dict[str, Any]]:
   """Iterates over the mini-batches of one epoch.
 
   The epoch's order is :func:`epoch_order` (a permutation seeded by ``(seed, epoch)``); each
@@ -103,9 +113,19 @@ class BatchIterator:
     epoch, position: where to start.
   """
 
-  def __init__(self, dataset: MultiTaskDataset, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-               drop_remainder: bool = True, include_extras: bool = False, num_epochs: Optional[int] = None,
-               epoch: int = 0, position: int = 0):
+  def __init__(
+    self,
+    dataset: MultiTaskDataset,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    drop_remainder: bool = True,
+    include_extras: bool = False,
+    num_epochs: Optional[int] = None,
+    epoch: int = 0,
+    position: int = 0,
+  ):
     _check(dataset, batch_size, seed, drop_remainder)
     self.dataset = dataset
     self.batch_size = int(batch_size)
@@ -122,8 +142,10 @@ class BatchIterator:
   def _set_position(self, epoch: int, position: int) -> None:
     epoch, position = int(epoch), int(position)
     if epoch < 0 or not 0 <= position <= self.steps_per_epoch:
-      raise ValueError(f"mtjax: BatchIterator position ({epoch}, {position}) is out of range; "
-                       f"an epoch has {self.steps_per_epoch} batches.")
+      raise ValueError(
+        f"mtjax: BatchIterator position ({epoch}, {position}) is out of range; "
+        f"an epoch has {self.steps_per_epoch} batches."
+      )
     if position == self.steps_per_epoch:  # normalize "end of epoch e" to "start of epoch e + 1"
       epoch, position = epoch + 1, 0
     self.epoch, self.position = epoch, position
@@ -133,7 +155,7 @@ class BatchIterator:
     """Batches taken since epoch 0, position 0."""
     return self.epoch * self.steps_per_epoch + self.position
 
-  def __iter__(self) -> "BatchIterator":
+  def __iter__(self) -> BatchIterator:
     return self
 
   def __next__(self) -> dict[str, Any]:
@@ -156,16 +178,24 @@ class BatchIterator:
     ``shuffle`` and ``drop_remainder`` are stored so that :meth:`restore` can refuse a
     position from a different configuration.
     """
-    return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
-            "num_samples": len(self.dataset), "shuffle": int(self.shuffle),
-            "drop_remainder": int(self.drop_remainder)}
+    return {
+      "epoch": self.epoch,
+      "position": self.position,
+      "seed": self.seed,
+      "batch_size": self.batch_size,
+      "num_samples": len(self.dataset),
+      "shuffle": int(self.shuffle),
+      "drop_remainder": int(self.drop_remainder),
+    }
 
-  def restore(self, state: Mapping[str, Any]) -> "BatchIterator":
+  def restore(self, state: Mapping[str, Any]) -> BatchIterator:
     """Moves to a position saved by :meth:`state` (values may be ints or 0-d arrays); returns self."""
     mine = self.state()
     for key in ("seed", "batch_size", "num_samples", "shuffle", "drop_remainder"):
       if key in state and int(state[key]) != mine[key]:
-        raise ValueError(f"mtjax: cannot restore a BatchIterator saved with {key}={int(state[key])} into one with "
-                         f"{key}={mine[key]}; build the iterator with the saved configuration.")
+        raise ValueError(
+          f"mtjax: cannot restore a BatchIterator saved with {key}={int(state[key])} into one with "
+          f"{key}={mine[key]}; build the iterator with the saved configuration."
+        )
     self._set_position(int(state["epoch"]), int(state["position"]))
     return self

@@ -7,49 +7,115 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from mtjax.data._dataset import (MultiTaskDataset, _BadRows, _check_file, _check_on_bad_rows, _cut_hint, _lines,
-                                 _map_to_ids, _no_rows, _number, _open_text, _RowError, _split_fields, _vocabulary)
-from mtjax.models._features import Categorical, Dense, FeatureSpec
+from mtjax.data._dataset import MultiTaskDataset
+from mtjax.data._dataset import _BadRows
+from mtjax.data._dataset import _check_file
+from mtjax.data._dataset import _check_on_bad_rows
+from mtjax.data._dataset import _cut_hint
+from mtjax.data._dataset import _lines
+from mtjax.data._dataset import _map_to_ids
+from mtjax.data._dataset import _no_rows
+from mtjax.data._dataset import _number
+from mtjax.data._dataset import _open_text
+from mtjax.data._dataset import _RowError
+from mtjax.data._dataset import _split_fields
+from mtjax.data._dataset import _vocabulary
+from mtjax.models._features import Categorical
+from mtjax.models._features import Dense
+from mtjax.models._features import FeatureSpec
 
 PathLike = Union[str, os.PathLike]
 
 #: The 42 columns of ``census-income.data`` / ``.test``, in file order (snake_case).
 CENSUS_COLUMNS = (
-    "age", "class_of_worker", "industry_code", "occupation_code", "education", "wage_per_hour",
-    "enrolled_in_edu_inst_last_wk", "marital_status", "major_industry_code", "major_occupation_code", "race",
-    "hispanic_origin", "sex", "member_of_a_labor_union", "reason_for_unemployment",
-    "full_or_part_time_employment_stat", "capital_gains", "capital_losses", "dividends_from_stocks",
-    "tax_filer_status", "region_of_previous_residence", "state_of_previous_residence",
-    "detailed_household_and_family_stat", "detailed_household_summary_in_household", "instance_weight",
-    "migration_code_change_in_msa", "migration_code_change_in_reg", "migration_code_move_within_reg",
-    "live_in_this_house_1_year_ago", "migration_prev_res_in_sunbelt", "num_persons_worked_for_employer",
-    "family_members_under_18", "country_of_birth_father", "country_of_birth_mother", "country_of_birth_self",
-    "citizenship", "own_business_or_self_employed", "fill_inc_questionnaire_for_veterans_admin",
-    "veterans_benefits", "weeks_worked_in_year", "year", "income")
+  "age",
+  "class_of_worker",
+  "industry_code",
+  "occupation_code",
+  "education",
+  "wage_per_hour",
+  "enrolled_in_edu_inst_last_wk",
+  "marital_status",
+  "major_industry_code",
+  "major_occupation_code",
+  "race",
+  "hispanic_origin",
+  "sex",
+  "member_of_a_labor_union",
+  "reason_for_unemployment",
+  "full_or_part_time_employment_stat",
+  "capital_gains",
+  "capital_losses",
+  "dividends_from_stocks",
+  "tax_filer_status",
+  "region_of_previous_residence",
+  "state_of_previous_residence",
+  "detailed_household_and_family_stat",
+  "detailed_household_summary_in_household",
+  "instance_weight",
+  "migration_code_change_in_msa",
+  "migration_code_change_in_reg",
+  "migration_code_move_within_reg",
+  "live_in_this_house_1_year_ago",
+  "migration_prev_res_in_sunbelt",
+  "num_persons_worked_for_employer",
+  "family_members_under_18",
+  "country_of_birth_father",
+  "country_of_birth_mother",
+  "country_of_birth_self",
+  "citizenship",
+  "own_business_or_self_employed",
+  "fill_inc_questionnaire_for_veterans_admin",
+  "veterans_benefits",
+  "weeks_worked_in_year",
+  "year",
+  "income",
+)
 
 #: Continuous columns (standardized dense inputs). Every other input column is categorical,
 #: including the numerically coded industry/occupation codes, ``own_business_or_self_employed``,
 #: ``veterans_benefits`` and ``year``.
-CENSUS_NUMERIC = ("age", "wage_per_hour", "capital_gains", "capital_losses", "dividends_from_stocks",
-                  "num_persons_worked_for_employer", "weeks_worked_in_year")
+CENSUS_NUMERIC = (
+  "age",
+  "wage_per_hour",
+  "capital_gains",
+  "capital_losses",
+  "dividends_from_stocks",
+  "num_persons_worked_for_employer",
+  "weeks_worked_in_year",
+)
 
 #: Education values that count as "at least college" (attended college, with or without a
 #: degree). Everything else (Children .. High school graduate) is 0.
-CENSUS_COLLEGE = ("Some college but no degree", "Associates degree-occup /vocational",
-                  "Associates degree-academic program", "Bachelors degree(BA AB BS)",
-                  "Masters degree(MA MS MEng MEd MSW MBA)", "Prof school degree (MD DDS DVM LLB JD)",
-                  "Doctorate degree(PhD EdD)")
+CENSUS_COLLEGE = (
+  "Some college but no degree",
+  "Associates degree-occup /vocational",
+  "Associates degree-academic program",
+  "Bachelors degree(BA AB BS)",
+  "Masters degree(MA MS MEng MEd MSW MBA)",
+  "Prof school degree (MD DDS DVM LLB JD)",
+  "Doctorate degree(PhD EdD)",
+)
 
-CENSUS_EDUCATION = ("Children", "Less than 1st grade", "1st 2nd 3rd or 4th grade", "5th or 6th grade",
-                    "7th and 8th grade", "9th grade", "10th grade", "11th grade", "12th grade no diploma",
-                    "High school graduate") + CENSUS_COLLEGE
+CENSUS_EDUCATION = (
+  "Children",
+  "Less than 1st grade",
+  "1st 2nd 3rd or 4th grade",
+  "5th or 6th grade",
+  "7th and 8th grade",
+  "9th grade",
+  "10th grade",
+  "11th grade",
+  "12th grade no diploma",
+  "High school graduate",
+) + CENSUS_COLLEGE
 
 _INCOME = {"- 50000": 0.0, "50000+": 1.0}
 # Task name -> the column its label comes from.
 _TASKS = {
-    "income": "income",
-    "never_married": "marital_status",
-    "education": "education",
+  "income": "income",
+  "never_married": "marital_status",
+  "education": "education",
 }
 MISSING = "?"
 
@@ -67,8 +133,8 @@ class _Column:
 
 _NUMERIC_AT = tuple(CENSUS_COLUMNS.index(c) for c in CENSUS_NUMERIC)
 _LABEL_CHECKS = {
-    "income": (CENSUS_COLUMNS.index("income"), lambda v: v.rstrip(".") in _INCOME, "neither '- 50000.' nor '50000+.'"),
-    "education": (CENSUS_COLUMNS.index("education"), lambda v: v in CENSUS_EDUCATION, "not a Census education value"),
+  "income": (CENSUS_COLUMNS.index("income"), lambda v: v.rstrip(".") in _INCOME, "neither '- 50000.' nor '50000+.'"),
+  "education": (CENSUS_COLUMNS.index("education"), lambda v: v in CENSUS_EDUCATION, "not a Census education value"),
 }
 
 
@@ -117,9 +183,11 @@ def _read_census(path: str, tasks: Sequence[str] = (), on_bad_rows: str = "error
       off = width - len(CENSUS_COLUMNS)
       try:
         if len(row) != width:
-          raise _RowError(f"has {len(row)} fields; Census-Income (KDD) rows have {len(CENSUS_COLUMNS)}"
-                          + (" plus the leading index column of this file's first row" if off else "")
-                          + f" (is this census-income.data / .test?){_cut_hint(complete)}")
+          raise _RowError(
+            f"has {len(row)} fields; Census-Income (KDD) rows have {len(CENSUS_COLUMNS)}"
+            + (" plus the leading index column of this file's first row" if off else "")
+            + f" (is this census-income.data / .test?){_cut_hint(complete)}"
+          )
         values = [v.strip() for v in row[off:]]
         if off:
           _number(row[0], "int", "index")
@@ -159,9 +227,15 @@ def _task_label(task: str, values: np.ndarray, path: str) -> np.ndarray:
   return np.isin(values, CENSUS_COLLEGE).astype(np.float32)
 
 
-def census_income(data_path: PathLike, test_path: Optional[PathLike] = None, *,
-                  tasks: Sequence[str] = ("income", "never_married"), seed: int = 0,
-                  embed_dim: int = 8, on_bad_rows: str = "error") -> dict[str, MultiTaskDataset]:
+def census_income(
+  data_path: PathLike,
+  test_path: Optional[PathLike] = None,
+  *,
+  tasks: Sequence[str] = ("income", "never_married"),
+  seed: int = 0,
+  embed_dim: int = 8,
+  on_bad_rows: str = "error",
+) -> dict[str, MultiTaskDataset]:
   """Loads Census-Income (KDD) (``census-income.data`` / ``census-income.test``) for multi-task learning.
 
   Tasks (MMoE paper), chosen with ``tasks`` from:
@@ -276,13 +350,21 @@ def census_income(data_path: PathLike, test_path: Optional[PathLike] = None, *,
       mean, std = stats[c]
       x = numbers(columns[col[c]], c, path)
       feats[c] = np.where(np.isnan(x), 0.0, (x - mean) / std).astype(np.float32)
-    labels = np.stack([columns[col[_TASKS[t]]].map(_task_label(t, columns[col[_TASKS[t]]].values, path))
-                       for t in tasks])
-    return MultiTaskDataset(features=feats, labels=labels, task_names=tasks, spec=spec,
-                            metadata={"name": "census_income", "vocabularies": vocab, "numeric_stats": stats})
+    labels = np.stack(
+      [columns[col[_TASKS[t]]].map(_task_label(t, columns[col[_TASKS[t]]].values, path)) for t in tasks]
+    )
+    return MultiTaskDataset(
+      features=feats,
+      labels=labels,
+      task_names=tasks,
+      spec=spec,
+      metadata={"name": "census_income", "vocabularies": vocab, "numeric_stats": stats},
+    )
 
-  spec = FeatureSpec(categorical=tuple(Categorical(c, len(vocab[c]) + 1, embed_dim) for c in categorical),
-                     dense=tuple(Dense(c) for c in numeric))
+  spec = FeatureSpec(
+    categorical=tuple(Categorical(c, len(vocab[c]) + 1, embed_dim) for c in categorical),
+    dense=tuple(Dense(c) for c in numeric),
+  )
   out = {"train": build(train, data_path)}
   if "test" in files:
     test = build(files["test"], test_path)

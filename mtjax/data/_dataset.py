@@ -7,7 +7,7 @@ import dataclasses
 import math
 import os
 import warnings
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Collection, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -87,8 +87,10 @@ class MultiTaskDataset:
     setattr_ = lambda k, v: object.__setattr__(self, k, v)
     labels = np.asarray(self.labels)
     if labels.ndim != 2:
-      raise ValueError(f"mtjax: MultiTaskDataset.labels must be [T, N], got shape {labels.shape}; "
-                       "put the task axis first (labels.T if yours is [N, T]).")
+      raise ValueError(
+        f"mtjax: MultiTaskDataset.labels must be [T, N], got shape {labels.shape}; "
+        "put the task axis first (labels.T if yours is [N, T])."
+      )
     setattr_("labels", labels.astype(np.float32, copy=False))
     num_tasks, n = labels.shape
     names = tuple(self.task_names)
@@ -147,10 +149,12 @@ class MultiTaskDataset:
       feats = "{" + ", ".join(f"{k}: {v.dtype}{list(v.shape[1:]) or ''}" for k, v in self.features.items()) + "}"
     else:
       feats = f"{self.features.dtype}[N, {self.features.shape[1]}]"
-    return (f"MultiTaskDataset(num_samples={len(self)}, tasks={self.task_names}, features={feats}, "
-            f"masks={self.masks is not None}, extras={sorted(self.extras)})")
+    return (
+      f"MultiTaskDataset(num_samples={len(self)}, tasks={self.task_names}, features={feats}, "
+      f"masks={self.masks is not None}, extras={sorted(self.extras)})"
+    )
 
-  def subset(self, indices: Index) -> "MultiTaskDataset":
+  def subset(self, indices: Index) -> MultiTaskDataset:
     """The samples at ``indices`` (int array, bool mask of length N, or a slice), as a new dataset."""
     idx = indices if isinstance(indices, slice) else np.asarray(indices)
     if not isinstance(idx, slice) and idx.dtype == bool:
@@ -162,14 +166,16 @@ class MultiTaskDataset:
     else:
       feats = _take(self.features, idx)
     return dataclasses.replace(
-        self,
-        features=feats,
-        labels=_take(self.labels, idx, axis=1),
-        masks=None if self.masks is None else _take(self.masks, idx, axis=1),
-        extras={k: _take(v, idx) for k, v in self.extras.items()})
+      self,
+      features=feats,
+      labels=_take(self.labels, idx, axis=1),
+      masks=None if self.masks is None else _take(self.masks, idx, axis=1),
+      extras={k: _take(v, idx) for k, v in self.extras.items()},
+    )
 
-  def split(self, fractions: Sequence[float], *, seed: Optional[int] = None,
-            stratify: bool = False) -> tuple["MultiTaskDataset", ...]:
+  def split(
+    self, fractions: Sequence[float], *, seed: Optional[int] = None, stratify: bool = False
+  ) -> tuple[MultiTaskDataset, ...]:
     """Splits into consecutive parts of the given fractions of ``N``.
 
     Part ``k`` holds samples ``[round(c_{k-1} N), round(c_k N))`` of the order, where ``c`` is the
@@ -328,8 +334,10 @@ class _BadRows:
 
   def warn(self) -> None:
     if self.count:
-      warnings.warn(f"mtjax: dropped {self.count} malformed row(s) of {self.path!r} (on_bad_rows='skip'); the "
-                    f"first, {self.first}", stacklevel=4)
+      warnings.warn(
+        f"mtjax: dropped {self.count} malformed row(s) of {self.path!r} (on_bad_rows='skip'); the first, {self.first}",
+        stacklevel=4,
+      )
 
 
 def _open_text(path: str):
@@ -397,16 +405,23 @@ def _column_indices(path: str, header: Sequence[str], columns: Sequence[str]) ->
   return [list(header).index(c) for c in columns]
 
 
-def _no_rows(path: str, line: int, bad: "_BadRows") -> ValueError:
+def _no_rows(path: str, line: int, bad: _BadRows) -> ValueError:
   if bad.count:
     return ValueError(f"mtjax: {path!r}: every row is malformed ({bad.count} dropped); the first, {bad.first}.")
-  return ValueError(f"mtjax: {path!r} line {line}: no data rows after the header (the file holds only a header; "
-                    "is it cut short?).")
+  return ValueError(
+    f"mtjax: {path!r} line {line}: no data rows after the header (the file holds only a header; is it cut short?)."
+  )
 
 
-def _read_csv(path: str, columns: Mapping[str, str], *, required: Sequence[str] = (), on_bad_rows: str = "error",
-              allowed: Optional[Mapping[str, Sequence[float]]] = None,
-              header: Optional[Sequence[str]] = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def _read_csv(
+  path: str,
+  columns: Mapping[str, str],
+  *,
+  required: Collection[str] = (),
+  on_bad_rows: str = "error",
+  allowed: Optional[Mapping[str, Sequence[float]]] = None,
+  header: Optional[Sequence[str]] = None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """Reads the named numeric columns of a CSV file with a header row, strictly.
 
   ``columns`` maps a column name to ``'int'`` (int64 values) or ``'float'`` (float64). A row is

@@ -8,15 +8,39 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from mtjax.data._dataset import (MultiTaskDataset, _check_file, _check_on_bad_rows, _map_to_ids, _read_csv,
-                                 _vocabulary)
-from mtjax.models._features import Categorical, Dense, FeatureSpec
+from mtjax.data._dataset import MultiTaskDataset
+from mtjax.data._dataset import _check_file
+from mtjax.data._dataset import _check_on_bad_rows
+from mtjax.data._dataset import _map_to_ids
+from mtjax.data._dataset import _read_csv
+from mtjax.data._dataset import _vocabulary
+from mtjax.models._features import Categorical
+from mtjax.models._features import Dense
+from mtjax.models._features import FeatureSpec
 
 PathLike = Union[str, os.PathLike]
 
-KUAIRAND_COLUMNS = ("user_id", "video_id", "date", "hourmin", "time_ms", "is_click", "is_like", "is_follow",
-                    "is_comment", "is_forward", "is_hate", "long_view", "play_time_ms", "duration_ms",
-                    "profile_stay_time", "comment_stay_time", "is_profile_enter", "is_rand", "tab")
+KUAIRAND_COLUMNS = (
+  "user_id",
+  "video_id",
+  "date",
+  "hourmin",
+  "time_ms",
+  "is_click",
+  "is_like",
+  "is_follow",
+  "is_comment",
+  "is_forward",
+  "is_hate",
+  "long_view",
+  "play_time_ms",
+  "duration_ms",
+  "profile_stay_time",
+  "comment_stay_time",
+  "is_profile_enter",
+  "is_rand",
+  "tab",
+)
 _LABELS = ("is_click", "is_like", "is_follow", "is_comment", "is_forward", "is_hate", "long_view", "is_profile_enter")
 _READ = ("user_id", "video_id", "date", "hourmin", "duration_ms", "is_rand", "tab")
 
@@ -36,9 +60,14 @@ def _log_files(log_paths) -> list[str]:
   return files
 
 
-def kuairand(log_paths: Union[PathLike, Sequence[PathLike]], *, tasks: Sequence[str] = ("is_click", "long_view", "is_like"),
-             test_dates: Optional[Sequence[int]] = None, embed_dim: int = 8,
-             on_bad_rows: str = "error") -> dict[str, MultiTaskDataset]:
+def kuairand(
+  log_paths: Union[PathLike, Sequence[PathLike]],
+  *,
+  tasks: Sequence[str] = ("is_click", "long_view", "is_like"),
+  test_dates: Optional[Sequence[int]] = None,
+  embed_dim: int = 8,
+  on_bad_rows: str = "error",
+) -> dict[str, MultiTaskDataset]:
   """Loads KuaiRand interaction logs (``log_standard_*.csv``) for multi-task, multi-domain learning.
 
   Columns (header row): ``user_id, video_id, date, hourmin, time_ms, is_click, is_like,
@@ -97,8 +126,13 @@ def kuairand(log_paths: Union[PathLike, Sequence[PathLike]], *, tasks: Sequence[
   columns = _READ + tasks
   parts, missing_parts = [], []
   for path in _log_files(log_paths):
-    values, missing = _read_csv(path, {name: "int" for name in columns}, required=("date",), on_bad_rows=on_bad_rows,
-                                allowed={t: (0, 1) for t in tasks})
+    values, missing = _read_csv(
+      path,
+      {name: "int" for name in columns},
+      required=("date",),
+      on_bad_rows=on_bad_rows,
+      allowed={t: (0, 1) for t in tasks},
+    )
     parts.append(np.stack([values[name] for name in columns], axis=1))
     missing_parts.append(np.stack([missing[name] for name in columns], axis=1))
   values = np.concatenate(parts)
@@ -110,8 +144,9 @@ def kuairand(log_paths: Union[PathLike, Sequence[PathLike]], *, tasks: Sequence[
   test_dates = (int(date.max()),) if test_dates is None else tuple(int(d) for d in test_dates)
   is_test = np.isin(date, test_dates)
   if is_test.all() or not is_test.any():
-    raise ValueError(f"mtjax: test_dates {test_dates} leave an empty split; the logs span dates "
-                     f"{int(date.min())}..{int(date.max())}.")
+    raise ValueError(
+      f"mtjax: test_dates {test_dates} leave an empty split; the logs span dates {int(date.min())}..{int(date.max())}."
+    )
 
   train = ~is_test
   vocab = {}
@@ -131,21 +166,40 @@ def kuairand(log_paths: Union[PathLike, Sequence[PathLike]], *, tasks: Sequence[
   duration = np.where(dur_ok, (dur - mean) / std, 0.0).astype(np.float32)
 
   spec = FeatureSpec(
-      categorical=(Categorical("user_id", len(vocab["user_id"]) + 1, embed_dim),
-                   Categorical("video_id", len(vocab["video_id"]) + 1, embed_dim),
-                   Categorical("tab", num_domains, embed_dim), Categorical("hour", 24, embed_dim)),
-      dense=(Dense("duration"),))
+    categorical=(
+      Categorical("user_id", len(vocab["user_id"]) + 1, embed_dim),
+      Categorical("video_id", len(vocab["video_id"]) + 1, embed_dim),
+      Categorical("tab", num_domains, embed_dim),
+      Categorical("hour", 24, embed_dim),
+    ),
+    dense=(Dense("duration"),),
+  )
   feats = {
-      "user_id": _map_to_ids(np.where(missing[:, c["user_id"]], -1, values[:, c["user_id"]]), vocab["user_id"]),
-      "video_id": _map_to_ids(np.where(missing[:, c["video_id"]], -1, values[:, c["video_id"]]), vocab["video_id"]),
-      "tab": tab.astype(np.int32),
-      "hour": hour.astype(np.int32),
-      "duration": duration,
+    "user_id": _map_to_ids(np.where(missing[:, c["user_id"]], -1, values[:, c["user_id"]]), vocab["user_id"]),
+    "video_id": _map_to_ids(np.where(missing[:, c["video_id"]], -1, values[:, c["video_id"]]), vocab["video_id"]),
+    "tab": tab.astype(np.int32),
+    "hour": hour.astype(np.int32),
+    "duration": duration,
   }
   labels = np.stack([values[:, c[t]] > 0 for t in tasks]).astype(np.float32)
-  extras = {"user_id": values[:, c["user_id"]], "video_id": values[:, c["video_id"]], "date": date,
-            "is_rand": values[:, c["is_rand"]]}
-  full = MultiTaskDataset(features=feats, labels=labels, task_names=tasks, spec=spec, extras=extras,
-                          metadata={"name": "kuairand", "test_dates": test_dates, "num_domains": num_domains,
-                                    "domain_feature": "tab", "duration_stats": (mean, std)})
+  extras = {
+    "user_id": values[:, c["user_id"]],
+    "video_id": values[:, c["video_id"]],
+    "date": date,
+    "is_rand": values[:, c["is_rand"]],
+  }
+  full = MultiTaskDataset(
+    features=feats,
+    labels=labels,
+    task_names=tasks,
+    spec=spec,
+    extras=extras,
+    metadata={
+      "name": "kuairand",
+      "test_dates": test_dates,
+      "num_domains": num_domains,
+      "domain_feature": "tab",
+      "duration_stats": (mean, std),
+    },
+  )
   return {"train": full.subset(np.flatnonzero(train)), "test": full.subset(np.flatnonzero(is_test))}

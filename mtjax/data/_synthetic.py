@@ -8,7 +8,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from mtjax.data._dataset import MultiTaskDataset
-from mtjax.models._features import Categorical, Dense, FeatureSpec
+from mtjax.models._features import Categorical
+from mtjax.models._features import Dense
+from mtjax.models._features import FeatureSpec
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -23,8 +25,16 @@ def _sines(z: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
   return out
 
 
-def mmoe_synthetic(num_samples: int, correlation: float, *, dim: int = 100, scale: float = 1.0,
-                   num_sines: int = 10, noise: float = 0.01, seed: int = 0) -> MultiTaskDataset:
+def mmoe_synthetic(
+  num_samples: int,
+  correlation: float,
+  *,
+  dim: int = 100,
+  scale: float = 1.0,
+  num_sines: int = 10,
+  noise: float = 0.01,
+  seed: int = 0,
+) -> MultiTaskDataset:
   r"""Two regression tasks whose correlation is controlled (the MMoE paper's synthetic data).
 
   .. math::
@@ -75,8 +85,10 @@ def mmoe_synthetic(num_samples: int, correlation: float, *, dim: int = 100, scal
   if not -1.0 <= p <= 1.0:
     raise ValueError(f"mtjax: mmoe_synthetic correlation must be in [-1, 1], got {correlation}.")
   if dim < 2 or num_samples < 1 or num_sines < 0 or noise < 0:
-    raise ValueError(f"mtjax: mmoe_synthetic needs dim >= 2, num_samples >= 1, num_sines >= 0, noise >= 0; "
-                     f"got dim={dim}, num_samples={num_samples}, num_sines={num_sines}, noise={noise}.")
+    raise ValueError(
+      f"mtjax: mmoe_synthetic needs dim >= 2, num_samples >= 1, num_sines >= 0, noise >= 0; "
+      f"got dim={dim}, num_samples={num_samples}, num_sines={num_sines}, noise={noise}."
+    )
   rng = np.random.default_rng(seed)
   q, _ = np.linalg.qr(rng.standard_normal((dim, 2)))
   u1, u2 = q[:, 0], q[:, 1]
@@ -87,12 +99,21 @@ def mmoe_synthetic(num_samples: int, correlation: float, *, dim: int = 100, scal
   z = w @ x.T  # [2, N]
   y = z + _sines(z, alpha, beta) + noise * rng.standard_normal(z.shape)
   return MultiTaskDataset(
-      features=x.astype(np.float32),
-      labels=y.astype(np.float32),
-      task_names=("task_1", "task_2"),
-      task_types=("regression", "regression"),
-      metadata={"name": "mmoe_synthetic", "w": w, "alpha": alpha, "beta": beta, "correlation": p,
-                "scale": scale, "noise": noise, "seed": seed})
+    features=x.astype(np.float32),
+    labels=y.astype(np.float32),
+    task_names=("task_1", "task_2"),
+    task_types=("regression", "regression"),
+    metadata={
+      "name": "mmoe_synthetic",
+      "w": w,
+      "alpha": alpha,
+      "beta": beta,
+      "correlation": p,
+      "scale": scale,
+      "noise": noise,
+      "seed": seed,
+    },
+  )
 
 
 def _calibrate_intercept(scores: np.ndarray, rate: float) -> float:
@@ -107,10 +128,22 @@ def _calibrate_intercept(scores: np.ndarray, rate: float) -> float:
   return 0.5 * (lo + hi)
 
 
-def funnel_synthetic(num_samples: int = 10000, *, num_users: int = 200, num_items: int = 500,
-                     num_positions: int = 5, dense_dim: int = 4, latent_dim: int = 8, ctr_rate: float = 0.1,
-                     cvr_rate: float = 0.2, correlation: float = 0.5, signal: float = 1.5,
-                     position_bias: float = 0.3, seed: int = 0, embed_dim: int = 8) -> MultiTaskDataset:
+def funnel_synthetic(
+  num_samples: int = 10000,
+  *,
+  num_users: int = 200,
+  num_items: int = 500,
+  num_positions: int = 5,
+  dense_dim: int = 4,
+  latent_dim: int = 8,
+  ctr_rate: float = 0.1,
+  cvr_rate: float = 0.2,
+  correlation: float = 0.5,
+  signal: float = 1.5,
+  position_bias: float = 0.3,
+  seed: int = 0,
+  embed_dim: int = 8,
+) -> MultiTaskDataset:
   r"""Impressions -> clicks -> conversions, with the sample-selection bias of real funnels.
 
   Every impression has a user, an item, a display position (categorical) and ``dense_dim``
@@ -175,21 +208,29 @@ def funnel_synthetic(num_samples: int = 10000, *, num_users: int = 200, num_item
   """
   rho = float(correlation)
   if not (0 < ctr_rate < 1 and 0 < cvr_rate < 1 and -1 <= rho <= 1):
-    raise ValueError(f"mtjax: funnel_synthetic needs ctr_rate, cvr_rate in (0, 1) and correlation in [-1, 1]; "
-                     f"got {ctr_rate}, {cvr_rate}, {correlation}.")
+    raise ValueError(
+      f"mtjax: funnel_synthetic needs ctr_rate, cvr_rate in (0, 1) and correlation in [-1, 1]; "
+      f"got {ctr_rate}, {cvr_rate}, {correlation}."
+    )
   if min(num_samples, num_users, num_items, num_positions, dense_dim, latent_dim) < 1:
-    raise ValueError("mtjax: funnel_synthetic sizes (num_samples, num_users, num_items, num_positions, "
-                     "dense_dim, latent_dim) must all be >= 1.")
+    raise ValueError(
+      "mtjax: funnel_synthetic sizes (num_samples, num_users, num_items, num_positions, "
+      "dense_dim, latent_dim) must all be >= 1."
+    )
   model = np.random.default_rng((seed, 0))
-  k4 = latent_dim ** 0.25
+  k4 = latent_dim**0.25
   ua, ub = model.standard_normal((2, num_users, latent_dim)) / k4
   ia, ib = model.standard_normal((2, num_items, latent_dim)) / k4
   a, b = model.standard_normal((2, dense_dim))
   a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
 
   def draw(rng, n):
-    return (rng.integers(num_users, size=n), rng.integers(num_items, size=n),
-            rng.integers(num_positions, size=n), rng.standard_normal((n, dense_dim)))
+    return (
+      rng.integers(num_users, size=n),
+      rng.integers(num_items, size=n),
+      rng.integers(num_positions, size=n),
+      rng.standard_normal((n, dense_dim)),
+    )
 
   def raw_scores(user, item, pos, dense):
     s = (np.einsum("nk,nk->n", ua[user], ia[item]) + dense @ a) / np.sqrt(2.0)
@@ -211,22 +252,42 @@ def funnel_synthetic(num_samples: int = 10000, *, num_users: int = 200, num_item
   conv_if_clicked = rng.random(num_samples) < p_cvr
   conversion = click & conv_if_clicked
   spec = FeatureSpec(
-      categorical=(Categorical("user", num_users, embed_dim), Categorical("item", num_items, embed_dim),
-                   Categorical("position", num_positions, embed_dim)),
-      dense=(Dense("dense", dense_dim),))
+    categorical=(
+      Categorical("user", num_users, embed_dim),
+      Categorical("item", num_items, embed_dim),
+      Categorical("position", num_positions, embed_dim),
+    ),
+    dense=(Dense("dense", dense_dim),),
+  )
   return MultiTaskDataset(
-      features={"user": user.astype(np.int32), "item": item.astype(np.int32), "position": pos.astype(np.int32),
-                "dense": dense.astype(np.float32)},
-      labels=np.stack([click, conversion]).astype(np.float32),
-      masks=np.stack([np.ones_like(click), click]),
-      task_names=("click", "conversion"),
-      spec=spec,
-      extras={"true_ctr": p_ctr.astype(np.float32), "true_cvr": p_cvr.astype(np.float32),
-              "true_ctcvr": (p_ctr * p_cvr).astype(np.float32),
-              "conversion_if_clicked": conv_if_clicked.astype(np.float32), "user_id": user.astype(np.int64)},
-      metadata={"name": "funnel_synthetic", "intercepts": (b_click, b_conv), "ctr_rate": ctr_rate,
-                "cvr_rate": cvr_rate, "correlation": rho, "signal": signal, "position_bias": position_bias,
-                "seed": seed})
+    features={
+      "user": user.astype(np.int32),
+      "item": item.astype(np.int32),
+      "position": pos.astype(np.int32),
+      "dense": dense.astype(np.float32),
+    },
+    labels=np.stack([click, conversion]).astype(np.float32),
+    masks=np.stack([np.ones_like(click), click]),
+    task_names=("click", "conversion"),
+    spec=spec,
+    extras={
+      "true_ctr": p_ctr.astype(np.float32),
+      "true_cvr": p_cvr.astype(np.float32),
+      "true_ctcvr": (p_ctr * p_cvr).astype(np.float32),
+      "conversion_if_clicked": conv_if_clicked.astype(np.float32),
+      "user_id": user.astype(np.int64),
+    },
+    metadata={
+      "name": "funnel_synthetic",
+      "intercepts": (b_click, b_conv),
+      "ctr_rate": ctr_rate,
+      "cvr_rate": cvr_rate,
+      "correlation": rho,
+      "signal": signal,
+      "position_bias": position_bias,
+      "seed": seed,
+    },
+  )
 
 
 def _default_cosines(num_tasks: int) -> np.ndarray:
@@ -237,12 +298,23 @@ def _default_cosines(num_tasks: int) -> np.ndarray:
   return c
 
 
-def conflicting_tasks(num_samples: int = 4000, num_tasks: int = 3, *,
-                      task_cosines: Union[None, float, Sequence[Sequence[float]], np.ndarray] = None,
-                      vocab_sizes: Sequence[int] = (20, 50, 100), dense_dim: int = 8, latent_dim: int = 4,
-                      nonlinearity: float = 0.5, num_sines: int = 5, signal: float = 3.0, seed: int = 0,
-                      embed_dim: int = 8, task_types: Optional[Sequence[str]] = None,
-                      regression_scale: float = 10.0, regression_noise: float = 0.5) -> MultiTaskDataset:
+def conflicting_tasks(
+  num_samples: int = 4000,
+  num_tasks: int = 3,
+  *,
+  task_cosines: Union[None, float, Sequence[Sequence[float]], np.ndarray] = None,
+  vocab_sizes: Sequence[int] = (20, 50, 100),
+  dense_dim: int = 8,
+  latent_dim: int = 4,
+  nonlinearity: float = 0.5,
+  num_sines: int = 5,
+  signal: float = 3.0,
+  seed: int = 0,
+  embed_dim: int = 8,
+  task_types: Optional[Sequence[str]] = None,
+  regression_scale: float = 10.0,
+  regression_noise: float = 0.5,
+) -> MultiTaskDataset:
   r"""``T`` tasks on shared categorical + dense inputs, with controlled (partly conflicting) task directions.
 
   Each categorical value has a fixed latent vector (``latent_dim`` entries ~ N(0, 1)); a sample's
@@ -318,7 +390,9 @@ def conflicting_tasks(num_samples: int = 4000, num_tasks: int = 3, *,
     Multi-task Learning with Multi-gate Mixture-of-Experts*, KDD 2018 (the sine construction).
   """
   if num_tasks < 1 or num_samples < 1:
-    raise ValueError(f"mtjax: conflicting_tasks needs num_tasks >= 1 and num_samples >= 1, got {num_tasks}, {num_samples}.")
+    raise ValueError(
+      f"mtjax: conflicting_tasks needs num_tasks >= 1 and num_samples >= 1, got {num_tasks}, {num_samples}."
+    )
   if task_cosines is None:
     cos = _default_cosines(num_tasks)
   elif np.ndim(task_cosines) == 0:
@@ -326,23 +400,34 @@ def conflicting_tasks(num_samples: int = 4000, num_tasks: int = 3, *,
     np.fill_diagonal(cos, 1.0)
   else:
     cos = np.asarray(task_cosines, np.float64)
-  if (cos.shape != (num_tasks, num_tasks) or not np.allclose(cos, cos.T) or not np.allclose(np.diag(cos), 1.0)
-      or np.linalg.eigvalsh(cos).min() < -1e-9):
-    raise ValueError(f"mtjax: task_cosines must be a symmetric [T, T] = [{num_tasks}, {num_tasks}] matrix with unit "
-                     "diagonal that is positive semi-definite (a scalar must lie in [-1/(T-1), 1]); got "
-                     f"{np.asarray(task_cosines).tolist()}.")
+  if (
+    cos.shape != (num_tasks, num_tasks)
+    or not np.allclose(cos, cos.T)
+    or not np.allclose(np.diag(cos), 1.0)
+    or np.linalg.eigvalsh(cos).min() < -1e-9
+  ):
+    raise ValueError(
+      f"mtjax: task_cosines must be a symmetric [T, T] = [{num_tasks}, {num_tasks}] matrix with unit "
+      "diagonal that is positive semi-definite (a scalar must lie in [-1/(T-1), 1]); got "
+      f"{np.asarray(task_cosines).tolist()}."
+    )
   types = ("binary",) * num_tasks if task_types is None else tuple(task_types)
   if len(types) != num_tasks or any(t not in ("binary", "regression") for t in types):
-    raise ValueError(f"mtjax: conflicting_tasks: task_types must be {num_tasks} of 'binary' / 'regression', "
-                     f"got {task_types!r}.")
+    raise ValueError(
+      f"mtjax: conflicting_tasks: task_types must be {num_tasks} of 'binary' / 'regression', got {task_types!r}."
+    )
   if not regression_scale > 0 or not regression_noise >= 0:
-    raise ValueError(f"mtjax: conflicting_tasks needs regression_scale > 0 and regression_noise >= 0, got "
-                     f"{regression_scale}, {regression_noise}.")
+    raise ValueError(
+      f"mtjax: conflicting_tasks needs regression_scale > 0 and regression_noise >= 0, got "
+      f"{regression_scale}, {regression_noise}."
+    )
   vocab_sizes = tuple(int(v) for v in vocab_sizes)
   dim = len(vocab_sizes) * latent_dim + dense_dim
   if dim < num_tasks or min(vocab_sizes, default=1) < 1:
-    raise ValueError(f"mtjax: conflicting_tasks needs len(vocab_sizes) * latent_dim + dense_dim >= num_tasks "
-                     f"(got {dim} < {num_tasks}) and vocab sizes >= 1.")
+    raise ValueError(
+      f"mtjax: conflicting_tasks needs len(vocab_sizes) * latent_dim + dense_dim >= num_tasks "
+      f"(got {dim} < {num_tasks}) and vocab sizes >= 1."
+    )
 
   rng = np.random.default_rng(seed)
   evals, evecs = np.linalg.eigh(cos)
@@ -366,17 +451,30 @@ def conflicting_tasks(num_samples: int = 4000, num_tasks: int = 3, *,
     labels = np.where(regression[:, None], noisy, labels)
 
   names = tuple(f"cat_{f}" for f in range(len(vocab_sizes)))
-  feats = {n: i.astype(np.int32) for n, i in zip(names, ids)}
+  feats: dict[str, np.ndarray] = {n: i.astype(np.int32) for n, i in zip(names, ids)}
   feats["dense"] = dense.astype(np.float32)
-  spec = FeatureSpec(categorical=tuple(Categorical(n, v, embed_dim) for n, v in zip(names, vocab_sizes)),
-                     dense=(Dense("dense", dense_dim),))
+  spec = FeatureSpec(
+    categorical=tuple(Categorical(n, v, embed_dim) for n, v in zip(names, vocab_sizes)),
+    dense=(Dense("dense", dense_dim),),
+  )
   return MultiTaskDataset(
-      features=feats,
-      labels=labels.astype(np.float32),
-      task_names=tuple(f"task_{t}" for t in range(num_tasks)),
-      spec=spec,
-      task_types=types,
-      extras={"true_probability": prob.T.astype(np.float32), "true_mean": true_mean.T.astype(np.float32)},
-      metadata={"name": "conflicting_tasks", "w": w, "task_cosines": cos, "alpha": alpha, "beta": beta,
-                "tables": tables, "nonlinearity": nonlinearity, "signal": signal, "seed": seed,
-                "regression_scale": regression_scale, "regression_noise": regression_noise})
+    features=feats,
+    labels=labels.astype(np.float32),
+    task_names=tuple(f"task_{t}" for t in range(num_tasks)),
+    spec=spec,
+    task_types=types,
+    extras={"true_probability": prob.T.astype(np.float32), "true_mean": true_mean.T.astype(np.float32)},
+    metadata={
+      "name": "conflicting_tasks",
+      "w": w,
+      "task_cosines": cos,
+      "alpha": alpha,
+      "beta": beta,
+      "tables": tables,
+      "nonlinearity": nonlinearity,
+      "signal": signal,
+      "seed": seed,
+      "regression_scale": regression_scale,
+      "regression_noise": regression_noise,
+    },
+  )

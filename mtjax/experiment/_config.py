@@ -39,6 +39,7 @@ An experiment file has four tables and two top-level keys::
     checkpoint_every = 0          # 0: no checkpoints
     keep_checkpoints = 2          # the newest checkpoints kept (mtjax run --from-step N goes back to one)
     tensorboard = false           # true: TensorBoard event files in <out>/tensorboard (mtjax[tensorboard] extra)
+    precision = "fp32"            # "bf16": bfloat16 forward/backward, float32 params, method state and losses
 
 Every error (unknown table, key, model, method, optimizer or dataset; wrong type; impossible
 value) is one ``ConfigError`` line raised before any training starts.
@@ -77,6 +78,7 @@ class TrainConfig:
   similarity: str = "model"  # task-gradient cosines logged over the shared parameters: "model" or per "layer"
   keep_checkpoints: int = 2  # the newest checkpoints kept (raise it to go further back with --from-step)
   tensorboard: bool = False  # also write TensorBoard event files into <out_dir>/tensorboard (needs tensorboardX)
+  precision: str = "fp32"  # "bf16": bfloat16 compute, float32 master params / method state / losses (issue #14)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +93,19 @@ class ExperimentConfig:
   name: str = "experiment"
   seeds: tuple = (0,)
 
-  def replace(self, **kw) -> "ExperimentConfig":
+  def replace(self, **kw) -> ExperimentConfig:
     return dataclasses.replace(self, **kw)
 
   def to_dict(self) -> dict:
-    return {"name": self.name, "seeds": list(self.seeds), "data": dict(self.data), "model": dict(self.model),
-            "method": dict(self.method), "optimizer": dict(self.optimizer),
-            "train": dataclasses.asdict(self.train)}
+    return {
+      "name": self.name,
+      "seeds": list(self.seeds),
+      "data": dict(self.data),
+      "model": dict(self.model),
+      "method": dict(self.method),
+      "optimizer": dict(self.optimizer),
+      "train": dataclasses.asdict(self.train),
+    }
 
 
 _TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
@@ -126,6 +134,7 @@ def _train_config(raw: Mapping[str, Any]) -> TrainConfig:
       raise ConfigError(f"train.{k} must be >= 0, got {getattr(cfg, k)}")
   from mtjax._src.task_grads import REP_GRAMS
   from mtjax._src.task_grads import STRATEGIES
+
   strategies = STRATEGIES + ("subset",)
   if cfg.strategy not in strategies:
     raise ConfigError(f"train.strategy must be one of {strategies}, got {cfg.strategy!r}")
@@ -133,16 +142,26 @@ def _train_config(raw: Mapping[str, Any]) -> TrainConfig:
     raise ConfigError(f"train.chunk_size must be >= 0 (0: all task rows at once), got {cfg.chunk_size}")
   if cfg.similarity not in ("model", "layer"):
     raise ConfigError(f"train.similarity must be 'model' or 'layer', got {cfg.similarity!r}")
+  from mtjax.training._precision import NAMES as PRECISIONS
+
+  if cfg.precision.lower() not in PRECISIONS:
+    raise ConfigError(
+      f"train.precision must be 'fp32' (float32, default) or 'bf16' (bfloat16 compute, float32 "
+      f"parameters; also 'float32' / 'bfloat16'), got {cfg.precision!r}"
+    )
   if cfg.rep_gram not in REP_GRAMS:
     raise ConfigError(f"train.rep_gram must be one of {REP_GRAMS}, got {cfg.rep_gram!r}")
   if cfg.tensorboard and _missing("tensorboardX"):
-    raise ConfigError("train.tensorboard = true needs tensorboardX, which is not installed: pip install "
-                      "'mtjax[tensorboard]' (or set tensorboard = false)")
+    raise ConfigError(
+      "train.tensorboard = true needs tensorboardX, which is not installed: pip install "
+      "'mtjax[tensorboard]' (or set tensorboard = false)"
+    )
   return cfg
 
 
 def _missing(module: str) -> bool:
   import importlib.util  # pylint: disable=import-outside-toplevel
+
   try:
     return importlib.util.find_spec(module) is None
   except (ImportError, ValueError):
@@ -162,11 +181,17 @@ def _check_amortize(method: Mapping[str, Any]) -> None:
 
 def _check_shared(method: Mapping[str, Any]) -> None:
   shared = method.get("shared", "model")
-  ok = shared in ("model", "all") or (isinstance(shared, Mapping) and shared and set(shared) <= {"include", "exclude"}
-                                      and all(isinstance(v, (str, list)) for v in shared.values()))
+  ok = shared in ("model", "all") or (
+    isinstance(shared, Mapping)
+    and shared
+    and set(shared) <= {"include", "exclude"}
+    and all(isinstance(v, (str, list)) for v in shared.values())
+  )
   if not ok:
-    raise ConfigError("method.shared must be \"model\" (the parameters the model declares shared), \"all\", or a "
-                      f"table {{include = [...], exclude = [...]}} of parameter-path patterns; got {shared!r}")
+    raise ConfigError(
+      "method.shared must be \"model\" (the parameters the model declares shared), \"all\", or a "
+      f"table {{include = [...], exclude = [...]}} of parameter-path patterns; got {shared!r}"
+    )
 
 
 def _named_table(raw: Mapping[str, Any], table: str, known: Mapping[str, Any]) -> dict:
@@ -180,11 +205,29 @@ def _named_table(raw: Mapping[str, Any], table: str, known: Mapping[str, Any]) -
   return dict(raw)
 
 
-_KIND_WORDS = (("bool", "bool"), ("int", "int"), ("float", "float"), ("str", "str"), ("PathLike", "str"),
-               ("Sequence", "list"), ("Tuple", "list"), ("tuple", "list"), ("List", "list"), ("list", "list"),
-               ("Mapping", "table"), ("Dict", "table"), ("dict", "table"))
-_KIND_NAMES = {"bool": "a boolean (true/false)", "int": "an integer", "float": "a number", "str": "a string",
-               "list": "a list", "table": "a table"}
+_KIND_WORDS = (
+  ("bool", "bool"),
+  ("int", "int"),
+  ("float", "float"),
+  ("str", "str"),
+  ("PathLike", "str"),
+  ("Sequence", "list"),
+  ("Tuple", "list"),
+  ("tuple", "list"),
+  ("List", "list"),
+  ("list", "list"),
+  ("Mapping", "table"),
+  ("Dict", "table"),
+  ("dict", "table"),
+)
+_KIND_NAMES = {
+  "bool": "a boolean (true/false)",
+  "int": "an integer",
+  "float": "a number",
+  "str": "a string",
+  "list": "a list",
+  "table": "a table",
+}
 
 
 def _value_kind(value: Any) -> str:
@@ -203,8 +246,11 @@ def _value_kind(value: Any) -> str:
 
 def _expected_kinds(annotation: Any, default: Any) -> set | None:
   """The TOML value kinds an argument accepts, from its annotation and default; None: unknown (not checked)."""
-  text = annotation if isinstance(annotation, str) else (annotation.__name__ if isinstance(annotation, type)
-                                                         else repr(annotation))
+  text = (
+    annotation
+    if isinstance(annotation, str)
+    else (annotation.__name__ if isinstance(annotation, type) else repr(annotation))
+  )
   if annotation is inspect.Parameter.empty:
     text = ""
   while True:  # Sequence[int] is a list, not an int: drop the element types of containers
@@ -221,7 +267,7 @@ def _expected_kinds(annotation: Any, default: Any) -> set | None:
       depth += {"[": 1, "]": -1}.get(text[j], 0)
       if depth == 0:
         break
-    text = text[:i] + text[j + 1:]
+    text = text[:i] + text[j + 1 :]
   text = re.sub(r"\bCallable\b", "", text)
   kinds = {kind for word, kind in _KIND_WORDS if re.search(rf"\b{word}\b", text)}
   if re.search(r"\b(ArrayLike|Array|ndarray)\b", text):
@@ -242,12 +288,13 @@ def check_kwargs(where: str, fn, kwargs: Mapping[str, Any], *, reserved=()) -> N
     fields = {f.name: f for f in dataclasses.fields(fn) if f.init}
     names = set(fields)
     var_kw = False
-    spec = {n: (f.type, f.default if f.default is not dataclasses.MISSING else inspect.Parameter.empty)
-            for n, f in fields.items()}
+    spec = {
+      n: (f.type, f.default if f.default is not dataclasses.MISSING else inspect.Parameter.empty)
+      for n, f in fields.items()
+    }
   else:
     sig = inspect.signature(fn)
-    names = {p.name for p in sig.parameters.values()
-             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    names = {p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     var_kw = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
     spec = {p.name: (p.annotation, p.default) for p in sig.parameters.values()}
   for k, v in kwargs.items():
@@ -275,37 +322,47 @@ def from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
   data = _named_table(raw["data"], "data", reg.DATASETS)
   model = _named_table(raw["model"], "model", reg.model_names())
   method = _named_table(raw["method"], "method", reg.METHODS)
-  optimizer = _named_table(raw.get("optimizer", {"name": "adam", "learning_rate": 1e-3}), "optimizer",
-                           reg.OPTIMIZERS)
-  check_kwargs("data", reg.DATASETS[data["name"]], {k: v for k, v in data.items() if k != "name"},
-               reserved=reg.DATA_RESERVED)
-  check_kwargs("model", reg.model_class(model["name"]), {k: v for k, v in model.items() if k != "name"},
-               reserved=reg.MODEL_RESERVED)
-  check_kwargs("method", reg.METHODS[method["name"]],
-               {k: v for k, v in method.items() if k not in ("name", "shared") and k not in AMORTIZE_KEYS},
-               reserved=reg.METHOD_RESERVED)
+  optimizer = _named_table(raw.get("optimizer", {"name": "adam", "learning_rate": 1e-3}), "optimizer", reg.OPTIMIZERS)
+  check_kwargs(
+    "data", reg.DATASETS[data["name"]], {k: v for k, v in data.items() if k != "name"}, reserved=reg.DATA_RESERVED
+  )
+  check_kwargs(
+    "model",
+    reg.model_class(model["name"]),
+    {k: v for k, v in model.items() if k != "name"},
+    reserved=reg.MODEL_RESERVED,
+  )
+  check_kwargs(
+    "method",
+    reg.METHODS[method["name"]],
+    {k: v for k, v in method.items() if k not in ("name", "shared") and k not in AMORTIZE_KEYS},
+    reserved=reg.METHOD_RESERVED,
+  )
   _check_amortize(method)
   _check_shared(method)
-  check_kwargs("optimizer", reg.OPTIMIZERS[optimizer["name"]],
-               {k: v for k, v in optimizer.items() if k != "name"})
+  check_kwargs("optimizer", reg.OPTIMIZERS[optimizer["name"]], {k: v for k, v in optimizer.items() if k != "name"})
   lr = optimizer.get("learning_rate")
   if lr is not None and (not isinstance(lr, (int, float)) or lr <= 0):
     raise ConfigError(f"optimizer.learning_rate must be a positive number, got {lr!r}")
   train = _train_config(raw.get("train", {}))
   seeds = raw.get("seeds", [train.seed])
-  if not isinstance(seeds, (list, tuple)) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                                  for s in seeds):
+  if (
+    not isinstance(seeds, (list, tuple))
+    or not seeds
+    or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+  ):
     raise ConfigError(f"seeds must be a non-empty list of ints, got {seeds!r}")
   name = raw.get("name", f"{model['name']}-{method['name']}")
   if not isinstance(name, str) or not name or os.sep in name:
     raise ConfigError(f"name must be a non-empty string without '{os.sep}', got {name!r}")
-  cfg = ExperimentConfig(data=data, model=model, method=method, optimizer=optimizer, train=train,
-                         name=name, seeds=tuple(seeds))
+  cfg = ExperimentConfig(
+    data=data, model=model, method=method, optimizer=optimizer, train=train, name=name, seeds=tuple(seeds)
+  )
   micro_batches(cfg)  # a micro-batch method's num_batches against the strategy, amortization and batch size
   return cfg
 
 
-def micro_batches(cfg: "ExperimentConfig") -> int:
+def micro_batches(cfg: ExperimentConfig) -> int:
   """How many independent micro-batches a step of the config's method takes: ``method.num_batches``
   (or its default) for MoDo and SDMGrad, whose factories have that argument; 1 for every other method."""
   from mtjax.experiment import _registry as reg  # pylint: disable=import-outside-toplevel
@@ -317,15 +374,21 @@ def micro_batches(cfg: "ExperimentConfig") -> int:
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ConfigError(f"method {cfg.method['name']!r}: num_batches must be a positive int, got {value!r}")
   if value > 1 and (int(cfg.method.get("every", 1)) > 1 or cfg.method.get("ema") is not None):
-    raise ConfigError(f"method {cfg.method['name']!r} with num_batches={value} takes micro-batch gradients "
-                    "[M, T, ...] every step; it cannot be amortized (method.every / method.ema)")
+    raise ConfigError(
+      f"method {cfg.method['name']!r} with num_batches={value} takes micro-batch gradients "
+      "[M, T, ...] every step; it cannot be amortized (method.every / method.ema)"
+    )
   if value > 1 and cfg.train.strategy in ("rep", "shared", "subset"):
-    raise ConfigError(f"method {cfg.method['name']!r} with num_batches={value} needs the per-task rows of "
-                    f"every micro-batch; train.strategy={cfg.train.strategy!r} gives a lazy Jacobian. "
-                    "Use strategy 'auto', 'loop', 'map' or 'vmap'")
+    raise ConfigError(
+      f"method {cfg.method['name']!r} with num_batches={value} needs the per-task rows of "
+      f"every micro-batch; train.strategy={cfg.train.strategy!r} gives a lazy Jacobian. "
+      "Use strategy 'auto', 'loop', 'map' or 'vmap'"
+    )
   if value > cfg.train.batch_size:
-    raise ConfigError(f"method {cfg.method['name']!r}: num_batches={value} micro-batches need "
-                    f"train.batch_size >= {value}, got {cfg.train.batch_size}")
+    raise ConfigError(
+      f"method {cfg.method['name']!r}: num_batches={value} micro-batches need "
+      f"train.batch_size >= {value}, got {cfg.train.batch_size}"
+    )
   return value
 
 
@@ -346,8 +409,10 @@ def resolve_data_paths(raw: Mapping[str, Any], base_dir: str) -> dict:
       return os.path.normpath(os.path.join(base_dir, value))
     return os.path.expanduser(value) if isinstance(value, str) else value
 
-  raw["data"] = {k: ([fix(v) for v in value] if isinstance(value, list) else fix(value)) if _is_path_key(k) else value
-                 for k, value in data.items()}
+  raw["data"] = {
+    k: ([fix(v) for v in value] if isinstance(value, list) else fix(value)) if _is_path_key(k) else value
+    for k, value in data.items()
+  }
   return raw
 
 
@@ -398,4 +463,3 @@ def parse_method(spec: str) -> dict:
   if options:
     method["label"] = spec.strip()
   return method
-

@@ -8,8 +8,7 @@ import json
 import os
 import re
 import warnings
-import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import optax
@@ -35,6 +34,7 @@ class RunResult:
   history: list
   out_dir: Optional[str]
   partition: Optional[dict] = None  # shared / task-specific layers and parameter counts (see partition())
+  evals: list = dataclasses.field(default_factory=list)  # validation metrics [{"step", "eval"}], every eval_every + end
 
 
 def load_data(cfg: _config.ExperimentConfig):
@@ -80,9 +80,12 @@ def check_splits(name: str, splits) -> None:
       y = ds.labels[t] if ds.masks is None else ds.labels[t][ds.masks[t]]
       pos = int(np.sum(y > 0.5))
       if pos == 0 or pos == len(y):
-        warnings.warn(f"mtjax: data {name!r}: task {task!r} has {'no positive' if pos == 0 else 'no negative'} "
-                      f"label among the {len(y)} labelled samples of the {label} split; its AUC there is "
-                      "undefined (reported as n/a and left out of the averages).", stacklevel=3)
+        warnings.warn(
+          f"mtjax: data {name!r}: task {task!r} has {'no positive' if pos == 0 else 'no negative'} "
+          f"label among the {len(y)} labelled samples of the {label} split; its AUC there is "
+          "undefined (reported as n/a and left out of the averages).",
+          stacklevel=3,
+        )
 
 
 def build_model(cfg: _config.ExperimentConfig, train):
@@ -117,8 +120,9 @@ def needs_meta_loss(cfg: _config.ExperimentConfig) -> bool:
   return "meta_loss_fn" in inspect.signature(reg.METHODS[cfg.method["name"]]).parameters
 
 
-def build_tx(cfg: _config.ExperimentConfig, *, num_tasks: int, seed: int, steps_per_epoch: int, shared=None,
-             meta_loss_fn=None):
+def build_tx(
+  cfg: _config.ExperimentConfig, *, num_tasks: int, seed: int, steps_per_epoch: int, shared=None, meta_loss_fn=None
+):
   """The optax chain ``method -> optimizer`` of a config; ``shared`` is the mask from :func:`partition`.
 
   A method with a meta loss (``mtjax.auto_lambda``) gets ``meta_loss_fn`` (:func:`run` passes the
@@ -126,13 +130,14 @@ def build_tx(cfg: _config.ExperimentConfig, *, num_tasks: int, seed: int, steps_
   ``virtual_lr`` = the optimizer's learning rate."""
   name = cfg.method["name"]
   factory = reg.METHODS[name]
-  kwargs = {k: v for k, v in cfg.method.items()
-            if k not in ("name", "shared") and k not in _config.AMORTIZE_KEYS}
+  kwargs = {k: v for k, v in cfg.method.items() if k not in ("name", "shared") and k not in _config.AMORTIZE_KEYS}
   params = inspect.signature(factory).parameters
   if "meta_loss_fn" in params:
     if meta_loss_fn is None:
-      raise _config.ConfigError(f"method {name!r} needs the model's loss on a validation batch: "
-                                "build_tx(..., meta_loss_fn=mtjax.training.validation_loss_fn(model, ...))")
+      raise _config.ConfigError(
+        f"method {name!r} needs the model's loss on a validation batch: "
+        "build_tx(..., meta_loss_fn=mtjax.training.validation_loss_fn(model, ...))"
+      )
     kwargs["meta_loss_fn"] = meta_loss_fn
     if "virtual_lr" in params and "virtual_lr" not in kwargs:
       kwargs["virtual_lr"] = float(cfg.optimizer.get("learning_rate", 1e-3))
@@ -150,6 +155,7 @@ def build_tx(cfg: _config.ExperimentConfig, *, num_tasks: int, seed: int, steps_
     method = factory(**kwargs)
     if amortized_every(cfg) > 1 or cfg.method.get("ema") is not None:
       from mtjax.transforms import amortized
+
       method = amortized(method, every=amortized_every(cfg), ema=cfg.method.get("ema"))
   except (TypeError, ValueError) as e:
     raise _config.ConfigError(f"method {name!r}: {e}") from None
@@ -179,14 +185,23 @@ def track_similarity(cfg: _config.ExperimentConfig) -> bool:
   return cfg.train.track_similarity and amortized_every(cfg) == 1 and cfg.train.strategy != "subset"
 
 
-def run(cfg: _config.ExperimentConfig, *, seed: Optional[int] = None, out_dir: Optional[str] = None,
-        progress: bool = True, data=None, plots: bool = True, from_step: Optional[int] = None) -> RunResult:
+def run(
+  cfg: _config.ExperimentConfig,
+  *,
+  seed: Optional[int] = None,
+  out_dir: Optional[str] = None,
+  progress: bool = True,
+  data=None,
+  plots: bool = True,
+  from_step: Optional[int] = None,
+) -> RunResult:
   """Trains one configuration and evaluates it on the test split; writes results to ``out_dir``."""
   seed = cfg.train.seed if seed is None else seed
   train, valid, test = data if data is not None else load_data(cfg)
   if cfg.train.batch_size > len(train):
-    raise _config.ConfigError(f"train.batch_size {cfg.train.batch_size} is larger than the training split "
-                              f"({len(train)} samples)")
+    raise _config.ConfigError(
+      f"train.batch_size {cfg.train.batch_size} is larger than the training split ({len(train)} samples)"
+    )
   model = build_model(cfg, train)
   shared = partition(cfg, model)
   parts = _config.micro_batches(cfg)  # MoDo / SDMGrad: independent micro-batches per step
@@ -194,44 +209,107 @@ def run(cfg: _config.ExperimentConfig, *, seed: Optional[int] = None, out_dir: O
   meta = None
   if needs_meta_loss(cfg):  # Auto-Lambda: the model's losses on a second, reshuffled pass over the training set
     from mtjax.training._train import default_task_losses  # pylint: disable=import-outside-toplevel
+
     specs = task_losses if task_losses is not None or multi is not None else default_task_losses(train.task_types)
-    meta = training.validation_loss_fn(model, specs, multi_task_loss=multi, masked=train.masks is not None)
+    meta = training.validation_loss_fn(
+      model, specs, multi_task_loss=multi, masked=train.masks is not None, precision=cfg.train.precision
+    )
   # strategy "rep": the marked representation is the split (trunk below, heads above), so the method gets no mask
-  tx = build_tx(cfg, num_tasks=train.num_tasks, seed=seed, steps_per_epoch=max(1, len(train) // cfg.train.batch_size),
-                shared=None if cfg.train.strategy == "rep" else shared, meta_loss_fn=meta)
+  tx = build_tx(
+    cfg,
+    num_tasks=train.num_tasks,
+    seed=seed,
+    steps_per_epoch=max(1, len(train) // cfg.train.batch_size),
+    shared=None if cfg.train.strategy == "rep" else shared,
+    meta_loss_fn=meta,
+  )
   writers = []
   if cfg.train.tensorboard:
     if out_dir:
       writers.append(training.TensorBoardWriter(os.path.join(out_dir, "tensorboard")))
     else:
-      warnings.warn("mtjax: train.tensorboard = true writes into the run's output folder, and this run has none "
-                    "(out_dir=None): no TensorBoard event files are written.", stacklevel=2)
-  res = training.fit(model, tx, train, steps=cfg.train.steps, batch_size=cfg.train.batch_size, seed=seed,
-                     strategy=cfg.train.strategy, task_losses=task_losses, multi_task_loss=multi, eval_ds=valid,
-                     eval_every=cfg.train.eval_every, eval_batch_size=cfg.train.eval_batch_size,
-                     log_every=cfg.train.log_every, out_dir=out_dir, checkpoint_every=cfg.train.checkpoint_every,
-                     progress=progress, track_similarity=track_similarity(cfg), config=cfg.to_dict(),
-                     desc=f"{cfg.method['name']} s{seed}", sparse=cfg.train.sparse,
-                     chunk_size=cfg.train.chunk_size or None, rep_gram=cfg.train.rep_gram, from_step=from_step,
-                     shared=shared, similarity_granularity=cfg.train.similarity,
-                     keep_checkpoints=cfg.train.keep_checkpoints, validation_ds=train if meta is not None else None,
-                     micro_batches=parts, writers=writers)
-  test_metrics = training.evaluate(model, res.state, test, batch_size=cfg.train.eval_batch_size)
+      warnings.warn(
+        "mtjax: train.tensorboard = true writes into the run's output folder, and this run has none "
+        "(out_dir=None): no TensorBoard event files are written.",
+        stacklevel=2,
+      )
+  res = training.fit(
+    model,
+    tx,
+    train,
+    steps=cfg.train.steps,
+    batch_size=cfg.train.batch_size,
+    seed=seed,
+    strategy=cfg.train.strategy,
+    task_losses=task_losses,
+    multi_task_loss=multi,
+    eval_ds=valid,
+    eval_every=cfg.train.eval_every,
+    eval_batch_size=cfg.train.eval_batch_size,
+    log_every=cfg.train.log_every,
+    out_dir=out_dir,
+    checkpoint_every=cfg.train.checkpoint_every,
+    progress=progress,
+    track_similarity=track_similarity(cfg),
+    config=cfg.to_dict(),
+    desc=f"{cfg.method['name']} s{seed}",
+    sparse=cfg.train.sparse,
+    chunk_size=cfg.train.chunk_size or None,
+    rep_gram=cfg.train.rep_gram,
+    from_step=from_step,
+    shared=shared,
+    similarity_granularity=cfg.train.similarity,
+    keep_checkpoints=cfg.train.keep_checkpoints,
+    validation_ds=train if meta is not None else None,
+    micro_batches=parts,
+    writers=writers,
+    precision=cfg.train.precision,
+  )
+  test_metrics = training.evaluate(
+    model, res.state, test, batch_size=cfg.train.eval_batch_size, precision=cfg.train.precision
+  )
   history = res.history
+  evals = [{"step": int(s), "eval": ev} for s, ev in res.evals]
   if out_dir:  # after a resume the log file holds the whole run, the in-memory history only its end
     with open(os.path.join(out_dir, "log.jsonl")) as f:
-      history = [r for r in map(json.loads, f) if "losses" in r]
+      records = list(map(json.loads, f))
+    history = [r for r in records if "losses" in r]
+    evals = [r for r in records if "eval" in r]
   from mtjax._src import partition as partition_lib
+
   split = partition_lib.describe(shared, res.state.params)
-  result = RunResult(config=cfg.to_dict(), seed=seed, method=cfg.method["name"], test=test_metrics,
-                     valid=res.final_eval, ms_per_step=res.ms_per_step, history=history, out_dir=out_dir,
-                     partition=split)
+  result = RunResult(
+    config=cfg.to_dict(),
+    seed=seed,
+    method=cfg.method["name"],
+    test=test_metrics,
+    valid=res.final_eval,
+    ms_per_step=res.ms_per_step,
+    history=history,
+    out_dir=out_dir,
+    partition=split,
+    evals=evals,
+  )
   if out_dir:
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-      json.dump({"config": result.config, "seed": seed, "test": test_metrics, "valid": res.final_eval,
-                 "ms_per_step": res.ms_per_step, "partition": split}, f, indent=1, default=float)
+      json.dump(
+        {
+          "config": result.config,
+          "seed": seed,
+          "test": test_metrics,
+          "valid": res.final_eval,
+          "ms_per_step": res.ms_per_step,
+          "partition": split,
+          "precision": training.Precision.from_name(cfg.train.precision).name,
+        },
+        f,
+        indent=1,
+        default=float,
+      )
     if plots:
-      plot_learning_curves({cfg.method["name"]: [result]}, train.task_names, os.path.join(out_dir, "learning_curves.png"))
+      plot_learning_curves(
+        {cfg.method["name"]: [result]}, train.task_names, os.path.join(out_dir, "learning_curves.png")
+      )
       if any("cosine" in r for r in history):
         plot_similarity(history, train.task_names, os.path.join(out_dir, "similarity.png"))
   return result
@@ -242,8 +320,16 @@ def _primary(task_type: str) -> tuple[str, bool]:
   return ("auc", False) if task_type == "binary" else ("mse", True)
 
 
-def compare(cfg: _config.ExperimentConfig, methods: Sequence[dict], *, seeds: Sequence[int],
-            out_dir: Optional[str] = None, progress: bool = True, baseline: str = "linear", echo=print) -> dict:
+def compare(
+  cfg: _config.ExperimentConfig,
+  methods: Sequence[dict],
+  *,
+  seeds: Sequence[int],
+  out_dir: Optional[str] = None,
+  progress: bool = True,
+  baseline: str = "linear",
+  echo=print,
+) -> dict:
   """Trains ``cfg``'s model with every method (and seed) on the same data; returns and prints a table.
 
   The table has, per method: the test metric of every task (AUC for binary tasks, MSE for
@@ -267,16 +353,21 @@ def compare(cfg: _config.ExperimentConfig, methods: Sequence[dict], *, seeds: Se
   table = summarize(results, names, prim, baseline=baseline)
   split = next(iter(results.values()))[0].partition
   text = format_table(table, names, prim, seeds=len(seeds), baseline=baseline) + "\n\n" + partition_note(split)
+  echo("")  # a blank line before the table: a markdown block of its own
   echo(text)
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
       f.write(text + "\n")
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-      json.dump({"config": cfg.to_dict(), "methods": list(methods), "seeds": list(seeds), "table": table,
-                 "partition": split}, f, indent=1, default=float)
+      json.dump(
+        {"config": cfg.to_dict(), "methods": list(methods), "seeds": list(seeds), "table": table, "partition": split},
+        f,
+        indent=1,
+        default=float,
+      )
     plot_learning_curves(results, names, os.path.join(out_dir, "learning_curves.png"))
-  return {"table": table, "results": results, "text": text}
+  return {"table": table, "results": results, "text": text, "task_names": names, "primary": prim}
 
 
 def partition_note(split: Optional[dict]) -> str:
@@ -287,8 +378,10 @@ def partition_note(split: Optional[dict]) -> str:
   if not split["task_specific_layers"]:
     return f"Task gradients compared on all {total:,} parameters (no task-specific parameters)."
   groups = sorted({re.sub(r"\d+", "*", name) for name in split["task_specific_layers"]})
-  return (f"Task gradients compared on the {split['shared_params']:,} shared of {total:,} parameters; "
-          f"task-specific: {', '.join(groups)}.")
+  return (
+    f"Task gradients compared on the {split['shared_params']:,} shared of {total:,} parameters; "
+    f"task-specific: {', '.join(groups)}."
+  )
 
 
 def macro_metric(prim) -> str:
@@ -317,25 +410,33 @@ def summarize(results: dict, names: Sequence[str], prim, *, baseline: str) -> di
       warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN, said in the table as n/a
       mean, std = np.nanmean(per_task, 0), np.nanstd(per_task, 0)
       macro_value = float(np.nanmean(mean[in_macro])) if np.any(np.isfinite(mean[in_macro])) else float("nan")
-    table[label] = {"mean": mean.tolist(), "std": std.tolist(), "macro": macro_value, "macro_metric": macro,
-                    "ms_per_step": float(np.median([r.ms_per_step for r in runs])), "per_seed": per_task.tolist()}
+    table[label] = {
+      "mean": mean.tolist(),
+      "std": std.tolist(),
+      "macro": macro_value,
+      "macro_metric": macro,
+      "ms_per_step": float(np.median([r.ms_per_step for r in runs])),
+      "per_seed": per_task.tolist(),
+    }
   base_label = baseline if baseline in table else next(iter(table))
   base = np.asarray(table[base_label]["mean"])
   lower = np.array([p[1] for p in prim])
-  for label, row in table.items():
+  for row in table.values():
     mean = np.asarray(row["mean"])
     ok = np.isfinite(mean) & np.isfinite(base) & (base != 0)
     row["delta_m_tasks"] = [n for n, k in zip(names, ok) if k]
-    row["delta_m"] = (float(metrics_lib.delta_m(mean[ok], base[ok], lower_is_better=lower[ok])) if ok.any()
-                      else float("nan"))
+    row["delta_m"] = (
+      float(metrics_lib.delta_m(mean[ok], base[ok], lower_is_better=lower[ok])) if ok.any() else float("nan")
+    )
   table["_baseline"] = base_label
   return table
 
 
 def format_table(table: dict, names, prim, *, seeds: int, baseline: str) -> str:
   metric_names = [f"{n} {p[0].upper()}" for n, p in zip(names, prim)]
-  header = ["method"] + metric_names + [f"macro {macro_metric(prim).upper()}", f"Δm% vs {table['_baseline']}",
-                                        "ms/step"]
+  header = (
+    ["method"] + metric_names + [f"macro {macro_metric(prim).upper()}", f"Δm% vs {table['_baseline']}", "ms/step"]
+  )
   rows = []
   for label, row in table.items():
     if label.startswith("_"):
@@ -343,71 +444,198 @@ def format_table(table: dict, names, prim, *, seeds: int, baseline: str) -> str:
     cells = [label]
     for mu, sd in zip(row["mean"], row["std"]):
       cells.append("n/a" if not np.isfinite(mu) else f"{mu:.4f}" + (f" ± {sd:.4f}" if seeds > 1 else ""))
-    cells += ["n/a" if not np.isfinite(row["macro"]) else f"{row['macro']:.4f}",
-              "n/a" if not np.isfinite(row["delta_m"]) else f"{row['delta_m']:+.2f}", f"{row['ms_per_step']:.2f}"]
+    cells += [
+      "n/a" if not np.isfinite(row["macro"]) else f"{row['macro']:.4f}",
+      "n/a" if not np.isfinite(row["delta_m"]) else f"{row['delta_m']:+.2f}",
+      f"{row['ms_per_step']:.2f}",
+    ]
     rows.append(cells)
   widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
   fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
   lines = [fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows]
+  if any("n/a" in r for r in rows):
+    lines += [
+      "",
+      "n/a: undefined (e.g. an AUC without both classes in the test split in every seed); left out of "
+      "the macro average and Δm%.",
+    ]
   return "\n".join(lines)
 
 
-def plot_similarity(history: Sequence[dict], names: Sequence[str], path: str) -> None:
+def plot_similarity(history: Sequence[dict], names: Sequence[str], path: Optional[str]):
   """Task-gradient cosines over training (shared parameters): one curve per task pair and, when
-  the log has per-layer cosines (``[train] similarity = "layer"``), the mean pairwise cosine per layer."""
-  import matplotlib.pyplot as plt
+  the log has per-layer cosines (``[train] similarity = "layer"``), the mean pairwise cosine per layer.
+  Returns the figure when ``path`` is None (else saves and closes it)."""
+  from mtjax._src import plotting
 
+  plt = plotting.pyplot()
   recs = [r for r in history if "cosine" in r]
   steps = [r["step"] for r in recs]
   cos = np.asarray([r["cosine"] for r in recs])  # [S, T, T]
   layered = [r for r in recs if "cosine_layers" in r]
-  fig, axes = plt.subplots(1, 2 if layered else 1, figsize=(11 if layered else 6, 3.6), squeeze=False)
+  nlayers = len(layered[0]["layers"]) if layered else 0
+  fig, axes = plt.subplots(
+    1,
+    2 if layered else 1,
+    figsize=(11.5 if layered else 5.2, max(3.4, 0.22 * nlayers + 1.4)),
+    squeeze=False,
+    gridspec_kw={"width_ratios": [1, 1.25]} if layered else None,
+  )
   ax = axes[0, 0]
   t = cos.shape[-1]
-  for i in range(t):
-    for j in range(i + 1, t):
-      ax.plot(steps, cos[:, i, j], label=f"{names[i]} / {names[j]}")
+  window = max(1, round(len(steps) / 12))  # moving average over ~8 % of training
+  pairs = [(i, j) for i in range(t) for j in range(i + 1, t)]
+  colours = plotting.task_colors(len(pairs))
+  for (i, j), c in zip(pairs, colours):
+    ax.plot(steps, cos[:, i, j], color=c, lw=0.6, alpha=0.35)
+    ax.plot(steps, plotting.smooth(cos[:, i, j], window), color=c, lw=1.6, label=f"{names[i]} / {names[j]}")
   ax.axhline(0.0, color="gray", lw=0.8, ls="--")
-  ax.set(xlabel="step", ylabel="cosine", title="task-gradient cosine (shared parameters)")
-  ax.legend(fontsize=7, loc="best")
-  if layered:
+  ax.set(xlabel="step", ylabel="cosine")
+  ax.grid(alpha=0.25)
+  ax.set_title("task-gradient cosine per task pair\n(shared parameters; thin: raw, thick: moving average)", fontsize=9)
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.22), ncol=min(3, len(pairs)), frameon=False)
+  if layered:  # one row per shared layer: a heat map reads where 10+ overlapping curves would not
     iu = np.triu_indices(t, k=1)
     per_layer = np.asarray([np.asarray(r["cosine_layers"])[:, iu[0], iu[1]].mean(-1) for r in layered])  # [S, K]
+    per_layer = plotting.smooth(per_layer.T, window)  # [K, S]
+    layer_names = [plotting.short_label(n, 30) for n in layered[0]["layers"]]
+    lsteps = [r["step"] for r in layered]
+    lim = max(0.05, float(np.nanmax(np.abs(per_layer))))
     ax = axes[0, 1]
-    for k, name in enumerate(layered[0]["layers"]):
-      ax.plot([r["step"] for r in layered], per_layer[:, k], label=name)
-    ax.axhline(0.0, color="gray", lw=0.8, ls="--")
-    ax.set(xlabel="step", ylabel="mean pairwise cosine", title="per shared layer")
-    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    im = ax.imshow(
+      per_layer,
+      aspect="auto",
+      cmap="RdBu_r",
+      vmin=-lim,
+      vmax=lim,
+      interpolation="nearest",
+      extent=(lsteps[0], lsteps[-1], len(layer_names) - 0.5, -0.5),
+    )
+    ax.set_yticks(range(len(layer_names)), layer_names, fontsize=max(5.5, 8 - 0.15 * len(layer_names)))
+    ax.set_xlabel("step")
+    ax.set_title("mean pairwise cosine per shared layer (moving average)", fontsize=9)
+    cb = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
+    cb.set_label(f"cosine (colour range ±{lim:.2f})", fontsize=8)
+    cb.ax.tick_params(labelsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110, bbox_inches="tight")
+  if path is None:
+    return fig
+  fig.savefig(path, dpi=130, bbox_inches="tight")
   plt.close(fig)
+  return None
 
 
-def plot_learning_curves(results: dict, names: Sequence[str], path: str) -> None:
-  """Training loss per task (one panel per task), one curve per method (mean over seeds)."""
-  import matplotlib.pyplot as plt  # no backend switch: headless runs get Agg, notebooks keep inline
+def _eval_metric(ev: dict, name: str) -> tuple[str, float]:
+  """The validation metric of a task in an evaluation record: AUC (binary) or MSE (regression)."""
+  m = ev.get(name, {})
+  key = "auc" if "auc" in m else ("mse" if "mse" in m else next(iter(m), ""))
+  return key, float(m.get(key, float("nan")))
 
+
+def plot_learning_curves(
+  results: dict, names: Sequence[str], path: Optional[str] = None, *, ncols: int = 4, colors: Optional[dict] = None
+):
+  """Per task: the training loss (top row, moving average) and the validation metric (AUC for
+  binary tasks, MSE for regression; bottom row) over steps, one colour per method, the mean over
+  seeds as a line and the min--max over seeds as a band; one legend outside the panels.
+
+  ``results`` is ``{label: [RunResult, ...]}`` (what :func:`compare` returns). Validation points
+  are the evaluations of ``train.eval_every`` and the end of training. Returns the figure when
+  ``path`` is None (else saves and closes it).
+  """
+  from mtjax._src import plotting
+
+  plt = plotting.pyplot()
   t = len(names)
-  fig, axes = plt.subplots(1, t, figsize=(4 * t, 3.2), squeeze=False)
+  cols = max(1, min(t, ncols))
+  blocks = int(np.ceil(t / cols))
+  fig, axes = plt.subplots(2 * blocks, cols, figsize=(3.6 * cols, 2.7 * 2 * blocks), squeeze=False)
+  loss_ax = [axes[2 * (k // cols), k % cols] for k in range(t)]
+  val_ax = [axes[2 * (k // cols) + 1, k % cols] for k in range(t)]
+  for k in range(t, blocks * cols):
+    axes[2 * (k // cols), k % cols].set_visible(False)
+    axes[2 * (k // cols) + 1, k % cols].set_visible(False)
+  colors = colors or plotting.method_colors(list(results))
+  styles = plotting.method_styles(list(results))
+  alpha = plotting.band_alpha(len(results))
+  seeds = max((len(runs) for runs in results.values()), default=1)
+  val_keys: dict = {}
+  end_only = False
   for label, runs in results.items():
+    c = colors[label]
     hist = [r.history for r in runs if r.history]
-    if not hist:
-      continue
-    n = min(len(h) for h in hist)
-    steps = [rec["step"] for rec in hist[0][:n]]
-    losses = np.mean([[rec["losses"] for rec in h[:n]] for h in hist], axis=0)  # [n, T]
-    for k in range(t):
-      y = losses[:, k]
-      w = max(1, len(y) // 20)
-      smooth = np.convolve(y, np.ones(w) / w, mode="valid")
-      axes[0, k].plot(steps[w - 1:], smooth, label=label)
+    if hist:
+      n = min(len(h) for h in hist)
+      steps = np.asarray([rec["step"] for rec in hist[0][:n]])
+      losses = np.asarray([[rec["losses"] for rec in h[:n]] for h in hist], np.float64)  # [S, n, T]
+      window = max(1, round(n / 15))
+      for k in range(t):
+        plotting.band(
+          loss_ax[k],
+          steps,
+          plotting.smooth(losses[:, :, k], window),
+          color=c,
+          label=label,
+          ls=styles[label],
+          alpha=alpha,
+        )
+    evals = [getattr(r, "evals", None) or [] for r in runs]
+    evals = [e for e in evals if e]
+    if evals:
+      m = min(len(e) for e in evals)
+      esteps = np.asarray([rec["step"] for rec in evals[0][:m]])
+      end_only = end_only or m == 1
+      for k, name in enumerate(names):
+        vals = []
+        for e in evals:
+          row = [_eval_metric(rec["eval"], name) for rec in e[:m]]
+          val_keys.setdefault(name, row[0][0])
+          vals.append([v for _, v in row])
+        plotting.band(
+          val_ax[k], esteps, vals, color=c, label=label, marker="o" if m <= 12 else None, ls=styles[label], alpha=alpha
+        )
   for k, name in enumerate(names):
-    axes[0, k].set_title(name)
-    axes[0, k].set_xlabel("step")
-    axes[0, k].set_ylabel("train loss")
-  if axes[0, -1].get_legend_handles_labels()[0]:
-    axes[0, -1].legend(fontsize=7)
+    ax = loss_ax[k]
+    ax.set_title(name, fontsize=10)
+    ax.set_ylabel("training loss")
+    ax.set_xlabel("step")
+    lines = ax.get_lines()
+    if lines:  # the first steps' loss can be 10x the rest: scale the axis to the curves after the first 5 %
+      ys = np.concatenate([ln.get_ydata()[len(ln.get_ydata()) // 20 :] for ln in lines])
+      ys = ys[np.isfinite(ys)]
+      if ys.size:
+        lo, hi = float(ys.min()), float(ys.max())
+        pad = 0.08 * (hi - lo or abs(hi) or 1.0)
+        ax.set_ylim(lo - pad, hi + pad)
+    ax = val_ax[k]
+    key = val_keys.get(name)
+    if key:
+      better = "higher" if key == "auc" else "lower"
+      ax.set_ylabel(f"validation {key.upper()} ({better} is better)", fontsize=8.5)
+    else:
+      ax.text(
+        0.5,
+        0.5,
+        "no validation metrics recorded",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        fontsize=8,
+        color="gray",
+      )
+      ax.set_ylabel("validation")
+    ax.set_xlabel("step")
+  for ax in loss_ax + val_ax:
+    ax.grid(alpha=0.25)
+    ax.tick_params(labelsize=8)
+  note = "validation: evaluated only at the end (set train.eval_every for curves)" if end_only else ""
+  title = "training loss (moving average) and validation metric per task"
+  title += f"; line: mean, band: min–max over {seeds} seeds" if seeds > 1 else ""
+  fig.suptitle(title + ("\n" + note if note else ""), fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  plotting.legend_outside(fig, loss_ax, title="method")
+  if path is None:
+    return fig
+  fig.savefig(path, dpi=130, bbox_inches="tight")
   plt.close(fig)
+  return None

@@ -14,3 +14,20 @@ from mtjax.losses._funnel import esm2_log_probs
 from mtjax.losses._funnel import esm2_loss
 from mtjax.losses._funnel import esmm_log_probs
 from mtjax.losses._funnel import esmm_loss
+
+__all__ = (
+  "LossSpec",
+  "aitm_calibrator",
+  "aitm_loss",
+  "bce_with_logits",
+  "esm2_composite_logits",
+  "esm2_log_probs",
+  "esm2_loss",
+  "esmm_log_probs",
+  "esmm_loss",
+  "make_loss_fn",
+  "masked_mean",
+  "mse",
+  "per_task_loss",
+  "ranknet",
+)

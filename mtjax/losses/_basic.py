@@ -77,8 +77,10 @@ def _binary_labels_check(labels: jax.Array, where: str):
     values = np.asarray(values)
     wrong = values[~((values >= 0) & (values <= 1))] if values is not None and values.ndim else values
     shown = np.unique(wrong)[:5].tolist() if wrong is not None else "?"
-    return (f"mtjax: {where}: binary labels must lie in [0, 1] (0/1 or soft labels), got values such as {shown}. "
-            "Map -1/+1 labels to 0/1 with (y + 1) / 2; mask missing labels instead of marking them with -1.")
+    return (
+      f"mtjax: {where}: binary labels must lie in [0, 1] (0/1 or soft labels), got values such as {shown}. "
+      "Map -1/+1 labels to 0/1 with (y + 1) / 2; mask missing labels instead of marking them with -1."
+    )
 
   return numerics.condition_check(jnp.any(bad), message, labels)
 
@@ -154,10 +156,10 @@ def masked_mean(values: jax.Array, mask: Optional[jax.Array] = None, axis=None) 
 
 
 def ranknet(
-    scores: jax.Array,
-    labels: jax.Array,
-    groups: Optional[jax.Array] = None,
-    mask: Optional[jax.Array] = None,
+  scores: jax.Array,
+  labels: jax.Array,
+  groups: Optional[jax.Array] = None,
+  mask: Optional[jax.Array] = None,
 ) -> jax.Array:
   r"""RankNet pairwise logistic loss over the in-batch pairs (optionally within groups).
 
@@ -221,8 +223,8 @@ def ranknet(
 def _check_same_shape(a, b, where: str, a_name: str, b_name: str) -> None:
   if jnp.shape(a) != jnp.shape(b):
     raise ValueError(
-        f"mtjax: {where}: {b_name} has shape {jnp.shape(b)} but {a_name} has shape {jnp.shape(a)}; "
-        "they must match exactly (no broadcasting)."
+      f"mtjax: {where}: {b_name} has shape {jnp.shape(b)} but {a_name} has shape {jnp.shape(a)}; "
+      "they must match exactly (no broadcasting)."
     )
 
 
@@ -247,8 +249,8 @@ def _resolve(spec: LossSpec) -> Callable:
   if isinstance(spec, str):
     if spec not in _BUILTIN:
       raise ValueError(
-          f"mtjax: unknown task loss {spec!r}; use one of {BUILTIN_LOSSES} or a callable "
-          "fn(outputs [B], labels [B], mask [B]) -> scalar."
+        f"mtjax: unknown task loss {spec!r}; use one of {BUILTIN_LOSSES} or a callable "
+        "fn(outputs [B], labels [B], mask [B]) -> scalar."
       )
     return _BUILTIN[spec]
   if callable(spec):
@@ -262,19 +264,19 @@ def _resolve_all(task_losses, num_tasks: int) -> list:
   specs = list(task_losses)
   if len(specs) != num_tasks:
     raise ValueError(
-        f"mtjax: {len(specs)} task losses were given ({specs}) but the outputs have {num_tasks} tasks; "
-        "give one loss per task, or a single loss for all."
+      f"mtjax: {len(specs)} task losses were given ({specs}) but the outputs have {num_tasks} tasks; "
+      "give one loss per task, or a single loss for all."
     )
   return [_resolve(s) for s in specs]
 
 
 def per_task_loss(
-    outputs: jax.Array,
-    labels: jax.Array,
-    mask: Optional[jax.Array] = None,
-    *,
-    task_losses: Union[LossSpec, Sequence[LossSpec]] = "bce",
-    groups: Optional[jax.Array] = None,
+  outputs: jax.Array,
+  labels: jax.Array,
+  mask: Optional[jax.Array] = None,
+  *,
+  task_losses: Union[LossSpec, Sequence[LossSpec]] = "bce",
+  groups: Optional[jax.Array] = None,
 ) -> jax.Array:
   r"""Vector of masked task losses ``[T]`` from ``[T, B]`` outputs, labels and mask.
 
@@ -314,9 +316,7 @@ def per_task_loss(
   """
   outputs = jnp.asarray(outputs)
   if outputs.ndim != 2:
-    raise ValueError(
-        f"mtjax: per_task_loss: outputs must be [T, B] (task axis first), got shape {outputs.shape}."
-    )
+    raise ValueError(f"mtjax: per_task_loss: outputs must be [T, B] (task axis first), got shape {outputs.shape}.")
   labels = jnp.asarray(labels)
   _check_same_shape(outputs, labels, "per_task_loss", "outputs", "labels")
   num_tasks = outputs.shape[0]
@@ -330,17 +330,15 @@ def per_task_loss(
   if groups is not None:
     groups = jnp.asarray(groups)
     if groups.shape not in (outputs.shape[1:], outputs.shape):
-      raise ValueError(
-          f"mtjax: per_task_loss: groups must be [B] or [T, B] = {outputs.shape}, got {groups.shape}."
-      )
+      raise ValueError(f"mtjax: per_task_loss: groups must be [B] or [T, B] = {outputs.shape}, got {groups.shape}.")
   out = []
   for t, fn in enumerate(fns):
     g = None if groups is None else (groups if groups.ndim == 1 else groups[t])
     loss = jnp.asarray(fn(outputs[t], labels[t], mask[t], g))
     if loss.ndim != 0:
       raise ValueError(
-          f"mtjax: per_task_loss: the loss of task {t} returned shape {loss.shape}; a task loss must "
-          "reduce over the batch to a scalar (use losses.masked_mean)."
+        f"mtjax: per_task_loss: the loss of task {t} returned shape {loss.shape}; a task loss must "
+        "reduce over the batch to a scalar (use losses.masked_mean)."
       )
     out.append(loss)
   dtype = jnp.result_type(*out)
@@ -359,9 +357,9 @@ def _stack_from_batch(batch: Mapping[str, Any], key, what: str) -> jax.Array:
   value = batch[key]
   if isinstance(value, Mapping):
     raise ValueError(
-        f"mtjax: make_loss_fn: batch[{key!r}] is a dict, whose task order is ambiguous; pass "
-        f"{what}_key=tuple of keys in task order, e.g. ('click', 'buy'), with the arrays at the top "
-        "level of the batch, or a [T, B] array."
+      f"mtjax: make_loss_fn: batch[{key!r}] is a dict, whose task order is ambiguous; pass "
+      f"{what}_key=tuple of keys in task order, e.g. ('click', 'buy'), with the arrays at the top "
+      "level of the batch, or a [T, B] array."
     )
   if isinstance(value, (tuple, list)):
     return jnp.stack([jnp.asarray(v) for v in value])
@@ -369,17 +367,17 @@ def _stack_from_batch(batch: Mapping[str, Any], key, what: str) -> jax.Array:
 
 
 def make_loss_fn(
-    model: Any,
-    task_losses: Union[LossSpec, Sequence[LossSpec]] = "bce",
-    *,
-    input_key: str = "x",
-    label_key: Union[str, Sequence[str]] = "labels",
-    mask_key: Union[None, str, Sequence[str]] = None,
-    group_key: Optional[str] = None,
-    has_aux: bool = True,
-    train: bool = False,
-    mutable: Sequence[str] = (),
-    multi_task_loss: Optional[Callable[..., jax.Array]] = None,
+  model: Any,
+  task_losses: Union[LossSpec, Sequence[LossSpec]] = "bce",
+  *,
+  input_key: str = "x",
+  label_key: Union[str, Sequence[str]] = "labels",
+  mask_key: Union[None, str, Sequence[str]] = None,
+  group_key: Optional[str] = None,
+  has_aux: bool = True,
+  train: bool = False,
+  mutable: Sequence[str] = (),
+  multi_task_loss: Optional[Callable[..., jax.Array]] = None,
 ) -> Callable[..., Any]:
   r"""Builds ``loss_fn(params, batch, rngs=None, variables=None) -> [T]`` from a model and task losses.
 
@@ -441,8 +439,8 @@ def make_loss_fn(
   mutable = tuple(mutable)
   if mutable and not has_aux:
     raise ValueError(
-        "mtjax: make_loss_fn: mutable collections are returned in aux['updates']; set has_aux=True "
-        "(and task_grads(..., has_aux=True)) so the updates are not lost."
+      "mtjax: make_loss_fn: mutable collections are returned in aux['updates']; set has_aux=True "
+      "(and task_grads(..., has_aux=True)) so the updates are not lost."
     )
   if multi_task_loss is None:
     if isinstance(task_losses, str) or callable(task_losses):
@@ -468,27 +466,28 @@ def make_loss_fn(
     if isinstance(out, tuple) and len(out) == 2:
       outputs, model_aux = out
     elif isinstance(out, tuple):
-      raise ValueError(f"mtjax: make_loss_fn: the model returned a tuple of {len(out)}; expected (outputs [T, B], aux).")
+      raise ValueError(
+        f"mtjax: make_loss_fn: the model returned a tuple of {len(out)}; expected (outputs [T, B], aux)."
+      )
     else:
       outputs, model_aux = out, {}
     outputs = jnp.asarray(outputs)
     if outputs.ndim != 2:
       raise ValueError(
-          f"mtjax: make_loss_fn: model outputs must be [T, B] (task axis first), got shape {outputs.shape}."
+        f"mtjax: make_loss_fn: model outputs must be [T, B] (task axis first), got shape {outputs.shape}."
       )
     labels = _stack_from_batch(batch, label_key, "label").astype(outputs.dtype)
     mask = None if mask_key is None else _stack_from_batch(batch, mask_key, "mask")
     if labels.shape != outputs.shape:
       raise ValueError(
-          f"mtjax: make_loss_fn: labels have shape {labels.shape} but the model outputs have shape "
-          f"{outputs.shape}; both must be [T, B]."
+        f"mtjax: make_loss_fn: labels have shape {labels.shape} but the model outputs have shape "
+        f"{outputs.shape}; both must be [T, B]."
       )
     if multi_task_loss is not None:
       losses = jnp.asarray(multi_task_loss(outputs, labels, mask))
       if losses.shape != (outputs.shape[0],):
         raise ValueError(
-            f"mtjax: make_loss_fn: multi_task_loss returned shape {losses.shape}; expected [T] = "
-            f"({outputs.shape[0]},)."
+          f"mtjax: make_loss_fn: multi_task_loss returned shape {losses.shape}; expected [T] = ({outputs.shape[0]},)."
         )
     else:
       groups = None if group_key is None else _stack_from_batch(batch, group_key, "group")

@@ -67,10 +67,12 @@ def esmm_log_probs(logits: jax.Array) -> Dict[str, jax.Array]:
   log_ctr, log_1m_ctr = _log_sigmoid(a), _log_sigmoid(-a)
   log_cvr, log_1m_cvr = _log_sigmoid(b), _log_sigmoid(-b)
   return {
-      "log_p_ctr": log_ctr, "log_1m_ctr": log_1m_ctr,
-      "log_p_cvr": log_cvr, "log_1m_cvr": log_1m_cvr,
-      "log_p_ctcvr": log_ctr + log_cvr,
-      "log_1m_ctcvr": jnp.logaddexp(log_1m_ctr, log_ctr + log_1m_cvr),
+    "log_p_ctr": log_ctr,
+    "log_1m_ctr": log_1m_ctr,
+    "log_p_cvr": log_cvr,
+    "log_1m_cvr": log_1m_cvr,
+    "log_p_ctcvr": log_ctr + log_cvr,
+    "log_1m_ctcvr": jnp.logaddexp(log_1m_ctr, log_ctr + log_1m_cvr),
   }
 
 
@@ -107,10 +109,14 @@ def esm2_log_probs(head_logits: jax.Array) -> Dict[str, jax.Array]:
   log_cvr = jnp.logaddexp(m2 + l4, l2 + l3)
   log_1m_cvr = jnp.logaddexp(m2 + m4, l2 + m3)
   return {
-      "log_p_ctr": l1, "log_1m_ctr": m1,
-      "log_p_ctavr": l1 + l2, "log_1m_ctavr": jnp.logaddexp(m1, l1 + m2),
-      "log_p_cvr": log_cvr, "log_1m_cvr": log_1m_cvr,
-      "log_p_ctcvr": l1 + log_cvr, "log_1m_ctcvr": jnp.logaddexp(m1, l1 + log_1m_cvr),
+    "log_p_ctr": l1,
+    "log_1m_ctr": m1,
+    "log_p_ctavr": l1 + l2,
+    "log_1m_ctavr": jnp.logaddexp(m1, l1 + m2),
+    "log_p_cvr": log_cvr,
+    "log_1m_cvr": log_1m_cvr,
+    "log_p_ctcvr": l1 + log_cvr,
+    "log_1m_ctcvr": jnp.logaddexp(m1, l1 + log_1m_cvr),
   }
 
 
@@ -173,13 +179,13 @@ def esmm_loss(logits: jax.Array, labels: jax.Array, mask: Optional[jax.Array] = 
   click, ctcvr_label = labels[0], labels[0] * labels[1]
   lp = esmm_log_probs(logits)
   ctr = masked_mean(_bce_from_log_probs(click, lp["log_p_ctr"], lp["log_1m_ctr"]), _row_mask(mask, 0))
-  ctcvr = masked_mean(_bce_from_log_probs(ctcvr_label, lp["log_p_ctcvr"], lp["log_1m_ctcvr"]),
-                      _row_mask(mask, 1))
+  ctcvr = masked_mean(_bce_from_log_probs(ctcvr_label, lp["log_p_ctcvr"], lp["log_1m_ctcvr"]), _row_mask(mask, 1))
   return jnp.stack([ctr, ctcvr])
 
 
-def esm2_loss(outputs: jax.Array, labels: jax.Array, mask: Optional[jax.Array] = None, *,
-              weights: Optional[Sequence[float]] = None) -> jax.Array:
+def esm2_loss(
+  outputs: jax.Array, labels: jax.Array, mask: Optional[jax.Array] = None, *, weights: Optional[Sequence[float]] = None
+) -> jax.Array:
   r"""ESM^2's three entire-space losses as a weighted ``[3]`` vector.
 
   .. math::
@@ -275,8 +281,9 @@ def aitm_calibrator(logits: jax.Array, mask: Optional[jax.Array] = None, *, alph
   return jnp.stack(terms).astype(logits.dtype)
 
 
-def aitm_loss(logits: jax.Array, labels: jax.Array, mask: Optional[jax.Array] = None, *,
-              alpha: float = 0.6) -> jax.Array:
+def aitm_loss(
+  logits: jax.Array, labels: jax.Array, mask: Optional[jax.Array] = None, *, alpha: float = 0.6
+) -> jax.Array:
   r"""AITM's loss as a ``[T]`` vector: per-task BCE plus the calibrator term of that task.
 
   .. math::
@@ -310,8 +317,7 @@ def aitm_loss(logits: jax.Array, labels: jax.Array, mask: Optional[jax.Array] = 
   logits = _as_float(logits)
   labels = jnp.asarray(labels).astype(logits.dtype)
   if logits.ndim != 2 or labels.shape != logits.shape:
-    raise ValueError(f"mtjax: aitm_loss: logits and labels must both be [T, B]; got {logits.shape} "
-                     f"and {labels.shape}.")
+    raise ValueError(f"mtjax: aitm_loss: logits and labels must both be [T, B]; got {logits.shape} and {labels.shape}.")
   mask = _broadcast_mask("aitm_loss", mask, logits.shape)
   per_sample = bce_with_logits(logits, labels)
   bce = jnp.stack([masked_mean(per_sample[t], _row_mask(mask, t)) for t in range(logits.shape[0])])
@@ -325,6 +331,7 @@ def _broadcast_mask(name: str, mask: Optional[jax.Array], shape) -> Optional[jax
   if mask.shape == tuple(shape[1:]):
     mask = jnp.broadcast_to(mask[None], tuple(shape))
   if mask.shape != tuple(shape):
-    raise ValueError(f"mtjax: {name}: mask must be [{shape[0]}, B] or [B] matching {tuple(shape)}, "
-                     f"got shape {mask.shape}.")
+    raise ValueError(
+      f"mtjax: {name}: mask must be [{shape[0]}, B] or [B] matching {tuple(shape)}, got shape {mask.shape}."
+    )
   return mask

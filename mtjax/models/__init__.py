@@ -4,33 +4,66 @@ Every model is ``__call__(x, *, train=False) -> (outputs [T, B], aux dict)``; bu
 class or by name with ``mtjax.models.get(name, **config)``.
 """
 
+from mtjax.models._aitm import AITM
+from mtjax.models._esmm import ESM2
+from mtjax.models._esmm import ESMM
+from mtjax.models._experts import Experts
+from mtjax.models._experts import Gate
+from mtjax.models._experts import gate_dropout
 from mtjax.models._features import Categorical
 from mtjax.models._features import Dense
 from mtjax.models._features import Embed
 from mtjax.models._features import FeatureEmbedding
 from mtjax.models._features import FeatureSpec
-from mtjax.models._layers import InputLayer
 from mtjax.models._layers import MLP
+from mtjax.models._layers import InputLayer
+from mtjax.models._mmoe import MMoE
+from mtjax.models._mmoe import OMoE
+from mtjax.models._pepnet import GateNU
+from mtjax.models._pepnet import PEPNet
+from mtjax.models._ple import CGC
+from mtjax.models._ple import PLE
+from mtjax.models._ple import ExtractionLevel
 from mtjax.models._registry import available
 from mtjax.models._registry import get
 from mtjax.models._registry import partition
 from mtjax.models._registry import register
-from mtjax.models._experts import Experts
-from mtjax.models._experts import Gate
-from mtjax.models._experts import gate_dropout
 from mtjax.models._shared_bottom import SharedBottom
-from mtjax.models._mmoe import MMoE
-from mtjax.models._mmoe import OMoE
-from mtjax.models._ple import CGC
-from mtjax.models._ple import PLE
-from mtjax.models._ple import ExtractionLevel
+from mtjax.models._star import STAR
+from mtjax.models._star import PartitionedNorm
+from mtjax.models._star import StarDense
 from mtjax.models._stem import STEM
 from mtjax.models._stem import STEMLevel
-from mtjax.models._esmm import ESMM
-from mtjax.models._esmm import ESM2
-from mtjax.models._aitm import AITM
-from mtjax.models._pepnet import GateNU
-from mtjax.models._pepnet import PEPNet
-from mtjax.models._star import PartitionedNorm
-from mtjax.models._star import STAR
-from mtjax.models._star import StarDense
+
+__all__ = (
+  "AITM",
+  "CGC",
+  "Categorical",
+  "Dense",
+  "ESM2",
+  "ESMM",
+  "Embed",
+  "Experts",
+  "ExtractionLevel",
+  "FeatureEmbedding",
+  "FeatureSpec",
+  "Gate",
+  "GateNU",
+  "InputLayer",
+  "MLP",
+  "MMoE",
+  "OMoE",
+  "PEPNet",
+  "PLE",
+  "PartitionedNorm",
+  "STAR",
+  "STEM",
+  "STEMLevel",
+  "SharedBottom",
+  "StarDense",
+  "available",
+  "gate_dropout",
+  "get",
+  "partition",
+  "register",
+)

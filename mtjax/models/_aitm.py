@@ -126,7 +126,9 @@ class AITM(nn.Module):
     mask that ``fit``, ``run`` and ``compare`` pass to the gradient method.
     """
     t = self.num_tasks - 1  # earlier tasks' towers and heads also feed later tasks through the transfer
-    return (rf"^tower_{t}/", rf"^head_{t}/", rf"^attention_{t}/", rf"^transfer_{t - 1}/") if t > 0 else (r"^tower_0/", r"^head_0/")
+    if t <= 0:
+      return (r"^tower_0/", r"^head_0/")
+    return (rf"^tower_{t}/", rf"^head_{t}/", rf"^attention_{t}/", rf"^transfer_{t - 1}/")
 
   @nn.compact
   def __call__(self, x, *, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:
@@ -140,8 +142,7 @@ class AITM(nn.Module):
     h = representation(h, batch_axis=0)
     d = self.tower[-1]
     k = self.attention_dim or d
-    q = [MLP(tuple(self.tower), dropout=self.dropout, name=f"tower_{t}")(h, train=train)
-         for t in range(self.num_tasks)]
+    q = [MLP(tuple(self.tower), dropout=self.dropout, name=f"tower_{t}")(h, train=train) for t in range(self.num_tasks)]
     z = q[0]
     logits, attention = [], []
     for t in range(self.num_tasks):

@@ -22,7 +22,7 @@ hidden MLP and with a bias, and optionally with gate dropout (Zhao et al., 2019)
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -99,12 +99,22 @@ class Experts(nn.Module):
       raise ValueError(f"mtjax: Experts needs num_experts >= 1, got {self.num_experts}.")
     if not self.features:
       raise ValueError("mtjax: Experts.features must name at least one layer width.")
-    kwargs = dict(features=tuple(self.features), activation=self.activation, dropout=self.dropout,
-                  activate_last=True, kernel_init=self.kernel_init)
+    kwargs: dict[str, Any] = dict(
+      features=tuple(self.features),
+      activation=self.activation,
+      dropout=self.dropout,
+      activate_last=True,
+      kernel_init=self.kernel_init,
+    )
     if self.impl == "vmap":
-      stacked = nn.vmap(_StaticTrainMLP, variable_axes={"params": 0},
-                        split_rngs={"params": True, "dropout": True},
-                        in_axes=None, out_axes=0, axis_size=self.num_experts)
+      stacked = nn.vmap(
+        _StaticTrainMLP,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=None,
+        out_axes=0,
+        axis_size=self.num_experts,
+      )
       return stacked(train=train, name="experts", **kwargs)(x)
     outs = [MLP(name=f"expert_{e}", **kwargs)(x, train=train) for e in range(self.num_experts)]
     return jnp.stack(outs, axis=0)
@@ -192,8 +202,7 @@ class Gate(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     if self.dropout_mode not in GATE_DROPOUT_MODES:
-      raise ValueError(f"mtjax: gate_dropout_mode must be one of {GATE_DROPOUT_MODES}, "
-                       f"got {self.dropout_mode!r}.")
+      raise ValueError(f"mtjax: gate_dropout_mode must be one of {GATE_DROPOUT_MODES}, got {self.dropout_mode!r}.")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"mtjax: gate dropout must be in [0, 1), got {self.dropout}.")
     h = MLP(tuple(self.hidden), name="hidden")(x) if self.hidden else x
@@ -208,14 +217,17 @@ def mix(weights: jax.Array, expert_outputs: jax.Array) -> jax.Array:
   return jnp.einsum("be,ebh->bh", weights, expert_outputs)
 
 
-def towers(tower: Sequence[int], num_tasks: int, inputs: Sequence[jax.Array], *, dropout: float,
-           train: bool) -> jax.Array:
+def towers(
+  tower: Sequence[int], num_tasks: int, inputs: Sequence[jax.Array], *, dropout: float, train: bool
+) -> jax.Array:
   """Applies ``num_tasks`` towers (``tower_k``, ending in one unit) and stacks logits ``[T, B]``.
 
   Must be called inside a compact method (the towers attach to the calling module).
   """
   if not tower or tower[-1] != 1:
     raise ValueError(f"mtjax: tower widths must end in 1 (one logit per task), got {tuple(tower)}.")
-  outs = [MLP(tuple(tower), dropout=dropout, activate_last=False, name=f"tower_{k}")(inputs[k], train=train)
-          for k in range(num_tasks)]
+  outs = [
+    MLP(tuple(tower), dropout=dropout, activate_last=False, name=f"tower_{k}")(inputs[k], train=train)
+    for k in range(num_tasks)
+  ]
   return jnp.stack([o[:, 0] for o in outs], axis=0)

@@ -112,6 +112,7 @@ class Embed(nn.Module):
   @nn.compact
   def __call__(self, ids):
     from mtjax._src.sparse import embedding_lookup  # pylint: disable=import-outside-toplevel
+
     table = self.param("embedding", self.embedding_init, (self.num_embeddings, self.features))
     return embedding_lookup(table, ids, mode=self.mode)
 
@@ -159,8 +160,10 @@ class FeatureEmbedding(nn.Module):
       bad = (ids < 0) | (ids >= f.vocab_size)
       if oov == "error":
         from mtjax._src import numerics  # local import keeps models importable standalone
-        ids = numerics.enforce(ids, numerics.condition_check(
-            jnp.any(bad), f"mtjax: feature {f.name!r} has ids outside [0, {f.vocab_size})."))
+
+        ids = numerics.enforce(
+          ids, numerics.condition_check(jnp.any(bad), f"mtjax: feature {f.name!r} has ids outside [0, {f.vocab_size}).")
+        )
       ids = jnp.where(bad, f.vocab_size, ids)
       table = Embed(f.vocab_size + 1, f.embed_dim * self.width_multiplier, name=f"embed_{f.name}")
       e = table(ids)
@@ -173,7 +176,9 @@ class FeatureEmbedding(nn.Module):
     return jnp.concatenate(parts, axis=-1), fields
 
 
-def spec_from_arrays(categorical: Mapping[str, np.ndarray], dense: Sequence[str] = (), embed_dim: int = 8) -> FeatureSpec:
+def spec_from_arrays(
+  categorical: Mapping[str, np.ndarray], dense: Sequence[str] = (), embed_dim: int = 8
+) -> FeatureSpec:
   """A spec whose vocabulary sizes are ``max id + 1`` of the given id arrays."""
   cats = tuple(Categorical(k, int(np.max(v)) + 1, embed_dim) for k, v in categorical.items())
   return FeatureSpec(categorical=cats, dense=tuple(Dense(d) for d in dense))

@@ -8,7 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtjax.models._features import FeatureEmbedding, FeatureSpec
+from mtjax.models._features import FeatureEmbedding
+from mtjax.models._features import FeatureSpec
 
 Activation = Callable[[jax.Array], jax.Array]
 
@@ -58,14 +59,17 @@ class InputLayer(nn.Module):
   def __call__(self, x: Union[jax.Array, Mapping[str, Any]]):
     if isinstance(x, Mapping):
       if self.features is None:
-        raise ValueError("mtjax: this model got a feature dict but has no `features` spec; "
-                         "pass features=FeatureSpec(...) or a dense [B, D] array.")
+        raise ValueError(
+          "mtjax: this model got a feature dict but has no `features` spec; "
+          "pass features=FeatureSpec(...) or a dense [B, D] array."
+        )
       return FeatureEmbedding(self.features, width_multiplier=self.width_multiplier, name="embedding")(x)
     if self.features is not None:
       raise ValueError(
-          f"mtjax: this model was built with features=FeatureSpec({', '.join(self.features.names)}) but got a "
-          f"dense array of shape {jnp.shape(x)}; pass the feature dict {{name: [B] ids or values}} the spec "
-          "describes, or build the model without features= to feed dense [B, D] inputs.")
+        f"mtjax: this model was built with features=FeatureSpec({', '.join(self.features.names)}) but got a "
+        f"dense array of shape {jnp.shape(x)}; pass the feature dict {{name: [B] ids or values}} the spec "
+        "describes, or build the model without features= to feed dense [B, D] inputs."
+      )
     x = jnp.asarray(x)
     if x.ndim != 2:
       raise ValueError(f"mtjax: dense model input must be [B, D], got shape {x.shape}.")

@@ -86,8 +86,14 @@ class MMoE(nn.Module):
   _single_gate = False  # OMoE sets True (a class constant, not a dataclass field)
 
   def _gate(self, name: str) -> _experts.Gate:
-    return _experts.Gate(self.num_experts, hidden=tuple(self.gate_hidden), use_bias=self.gate_bias,
-                         dropout=self.gate_dropout, dropout_mode=self.gate_dropout_mode, name=name)
+    return _experts.Gate(
+      self.num_experts,
+      hidden=tuple(self.gate_hidden),
+      use_bias=self.gate_bias,
+      dropout=self.gate_dropout,
+      dropout_mode=self.gate_dropout_mode,
+      name=name,
+    )
 
   def task_specific(self) -> Tuple[str, ...]:
     """Regular expressions (``re.search``) of the parameter paths that one task alone trains.
@@ -102,8 +108,9 @@ class MMoE(nn.Module):
     if self.num_tasks < 1:
       raise ValueError(f"mtjax: {type(self).__name__} needs num_tasks >= 1, got {self.num_tasks}.")
     x, _ = InputLayer(self.features, name="input")(x)
-    expert_outputs = _experts.Experts(self.num_experts, tuple(self.expert), dropout=self.dropout,
-                                      impl=self.expert_impl, name="experts")(x, train=train)
+    expert_outputs = _experts.Experts(
+      self.num_experts, tuple(self.expert), dropout=self.dropout, impl=self.expert_impl, name="experts"
+    )(x, train=train)
     # The shared representation (both expert impls return [E, B, H]); the mixtures read the marked value.
     expert_outputs = representation(expert_outputs, batch_axis=1)
     if self._single_gate:

@@ -146,8 +146,10 @@ class PEPNet(nn.Module):
 
   def _validate(self, x) -> Tuple[str, ...]:
     if self.features is None or not isinstance(x, Mapping):
-      raise ValueError("mtjax: PEPNet needs features=FeatureSpec(...) and a feature dict input "
-                       "(it reads domain and prior fields by name).")
+      raise ValueError(
+        "mtjax: PEPNet needs features=FeatureSpec(...) and a feature dict input "
+        "(it reads domain and prior fields by name)."
+      )
     if self.num_tasks < 1:
       raise ValueError(f"mtjax: PEPNet needs num_tasks >= 1, got {self.num_tasks}.")
     if not self.tower or self.tower[-1] != 1:
@@ -160,8 +162,7 @@ class PEPNet(nn.Module):
     if self.ppnet and not self.prior_fields:
       raise ValueError("mtjax: PEPNet's PPNet needs prior_fields (e.g. ('user', 'item')); or set ppnet=False.")
     special = tuple(self.domain_fields) + tuple(self.prior_fields)
-    general = (tuple(n for n in names if n not in special) if self.general_fields is None
-               else tuple(self.general_fields))
+    general = tuple(n for n in names if n not in special) if self.general_fields is None else tuple(self.general_fields)
     unknown = [n for n in special + general if n not in names]
     if unknown:
       raise ValueError(f"mtjax: PEPNet: field(s) {unknown} are not in the feature spec {list(names)}.")
@@ -186,7 +187,8 @@ class PEPNet(nn.Module):
     batch, width_e = e.shape
     if self.epnet:
       domain_gate = GateNU(width_e, self.gate_hidden, self.gamma, name="epnet_gate")(
-          jnp.concatenate([_concat(fields, self.domain_fields), sg(e)], axis=-1))
+        jnp.concatenate([_concat(fields, self.domain_fields), sg(e)], axis=-1)
+      )
       e = domain_gate * e
     else:
       domain_gate = jnp.ones_like(e)
@@ -199,13 +201,17 @@ class PEPNet(nn.Module):
     raw_gates = []
     if self.ppnet:
       gate_in = jnp.concatenate([_concat(fields, self.prior_fields), sg(e)], axis=-1)
-      raw_gates = [GateNU(self.num_tasks * w, self.gate_hidden, self.gamma, name=f"ppnet_gate_{l}")(gate_in)
-                   for l, w in enumerate(gated_widths)]
+      raw_gates = [
+        GateNU(self.num_tasks * w, self.gate_hidden, self.gamma, name=f"ppnet_gate_{l}")(gate_in)
+        for l, w in enumerate(gated_widths)
+      ]
     # The shared representation: E' and the PPNet gates [B, T * w] (the towers read only these).
     marked = representation({"embedding": e, "ppnet_gates": tuple(raw_gates)}, batch_axis=0)
     e = marked["embedding"]
-    gates = [jnp.transpose(jnp.reshape(g, (batch, self.num_tasks, w)), (1, 0, 2))
-             for g, w in zip(marked["ppnet_gates"], gated_widths)]
+    gates = [
+      jnp.transpose(jnp.reshape(g, (batch, self.num_tasks, w)), (1, 0, 2))
+      for g, w in zip(marked["ppnet_gates"], gated_widths)
+    ]
 
     outputs = []
     for t in range(self.num_tasks):

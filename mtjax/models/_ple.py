@@ -61,8 +61,14 @@ class ExtractionLevel(nn.Module):
   expert_impl: str = _experts.DEFAULT_EXPERT_IMPL
 
   def _gate(self, num_experts: int, name: str) -> _experts.Gate:
-    return _experts.Gate(num_experts, hidden=tuple(self.gate_hidden), use_bias=self.gate_bias,
-                         dropout=self.gate_dropout, dropout_mode=self.gate_dropout_mode, name=name)
+    return _experts.Gate(
+      num_experts,
+      hidden=tuple(self.gate_hidden),
+      use_bias=self.gate_bias,
+      dropout=self.gate_dropout,
+      dropout_mode=self.gate_dropout_mode,
+      name=name,
+    )
 
   def _experts(self, num: int, name: str) -> _experts.Experts:
     return _experts.Experts(num, tuple(self.expert), dropout=self.dropout, impl=self.expert_impl, name=name)
@@ -71,8 +77,9 @@ class ExtractionLevel(nn.Module):
   def __call__(self, task_inputs: Sequence[jax.Array], shared_input: jax.Array, *, train: bool = False):
     T = self.num_tasks
     shared = self._experts(self.num_shared_experts, "experts_shared")(shared_input, train=train)
-    specific = [self._experts(self.num_specific_experts, f"experts_task_{k}")(task_inputs[k], train=train)
-                for k in range(T)]
+    specific = [
+      self._experts(self.num_specific_experts, f"experts_task_{k}")(task_inputs[k], train=train) for k in range(T)
+    ]
     if self.final:
       shared, specific = mark_experts(shared, specific)
     task_outputs, task_gates = [], []
@@ -85,7 +92,8 @@ class ExtractionLevel(nn.Module):
     shared_output = shared_gate = None
     if not self.final:
       shared_gate = self._gate(T * self.num_specific_experts + self.num_shared_experts, "gate_shared")(
-          shared_input, train=train)
+        shared_input, train=train
+      )
       shared_output = _experts.mix(shared_gate, jnp.concatenate(specific + [shared], axis=0))
     return jnp.stack(task_outputs, 0), shared_output, jnp.stack(task_gates, 0), shared_gate
 
@@ -102,17 +110,30 @@ def stack_levels(model, level_cls, task_inputs, shared_input, *, train: bool):
   for j in range(model.num_levels):
     final = j == model.num_levels - 1
     task_out, shared_out, gates, shared_gate = level_cls(
-        model.num_tasks, model.num_specific_experts, model.num_shared_experts, tuple(model.expert), final,
-        dropout=model.dropout, gate_hidden=tuple(model.gate_hidden), gate_bias=model.gate_bias,
-        gate_dropout=model.gate_dropout, gate_dropout_mode=model.gate_dropout_mode,
-        expert_impl=model.expert_impl, name=f"level_{j}")(task_inputs, shared_input, train=train)
+      model.num_tasks,
+      model.num_specific_experts,
+      model.num_shared_experts,
+      tuple(model.expert),
+      final,
+      dropout=model.dropout,
+      gate_hidden=tuple(model.gate_hidden),
+      gate_bias=model.gate_bias,
+      gate_dropout=model.gate_dropout,
+      gate_dropout_mode=model.gate_dropout_mode,
+      expert_impl=model.expert_impl,
+      name=f"level_{j}",
+    )(task_inputs, shared_input, train=train)
     level_gates.append(gates)
     if not final:
       shared_gates.append(shared_gate)
     task_inputs, shared_input = [task_out[k] for k in range(model.num_tasks)], shared_out
   outputs = _experts.towers(model.tower, model.num_tasks, task_inputs, dropout=model.dropout, train=train)
-  aux = {"gates": level_gates[-1], "level_gates": tuple(level_gates), "shared_gates": tuple(shared_gates),
-         "task_outputs": jnp.stack(task_inputs, 0)}
+  aux = {
+    "gates": level_gates[-1],
+    "level_gates": tuple(level_gates),
+    "shared_gates": tuple(shared_gates),
+    "task_outputs": jnp.stack(task_inputs, 0),
+  }
   return outputs, aux
 
 
@@ -203,11 +224,14 @@ class PLE(nn.Module):
   def _check(self):
     name = type(self).__name__
     if self.num_tasks < 1 or self.num_levels < 1:
-      raise ValueError(f"mtjax: {name} needs num_tasks >= 1 and num_levels >= 1, "
-                       f"got {self.num_tasks} and {self.num_levels}.")
+      raise ValueError(
+        f"mtjax: {name} needs num_tasks >= 1 and num_levels >= 1, got {self.num_tasks} and {self.num_levels}."
+      )
     if self.num_specific_experts < 1 or self.num_shared_experts < 1:
-      raise ValueError(f"mtjax: {name} needs num_specific_experts >= 1 and num_shared_experts >= 1, "
-                       f"got {self.num_specific_experts} and {self.num_shared_experts}.")
+      raise ValueError(
+        f"mtjax: {name} needs num_specific_experts >= 1 and num_shared_experts >= 1, "
+        f"got {self.num_specific_experts} and {self.num_shared_experts}."
+      )
 
   def task_specific(self) -> Tuple[str, ...]:
     """Regular expressions (``re.search``) of the parameter paths that one task alone trains.
@@ -258,6 +282,7 @@ class CGC(PLE):
 
   def _check(self):
     if self.num_levels != 1:
-      raise ValueError(f"mtjax: CGC has exactly one level, got num_levels={self.num_levels}; "
-                       "use PLE for stacked levels.")
+      raise ValueError(
+        f"mtjax: CGC has exactly one level, got num_levels={self.num_levels}; use PLE for stacked levels."
+      )
     super()._check()

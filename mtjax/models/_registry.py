@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Type
+from typing import Any, Callable, Dict, List, Optional, Type, TypeVar
 
 import flax.linen as nn
 
 _MODELS: Dict[str, Type[nn.Module]] = {}
+_ModelClass = TypeVar("_ModelClass", bound=Type[nn.Module])  # register() returns the class itself
 _RESERVED_FIELDS = ("parent", "name")
 
 
-def register(name: str) -> Callable[[Type[nn.Module]], Type[nn.Module]]:
+def register(name: str) -> Callable[[_ModelClass], _ModelClass]:
   """Class decorator that registers a model under ``name`` (for :func:`get`).
 
   Registering a different class under a taken name raises; re-registering the same class
@@ -38,11 +39,13 @@ def register(name: str) -> Callable[[Type[nn.Module]], Type[nn.Module]]:
   if not isinstance(name, str) or not name:
     raise ValueError(f"mtjax: register() needs a non-empty string name, got {name!r}.")
 
-  def decorator(cls: Type[nn.Module]) -> Type[nn.Module]:
+  def decorator(cls: _ModelClass) -> _ModelClass:
     known = _MODELS.get(name)
     if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
-      raise ValueError(f"mtjax: model name {name!r} is already registered to "
-                       f"{known.__module__}.{known.__qualname__}; choose another name.")
+      raise ValueError(
+        f"mtjax: model name {name!r} is already registered to "
+        f"{known.__module__}.{known.__qualname__}; choose another name."
+      )
     _MODELS[name] = cls
     return cls
 
@@ -87,9 +90,14 @@ def get(name: str, **config: Any) -> nn.Module:
   if unknown:
     valid = sorted(k for k in fields if k not in _RESERVED_FIELDS)
     raise ValueError(f"mtjax: model {name!r} has no option(s) {unknown}; its options are: {', '.join(valid)}.")
-  missing = sorted(k for k, f in fields.items()
-                   if k not in _RESERVED_FIELDS and k not in config
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+  missing = sorted(
+    k
+    for k, f in fields.items()
+    if k not in _RESERVED_FIELDS
+    and k not in config
+    and f.default is dataclasses.MISSING
+    and f.default_factory is dataclasses.MISSING
+  )
   if missing:
     raise ValueError(f"mtjax: model {name!r} needs option(s) {missing}.")
   return cls(**config)

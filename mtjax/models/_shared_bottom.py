@@ -74,5 +74,7 @@ class SharedBottom(nn.Module):
     x, _ = InputLayer(self.features, name="input")(x)
     h = MLP(tuple(self.bottom), dropout=self.dropout, name="bottom")(x, train=train)
     h = representation(h, batch_axis=0)
-    outputs = _experts.towers(self.tower, self.num_tasks, [task_view(h, k) for k in range(self.num_tasks)], dropout=self.dropout, train=train)
+    outputs = _experts.towers(
+      self.tower, self.num_tasks, [task_view(h, k) for k in range(self.num_tasks)], dropout=self.dropout, train=train
+    )
     return outputs, {"bottom": h}

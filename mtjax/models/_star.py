@@ -22,10 +22,13 @@ def _check_domain_ids(domain_ids: jax.Array, num_domains: int) -> jax.Array:
     raise ValueError(f"mtjax: domain ids must be integers, got {domain_ids.dtype}.")
   if domain_ids.ndim != 1:
     raise ValueError(f"mtjax: domain ids must be a vector [B], got shape {domain_ids.shape}.")
-  return numerics.enforce(domain_ids, numerics.condition_check(
+  return numerics.enforce(
+    domain_ids,
+    numerics.condition_check(
       jnp.any((domain_ids < 0) | (domain_ids >= num_domains)),
-      f"mtjax: domain ids must lie in [0, {num_domains}); set num_domains to the number of domains or "
-      "remap the ids."))
+      f"mtjax: domain ids must lie in [0, {num_domains}); set num_domains to the number of domains or remap the ids.",
+    ),
+  )
 
 
 class PartitionedNorm(nn.Module):
@@ -83,8 +86,9 @@ class PartitionedNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((m, dim), stat_dtype))
     multiplicative = self.scale == "multiplicative"
     gamma = self.param("scale", nn.initializers.ones, (dim,), stat_dtype)
-    gamma_d = self.param("domain_scale", nn.initializers.ones if multiplicative else nn.initializers.zeros,
-                         (m, dim), stat_dtype)
+    gamma_d = self.param(
+      "domain_scale", nn.initializers.ones if multiplicative else nn.initializers.zeros, (m, dim), stat_dtype
+    )
     beta = self.param("bias", nn.initializers.zeros, (dim,), stat_dtype)
     beta_d = self.param("domain_bias", nn.initializers.zeros, (m, dim), stat_dtype)
 
@@ -232,8 +236,9 @@ class STAR(nn.Module):
   activation: Callable[[jax.Array], jax.Array] = nn.relu
   dropout: float = 0.0
 
-  def _star_fcn(self, h: jax.Array, domain_ids: jax.Array, widths: Sequence[int], prefix: str,
-                train: bool) -> jax.Array:
+  def _star_fcn(
+    self, h: jax.Array, domain_ids: jax.Array, widths: Sequence[int], prefix: str, train: bool
+  ) -> jax.Array:
     for l, width in enumerate(widths):
       h = StarDense(width, self.num_domains, name=f"{prefix}_{l}")(h, domain_ids)
       if l < len(widths) - 1:
@@ -253,8 +258,7 @@ class STAR(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:
     if self.features is None or not isinstance(x, Mapping):
-      raise ValueError("mtjax: STAR needs features=FeatureSpec(...) and a feature dict input with the "
-                       "domain id field.")
+      raise ValueError("mtjax: STAR needs features=FeatureSpec(...) and a feature dict input with the domain id field.")
     if self.num_domains < 1:
       raise ValueError(f"mtjax: STAR needs num_domains >= 1, got {self.num_domains}.")
     if self.num_tasks < 1:
@@ -262,8 +266,9 @@ class STAR(nn.Module):
     if self.multi_task not in ("heads", "towers"):
       raise ValueError(f"mtjax: STAR.multi_task must be 'heads' or 'towers', got {self.multi_task!r}.")
     if self.domain_feature not in x:
-      raise ValueError(f"mtjax: STAR: the input dict lacks the domain field {self.domain_feature!r}; "
-                       f"it has {sorted(x)}.")
+      raise ValueError(
+        f"mtjax: STAR: the input dict lacks the domain field {self.domain_feature!r}; it has {sorted(x)}."
+      )
     names = [n for n in self.features.names if n != self.domain_feature]
     if not names:
       raise ValueError("mtjax: STAR needs at least one feature besides the domain field.")
@@ -278,7 +283,8 @@ class STAR(nn.Module):
     h = e
     if self.partitioned_norm:
       h = PartitionedNorm(self.num_domains, self.momentum, self.epsilon, self.norm_scale, name="norm")(
-          h, domain_ids, train=train)
+        h, domain_ids, train=train
+      )
     # The shared representation: the star FCN's input and the auxiliary network's input.
     shared = {"star": h}
     if self.auxiliary is not None:
@@ -288,13 +294,22 @@ class STAR(nn.Module):
     if self.multi_task == "heads":
       main = self._star_fcn(h, domain_ids, tuple(self.hidden) + (self.num_tasks,), "star", train)
     else:
-      main = jnp.concatenate([self._star_fcn(h, domain_ids, tuple(self.hidden) + (1,), f"star_task_{t}", train)
-                              for t in range(self.num_tasks)], axis=-1)
+      main = jnp.concatenate(
+        [
+          self._star_fcn(h, domain_ids, tuple(self.hidden) + (1,), f"star_task_{t}", train)
+          for t in range(self.num_tasks)
+        ],
+        axis=-1,
+      )
     main = main.T
     if self.auxiliary is not None:
-      aux_logits = MLP(tuple(self.auxiliary) + (self.num_tasks,), activation=self.activation,
-                       dropout=self.dropout, activate_last=False, name="auxiliary")(shared["auxiliary"],
-                                                                                    train=train).T
+      aux_logits = MLP(
+        tuple(self.auxiliary) + (self.num_tasks,),
+        activation=self.activation,
+        dropout=self.dropout,
+        activate_last=False,
+        name="auxiliary",
+      )(shared["auxiliary"], train=train).T
     else:
       aux_logits = jnp.zeros_like(main)
     return main + aux_logits, {"main_logits": main, "auxiliary_logits": aux_logits}

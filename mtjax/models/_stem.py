@@ -11,10 +11,10 @@ import jax.numpy as jnp
 from mtjax.models import _experts
 from mtjax.models._features import FeatureSpec
 from mtjax.models._layers import InputLayer
-from mtjax.models._ple import mark_experts
-from mtjax.models._ple import view_experts
-from mtjax.models._ple import stack_levels
 from mtjax.models._ple import _ple_task_specific
+from mtjax.models._ple import mark_experts
+from mtjax.models._ple import stack_levels
+from mtjax.models._ple import view_experts
 from mtjax.models._registry import register
 
 
@@ -48,8 +48,14 @@ class STEMLevel(nn.Module):
 
   def _gate(self, name: str) -> _experts.Gate:
     n = self.num_tasks * self.num_specific_experts + self.num_shared_experts
-    return _experts.Gate(n, hidden=tuple(self.gate_hidden), use_bias=self.gate_bias,
-                         dropout=self.gate_dropout, dropout_mode=self.gate_dropout_mode, name=name)
+    return _experts.Gate(
+      n,
+      hidden=tuple(self.gate_hidden),
+      use_bias=self.gate_bias,
+      dropout=self.gate_dropout,
+      dropout_mode=self.gate_dropout_mode,
+      name=name,
+    )
 
   def _experts(self, num: int, name: str) -> _experts.Experts:
     return _experts.Experts(num, tuple(self.expert), dropout=self.dropout, impl=self.expert_impl, name=name)
@@ -58,8 +64,9 @@ class STEMLevel(nn.Module):
   def __call__(self, task_inputs: Sequence[jax.Array], shared_input: jax.Array, *, train: bool = False):
     T = self.num_tasks
     shared = self._experts(self.num_shared_experts, "experts_shared")(shared_input, train=train)
-    specific = [self._experts(self.num_specific_experts, f"experts_task_{k}")(task_inputs[k], train=train)
-                for k in range(T)]
+    specific = [
+      self._experts(self.num_specific_experts, f"experts_task_{k}")(task_inputs[k], train=train) for k in range(T)
+    ]
     if self.final:
       shared, specific = mark_experts(shared, specific)
     task_outputs, task_gates = [], []
@@ -166,9 +173,11 @@ class STEM(nn.Module):
     T = self.num_tasks
     if not isinstance(x, Mapping):
       if self.dense_projection is None:
-        raise ValueError("mtjax: STEM needs a feature dict (with features=FeatureSpec(...)) so that it can "
-                         "split each embedding into task-specific and shared parts; for a dense [B, D] "
-                         "array set dense_projection=P to learn T+1 linear projections instead.")
+        raise ValueError(
+          "mtjax: STEM needs a feature dict (with features=FeatureSpec(...)) so that it can "
+          "split each embedding into task-specific and shared parts; for a dense [B, D] "
+          "array set dense_projection=P to learn T+1 linear projections instead."
+        )
       x, _ = InputLayer(None, name="input")(x)
       streams = [nn.Dense(self.dense_projection, use_bias=False, name=f"project_task_{k}")(x) for k in range(T)]
       return streams, nn.Dense(self.dense_projection, use_bias=False, name="project_shared")(x)
@@ -197,8 +206,9 @@ class STEM(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:
     if self.num_tasks < 1 or self.num_levels < 1:
-      raise ValueError(f"mtjax: STEM needs num_tasks >= 1 and num_levels >= 1, got {self.num_tasks} and "
-                       f"{self.num_levels}.")
+      raise ValueError(
+        f"mtjax: STEM needs num_tasks >= 1 and num_levels >= 1, got {self.num_tasks} and {self.num_levels}."
+      )
     if self.num_specific_experts < 1 or self.num_shared_experts < 1:
       raise ValueError("mtjax: STEM needs num_specific_experts >= 1 and num_shared_experts >= 1.")
     task_inputs, shared_input = self._streams(x)

@@ -3,6 +3,7 @@
 from mtjax.training._checkpoint import CheckpointCorruptError
 from mtjax.training._checkpoint import CheckpointError
 from mtjax.training._checkpoint import CheckpointSaveError
+from mtjax.training._precision import Precision
 from mtjax.training._train import FitResult
 from mtjax.training._train import TrainState
 from mtjax.training._train import evaluate
@@ -19,3 +20,26 @@ from mtjax.training._writers import JsonlWriter
 from mtjax.training._writers import MetricsWriter
 from mtjax.training._writers import TensorBoardWriter
 from mtjax.training._writers import scalars
+
+__all__ = (
+  "CallbackWriter",
+  "CheckpointCorruptError",
+  "CheckpointError",
+  "CheckpointSaveError",
+  "FitResult",
+  "JsonlWriter",
+  "MetricsWriter",
+  "Precision",
+  "TensorBoardWriter",
+  "TrainState",
+  "evaluate",
+  "fit",
+  "init_state",
+  "make_predict_fn",
+  "make_train_step",
+  "method_weights",
+  "scalars",
+  "shard_batch",
+  "split_batch",
+  "validation_loss_fn",
+)

@@ -55,8 +55,9 @@ class CheckpointSaveError(CheckpointError):
 
 
 def _leaf_specs(tree) -> list:
-  return [[list(np.shape(x)), str(np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype)]
-          for x in jax.tree.leaves(tree)]
+  return [
+    [list(np.shape(x)), str(np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype)] for x in jax.tree.leaves(tree)
+  ]
 
 
 def _checksum(x) -> int:
@@ -85,8 +86,10 @@ def write_error(what: str, e: BaseException, hint: str = "") -> CheckpointSaveEr
   else:
     first = (str(e).strip().splitlines() or [""])[0][:300]
     reason = f"{type(e).__name__}: {first}"
-  return CheckpointSaveError(f"mtjax: could not write {what}: {reason}.{' ' + hint if hint else ''}",
-                             errno=os_err.errno if os_err is not None else None)
+  return CheckpointSaveError(
+    f"mtjax: could not write {what}: {reason}.{' ' + hint if hint else ''}",
+    errno=os_err.errno if os_err is not None else None,
+  )
 
 
 def step_dirs(directory: str) -> list[tuple[int, str]]:
@@ -129,8 +132,9 @@ def _write_json(path: str, obj) -> None:
     os.fsync(f.fileno())
 
 
-def save(directory: str, state: Any, *, step: int, data_state: dict, config: Optional[dict] = None,
-         keep: int = 2) -> str:
+def save(
+  directory: str, state: Any, *, step: int, data_state: dict, config: Optional[dict] = None, keep: int = 2
+) -> str:
   """Writes ``state`` and ``meta.json`` to ``directory/step_<step>``; keeps the newest ``keep`` checkpoints.
 
   The checkpoint is written whole into ``step_<step>.partial`` (arrays, then ``meta.json`` with
@@ -159,8 +163,14 @@ def save(directory: str, state: Any, *, step: int, data_state: dict, config: Opt
       ckptr.save(os.path.join(tmp, "state"), {str(i): x for i, x in enumerate(leaves)})
       ckptr.wait_until_finished()
     sums = {"algorithm": CHECKSUM, "leaves": [_checksum(x) for x in leaves]}
-    meta = {"step": int(step), "data_state": data_state, "treedef": str(jax.tree.structure(state)),
-            "leaves": _leaf_specs(state), "checksums": sums, "config": config}
+    meta = {
+      "step": int(step),
+      "data_state": data_state,
+      "treedef": str(jax.tree.structure(state)),
+      "leaves": _leaf_specs(state),
+      "checksums": sums,
+      "config": config,
+    }
     _write_json(os.path.join(tmp, META), meta)
     with open(os.path.join(tmp, META)) as f:  # verify before anything older is touched
       back = json.load(f)
@@ -181,9 +191,11 @@ def save(directory: str, state: Any, *, step: int, data_state: dict, config: Opt
         os.rename(old, path)
       except OSError:
         pass
-    raise write_error(f"the checkpoint of step {step} to {directory}", e,
-                      "The older checkpoints are kept; free disk space or make the folder writable, then run "
-                      "again to resume.") from e
+    raise write_error(
+      f"the checkpoint of step {step} to {directory}",
+      e,
+      "The older checkpoints are kept; free disk space or make the folder writable, then run again to resume.",
+    ) from e
   shutil.rmtree(old, ignore_errors=True)
   for _, stale in step_dirs(directory)[:-keep]:
     shutil.rmtree(stale, ignore_errors=True)
@@ -219,9 +231,10 @@ def restore(path: str, like: Any) -> tuple[Any, dict]:
   want_def, want_specs = str(jax.tree.structure(like)), _leaf_specs(like)
   if meta.get("treedef") != want_def or len(meta.get("leaves", [])) != len(want_specs):
     raise CheckpointError(
-        f"mtjax: checkpoint {path} was written by a different experiment (model, method, optimizer or "
-        "number of tasks differ): its state tree does not match this one. Use another output folder or "
-        "the matching config.")
+      f"mtjax: checkpoint {path} was written by a different experiment (model, method, optimizer or "
+      "number of tasks differ): its state tree does not match this one. Use another output folder or "
+      "the matching config."
+    )
   for i, (got, want) in enumerate(zip(meta["leaves"], want_specs)):
     if list(got[0]) != list(want[0]) or got[1] != want[1]:
       raise CheckpointError(f"mtjax: checkpoint {path}: state leaf {i} is {got}, this experiment expects {want}.")
@@ -231,8 +244,10 @@ def restore(path: str, like: Any) -> tuple[Any, dict]:
     with ocp.StandardCheckpointer() as ckptr:
       restored = ckptr.restore(os.path.join(path, "state"), target)
   except Exception as e:  # orbax raises many types for truncated / corrupt files
-    raise CheckpointCorruptError(f"mtjax: checkpoint {path} is corrupt or incomplete: {type(e).__name__}: "
-                                 f"{(str(e).strip().splitlines() or [''])[0][:300]}") from None
+    raise CheckpointCorruptError(
+      f"mtjax: checkpoint {path} is corrupt or incomplete: {type(e).__name__}: "
+      f"{(str(e).strip().splitlines() or [''])[0][:300]}"
+    ) from None
   leaves = [restored[str(i)] for i in range(len(leaves_like))]
   sums = meta.get("checksums")
   if sums is not None:
@@ -240,8 +255,10 @@ def restore(path: str, like: Any) -> tuple[Any, dict]:
       raise CheckpointCorruptError(f"mtjax: checkpoint {path} is corrupt: unreadable checksums in {META}.")
     bad = [i for i, (x, s) in enumerate(zip(leaves, sums["leaves"])) if _checksum(x) != s]
     if bad:
-      raise CheckpointCorruptError(f"mtjax: checkpoint {path} is corrupt: state leaves {bad[:8]} fail their "
-                                   f"{CHECKSUM} checksums (changed bits in the array files).")
+      raise CheckpointCorruptError(
+        f"mtjax: checkpoint {path} is corrupt: state leaves {bad[:8]} fail their "
+        f"{CHECKSUM} checksums (changed bits in the array files)."
+      )
   return jax.tree.unflatten(jax.tree.structure(like), leaves), meta
 
 
@@ -269,8 +286,11 @@ def restore_latest(directory: str, like: Any) -> Optional[tuple[Any, dict, str]]
     if failures:
       names = ", ".join(p for p, _ in failures)
       reason = failures[0][1].removeprefix("mtjax: ")
-      warnings.warn(f"mtjax: resuming from the previous valid checkpoint {path}, because the newer {names} is "
-                    f"corrupt ({reason}); it is renamed to corrupt_<name>.", stacklevel=3)
+      warnings.warn(
+        f"mtjax: resuming from the previous valid checkpoint {path}, because the newer {names} is "
+        f"corrupt ({reason}); it is renamed to corrupt_<name>.",
+        stacklevel=3,
+      )
       for bad, _ in failures:
         try:
           target = os.path.join(os.path.dirname(bad), "corrupt_" + os.path.basename(bad))
@@ -280,9 +300,11 @@ def restore_latest(directory: str, like: Any) -> Optional[tuple[Any, dict, str]]
         except OSError:  # a read-only folder: it stays, and is skipped again next time
           pass
     return state, meta, path
-  raise CheckpointCorruptError(f"mtjax: no valid checkpoint in {os.path.abspath(directory)}: "
-                               + " | ".join(msg for _, msg in failures)
-                               + " Delete the folder (or run with --fresh) to start over.")
+  raise CheckpointCorruptError(
+    f"mtjax: no valid checkpoint in {os.path.abspath(directory)}: "
+    + " | ".join(msg for _, msg in failures)
+    + " Delete the folder (or run with --fresh) to start over."
+  )
 
 
 def restore_step(directory: str, step: int, like: Any) -> tuple[Any, dict, str]:
@@ -295,8 +317,9 @@ def restore_step(directory: str, step: int, like: Any) -> tuple[Any, dict, str]:
   dirs = dict(step_dirs(directory))
   if step not in dirs:
     avail = ", ".join(map(str, sorted(dirs))) or "none"
-    raise CheckpointError(f"mtjax: no checkpoint of step {step} in {os.path.abspath(directory)}; available "
-                          f"steps: {avail}.")
+    raise CheckpointError(
+      f"mtjax: no checkpoint of step {step} in {os.path.abspath(directory)}; available steps: {avail}."
+    )
   state, meta = restore(dirs[step], like)
   return state, meta, dirs[step]
 

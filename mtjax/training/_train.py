@@ -9,7 +9,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ from mtjax import metrics as metrics_lib
 from mtjax._src import numerics
 from mtjax._src.task_grads import task_grads
 from mtjax.training import _checkpoint
+from mtjax.training import _precision
 from mtjax.training import _writers
 
 
@@ -50,8 +51,9 @@ def init_state(model, tx: optax.GradientTransformation, sample_x, *, seed: int =
   init_key, dropout_key, rng = jax.random.split(key, 3)
   variables = dict(model.init({"params": init_key, "dropout": dropout_key}, sample_x, train=False))
   params = variables.pop("params")
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    variables=variables, rng=rng)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), variables=variables, rng=rng
+  )
 
 
 def method_weights(opt_state) -> Optional[jax.Array]:
@@ -75,11 +77,25 @@ def default_task_losses(task_types: Sequence[str]) -> tuple:
   return tuple("bce" if t == "binary" else "mse" for t in task_types)
 
 
-def make_train_step(model, tx, *, task_losses="bce", multi_task_loss=None, masked: bool = False,
-                    strategy: str = "auto", mutable: Sequence[str] = (), track_similarity: bool = True,
-                    donate: bool = True, sparse: bool = True, chunk_size: Optional[int] = None,
-                    rep_gram: str = "sum", shared=None, similarity_granularity: str = "model",
-                    micro_batches: int = 1) -> Callable:
+def make_train_step(
+  model,
+  tx,
+  *,
+  task_losses: Union[losses_lib.LossSpec, Sequence[losses_lib.LossSpec]] = "bce",
+  multi_task_loss=None,
+  masked: bool = False,
+  strategy: str = "auto",
+  mutable: Sequence[str] = (),
+  track_similarity: bool = True,
+  donate: bool = True,
+  sparse: bool = True,
+  chunk_size: Optional[int] = None,
+  rep_gram: str = "sum",
+  shared=None,
+  similarity_granularity: str = "model",
+  micro_batches: int = 1,
+  precision=None,
+) -> Callable:
   """A jitted ``step(state, batch) -> (state, metrics)``: forward, per-task gradients, method, optimizer.
 
   ``metrics`` holds ``losses [T]``, ``weights [T]`` (the method's, ones if it records none) and,
@@ -105,27 +121,50 @@ def make_train_step(model, tx, *, task_losses="bce", multi_task_loss=None, maske
   The logged ``losses`` and the similarity are those of the whole batch: the parts' losses and
   gradients averaged with weights ``size_m / B`` (for per-sample mean losses, exactly the whole
   batch's). Non-parameter collections (``batch_stats``) are updated by the parts in turn.
+
+  ``precision="bf16"`` (or a :class:`Precision`): mixed precision with float32 master parameters.
+  The step casts the parameters and the floating inputs to bfloat16, runs the forward and the
+  per-task backward passes in bfloat16 (so the method receives bfloat16 rows, half the memory),
+  casts the model outputs to float32 (losses, logged metrics and similarity are float32), and the
+  method computes its Gram, solver and state in float32 and returns a float32 update, applied by the
+  optimizer to the float32 parameters. Non-parameter collections stay float32. The default
+  (``None`` / ``"fp32"``) inserts no cast: the step is the float32 one.
   """
+  policy = _precision.Precision.from_name(precision)
   if isinstance(micro_batches, bool) or not isinstance(micro_batches, (int, np.integer)) or micro_batches < 1:
     raise ValueError(f"mtjax: make_train_step: micro_batches must be a positive int, got {micro_batches!r}.")
   micro_batches = int(micro_batches)
   if micro_batches > 1 and strategy in ("rep", "shared", "subset"):
     raise ValueError(
-        f"mtjax: make_train_step: micro_batches={micro_batches} (a method on independent micro-batches: MoDo, "
-        f"SDMGrad) needs stacked per-task rows of every part; strategy={strategy!r} gives a lazy Jacobian. Use "
-        "strategy 'auto', 'loop', 'map' or 'vmap'.")
+      f"mtjax: make_train_step: micro_batches={micro_batches} (a method on independent micro-batches: MoDo, "
+      f"SDMGrad) needs stacked per-task rows of every part; strategy={strategy!r} gives a lazy Jacobian. Use "
+      "strategy 'auto', 'loop', 'map' or 'vmap'."
+    )
   if strategy == "subset":
     track_similarity = False
-  loss_fn = losses_lib.make_loss_fn(model, task_losses, mask_key="mask" if masked else None, train=True,
-                                    mutable=tuple(mutable), has_aux=True, multi_task_loss=multi_task_loss)
+  loss_fn = losses_lib.make_loss_fn(
+    policy.wrap_apply(model) if policy.mixed else model,
+    task_losses,
+    mask_key="mask" if masked else None,
+    train=True,
+    mutable=tuple(mutable),
+    has_aux=True,
+    multi_task_loss=multi_task_loss,
+  )
   # Without similarity tracking the per-task gradients stay deferred (a TaskJacobian): methods whose
   # weights do not read the gradients (linear, DWA, uncertainty, RLW) then need one backward pass.
   if micro_batches > 1:  # MoDo / SDMGrad: stacked dense rows of every part
-    grad_fn = task_grads(loss_fn, strategy=strategy, has_aux=True, deferred=False, sparse=False,
-                         chunk_size=chunk_size)
+    grad_fn = task_grads(loss_fn, strategy=strategy, has_aux=True, deferred=False, sparse=False, chunk_size=chunk_size)
   else:
-    grad_fn = task_grads(loss_fn, strategy="auto" if strategy == "subset" else strategy, has_aux=True,
-                         deferred=not track_similarity, sparse=sparse, chunk_size=chunk_size, rep_gram=rep_gram)
+    grad_fn = task_grads(
+      loss_fn,
+      strategy="auto" if strategy == "subset" else strategy,
+      has_aux=True,
+      deferred=not track_similarity,
+      sparse=sparse,
+      chunk_size=chunk_size,
+      rep_gram=rep_gram,
+    )
 
   def micro_batch_grads(params, batch, dropout_key, variables):
     """Per-task losses ``[M, T]`` and gradients ``[M, T, ...]`` of the parts, the variables after them,
@@ -147,17 +186,22 @@ def make_train_step(model, tx, *, task_losses="bce", multi_task_loss=None, maske
 
   def step(state: TrainState, batch, validation_batch=None):
     rng, dropout_key = jax.random.split(state.rng)
+    # Mixed precision: the per-task gradients of the bfloat16 copy of the params (bfloat16 rows).
+    grad_params = policy.cast_to_compute(state.params) if policy.mixed else state.params
     if micro_batches > 1:
       task_losses_, grads, variables, (logged_losses, logged_grads) = micro_batch_grads(
-          state.params, batch, dropout_key, state.variables)
+        grad_params, batch, dropout_key, state.variables
+      )
     else:
-      (task_losses_, aux), grads = grad_fn(state.params, batch, {"dropout": dropout_key}, state.variables)
+      (task_losses_, aux), grads = grad_fn(grad_params, batch, {"dropout": dropout_key}, state.variables)
       variables = {**state.variables, **aux["updates"]} if mutable else state.variables
       logged_losses, logged_grads = task_losses_, grads
     extra = {}
     if validation_batch is not None:  # for transforms with a meta loss (mtjax.auto_lambda)
       extra["validation_batch"] = {**validation_batch, "variables": state.variables}
     updates, opt_state = tx.update(grads, state.opt_state, state.params, task_losses=task_losses_, **extra)
+    if policy.mixed:  # every built-in method returns the params' dtype; a user's may not
+      updates = jax.tree.map(lambda u, p: u.astype(p.dtype), updates, state.params)
     params = optax.apply_updates(state.params, updates)
     w = method_weights(opt_state)
     metrics = {"losses": logged_losses, "weights": jnp.ones_like(logged_losses) if w is None else w}
@@ -200,22 +244,35 @@ def split_batch(batch: Mapping[str, Any], num_parts: int) -> list:
   """
   n = sample_count(batch)
   if not 1 <= num_parts <= n:
-    raise ValueError(f"mtjax: split_batch: cannot split a batch of {n} samples into {num_parts} non-empty parts; "
-                     f"use a batch size of at least {num_parts}.")
+    raise ValueError(
+      f"mtjax: split_batch: cannot split a batch of {n} samples into {num_parts} non-empty parts; "
+      f"use a batch size of at least {num_parts}."
+    )
   sizes = [n // num_parts + (1 if m < n % num_parts else 0) for m in range(num_parts)]
   starts = np.concatenate([[0], np.cumsum(sizes)])
   parts = []
   for m in range(num_parts):
+
     def cut(x, axis, m=m):
       if np.shape(x)[axis] != n:
-        raise ValueError(f"mtjax: split_batch: a batch entry of shape {np.shape(x)} has no sample axis {axis} of "
-                         f"size {n} (features are [B, ...], labels and mask [T, B]).")
+        raise ValueError(
+          f"mtjax: split_batch: a batch entry of shape {np.shape(x)} has no sample axis {axis} of "
+          f"size {n} (features are [B, ...], labels and mask [T, B])."
+        )
       return jax.lax.slice_in_dim(jnp.asarray(x), int(starts[m]), int(starts[m + 1]), axis=axis)
+
     parts.append({k: jax.tree.map(lambda x, k=k: cut(x, 1 if k in SAMPLE_AXIS_1 else 0), v) for k, v in batch.items()})
   return parts
 
 
-def validation_loss_fn(model, task_losses="bce", *, multi_task_loss=None, masked: bool = False) -> Callable:
+def validation_loss_fn(
+  model,
+  task_losses: Union[losses_lib.LossSpec, Sequence[losses_lib.LossSpec]] = "bce",
+  *,
+  multi_task_loss=None,
+  masked: bool = False,
+  precision=None,
+) -> Callable:
   """``meta_loss_fn(params, validation_batch) -> [T]``: the model's task losses on a validation batch.
 
   The meta loss of :func:`mtjax.auto_lambda` as :func:`fit` (``validation_ds=``) and
@@ -234,8 +291,15 @@ def validation_loss_fn(model, task_losses="bce", *, multi_task_loss=None, masked
     >>> res.state.opt_state[0].lambdas.shape
     (2,)
   """
-  loss_fn = losses_lib.make_loss_fn(model, task_losses, mask_key="mask" if masked else None, train=False,
-                                    has_aux=True, multi_task_loss=multi_task_loss)
+  policy = _precision.Precision.from_name(precision)  # the training step's (bf16: float32 losses)
+  loss_fn = losses_lib.make_loss_fn(
+    policy.wrap_apply(model) if policy.mixed else model,
+    task_losses,
+    mask_key="mask" if masked else None,
+    train=False,
+    has_aux=True,
+    multi_task_loss=multi_task_loss,
+  )
 
   def meta_loss_fn(params, batch):
     batch = dict(batch)
@@ -254,25 +318,30 @@ def task_scores(outputs, aux) -> jax.Array:
   return outputs
 
 
-def make_predict_fn(model) -> Callable:
-  """A jitted ``predict(params, variables, x) -> (scores [T, B], is_prob)`` in eval mode."""
+def make_predict_fn(model, precision=None) -> Callable:
+  """A jitted ``predict(params, variables, x) -> (scores [T, B], is_prob)`` in eval mode (with
+  ``precision="bf16"``: the model in bfloat16, float32 scores)."""
+  policy = _precision.Precision.from_name(precision)
+  apply_fn = policy.wrap_apply(model) if policy.mixed else model.apply
 
   @jax.jit
   def predict(params, variables, x):
-    out = model.apply({"params": params, **variables}, x, train=False)
+    out = apply_fn({"params": params, **variables}, x, train=False)
     outputs, aux = out if isinstance(out, tuple) else (out, {})
     return task_scores(outputs, aux)
 
   return predict
 
 
-def evaluate(model, state: TrainState, dataset, *, batch_size: int = 4096, predict_fn=None) -> dict:
+def evaluate(model, state: TrainState, dataset, *, batch_size: int = 4096, predict_fn=None, precision=None) -> dict:
   """Per-task metrics on ``dataset``: AUC and logloss for binary tasks, MSE for regression.
 
   Scores of binary tasks are logits unless the model reports probabilities (``task_log_probs``).
   Masked labels are left out per task. Returns ``{task: {metric: value}, 'macro': {...}}``.
+  ``precision``: the model's forward pass as in training (see :func:`make_train_step`); the metrics
+  are computed in float64 on the host either way.
   """
-  predict = predict_fn or make_predict_fn(model)
+  predict = predict_fn or make_predict_fn(model, precision)
   n = len(dataset)
   chunks = []
   for start in range(0, n, batch_size):
@@ -297,8 +366,9 @@ def evaluate(model, state: TrainState, dataset, *, batch_size: int = 4096, predi
 
 def _reports_probs(model, state, dataset) -> bool:
   x = dataset.batch(np.arange(min(2, len(dataset))))["x"]
-  out = jax.eval_shape(lambda p, v, x: model.apply({"params": p, **v}, x, train=False), state.params,
-                       state.variables, x)
+  out = jax.eval_shape(
+    lambda p, v, x: model.apply({"params": p, **v}, x, train=False), state.params, state.variables, x
+  )
   return isinstance(out, tuple) and isinstance(out[1], Mapping) and "task_log_probs" in out[1]
 
 
@@ -313,8 +383,14 @@ def _check_chain_order(tx, state: TrainState, num_tasks: int, validation_batch=N
   extra = {} if validation_batch is None else {"validation_batch": {**validation_batch, "variables": state.variables}}
   try:
     with jax.numpy_rank_promotion("allow"):  # what a misplaced optimizer's broadcasting relies on
-      _, out_state = jax.eval_shape(lambda g, s, p, l, e: tx.update(g, s, p, task_losses=l, **e), grads,
-                                    state.opt_state, state.params, losses, extra)
+      _, out_state = jax.eval_shape(
+        lambda g, s, p, l, e: tx.update(g, s, p, task_losses=l, **e),
+        grads,
+        state.opt_state,
+        state.params,
+        losses,
+        extra,
+      )
   except ValueError as e:  # the method's own test of the chain order (mtjax._src.composition) says the same
     if str(e).startswith("mtjax:") and "changes shape after one step" in str(e):
       raise
@@ -326,10 +402,11 @@ def _check_chain_order(tx, state: TrainState, num_tasks: int, validation_batch=N
   if before != after:
     changed = next((b, a) for b, a in zip(before, after) if b != a) if len(before) == len(after) else (None, None)
     raise ValueError(
-        "mtjax: fit: the optimizer state changes shape after one step"
-        + (f" ({changed[0]} -> {changed[1]})" if changed[0] is not None else "")
-        + ": an optax transform placed before the mtjax method receives the per-task gradients [T, ...] "
-        "and keeps per-task state. Put the mtjax method first: optax.chain(mtjax.pcgrad(...), optax.adam(...)).")
+      "mtjax: fit: the optimizer state changes shape after one step"
+      + (f" ({changed[0]} -> {changed[1]})" if changed[0] is not None else "")
+      + ": an optax transform placed before the mtjax method receives the per-task gradients [T, ...] "
+      "and keeps per-task state. Put the mtjax method first: optax.chain(mtjax.pcgrad(...), optax.adam(...))."
+    )
 
 
 @dataclasses.dataclass
@@ -354,7 +431,8 @@ def shard_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh, data_axis: st
   The batch dimension is the first of every feature array and the second of ``labels`` /
   ``mask`` (``[T, B]``, task axis first).
   """
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   out = {}
   for key, value in batch.items():
@@ -377,7 +455,7 @@ def _mtjax_message(error: BaseException) -> Optional[str]:
   for line in text.splitlines():
     i = line.find("ValueError: mtjax: ")
     if i >= 0:
-      return line[i + len("ValueError: "):].strip()
+      return line[i + len("ValueError: ") :].strip()
   return None
 
 
@@ -389,15 +467,43 @@ class _QuietMtjaxCallbacks(logging.Filter):
     return not (isinstance(exc, ValueError) and str(exc).startswith("mtjax:"))
 
 
-def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, strategy: str = "auto",
-        task_losses=None, multi_task_loss=None, eval_ds=None, eval_every: int = 0, eval_batch_size: int = 4096,
-        log_every: int = 10, out_dir: Optional[str] = None, checkpoint_every: int = 0, resume: bool = True,
-        progress: bool = True, track_similarity: bool = True, config: Optional[dict] = None,
-        desc: str = "train", stop_after: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None,
-        data_axis: str = "data", sparse: bool = True, chunk_size: Optional[int] = None,
-        rep_gram: str = "sum", from_step: Optional[int] = None, keep_checkpoints: int = 2, shared="model",
-        similarity_granularity: str = "model", validation_ds=None, micro_batches: int = 1,
-        writers=()) -> FitResult:
+def fit(
+  model,
+  tx,
+  train_ds,
+  *,
+  steps: int,
+  batch_size: int,
+  seed: int = 0,
+  strategy: str = "auto",
+  task_losses=None,
+  multi_task_loss=None,
+  eval_ds=None,
+  eval_every: int = 0,
+  eval_batch_size: int = 4096,
+  log_every: int = 10,
+  out_dir: Optional[str] = None,
+  checkpoint_every: int = 0,
+  resume: bool = True,
+  progress: bool = True,
+  track_similarity: bool = True,
+  config: Optional[dict] = None,
+  desc: str = "train",
+  stop_after: Optional[int] = None,
+  mesh: Optional[jax.sharding.Mesh] = None,
+  data_axis: str = "data",
+  sparse: bool = True,
+  chunk_size: Optional[int] = None,
+  rep_gram: str = "sum",
+  from_step: Optional[int] = None,
+  keep_checkpoints: int = 2,
+  shared: Any = "model",
+  similarity_granularity: str = "model",
+  validation_ds=None,
+  micro_batches: int = 1,
+  writers=(),
+  precision=None,
+) -> FitResult:
   """Trains ``model`` with the multi-task transform chain ``tx`` on a :class:`mtjax.data.MultiTaskDataset`.
 
   Each step draws a shuffled batch (order fixed by ``seed`` and the epoch), computes per-task
@@ -472,15 +578,22 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
       the end (also when training fails); on a resume they receive the replayed steps again
       (:class:`TensorBoardWriter` hides the stale ones). An exception of a writer stops training
       and propagates, with a note naming the writer.
+    precision: ``None`` / ``"fp32"`` (default: float32 throughout, unchanged) or ``"bf16"`` (or a
+      :class:`Precision`): float32 master parameters, optimizer and method state, checkpoints; the
+      forward and per-task backward passes (training and evaluation) in bfloat16; losses, metrics and
+      the method's Gram and solver in float32 (see :func:`make_train_step`). A resumed run continues
+      exactly (the state is float32); resume with the same precision.
   """
   from mtjax.data import BatchIterator
 
+  policy = _precision.Precision.from_name(precision)  # an unknown name fails before any work
   if strategy == "subset":  # a deferred Jacobian: no rows to compare
     track_similarity = False
   if isinstance(shared, str):
     if shared not in ("model", "all"):
       raise ValueError(f"mtjax: fit: shared must be 'model', 'all', a shared= mask or None, got {shared!r}.")
     from mtjax.models import partition  # pylint: disable=import-outside-toplevel
+
     shared = partition(model) if shared == "model" else None
   if similarity_granularity not in ("model", "layer"):
     raise ValueError(f"mtjax: fit: similarity_granularity must be 'model' or 'layer', got {similarity_granularity!r}.")
@@ -491,20 +604,27 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
   if isinstance(micro_batches, bool) or not isinstance(micro_batches, (int, np.integer)) or micro_batches < 1:
     raise ValueError(f"mtjax: fit: micro_batches must be a positive int, got {micro_batches!r}.")
   if batch_size < micro_batches:
-    raise ValueError(f"mtjax: fit: batch_size={batch_size} cannot be split into micro_batches={micro_batches} "
-                     "non-empty parts; use a batch size of at least micro_batches.")
+    raise ValueError(
+      f"mtjax: fit: batch_size={batch_size} cannot be split into micro_batches={micro_batches} "
+      "non-empty parts; use a batch size of at least micro_batches."
+    )
   if task_losses is None and multi_task_loss is None:
     task_losses = default_task_losses(train_ds.task_types)
   if mesh is not None:
     if data_axis not in mesh.shape:
       raise ValueError(f"mtjax: fit: the mesh has axes {tuple(mesh.shape)}, not data_axis={data_axis!r}.")
     if batch_size % mesh.shape[data_axis]:
-      raise ValueError(f"mtjax: fit: batch_size={batch_size} must be a multiple of the {mesh.shape[data_axis]} "
-                       f"devices of mesh axis {data_axis!r}.")
+      raise ValueError(
+        f"mtjax: fit: batch_size={batch_size} must be a multiple of the {mesh.shape[data_axis]} "
+        f"devices of mesh axis {data_axis!r}."
+      )
   it = BatchIterator(train_ds, batch_size, seed=seed)
   if validation_ds is not None and (validation_ds.num_tasks != train_ds.num_tasks or batch_size > len(validation_ds)):
-    raise ValueError(f"mtjax: fit: validation_ds must have the training set's {train_ds.num_tasks} tasks and at least "
-                     f"batch_size={batch_size} samples, got {validation_ds.num_tasks} tasks, {len(validation_ds)} samples.")
+    raise ValueError(
+      f"mtjax: fit: validation_ds must have the training set's {train_ds.num_tasks} tasks and at least "
+      f"batch_size={batch_size} samples, got {validation_ds.num_tasks} tasks, "
+      f"{len(validation_ds)} samples."
+    )
   state = init_state(model, tx, train_ds.batch(np.arange(min(batch_size, len(train_ds))))["x"], seed=seed)
   if keep_checkpoints < 1:
     raise ValueError(f"mtjax: fit needs keep_checkpoints >= 1, got {keep_checkpoints}.")
@@ -537,19 +657,37 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
     os.remove(log_path)
   if mesh is not None:
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  step_fn = make_train_step(model, tx, task_losses=task_losses, multi_task_loss=multi_task_loss,
-                            masked=train_ds.masks is not None, strategy=strategy, mutable=tuple(state.variables),
-                            track_similarity=track_similarity, sparse=sparse,
-                            chunk_size=chunk_size, rep_gram=rep_gram, shared=shared,
-                            similarity_granularity=similarity_granularity, micro_batches=micro_batches)
+  step_fn = make_train_step(
+    model,
+    tx,
+    task_losses=task_losses,
+    multi_task_loss=multi_task_loss,
+    masked=train_ds.masks is not None,
+    strategy=strategy,
+    mutable=tuple(state.variables),
+    track_similarity=track_similarity,
+    sparse=sparse,
+    chunk_size=chunk_size,
+    rep_gram=rep_gram,
+    shared=shared,
+    similarity_granularity=similarity_granularity,
+    micro_batches=micro_batches,
+    precision=policy,
+  )
   val_it = None
   if validation_ds is not None:  # one validation batch per step: its position is the step count
     spe = BatchIterator(validation_ds, batch_size, seed=seed + 1).steps_per_epoch
-    val_it = BatchIterator(validation_ds, batch_size, seed=seed + 1, epoch=int(state.step) // spe,
-                           position=int(state.step) % spe)
-  _check_chain_order(tx, state, train_ds.num_tasks,
-                     None if validation_ds is None else validation_ds.batch(np.arange(batch_size)), micro_batches)
-  predict_fn = make_predict_fn(model) if eval_ds is not None else None
+    val_it = BatchIterator(
+      validation_ds, batch_size, seed=seed + 1, epoch=int(state.step) // spe, position=int(state.step) % spe
+    )
+  _check_chain_order(
+    tx,
+    state,
+    train_ds.num_tasks,
+    None if validation_ds is None else validation_ds.batch(np.arange(batch_size)),
+    micro_batches,
+  )
+  predict_fn = make_predict_fn(model, policy) if eval_ds is not None else None
   layer_names = None
   if track_similarity and similarity_granularity != "model":
     rows = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1,) + np.shape(x), x.dtype), state.params)
@@ -564,7 +702,9 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
   bar = None
   if progress:
     from tqdm.auto import tqdm
-    bar = tqdm(total=steps, initial=start, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # off when not a TTY
+
+    # disable=None: off when not a TTY
+    bar = tqdm(total=steps, initial=start, desc=desc, leave=False, dynamic_ncols=True, disable=None)
   end = steps if stop_after is None else min(steps, start + stop_after)
   quiet = _QuietMtjaxCallbacks()  # the re-raised error below says it all: no logged callback traceback
   logging.getLogger("jax._src.callback").addFilter(quiet)
@@ -596,9 +736,11 @@ def fit(model, tx, train_ds, *, steps: int, batch_size: int, seed: int = 0, stra
         raise ValueError(message if "[at training step" in message else f"{message} [at training step {done}]") from e
       times.append(time.perf_counter() - t0)
       if not np.all(np.isfinite(m["losses"])):
-        raise ValueError(f"mtjax: non-finite task losses {m['losses'].tolist()} at step {done} "
-                                 "(or NaN/inf gradients at the step before); lower the learning rate or "
-                                 "check the data and the loss.")
+        raise ValueError(
+          f"mtjax: non-finite task losses {m['losses'].tolist()} at step {done} "
+          "(or NaN/inf gradients at the step before); lower the learning rate or "
+          "check the data and the loss."
+        )
       if log_every and (done % log_every == 0 or done == end):
         rec = {"step": done, "losses": _to_host(m["losses"]), "weights": _to_host(m["weights"])}
         if track_similarity:

@@ -70,7 +70,7 @@ def scalars(record: Mapping[str, Any], task_names: Sequence[str] = ()) -> dict[s
   ev = record.get("eval")
   if isinstance(ev, Mapping):
     for task, metrics in ev.items():
-      for metric, v in (metrics.items() if isinstance(metrics, Mapping) else ()):
+      for metric, v in metrics.items() if isinstance(metrics, Mapping) else ():
         if _number(v):
           out[f"eval/{task}/{metric}"] = float(v)
   if _number(record.get("ms_per_step")):
@@ -108,8 +108,9 @@ class MetricsWriter:
 
   def write_scalars(self, step: int, values: Mapping[str, float]) -> None:
     """The scalars of one record, ``{tag: value}`` (see :func:`scalars`)."""
-    raise NotImplementedError(f"mtjax: {type(self).__name__} must implement write(step, record) or "
-                              "write_scalars(step, values).")
+    raise NotImplementedError(
+      f"mtjax: {type(self).__name__} must implement write(step, record) or write_scalars(step, values)."
+    )
 
   def flush(self) -> None:
     """Makes what was written so far durable (called before every checkpoint)."""
@@ -180,10 +181,12 @@ class JsonlWriter(MetricsWriter):
 
   def _error(self, e: OSError, hint: str):
     from mtjax.training import _checkpoint  # pylint: disable=import-outside-toplevel
+
     return _checkpoint.write_error(self.path, e, hint)
 
   def start(self, step: int, task_names: Sequence[str]) -> None:
     from mtjax.training import _checkpoint  # pylint: disable=import-outside-toplevel
+
     super().start(step, task_names)
     self.close()
     if step > 0:
@@ -230,10 +233,12 @@ class JsonlWriter(MetricsWriter):
 def _tensorboardx():
   try:
     from tensorboardX import event_file_writer  # pylint: disable=import-outside-toplevel
-    from tensorboardX.proto import event_pb2, summary_pb2  # pylint: disable=import-outside-toplevel
+    from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+    from tensorboardX.proto import summary_pb2  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ImportError("mtjax: TensorBoardWriter needs tensorboardX (not installed): pip install "
-                      "'mtjax[tensorboard]'") from e
+    raise ImportError(
+      "mtjax: TensorBoardWriter needs tensorboardX (not installed): pip install 'mtjax[tensorboard]'"
+    ) from e
   return event_file_writer, event_pb2, summary_pb2
 
 
@@ -266,8 +271,11 @@ class TensorBoardWriter(MetricsWriter):
     self._events = event_file_writer.EventsWriter(os.path.join(self.logdir, "events"), f".{time.time_ns()}")
     purge = int(step) + 1  # what SummaryWriter(purge_step=...) writes: later points of older files are dropped
     self._events.write_event(event_pb2.Event(wall_time=time.time(), step=purge, file_version="brain.Event:2"))
-    self._events.write_event(event_pb2.Event(wall_time=time.time(), step=purge, session_log=event_pb2.SessionLog(
-        status=event_pb2.SessionLog.START)))
+    self._events.write_event(
+      event_pb2.Event(
+        wall_time=time.time(), step=purge, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+      )
+    )
 
   def write_scalars(self, step: int, values: Mapping[str, float]) -> None:
     if self._events is None:
@@ -275,8 +283,11 @@ class TensorBoardWriter(MetricsWriter):
     if not values:
       return
     _, event_pb2, summary_pb2 = _tensorboardx()
-    summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=_BAD_TAG_CHARS.sub("_", tag),
-                                                                   simple_value=float(v)) for tag, v in values.items()])
+    summary = summary_pb2.Summary(
+      value=[
+        summary_pb2.Summary.Value(tag=_BAD_TAG_CHARS.sub("_", tag), simple_value=float(v)) for tag, v in values.items()
+      ]
+    )
     self._events.write_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
   def flush(self) -> None:
@@ -306,8 +317,10 @@ def as_writers(writers) -> list:
     elif callable(w):
       out.append(CallbackWriter(w))
     else:
-      raise TypeError(f"mtjax: fit: writers must be MetricsWriter objects (with write(step, record)) or "
-                      f"callables taking a record, got {type(w).__name__} {w!r}.")
+      raise TypeError(
+        f"mtjax: fit: writers must be MetricsWriter objects (with write(step, record)) or "
+        f"callables taking a record, got {type(w).__name__} {w!r}."
+      )
   return out
 
 
@@ -322,4 +335,3 @@ def call(writer, method: str, *args, user: bool = True) -> None:
     if user:
       e.add_note(f"mtjax: raised by the metrics writer {writer!r} in {method}() (fit(writers=...)).")
     raise
-

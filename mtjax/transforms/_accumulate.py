@@ -58,12 +58,12 @@ def _accumulator_dtype(p, dtype):
 
 
 def accumulate(
-    inner: optax.GradientTransformation,
-    every_k: int,
-    *,
-    num_tasks: Optional[int] = None,
-    pass_through: Sequence[str] = (),
-    accumulator_dtype: Optional[Any] = None,
+  inner: optax.GradientTransformation,
+  every_k: int,
+  *,
+  num_tasks: Optional[int] = None,
+  pass_through: Sequence[str] = (),
+  accumulator_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Averages per-task gradients (and losses) over ``every_k`` micro-steps, then runs ``inner`` once on the mean.
 
@@ -129,60 +129,76 @@ def accumulate(
     t = num_tasks if num_tasks is not None else _find_num_tasks(inner_state)
     if t is None:
       raise ValueError(
-          "mtjax: accumulate needs the number of tasks at init to size its [T, *param.shape] accumulator: "
-          "build the method with num_tasks=T (mtjax.pcgrad(num_tasks=T)) or pass mtjax.accumulate(..., num_tasks=T).")
-    grads = jax.tree.map(lambda p: jnp.zeros((t,) + tuple(np.shape(p)), _accumulator_dtype(p, accumulator_dtype)),
-                         params)
+        "mtjax: accumulate needs the number of tasks at init to size its [T, *param.shape] accumulator: "
+        "build the method with num_tasks=T (mtjax.pcgrad(num_tasks=T)) or pass mtjax.accumulate(..., num_tasks=T)."
+      )
+    grads = jax.tree.map(
+      lambda p: jnp.zeros((t,) + tuple(np.shape(p)), _accumulator_dtype(p, accumulator_dtype)), params
+    )
     leaves = jax.tree.leaves(grads)
     loss_dtype = jnp.result_type(*leaves) if leaves else jnp.float32
-    return AccumulateState(mini_step=jnp.zeros((), jnp.int32), gradient_step=jnp.zeros((), jnp.int32),
-                           task_grads=grads, task_losses=jnp.zeros((t,), loss_dtype), inner_state=inner_state)
+    return AccumulateState(
+      mini_step=jnp.zeros((), jnp.int32),
+      gradient_step=jnp.zeros((), jnp.int32),
+      task_grads=grads,
+      task_losses=jnp.zeros((t,), loss_dtype),
+      inner_state=inner_state,
+    )
 
   def check_inputs(updates, state, task_losses, extra_args):
     if is_lazy(updates):
       raise ValueError(
-          "mtjax: accumulate: got a deferred Jacobian (mtjax.TaskJacobian from task_grads(..., deferred=True), or "
-          "strategy='rep'/'shared'): a linear map of one batch, which cannot be averaged over micro-steps. Pass the "
-          "stacked per-task gradients, every leaf [T, *param.shape]: mtjax.task_grads(loss_fn)(params, batch) "
-          "(deferred=False), or jac.materialize().")
+        "mtjax: accumulate: got a deferred Jacobian (mtjax.TaskJacobian from task_grads(..., deferred=True), or "
+        "strategy='rep'/'shared'): a linear map of one batch, which cannot be averaged over micro-steps. Pass the "
+        "stacked per-task gradients, every leaf [T, *param.shape]: mtjax.task_grads(loss_fn)(params, batch) "
+        "(deferred=False), or jac.materialize()."
+      )
     flat = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_sparse)[0]
     for path, leaf in flat:
       if is_sparse(leaf):
         raise ValueError(
-            f"mtjax: accumulate: leaf '{tree_lib.path_str(path)}' holds sparse embedding rows (mtjax.SparseRows), "
-            "whose touched rows differ between micro-steps: they cannot be averaged into a fixed-shape buffer. "
-            "Pass dense per-task gradients: mtjax.task_grads(loss_fn, sparse=False), or mtjax.densify(task_grads) "
-            "(the accumulator then holds [T, vocab, dim] per table).")
+          f"mtjax: accumulate: leaf '{tree_lib.path_str(path)}' holds sparse embedding rows (mtjax.SparseRows), "
+          "whose touched rows differ between micro-steps: they cannot be averaged into a fixed-shape buffer. "
+          "Pass dense per-task gradients: mtjax.task_grads(loss_fn, sparse=False), or mtjax.densify(task_grads) "
+          "(the accumulator then holds [T, vocab, dim] per table)."
+        )
     unknown = sorted(set(extra_args) - set(pass_through))
     if unknown:
       raise ValueError(
-          f"mtjax: accumulate: cannot accumulate the extra argument(s) {unknown}: only task_losses ([T]) are "
-          f"averaged over the micro-steps. To hand the emitting micro-step's value to the inner transform, build "
-          f"it with mtjax.accumulate(inner, every_k, pass_through={tuple(unknown)!r}).")
+        f"mtjax: accumulate: cannot accumulate the extra argument(s) {unknown}: only task_losses ([T]) are "
+        f"averaged over the micro-steps. To hand the emitting micro-step's value to the inner transform, build "
+        f"it with mtjax.accumulate(inner, every_k, pass_through={tuple(unknown)!r})."
+      )
     acc_def = jax.tree.structure(state.task_grads)
     upd_def = jax.tree.structure(updates)
     if acc_def != upd_def:
       raise ValueError(
-          "mtjax: accumulate: the task gradients' tree structure differs from the params' (the accumulator's): "
-          "pass the per-task gradients of these params, every leaf [T, *param.shape] (mtjax.task_grads).")
+        "mtjax: accumulate: the task gradients' tree structure differs from the params' (the accumulator's): "
+        "pass the per-task gradients of these params, every leaf [T, *param.shape] (mtjax.task_grads)."
+      )
     for (path, g), a in zip(flat, jax.tree.leaves(state.task_grads)):
       if tuple(np.shape(g)) != tuple(np.shape(a)):
         raise ValueError(
-            f"mtjax: accumulate: leaf '{tree_lib.path_str(path)}' of the task gradients has shape "
-            f"{tuple(np.shape(g))}, but the accumulator holds [T, *param.shape] = {tuple(np.shape(a))}. Pass "
-            "per-task gradients with a leading task axis (mtjax.task_grads); micro-batch gradients [M, T, ...] "
-            "(MoDo, SDMGrad) are not accumulated.")
+          f"mtjax: accumulate: leaf '{tree_lib.path_str(path)}' of the task gradients has shape "
+          f"{tuple(np.shape(g))}, but the accumulator holds [T, *param.shape] = {tuple(np.shape(a))}. Pass "
+          "per-task gradients with a leading task axis (mtjax.task_grads); micro-batch gradients [M, T, ...] "
+          "(MoDo, SDMGrad) are not accumulated."
+        )
     if task_losses is not None and tuple(np.shape(task_losses)) != tuple(np.shape(state.task_losses)):
       raise ValueError(
-          f"mtjax: accumulate: task_losses must have shape {tuple(np.shape(state.task_losses))} (one loss per "
-          f"task), got {tuple(np.shape(task_losses))}.")
+        f"mtjax: accumulate: task_losses must have shape {tuple(np.shape(state.task_losses))} (one loss per "
+        f"task), got {tuple(np.shape(task_losses))}."
+      )
 
   def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
     check_inputs(updates, state, task_losses, extra_args)
     n = state.mini_step
     # Running mean (as optax.MultiSteps): acc + (g - acc) / (n + 1), in the accumulator's dtype.
-    grads = jax.tree.map(lambda acc, g: acc + (jnp.asarray(g).astype(acc.dtype) - acc) / (n + 1).astype(acc.dtype),
-                         state.task_grads, updates)
+    grads = jax.tree.map(
+      lambda acc, g: acc + (jnp.asarray(g).astype(acc.dtype) - acc) / (n + 1).astype(acc.dtype),
+      state.task_grads,
+      updates,
+    )
     losses = state.task_losses
     if task_losses is not None:
       losses = losses + (jnp.asarray(task_losses).astype(losses.dtype) - losses) / (n + 1).astype(losses.dtype)
@@ -208,11 +224,12 @@ def accumulate(
       out, inner_state = (run_inner if bool(emit) else skip)(*operands)
     keep = jnp.logical_not(emit)
     new_state = AccumulateState(
-        mini_step=jnp.where(emit, 0, n + 1).astype(jnp.int32),
-        gradient_step=(state.gradient_step + emit.astype(jnp.int32)).astype(jnp.int32),
-        task_grads=jax.tree.map(lambda a: jnp.where(keep, a, jnp.zeros_like(a)), grads),
-        task_losses=jnp.where(keep, losses, jnp.zeros_like(losses)),
-        inner_state=inner_state)
+      mini_step=jnp.where(emit, 0, n + 1).astype(jnp.int32),
+      gradient_step=(state.gradient_step + emit.astype(jnp.int32)).astype(jnp.int32),
+      task_grads=jax.tree.map(lambda a: jnp.where(keep, a, jnp.zeros_like(a)), grads),
+      task_losses=jnp.where(keep, losses, jnp.zeros_like(losses)),
+      inner_state=inner_state,
+    )
     return out, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

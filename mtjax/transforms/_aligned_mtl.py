@@ -57,13 +57,13 @@ def balance_matrix(gram: jax.Array, scale: str = "min") -> jax.Array:
 
 
 def aligned_mtl(
-    *,
-    num_tasks: Optional[int] = None,
-    scale: str = "min",
-    reduction: str = "mean",
-    shared: tree_lib.SharedSpec = None,
-    gram_leaves: weighting.GramLeavesSpec = None,
-    task_specific: str = "sum",
+  *,
+  num_tasks: Optional[int] = None,
+  scale: str = "min",
+  reduction: str = "mean",
+  shared: tree_lib.SharedSpec = None,
+  gram_leaves: weighting.GramLeavesSpec = None,
+  task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Aligned-MTL: make the task gradients orthogonal with equal norms, then combine them.
 
@@ -142,5 +142,12 @@ def aligned_mtl(
     return jnp.matmul(balance, omega, precision=numerics.HIGHEST), state
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="aligned_mtl", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      task_specific=task_specific, rescale_gram=True)
+    weights_fn,
+    init_state,
+    method="aligned_mtl",
+    num_tasks=num_tasks,
+    shared=shared,
+    gram_leaves=gram_leaves,
+    task_specific=task_specific,
+    rescale_gram=True,
+  )

@@ -36,10 +36,10 @@ def _inner_weights(state) -> Optional[jax.Array]:
 
 
 def amortized(
-    method: optax.GradientTransformationExtraArgs,
-    every: int = 1,
-    *,
-    ema: Optional[float] = None,
+  method: optax.GradientTransformationExtraArgs,
+  every: int = 1,
+  *,
+  ema: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Recomputes a Gram-based method's task weights every ``every`` steps and reuses them in between.
 
@@ -94,15 +94,17 @@ def amortized(
       raise ValueError(f"mtjax: amortized: ema must be a number in [0, 1) or None, got {ema!r}.")
   if not getattr(method.update, weighting.CORE_MARK, False):
     raise ValueError(
-        "mtjax: amortized wraps a Gram-based mtjax method (pcgrad, mgda, upgrad, ... built on "
-        "mtjax.gram_weighting); GradDrop and plain optax transforms have no task weights to reuse.")
+      "mtjax: amortized wraps a Gram-based mtjax method (pcgrad, mgda, upgrad, ... built on "
+      "mtjax.gram_weighting); GradDrop and plain optax transforms have no task weights to reuse."
+    )
 
   def init_fn(params):
     inner = method.init(params)
     w = _inner_weights(inner)
     if w is None:
-      raise ValueError("mtjax: amortized: build the wrapped method with num_tasks=T so that its state records "
-                       "its task weights.")
+      raise ValueError(
+        "mtjax: amortized: build the wrapped method with num_tasks=T so that its state records its task weights."
+      )
     return AmortizedState(count=jnp.zeros((), jnp.int32), weights=jnp.array(w, jnp.float32), inner_state=inner)
 
   def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
@@ -112,8 +114,9 @@ def amortized(
     def fixed(grads, inner_state, w):
       if w.ndim == 2 and w.shape[0] == 1:  # a one-group record (GradVac's [1, T]): the [T] weights it applied
         w = w[0]
-      return method.update(grads, inner_state, params, task_losses=task_losses,
-                           **{weighting.FIXED_WEIGHTS: w}, **extra_args)[0]
+      return method.update(
+        grads, inner_state, params, task_losses=task_losses, **{weighting.FIXED_WEIGHTS: w}, **extra_args
+      )[0]
 
     def refresh(_):
       grads = updates

@@ -45,23 +45,25 @@ def _check_primary(primary_tasks, num_tasks: int) -> Optional[tuple]:
   except TypeError:
     ok, idx = False, ()
   if not ok or not idx or len(set(idx)) != len(idx) or any(i < 0 or i >= num_tasks for i in idx):
-    raise ValueError(f"mtjax: auto_lambda: primary_tasks must be a non-empty sequence of distinct task indices in "
-                     f"[0, {num_tasks}), got {primary_tasks!r}.")
+    raise ValueError(
+      f"mtjax: auto_lambda: primary_tasks must be a non-empty sequence of distinct task indices in "
+      f"[0, {num_tasks}), got {primary_tasks!r}."
+    )
   return idx
 
 
 def auto_lambda(
-    meta_loss_fn: Callable[[Any, Any], jax.Array],
-    *,
-    num_tasks: int,
-    virtual_lr: float,
-    primary_tasks: Optional[Sequence[int]] = None,
-    weight_init: float = 0.1,
-    weight_lr: float = 1e-4,
-    weight_optimizer: Optional[optax.GradientTransformation] = None,
-    virtual_weight_decay: float = 0.0,
-    order: str = "meta_first",
-    nonnegative: bool = False,
+  meta_loss_fn: Callable[[Any, Any], jax.Array],
+  *,
+  num_tasks: int,
+  virtual_lr: float,
+  primary_tasks: Optional[Sequence[int]] = None,
+  weight_init: float = 0.1,
+  weight_lr: float = 1e-4,
+  weight_optimizer: Optional[optax.GradientTransformation] = None,
+  virtual_weight_decay: float = 0.0,
+  order: str = "meta_first",
+  nonnegative: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Auto-Lambda: task weights learned by differentiating a validation loss through a virtual step.
 
@@ -172,11 +174,15 @@ def auto_lambda(
   """
   method = "auto_lambda"
   if not callable(meta_loss_fn):
-    raise ValueError(f"mtjax: {method}: meta_loss_fn must be a callable (params, validation_batch) -> [T] "
-                     f"losses, got {meta_loss_fn!r}.")
+    raise ValueError(
+      f"mtjax: {method}: meta_loss_fn must be a callable (params, validation_batch) -> [T] "
+      f"losses, got {meta_loss_fn!r}."
+    )
   if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
-    raise ValueError(f"mtjax: {method}: num_tasks must be a positive int, got {num_tasks!r} "
-                     "(under optax.inject_hyperparams pass static_args=('num_tasks', ...)).")
+    raise ValueError(
+      f"mtjax: {method}: num_tasks must be a positive int, got {num_tasks!r} "
+      "(under optax.inject_hyperparams pass static_args=('num_tasks', ...))."
+    )
   if order not in ORDERS:
     raise ValueError(f"mtjax: {method}: order must be one of {ORDERS}, got {order!r}.")
   primary = _check_primary(primary_tasks, num_tasks)
@@ -191,25 +197,31 @@ def auto_lambda(
     composition.check_not_wrapped("auto_lambda")  # optax.MultiSteps / masked / apply_if_finite around it
     dtype = numerics.gram_dtype(jnp.result_type(*jax.tree.leaves(params)))
     lambdas = jnp.full((num_tasks,), weight_init, dtype)
-    return AutoLambdaState(lambdas=lambdas, inner_opt_state=optimizer.init(lambdas), weights=lambdas,
-                           meta_loss=jnp.zeros((), dtype))
+    return AutoLambdaState(
+      lambdas=lambdas, inner_opt_state=optimizer.init(lambdas), weights=lambdas, meta_loss=jnp.zeros((), dtype)
+    )
 
   def update_fn(updates, state, params=None, *, task_losses=None, validation_batch=None, **extra_args):
     del extra_args
     if params is None:
-      raise ValueError(f"mtjax: {method} needs the parameters (the virtual step theta' = theta - alpha sum_i "
-                       "lambda_i g_i starts from them): call tx.update(task_grads, state, params, "
-                       "validation_batch=batch).")
+      raise ValueError(
+        f"mtjax: {method} needs the parameters (the virtual step theta' = theta - alpha sum_i "
+        "lambda_i g_i starts from them): call tx.update(task_grads, state, params, "
+        "validation_batch=batch)."
+      )
     if validation_batch is None:
-      raise ValueError(f"mtjax: {method} needs a validation batch for its meta loss: call "
-                       "tx.update(task_grads, state, params, validation_batch=batch) (meta_loss_fn(params, batch) "
-                       "is evaluated at the virtual step); mtjax.training.fit passes one with validation_ds=.")
+      raise ValueError(
+        f"mtjax: {method} needs a validation batch for its meta loss: call "
+        "tx.update(task_grads, state, params, validation_batch=batch) (meta_loss_fn(params, batch) "
+        "is evaluated at the virtual step); mtjax.training.fit passes one with validation_ds=."
+      )
     lazy = updates if is_lazy(updates) else None
+    if lazy is None:  # mixed precision: bfloat16 rows of float32 params give a float32 update
+      updates = rows_lib.upcast_rows(updates, params)
     struct = lazy.shapes() if lazy is not None else updates
     t = tree_lib.check_task_axis(struct, num_tasks, name=f"the task gradients given to {method}")
     tree_lib.check_params_match(struct, params)
-    _, losses_check = weighting.check_task_losses(task_losses, t, required=False, method=method,
-                                                  check_finite=True)
+    _, losses_check = weighting.check_task_losses(task_losses, t, required=False, method=method, check_finite=True)
     lambdas = state.lambdas
     dtype = lambdas.dtype
     if lazy is None:
@@ -218,23 +230,32 @@ def auto_lambda(
       def combine(w):
         return jax.tree_util.tree_unflatten(treedef, [rows_lib.leaf_weighted_sum(w, leaf) for leaf in leaves])
     else:
+
       def combine(w):
         return lazy.weighted_sum(w)
 
     def meta_loss(w):
       d = combine(w)
       shifted = jax.tree.map(
-          lambda p, u: (p.astype(dtype) - virtual_lr * (u.astype(dtype) + virtual_weight_decay * p.astype(dtype))
-                        ).astype(jnp.result_type(p)), params, d)
+        lambda p, u: (p.astype(dtype) - virtual_lr * (u.astype(dtype) + virtual_weight_decay * p.astype(dtype))).astype(
+          jnp.result_type(p)
+        ),
+        params,
+        d,
+      )
       out = jnp.asarray(meta_loss_fn(shifted, validation_batch))
       if out.shape == ():
         if primary is not None:
-          raise ValueError(f"mtjax: {method}: meta_loss_fn returned a scalar, so primary_tasks={primary} cannot "
-                           "select tasks; return the [T] validation losses.")
+          raise ValueError(
+            f"mtjax: {method}: meta_loss_fn returned a scalar, so primary_tasks={primary} cannot "
+            "select tasks; return the [T] validation losses."
+          )
         return out.astype(dtype), out.astype(dtype)
       if out.shape != (t,):
-        raise ValueError(f"mtjax: {method}: meta_loss_fn must return the [T] = ({t},) validation task losses or a "
-                         f"scalar, got shape {out.shape}.")
+        raise ValueError(
+          f"mtjax: {method}: meta_loss_fn must return the [T] = ({t},) validation task losses or a "
+          f"scalar, got shape {out.shape}."
+        )
       selected = out if primary is None else out[jnp.asarray(primary)]
       total = jnp.sum(selected.astype(dtype))
       return total, total
@@ -250,17 +271,23 @@ def auto_lambda(
 
     out_leaves = jax.tree.leaves(out)
     update_check = numerics.condition_check(
-        jnp.logical_not(jnp.all(jnp.stack([jnp.all(jnp.isfinite(o)) for o in out_leaves]))),
-        f"mtjax: non-finite task gradients given to {method} (NaN/inf in the update). Check the loss for NaN/inf "
-        "(log of 0, division by zero, exploding logits); with finite gradients, the weighted sum overflowed.")
+      jnp.logical_not(jnp.all(jnp.stack([jnp.all(jnp.isfinite(o)) for o in out_leaves]))),
+      f"mtjax: non-finite task gradients given to {method} (NaN/inf in the update). Check the loss for NaN/inf "
+      "(log of 0, division by zero, exploding logits); with finite gradients, the weighted sum overflowed.",
+    )
     meta_check = numerics.condition_check(
-        jnp.logical_not(jnp.isfinite(value) & jnp.all(jnp.isfinite(grad))),
-        lambda v: (f"mtjax: {method}: the meta loss at the virtual step or its gradient in the task weights is not "
-                   f"finite (meta loss {np.asarray(v[0]).tolist()}, gradient {np.asarray(v[1]).tolist()}); lower "
-                   "virtual_lr, or check meta_loss_fn and the validation batch for NaN/inf."), (value, grad))
+      jnp.logical_not(jnp.isfinite(value) & jnp.all(jnp.isfinite(grad))),
+      lambda v: (
+        f"mtjax: {method}: the meta loss at the virtual step or its gradient in the task weights is not "
+        f"finite (meta loss {np.asarray(v[0]).tolist()}, gradient {np.asarray(v[1]).tolist()}); lower "
+        "virtual_lr, or check meta_loss_fn and the validation batch for NaN/inf."
+      ),
+      (value, grad),
+    )
     out = numerics.enforce(out, losses_check, meta_check, update_check)
-    new_state = AutoLambdaState(lambdas=new_lambdas, inner_opt_state=inner_opt_state, weights=used,
-                                meta_loss=value.astype(state.meta_loss.dtype))
+    new_state = AutoLambdaState(
+      lambdas=new_lambdas, inner_opt_state=inner_opt_state, weights=used, meta_loss=value.astype(state.meta_loss.dtype)
+    )
     return out, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -30,7 +30,9 @@ class CAGradState(NamedTuple):
 CONFLICT_ROUND = 64.0  # rounding units of G w below which c >= 1 returns d = 0 (see cagrad_weights)
 
 
-def cagrad_weights(gram: jax.Array, c, rescale: str = "none", *, max_iters: int = 100, tol=1e-6) -> jax.Array:
+def cagrad_weights(
+  gram: jax.Array, c, rescale: str = "none", *, max_iters: int = 100, tol: jax.typing.ArrayLike = 1e-6
+) -> jax.Array:
   r"""The CAGrad coefficients :math:`b + \frac{r}{\|g_{w^\star}\|} w^\star` (times the rescale factor).
 
   See :func:`cagrad` (and :func:`mtjax._src.solvers.cagrad_dual` for the rounding floors). ``gram`` is ``[T, T]``;
@@ -64,8 +66,9 @@ def cagrad_weights(gram: jax.Array, c, rescale: str = "none", *, max_iters: int 
   # fuzz in float32 on rank-deficient J). Where J d >= 0 is not certified beyond that rounding
   # (CONFLICT_ROUND eps |G| |coefficients| per task), d = 0, certified and then optimal to that precision.
   jd = jnp.matmul(scaled, weights, precision=numerics.HIGHEST)
-  rounding = CONFLICT_ROUND * jnp.finfo(dtype).eps * jnp.matmul(jnp.abs(scaled), jnp.abs(weights),
-                                                                precision=numerics.HIGHEST)
+  rounding = (
+    CONFLICT_ROUND * jnp.finfo(dtype).eps * jnp.matmul(jnp.abs(scaled), jnp.abs(weights), precision=numerics.HIGHEST)
+  )
   uncertified = jnp.min(jd - rounding) < 0
   # (This covers g_0 at its rounding floor too, r = 0: b is then ~0 but may conflict; c >= 1 gives 0.)
   weights = jnp.where((c >= 1.0) & uncertified, jnp.zeros_like(weights), weights)
@@ -77,15 +80,15 @@ def cagrad_weights(gram: jax.Array, c, rescale: str = "none", *, max_iters: int 
 
 
 def cagrad(
-    c: jax.typing.ArrayLike = 0.4,
-    *,
-    num_tasks: Optional[int] = None,
-    rescale: str = "none",
-    max_iters: int = 100,
-    tol: jax.typing.ArrayLike = 1e-6,
-    shared: tree_lib.SharedSpec = None,
-    gram_leaves: weighting.GramLeavesSpec = None,
-    task_specific: str = "sum",
+  c: jax.typing.ArrayLike = 0.4,
+  *,
+  num_tasks: Optional[int] = None,
+  rescale: str = "none",
+  max_iters: int = 100,
+  tol: jax.typing.ArrayLike = 1e-6,
+  shared: tree_lib.SharedSpec = None,
+  gram_leaves: weighting.GramLeavesSpec = None,
+  task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""CAGrad: the best worst-task improvement in a ball around the average gradient.
 
@@ -174,10 +177,25 @@ def cagrad(
   def weights_fn(inputs, state):
     radius = jnp.asarray(c)
     if not numerics._is_concrete(radius):  # pylint: disable=protected-access
-      radius = numerics.enforce(radius, numerics.condition_check(
-          ~(radius >= 0), "mtjax: cagrad: c must be >= 0 (the radius of the ball around the mean gradient)."))
+      radius = numerics.enforce(
+        radius,
+        numerics.condition_check(
+          ~(radius >= 0), "mtjax: cagrad: c must be >= 0 (the radius of the ball around the mean gradient)."
+        ),
+      )
     return cagrad_weights(inputs.grams[0], radius, rescale, max_iters=max_iters, tol=tol), state
 
-  return tree_lib.with_task_axis_check(weighting.gram_weighting(
-      weights_fn, init_state, method="cagrad", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      task_specific=task_specific, rescale_gram=True), num_tasks, "cagrad")
+  return tree_lib.with_task_axis_check(
+    weighting.gram_weighting(
+      weights_fn,
+      init_state,
+      method="cagrad",
+      num_tasks=num_tasks,
+      shared=shared,
+      gram_leaves=gram_leaves,
+      task_specific=task_specific,
+      rescale_gram=True,
+    ),
+    num_tasks,
+    "cagrad",
+  )

@@ -30,8 +30,9 @@ def config_weights(gram: jax.Array) -> jax.Array:
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
   cosines = numerics.cosine_from_gram(gram)
   t = gram.shape[0]
-  a = jnp.matmul(jnp.linalg.pinv(cosines, hermitian=True), jnp.ones((t,), gram.dtype),
-                 precision=numerics.HIGHEST)  # x = J_n^T a solves J_n x = 1 (min norm)
+  a = jnp.matmul(
+    jnp.linalg.pinv(cosines, hermitian=True), jnp.ones((t,), gram.dtype), precision=numerics.HIGHEST
+  )  # x = J_n^T a solves J_n x = 1 (min norm)
   c_a = jnp.matmul(cosines, a, precision=numerics.HIGHEST)
   sq_norm = jnp.dot(a, c_a, precision=numerics.HIGHEST)  # ||x||^2
   length = jnp.dot(norms, c_a, precision=numerics.HIGHEST)  # sum_i g_i . x
@@ -39,11 +40,11 @@ def config_weights(gram: jax.Array) -> jax.Array:
 
 
 def config(
-    *,
-    num_tasks: Optional[int] = None,
-    shared: tree_lib.SharedSpec = None,
-    gram_leaves: weighting.GramLeavesSpec = None,
-    task_specific: str = "sum",
+  *,
+  num_tasks: Optional[int] = None,
+  shared: tree_lib.SharedSpec = None,
+  gram_leaves: weighting.GramLeavesSpec = None,
+  task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""ConFIG: the direction with equal cosine to every task gradient, scaled by their projections.
 
@@ -116,5 +117,12 @@ def config(
     return config_weights(inputs.grams[0]), state
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="config", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      task_specific=task_specific, rescale_gram=True)
+    weights_fn,
+    init_state,
+    method="config",
+    num_tasks=num_tasks,
+    shared=shared,
+    gram_leaves=gram_leaves,
+    task_specific=task_specific,
+    rescale_gram=True,
+  )

@@ -38,8 +38,9 @@ class DBMTLState(NamedTuple):
   weights: jax.Array
 
 
-def prepare_leaves(updates, params, *, num_tasks: Optional[int], shared, method: str,
-                   task_losses, losses_required: bool):
+def prepare_leaves(
+  updates, params, *, num_tasks: Optional[int], shared, method: str, task_losses, losses_required: bool
+):
   """Validation shared by the leaf-wise methods (DB-MTL, ExcessMTL).
 
   Materializes a deferred Jacobian, checks the task axis, params and losses, densifies
@@ -48,10 +49,12 @@ def prepare_leaves(updates, params, *, num_tasks: Optional[int], shared, method:
   Returns ``(leaves, treedef, mask, t, losses, losses_check)``.
   """
   updates = materialize(updates)  # the method keeps per-coordinate state: it needs every row
+  updates = rows_lib.upcast_rows(updates, params)  # mixed precision: float32 math and state for bfloat16 rows
   t = tree_lib.check_task_axis(updates, num_tasks, name=f"the task gradients given to {method}")
   tree_lib.check_params_match(updates, params)
-  losses, losses_check = weighting.check_task_losses(task_losses, t, required=losses_required, method=method,
-                                                     check_finite=True)
+  losses, losses_check = weighting.check_task_losses(
+    task_losses, t, required=losses_required, method=method, check_finite=True
+  )
   mask = tree_lib.resolve_shared(shared, updates, params)
   leaves, treedef = rows_lib.flatten(updates)
   leaves = [leaf.todense() if isinstance(leaf, SparseRows) else jnp.asarray(leaf) for leaf in leaves]
@@ -61,8 +64,9 @@ def prepare_leaves(updates, params, *, num_tasks: Optional[int], shared, method:
 def shared_state_tree(params, num_tasks: int, shared, dtype_fn=None):
   """Zeros ``[T, *shape]`` on the shared leaves of ``params``, ``[0]`` placeholders elsewhere."""
   leaves, treedef = jax.tree.flatten(params)
-  probe = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct((num_tasks,) + tuple(jnp.shape(p)), jnp.result_type(p))
-                                       for p in leaves])
+  probe = jax.tree.unflatten(
+    treedef, [jax.ShapeDtypeStruct((num_tasks,) + tuple(jnp.shape(p)), jnp.result_type(p)) for p in leaves]
+  )
   mask = tree_lib.resolve_shared(shared, probe, params)
   out = []
   for p, m in zip(leaves, mask):
@@ -74,14 +78,17 @@ def shared_state_tree(params, num_tasks: int, shared, dtype_fn=None):
 def check_state_tree(state_leaves, leaves, mask, method: str, what: str) -> None:
   """A per-task state tree (from :func:`shared_state_tree`) matches the task gradients and the mask."""
   if len(state_leaves) != len(leaves) or any(
-      (e.shape != l.shape) if m else (e.shape != (0,)) for e, l, m in zip(state_leaves, leaves, mask)):
-    raise ValueError(f"mtjax: {method}: the state's {what} does not match the task gradients; call tx.init on "
-                     "params with the same structure (and the same shared= mask) as the task gradients.")
+    (e.shape != l.shape) if m else (e.shape != (0,)) for e, l, m in zip(state_leaves, leaves, mask)
+  ):
+    raise ValueError(
+      f"mtjax: {method}: the state's {what} does not match the task gradients; call tx.init on "
+      "params with the same structure (and the same shared= mask) as the task gradients."
+    )
   if not any(mask):
     raise ValueError(f"mtjax: {method}: the shared= mask marks no leaf as shared; nothing to weight.")
 
 
-def task_sq_norms(rows, dtype) -> jax.Array:
+def task_sq_norms(rows, dtype) -> tuple[jax.Array, jax.Array]:
   """``[T]`` squared norms of the task rows summed over ``rows`` (``[T, ...]`` arrays), overflow-safe.
 
   Returns ``(top, sq)`` with ``norm_i = top * sqrt(sq_i)``: the rows are divided by their largest
@@ -96,17 +103,19 @@ def task_sq_norms(rows, dtype) -> jax.Array:
 def nonfinite_grads_check(leaves, method: str):
   bad = jnp.any(jnp.stack([jnp.logical_not(jnp.all(jnp.isfinite(leaf))) for leaf in leaves]))
   return numerics.condition_check(
-      bad, f"mtjax: non-finite task gradients given to {method} (NaN/inf in a task gradient). Check the loss "
-      "for NaN/inf (log of 0, division by zero, exploding logits).")
+    bad,
+    f"mtjax: non-finite task gradients given to {method} (NaN/inf in a task gradient). Check the loss "
+    "for NaN/inf (log of 0, division by zero, exploding logits).",
+  )
 
 
 def db_mtl(
-    *,
-    num_tasks: int,
-    beta: float | jax.Array = 0.9,
-    beta_sigma: float | jax.Array = 0.0,
-    eps: float | jax.Array = 1e-8,
-    shared: tree_lib.SharedSpec = None,
+  *,
+  num_tasks: int,
+  beta: float | jax.Array = 0.9,
+  beta_sigma: float | jax.Array = 0.0,
+  eps: float | jax.Array = 1e-8,
+  shared: tree_lib.SharedSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DB-MTL (Dual-Balancing MTL): log-transformed losses, then every task's gradient EMA scaled to the largest.
 
@@ -175,8 +184,10 @@ def db_mtl(
   """
   method = "db_mtl"
   if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
-    raise ValueError(f"mtjax: db_mtl: num_tasks must be a positive int (it shapes the gradient EMA in the state), "
-                     f"got {num_tasks!r}. Pass db_mtl(num_tasks=T).")
+    raise ValueError(
+      f"mtjax: db_mtl: num_tasks must be a positive int (it shapes the gradient EMA in the state), "
+      f"got {num_tasks!r}. Pass db_mtl(num_tasks=T)."
+    )
   if isinstance(beta, (int, float)) and not 0 <= beta < 1:
     raise ValueError(f"mtjax: db_mtl: beta must be in [0, 1), got {beta!r}.")
   if isinstance(beta_sigma, (int, float)) and beta_sigma < 0:
@@ -187,21 +198,27 @@ def db_mtl(
   def init_fn(params):
     composition.check_not_wrapped("db_mtl")  # optax.MultiSteps / masked / apply_if_finite around it
     dtype = weighting.params_dtype(params)
-    return DBMTLState(count=jnp.zeros((), jnp.int32), grads_ema=shared_state_tree(params, num_tasks, shared),
-                      alpha=jnp.ones((num_tasks,), dtype), weights=jnp.ones((num_tasks,), dtype))
+    return DBMTLState(
+      count=jnp.zeros((), jnp.int32),
+      grads_ema=shared_state_tree(params, num_tasks, shared),
+      alpha=jnp.ones((num_tasks,), dtype),
+      weights=jnp.ones((num_tasks,), dtype),
+    )
 
   def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
     del extra_args
     leaves, treedef, mask, t, losses, losses_check = prepare_leaves(
-        updates, params, num_tasks=num_tasks, shared=shared, method=method, task_losses=task_losses,
-        losses_required=True)
+      updates, params, num_tasks=num_tasks, shared=shared, method=method, task_losses=task_losses, losses_required=True
+    )
     ema_leaves = jax.tree.leaves(state.grads_ema)
     check_state_tree(ema_leaves, leaves, mask, method, "gradient EMA")
     dtype = state.alpha.dtype
     shifted = losses.astype(dtype) + jnp.asarray(eps, dtype)
     losses_ok = numerics.condition_check(
-        jnp.any(shifted <= 0),
-        lambda v: f"mtjax: db_mtl: log(L_i + eps) needs L_i + eps > 0, got {np.asarray(v).tolist()}.", shifted)
+      jnp.any(shifted <= 0),
+      lambda v: f"mtjax: db_mtl: log(L_i + eps) needs L_i + eps > 0, got {np.asarray(v).tolist()}.",
+      shifted,
+    )
     scale = numerics.safe_div(jnp.ones_like(shifted), shifted)  # 1 / (L_i + eps)
     count = optax.safe_increment(state.count)
     b = jnp.asarray(beta, dtype) / jnp.power(count.astype(dtype), jnp.asarray(beta_sigma, dtype))
@@ -230,8 +247,12 @@ def db_mtl(
       else:
         out.append(out_ts[i])
     out = numerics.enforce(out, losses_check, losses_ok, nonfinite_grads_check(leaves, method))
-    new_state = DBMTLState(count=count, grads_ema=jax.tree.unflatten(jax.tree.structure(state.grads_ema), new_ema),
-                           alpha=alpha.astype(state.alpha.dtype), weights=scale.astype(state.weights.dtype))
+    new_state = DBMTLState(
+      count=count,
+      grads_ema=jax.tree.unflatten(jax.tree.structure(state.grads_ema), new_ema),
+      alpha=alpha.astype(state.alpha.dtype),
+      weights=scale.astype(state.weights.dtype),
+    )
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -27,14 +27,14 @@ class DualProjState(NamedTuple):
 
 
 def dualproj(
-    *,
-    num_tasks: Optional[int] = None,
-    regularization: jax.typing.ArrayLike = 1e-4,
-    max_iters: int = 100,
-    tol: jax.typing.ArrayLike = 1e-7,
-    shared: tree_lib.SharedSpec = None,
-    gram_leaves: weighting.GramLeavesSpec = None,
-    task_specific: str = "sum",
+  *,
+  num_tasks: Optional[int] = None,
+  regularization: jax.typing.ArrayLike = 1e-4,
+  max_iters: int = 100,
+  tol: jax.typing.ArrayLike = 1e-7,
+  shared: tree_lib.SharedSpec = None,
+  gram_leaves: weighting.GramLeavesSpec = None,
+  task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""DualProj: project the mean task gradient onto the dual cone of the task gradients.
 
@@ -111,5 +111,12 @@ def dualproj(
     return project_to_dual_cone(matrix, base, max_iters=max_iters, tol=tol), state
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="dualproj", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      task_specific=task_specific, rescale_gram=True)
+    weights_fn,
+    init_state,
+    method="dualproj",
+    num_tasks=num_tasks,
+    shared=shared,
+    gram_leaves=gram_leaves,
+    task_specific=task_specific,
+    rescale_gram=True,
+  )

@@ -63,14 +63,14 @@ def dwa_weights(epoch_means: jax.Array, temperature, block_index: jax.Array) -> 
 
 
 def dwa(
-    *,
-    num_tasks: int,
-    temperature: float = 2.0,
-    steps_per_epoch: Optional[int] = None,
-    mode: str = "epoch",
-    window: Optional[int] = None,
-    shared: tree_lib.SharedSpec = None,
-    task_specific: str = "weighted",
+  *,
+  num_tasks: int,
+  temperature: float = 2.0,
+  steps_per_epoch: Optional[int] = None,
+  mode: str = "epoch",
+  window: Optional[int] = None,
+  shared: tree_lib.SharedSpec = None,
+  task_specific: str = "weighted",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Dynamic Weight Average: weight each task by how slowly its loss has been falling.
 
@@ -129,14 +129,18 @@ def dwa(
     https://arxiv.org/abs/1803.10704
   """
   if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
-    raise ValueError(f"mtjax: dwa: num_tasks must be a positive int, got {num_tasks!r} (under "
-                     "optax.inject_hyperparams pass static_args=('num_tasks', 'steps_per_epoch', 'window')).")
+    raise ValueError(
+      f"mtjax: dwa: num_tasks must be a positive int, got {num_tasks!r} (under "
+      "optax.inject_hyperparams pass static_args=('num_tasks', 'steps_per_epoch', 'window'))."
+    )
   if mode not in MODES:
     raise ValueError(f"mtjax: dwa: mode must be one of {MODES}, got {mode!r}.")
   if mode == "epoch":
     if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-      raise ValueError("mtjax: dwa: mode='epoch' needs steps_per_epoch, a positive int (got "
-                       f"{steps_per_epoch!r}); or use mode='step' / mode='window'.")
+      raise ValueError(
+        "mtjax: dwa: mode='epoch' needs steps_per_epoch, a positive int (got "
+        f"{steps_per_epoch!r}); or use mode='step' / mode='window'."
+      )
     block = steps_per_epoch
   elif mode == "window":
     if not isinstance(window, int) or window < 1:
@@ -148,20 +152,27 @@ def dwa(
   def init_state(params):
     dtype = numerics.gram_dtype(jnp.result_type(*jax.tree.leaves(params)))
     return DWAState(
-        count=jnp.zeros((), jnp.int32),
-        loss_sum=jnp.zeros((num_tasks,), dtype),
-        epoch_means=jnp.ones((2, num_tasks), dtype),
-        weights=jnp.ones((num_tasks,), dtype),
+      count=jnp.zeros((), jnp.int32),
+      loss_sum=jnp.zeros((num_tasks,), dtype),
+      epoch_means=jnp.ones((2, num_tasks), dtype),
+      weights=jnp.ones((num_tasks,), dtype),
     )
 
   def weights_fn(inputs, state):
     dtype = state.loss_sum.dtype
     losses = inputs.task_losses.astype(dtype)
-    losses = numerics.enforce(losses, numerics.condition_check(
+    losses = numerics.enforce(
+      losses,
+      numerics.condition_check(
         jnp.any(losses < 0),
-        lambda v: (f"mtjax: dwa: task losses must be nonnegative, got {np.asarray(v).tolist()} (DWA weights a task "
-                   "by the ratio of its recent average losses, which only measures the rate of descent for "
-                   "positive losses); shift or reformulate negative losses."), losses))
+        lambda v: (
+          f"mtjax: dwa: task losses must be nonnegative, got {np.asarray(v).tolist()} (DWA weights a task "
+          "by the ratio of its recent average losses, which only measures the rate of descent for "
+          "positive losses); shift or reformulate negative losses."
+        ),
+        losses,
+      ),
+    )
     count = state.count
     weights = dwa_weights(state.epoch_means, temperature, count // block)
     loss_sum = state.loss_sum + losses / block  # divided first: a sum of finite losses cannot overflow
@@ -169,10 +180,18 @@ def dwa(
     closed = jnp.stack([state.epoch_means[1], loss_sum])
     epoch_means = jnp.where(block_done, closed, state.epoch_means)
     loss_sum = jnp.where(block_done, jnp.zeros_like(loss_sum), loss_sum)
-    new_state = DWAState(count=optax.safe_increment(count), loss_sum=loss_sum,
-                         epoch_means=epoch_means, weights=state.weights)
+    new_state = DWAState(
+      count=optax.safe_increment(count), loss_sum=loss_sum, epoch_means=epoch_means, weights=state.weights
+    )
     return weights, new_state
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="dwa", num_tasks=num_tasks, shared=shared, needs_gram=False,
-      requires_task_losses=True, task_specific=task_specific)
+    weights_fn,
+    init_state,
+    method="dwa",
+    num_tasks=num_tasks,
+    shared=shared,
+    needs_gram=False,
+    requires_task_losses=True,
+    task_specific=task_specific,
+  )

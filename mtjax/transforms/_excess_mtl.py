@@ -41,14 +41,14 @@ class ExcessMTLState(NamedTuple):
 
 
 def excess_mtl(
-    *,
-    num_tasks: int,
-    step_size: float | jax.Array = 1e-2,
-    eps: float | jax.Array = 1e-7,
-    warmup_steps: int = 0,
-    weight_sum: str = "simplex",
-    shared: tree_lib.SharedSpec = None,
-    task_specific: str = "weighted",
+  *,
+  num_tasks: int,
+  step_size: float | jax.Array = 1e-2,
+  eps: float | jax.Array = 1e-7,
+  warmup_steps: int = 0,
+  weight_sum: str = "simplex",
+  shared: tree_lib.SharedSpec = None,
+  task_specific: str = "weighted",
 ) -> optax.GradientTransformationExtraArgs:
   r"""ExcessMTL: up-weight the tasks that are furthest from convergence, by estimated excess risk.
 
@@ -123,8 +123,10 @@ def excess_mtl(
   """
   method = "excess_mtl"
   if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
-    raise ValueError(f"mtjax: excess_mtl: num_tasks must be a positive int (it shapes the accumulator in the "
-                     f"state), got {num_tasks!r}. Pass excess_mtl(num_tasks=T).")
+    raise ValueError(
+      f"mtjax: excess_mtl: num_tasks must be a positive int (it shapes the accumulator in the "
+      f"state), got {num_tasks!r}. Pass excess_mtl(num_tasks=T)."
+    )
   warmup_steps = weighting.static_int(warmup_steps, "warmup_steps", method)
   if weight_sum not in WEIGHT_SUMS:
     raise ValueError(f"mtjax: excess_mtl: weight_sum must be one of {WEIGHT_SUMS}, got {weight_sum!r}.")
@@ -139,15 +141,18 @@ def excess_mtl(
   def init_fn(params):
     composition.check_not_wrapped("excess_mtl")  # optax.MultiSteps / masked / apply_if_finite around it
     dtype = weighting.params_dtype(params)
-    return ExcessMTLState(count=jnp.zeros((), jnp.int32), sq_sum=shared_state_tree(params, num_tasks, shared),
-                          baseline=jnp.zeros((num_tasks,), dtype),
-                          weights=jnp.full((num_tasks,), total / num_tasks, dtype))
+    return ExcessMTLState(
+      count=jnp.zeros((), jnp.int32),
+      sq_sum=shared_state_tree(params, num_tasks, shared),
+      baseline=jnp.zeros((num_tasks,), dtype),
+      weights=jnp.full((num_tasks,), total / num_tasks, dtype),
+    )
 
   def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
     del extra_args
     leaves, treedef, mask, t, _, losses_check = prepare_leaves(
-        updates, params, num_tasks=num_tasks, shared=shared, method=method, task_losses=task_losses,
-        losses_required=False)
+      updates, params, num_tasks=num_tasks, shared=shared, method=method, task_losses=task_losses, losses_required=False
+    )
     acc_leaves = jax.tree.leaves(state.sq_sum)
     check_state_tree(acc_leaves, leaves, mask, method, "accumulator")
     dtype = state.weights.dtype
@@ -185,9 +190,12 @@ def excess_mtl(
       else:
         out.append(rows_lib.leaf_sum(leaf))
     out = numerics.enforce(out, losses_check, nonfinite_grads_check(leaves, method))
-    new_state = ExcessMTLState(count=optax.safe_increment(count),
-                               sq_sum=jax.tree.unflatten(jax.tree.structure(state.sq_sum), new_acc),
-                               baseline=baseline.astype(state.baseline.dtype), weights=weights.astype(dtype))
+    new_state = ExcessMTLState(
+      count=optax.safe_increment(count),
+      sq_sum=jax.tree.unflatten(jax.tree.structure(state.sq_sum), new_acc),
+      baseline=baseline.astype(state.baseline.dtype),
+      weights=weights.astype(dtype),
+    )
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -51,8 +51,7 @@ def balance_weights(gram: jax.Array, alpha, *, max_iters: int, tol, gram_log2_sc
   log_kappa = jnp.max(jnp.where(active, log_coef, -jnp.inf))
   log_kappa = jnp.where(jnp.isfinite(log_kappa), log_kappa, 0.0)
   coef = jnp.exp(jnp.where(active, log_coef - log_kappa, 0.0))
-  result = solvers.balance_newton(numerics.cosine_from_gram(gram), coef, alpha, active,
-                                  max_iters=max_iters, tol=tol)
+  result = solvers.balance_newton(numerics.cosine_from_gram(gram), coef, alpha, active, max_iters=max_iters, tol=tol)
   log_scale = alpha / (1.0 + alpha) * (log_kappa + jnp.log(2.0).astype(dtype) * jnp.asarray(gram_log2_scale, dtype))
   log_scale = log_scale - log_norm
   weights = jnp.where(result.weights > 0, result.weights * jnp.exp(jnp.where(active, log_scale, 0.0)), 0.0)
@@ -64,24 +63,27 @@ def failure_check(result: solvers.BalanceResult, method: str):
 
   def message(operand):
     decrement, iterations = operand if operand is not None else (float("nan"), -1)
-    return (f"mtjax: {method}: the weight solver did not converge in {int(iterations)} Newton steps "
-            f"(squared Newton decrement {float(decrement):.3g}); the task gradients are probably nearly "
-            "Pareto-stationary or too ill-conditioned for the dtype. Raise max_iters or tol, use float64, "
-            "or run with mtjax.runtime_checks(False) and read state.status (2 = not converged).")
+    return (
+      f"mtjax: {method}: the weight solver did not converge in {int(iterations)} Newton steps "
+      f"(squared Newton decrement {float(decrement):.3g}); the task gradients are probably nearly "
+      "Pareto-stationary or too ill-conditioned for the dtype. Raise max_iters or tol, use float64, "
+      "or run with mtjax.runtime_checks(False) and read state.status (2 = not converged)."
+    )
 
-  return numerics.condition_check(result.status == solvers.NOT_CONVERGED, message,
-                                  (result.decrement, result.iterations))
+  return numerics.condition_check(
+    result.status == solvers.NOT_CONVERGED, message, (result.decrement, result.iterations)
+  )
 
 
 def fairgrad(
-    alpha: jax.typing.ArrayLike = 1.0,
-    *,
-    num_tasks: Optional[int] = None,
-    max_iters: int = 100,
-    tol: jax.typing.ArrayLike = 1e-10,
-    shared: tree_lib.SharedSpec = None,
-    gram_leaves: weighting.GramLeavesSpec = None,
-    task_specific: str = "sum",
+  alpha: jax.typing.ArrayLike = 1.0,
+  *,
+  num_tasks: Optional[int] = None,
+  max_iters: int = 100,
+  tol: jax.typing.ArrayLike = 1e-10,
+  shared: tree_lib.SharedSpec = None,
+  gram_leaves: weighting.GramLeavesSpec = None,
+  task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""FairGrad: task weights from :math:`\alpha`-fair utility maximization, :math:`G w = w^{-1/\alpha}`.
 
@@ -166,19 +168,26 @@ def fairgrad(
   max_iters = weighting.static_int(max_iters, "max_iters", "fairgrad")
 
   def init_state(params):
-    return FairGradState(weights=weighting.init_weights(num_tasks, dtype=weighting.params_dtype(params)),
-                         status=jnp.zeros((), jnp.int32))
+    return FairGradState(
+      weights=weighting.init_weights(num_tasks, dtype=weighting.params_dtype(params)), status=jnp.zeros((), jnp.int32)
+    )
 
   def weights_fn(inputs, state):
     a = jnp.asarray(alpha)
     alpha_check = None
     if not numerics._is_concrete(a):  # pylint: disable=protected-access
       alpha_check = numerics.condition_check(~(a > 0), "mtjax: fairgrad: alpha must be > 0.")
-    result = balance_weights(inputs.grams[0], a, max_iters=max_iters, tol=tol,
-                             gram_log2_scale=inputs.gram_log2_scale)
+    result = balance_weights(inputs.grams[0], a, max_iters=max_iters, tol=tol, gram_log2_scale=inputs.gram_log2_scale)
     weights = numerics.enforce(result.weights, alpha_check, failure_check(result, "fairgrad"))
     return weights, state._replace(status=result.status)
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="fairgrad", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      task_specific=task_specific, rescale_gram=True)
+    weights_fn,
+    init_state,
+    method="fairgrad",
+    num_tasks=num_tasks,
+    shared=shared,
+    gram_leaves=gram_leaves,
+    task_specific=task_specific,
+    rescale_gram=True,
+  )

@@ -6,6 +6,7 @@ import functools
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -43,7 +44,9 @@ class FAMOState(NamedTuple):
 
 
 def famo_weights(logits: jax.Array, shifted_losses: jax.Array) -> jax.Array:
-  r"""FAMO's task weights :math:`c\, z_i / \ell_i`, :math:`z = \operatorname{softmax}(\xi)`, :math:`c^{-1} = \sum_j z_j / \ell_j`.
+  r"""FAMO's task weights :math:`c\, z_i / \ell_i`.
+
+  Here :math:`z = \operatorname{softmax}(\xi)` and :math:`c^{-1} = \sum_j z_j / \ell_j`.
 
   Computed as :math:`\operatorname{softmax}(\xi - \log \ell)` (the same numbers, without overflow).
   ``shifted_losses`` (:math:`\ell`) must be positive.
@@ -63,17 +66,17 @@ def famo_logit_gradient(logits: jax.Array, delta: jax.Array, gamma) -> jax.Array
 
 
 def famo(
-    *,
-    num_tasks: int,
-    learning_rate: float = 0.025,
-    gamma: float = 1e-3,
-    min_losses: Union[float, jax.typing.ArrayLike] = 0.0,
-    eps: float = 1e-8,
-    post_step_losses: str = "extra_forward",
-    logit_update: str = "sgd",
-    logit_optimizer: Optional[optax.GradientTransformation] = None,
-    shared: tree_lib.SharedSpec = None,
-    task_specific: str = "weighted",
+  *,
+  num_tasks: int,
+  learning_rate: float = 0.025,
+  gamma: float = 1e-3,
+  min_losses: Union[float, jax.typing.ArrayLike] = 0.0,
+  eps: float = 1e-8,
+  post_step_losses: str = "extra_forward",
+  logit_update: str = "sgd",
+  logit_optimizer: Optional[optax.GradientTransformation] = None,
+  shared: tree_lib.SharedSpec = None,
+  task_specific: str = "weighted",
 ) -> optax.GradientTransformationExtraArgs:
   r"""FAMO: decrease every task's log loss at the same rate, from the loss values only.
 
@@ -162,8 +165,10 @@ def famo(
     https://arxiv.org/abs/2306.03792
   """
   if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
-    raise ValueError(f"mtjax: famo: num_tasks must be a positive int, got {num_tasks!r} "
-                     "(under optax.inject_hyperparams pass static_args=('num_tasks',)).")
+    raise ValueError(
+      f"mtjax: famo: num_tasks must be a positive int, got {num_tasks!r} "
+      "(under optax.inject_hyperparams pass static_args=('num_tasks',))."
+    )
   if post_step_losses not in FORMS:
     raise ValueError(f"mtjax: famo: post_step_losses must be one of {FORMS}, got {post_step_losses!r}.")
   if logit_optimizer is None and logit_update not in LOGIT_UPDATES:
@@ -175,25 +180,36 @@ def famo(
   else:
     optimizer = optax.sgd(learning_rate)
   if not isinstance(min_losses, jax.core.Tracer) and np.ndim(min_losses) not in (0, 1):
-    raise ValueError(f"mtjax: famo: min_losses must be a scalar or have shape ({num_tasks},), "
-                     f"got shape {np.shape(min_losses)}.")
+    raise ValueError(
+      f"mtjax: famo: min_losses must be a scalar or have shape ({num_tasks},), got shape {np.shape(min_losses)}."
+    )
   if np.ndim(min_losses) == 1 and np.shape(min_losses) != (num_tasks,):
-    raise ValueError(f"mtjax: famo: min_losses must be a scalar or have shape ({num_tasks},), "
-                     f"got shape {np.shape(min_losses)}.")
+    raise ValueError(
+      f"mtjax: famo: min_losses must be a scalar or have shape ({num_tasks},), got shape {np.shape(min_losses)}."
+    )
 
   def init_state(params):
     composition.check_not_wrapped("famo")  # optax.MultiSteps / masked / apply_if_finite around it
     dtype = weighting.params_dtype(params)
     logits = jnp.zeros((num_tasks,), dtype)
-    return FAMOState(count=jnp.zeros((), jnp.int32), logits=logits, inner_opt_state=optimizer.init(logits),
-                     previous_losses=jnp.ones((num_tasks,), dtype), weights=jnp.full((num_tasks,), 1 / num_tasks, dtype))
+    return FAMOState(
+      count=jnp.zeros((), jnp.int32),
+      logits=logits,
+      inner_opt_state=optimizer.init(logits),
+      previous_losses=jnp.ones((num_tasks,), dtype),
+      weights=jnp.full((num_tasks,), 1 / num_tasks, dtype),
+    )
 
   def shift(losses, what):
     shifted = losses - jnp.asarray(min_losses, losses.dtype) + jnp.asarray(eps, losses.dtype)
     check = numerics.condition_check(
-        jnp.any(shifted <= 0),
-        lambda v: (f"mtjax: famo: {what} minus min_losses plus eps must be positive (FAMO takes their "
-                   f"logarithm), got {np.asarray(v).tolist()}; lower min_losses or shift the losses."), shifted)
+      jnp.any(shifted <= 0),
+      lambda v: (
+        f"mtjax: famo: {what} minus min_losses plus eps must be positive (FAMO takes their "
+        f"logarithm), got {np.asarray(v).tolist()}; lower min_losses or shift the losses."
+      ),
+      shifted,
+    )
     return numerics.enforce(jnp.where(shifted > 0, shifted, jnp.ones_like(shifted)), check)
 
   def weights_fn(inputs, state, after):
@@ -213,30 +229,46 @@ def famo(
     logits = jnp.where(has_previous, stepped, logits)
     inner = jax.tree.map(lambda new, old: jnp.where(has_previous, new, old), inner, state.inner_opt_state)
     weights = famo_weights(logits, current)
-    return weights, FAMOState(count=optax.safe_increment(state.count), logits=logits, inner_opt_state=inner,
-                              previous_losses=losses, weights=state.weights)
+    return weights, FAMOState(
+      count=optax.safe_increment(state.count),
+      logits=logits,
+      inner_opt_state=inner,
+      previous_losses=losses,
+      weights=state.weights,
+    )
 
   def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
     after = extra_args.pop(AFTER_ARG, None)
     fixed = weighting.FIXED_WEIGHTS in extra_args
     if post_step_losses == "extra_forward" and after is None and not fixed:
       raise ValueError(
-          f"mtjax: famo: the paper's form (post_step_losses='extra_forward') needs {AFTER_ARG}= in every "
-          "update: the previous batch's task losses evaluated at the current parameters (one extra forward "
-          "pass; at the first update, whose value is ignored, pass task_losses). Use "
-          "famo(..., post_step_losses='next_batch') to let the next batch's losses stand in for them.")
+        f"mtjax: famo: the paper's form (post_step_losses='extra_forward') needs {AFTER_ARG}= in every "
+        "update: the previous batch's task losses evaluated at the current parameters (one extra forward "
+        "pass; at the first update, whose value is ignored, pass task_losses). Use "
+        "famo(..., post_step_losses='next_batch') to let the next batch's losses stand in for them."
+      )
     if post_step_losses == "next_batch" and after is not None:
-      raise ValueError(f"mtjax: famo: {AFTER_ARG}= was given, but post_step_losses='next_batch' does not use "
-                       "it; build famo(..., post_step_losses='extra_forward') to use it.")
+      raise ValueError(
+        f"mtjax: famo: {AFTER_ARG}= was given, but post_step_losses='next_batch' does not use "
+        "it; build famo(..., post_step_losses='extra_forward') to use it."
+      )
     if after is not None:
       after = jnp.asarray(after)
       if after.shape != (num_tasks,):
-        raise ValueError(f"mtjax: famo: {AFTER_ARG} must have shape ({num_tasks},) (one loss per task), "
-                         f"got {after.shape}.")
+        raise ValueError(
+          f"mtjax: famo: {AFTER_ARG} must have shape ({num_tasks},) (one loss per task), got {after.shape}."
+        )
       after = numerics.enforce(after, numerics.finite_check(after, f"task losses passed to famo as {AFTER_ARG}"))
     core = weighting.gram_weighting(
-        functools.partial(weights_fn, after=after), init_state, method="famo", num_tasks=num_tasks,
-        shared=shared, needs_gram=False, requires_task_losses=True, task_specific=task_specific)
+      functools.partial(weights_fn, after=after),
+      init_state,
+      method="famo",
+      num_tasks=num_tasks,
+      shared=shared,
+      needs_gram=False,
+      requires_task_losses=True,
+      task_specific=task_specific,
+    )
     return core.update(updates, state, params, task_losses=task_losses, **extra_args)
 
   setattr(update_fn, weighting.CORE_MARK, True)

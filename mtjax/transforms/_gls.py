@@ -34,10 +34,10 @@ def gls_weights(task_losses: jax.Array) -> jax.Array:
 
 
 def gls(
-    *,
-    num_tasks: int,
-    shared: tree_lib.SharedSpec = None,
-    task_specific: str = "weighted",
+  *,
+  num_tasks: int,
+  shared: tree_lib.SharedSpec = None,
+  task_specific: str = "weighted",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Geometric loss strategy: the gradient of the geometric mean of the task losses.
 
@@ -86,18 +86,28 @@ def gls(
     https://arxiv.org/abs/1904.08492
   """
   if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
-    raise ValueError(f"mtjax: gls: num_tasks must be a positive int, got {num_tasks!r} "
-                     "(under optax.inject_hyperparams pass static_args=('num_tasks',)).")
+    raise ValueError(
+      f"mtjax: gls: num_tasks must be a positive int, got {num_tasks!r} "
+      "(under optax.inject_hyperparams pass static_args=('num_tasks',))."
+    )
 
   def init_state(params):
     return GLSState(weights=weighting.init_weights(num_tasks, dtype=weighting.params_dtype(params)))
 
   def weights_fn(inputs, state):
     dtype = state.weights.dtype
-    losses = positive_losses(inputs.task_losses.astype(dtype), "gls",
-                             "the objective is the geometric mean (prod_i L_i)^(1/T)")
+    losses = positive_losses(
+      inputs.task_losses.astype(dtype), "gls", "the objective is the geometric mean (prod_i L_i)^(1/T)"
+    )
     return gls_weights(losses), state
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="gls", num_tasks=num_tasks, shared=shared,
-      needs_gram=False, requires_task_losses=True, task_specific=task_specific)
+    weights_fn,
+    init_state,
+    method="gls",
+    num_tasks=num_tasks,
+    shared=shared,
+    needs_gram=False,
+    requires_task_losses=True,
+    task_specific=task_specific,
+  )

@@ -65,11 +65,11 @@ def _graddrop_sparse(leaf: SparseRows, key: jax.Array, leak: jax.Array):
 
 
 def graddrop(
-    key: int | jax.Array = 0,
-    *,
-    num_tasks: Optional[int] = None,
-    leak: jax.typing.ArrayLike = 0.0,
-    shared: tree_lib.SharedSpec = None,
+  key: int | jax.Array = 0,
+  *,
+  num_tasks: Optional[int] = None,
+  leak: jax.typing.ArrayLike = 0.0,
+  shared: tree_lib.SharedSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GradDrop: per coordinate, keep only the task gradients of one randomly chosen sign.
 
@@ -157,10 +157,10 @@ def graddrop(
     del extra_args
     method = "graddrop"
     updates = materialize(updates)  # a deferred TaskJacobian: GradDrop masks the per-task rows
+    updates = rows_lib.upcast_rows(updates, params)  # mixed precision: bfloat16 rows, float32 params
     t = tree_lib.check_task_axis(updates, num_tasks, name=f"the task gradients given to {method}")
     tree_lib.check_params_match(updates, params)
-    _, losses_check = weighting.check_task_losses(task_losses, t, required=False, method=method,
-                                                  check_finite=True)
+    _, losses_check = weighting.check_task_losses(task_losses, t, required=False, method=method, check_finite=True)
     leak_t = jnp.asarray(leak)
     if leak_t.ndim == 1 and leak_t.shape[0] != t:
       raise ValueError(f"mtjax: graddrop: leak has {leak_t.shape[0]} values but there are {t} tasks.")
@@ -189,9 +189,10 @@ def graddrop(
       kept, total = (k, s) if kept is None else (kept + k, total + s)
 
     grads_check = numerics.condition_check(
-        jnp.any(jnp.stack(bad)),
-        f"mtjax: non-finite task gradients given to {method} (NaN/inf in a task gradient). Check the loss "
-        "for NaN/inf (log of 0, division by zero, exploding logits).")
+      jnp.any(jnp.stack(bad)),
+      f"mtjax: non-finite task gradients given to {method} (NaN/inf in a task gradient). Check the loss "
+      "for NaN/inf (log of 0, division by zero, exploding logits).",
+    )
     out = numerics.enforce(out, losses_check, grads_check)
     new_state = state._replace(key=next_key)
     if jnp.size(state.weights) > 0 and kept is not None:

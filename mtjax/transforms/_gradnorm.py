@@ -82,11 +82,15 @@ def _subset_groups(layer: LayerSpec, chosen_layers: Optional[list] = None) -> Ca
     else:
       chosen = [bool(c) for c in layer(paths)]
       if len(chosen) != len(paths):
-        raise ValueError(f"mtjax: gradnorm: the layer callable returned {len(chosen)} flags for "
-                         f"{len(paths)} shared leaves; return one bool per path.")
+        raise ValueError(
+          f"mtjax: gradnorm: the layer callable returned {len(chosen)} flags for "
+          f"{len(paths)} shared leaves; return one bool per path."
+        )
     if not any(chosen):
-      raise ValueError(f"mtjax: gradnorm: the layer selection chose none of the shared leaves "
-                       f"{paths}; choose at least one (e.g. layer='all').")
+      raise ValueError(
+        f"mtjax: gradnorm: the layer selection chose none of the shared leaves "
+        f"{paths}; choose at least one (e.g. layer='all')."
+      )
     if chosen_layers is not None:
       chosen_layers[:] = sorted({weighting.layer_name(p) for p, c in zip(paths, chosen) if c})
     return [0 if c else -1 for c in chosen]
@@ -116,8 +120,9 @@ def _rate_powers(task_losses: jax.Array, initial_losses: jax.Array, alpha, dtype
   ratio = jnp.where(positive, task_losses / jnp.where(positive, initial_losses, 1), 1).astype(dtype)
   direct = jnp.power(numerics.safe_div(ratio, jnp.mean(ratio)), alpha)
   # Log space: log ratio_i = log L_i - log L_i(0) (-inf for a zero loss), r_i = exp(lr_i - logmeanexp(lr)).
-  log_ratio = jnp.where(positive, jnp.log(jnp.where(task_losses > 0, task_losses, 1))
-                        - jnp.log(jnp.where(positive, initial_losses, 1)), 0)
+  log_ratio = jnp.where(
+    positive, jnp.log(jnp.where(task_losses > 0, task_losses, 1)) - jnp.log(jnp.where(positive, initial_losses, 1)), 0
+  )
   zero = positive & (task_losses <= 0)
   log_ratio = jnp.where(zero, -jnp.inf, log_ratio)
   log_mean = jax.nn.logsumexp(log_ratio) - jnp.log(jnp.asarray(ratio.shape[0], dtype))
@@ -127,8 +132,14 @@ def _rate_powers(task_losses: jax.Array, initial_losses: jax.Array, alpha, dtype
   return jnp.where(jnp.all(jnp.isfinite(direct)), direct, safe)
 
 
-def gradnorm_weight_gradient(weights: jax.Array, subset_gram: jax.Array, task_losses: jax.Array,
-                             initial_losses: jax.Array, alpha, gram_log2_scale=0.0) -> jax.Array:
+def gradnorm_weight_gradient(
+  weights: jax.Array,
+  subset_gram: jax.Array,
+  task_losses: jax.Array,
+  initial_losses: jax.Array,
+  alpha,
+  gram_log2_scale=0.0,
+) -> jax.Array:
   r"""The gradient of GradNorm's loss :math:`L_\text{grad}` with respect to the task weights.
 
   With :math:`n_i = \sqrt{G_{ii}}` (norm of task :math:`i`'s gradient on the chosen subset),
@@ -159,17 +170,17 @@ def gradnorm_weight_gradient(weights: jax.Array, subset_gram: jax.Array, task_lo
 
 
 def gradnorm(
-    *,
-    num_tasks: int,
-    alpha: float = 1.5,
-    learning_rate: float = 0.025,
-    weight_optimizer: Optional[optax.GradientTransformation] = None,
-    layer: LayerSpec = "last",
-    initial_loss: str = "first_step",
-    steps_per_epoch: Optional[int] = None,
-    min_weight: float = 1e-6,
-    shared: tree_lib.SharedSpec = None,
-    task_specific: str = "sum",
+  *,
+  num_tasks: int,
+  alpha: float = 1.5,
+  learning_rate: float = 0.025,
+  weight_optimizer: Optional[optax.GradientTransformation] = None,
+  layer: LayerSpec = "last",
+  initial_loss: str = "first_step",
+  steps_per_epoch: Optional[int] = None,
+  min_weight: float = 1e-6,
+  shared: tree_lib.SharedSpec = None,
+  task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""GradNorm: learn task weights so that the tasks train at similar rates.
 
@@ -244,14 +255,18 @@ def gradnorm(
     Balancing in Deep Multitask Networks*, ICML 2018. https://arxiv.org/abs/1711.02257
   """
   if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
-    raise ValueError(f"mtjax: gradnorm: num_tasks must be a positive int, got {num_tasks!r} (under "
-                     "optax.inject_hyperparams pass static_args=('num_tasks', 'steps_per_epoch')).")
+    raise ValueError(
+      f"mtjax: gradnorm: num_tasks must be a positive int, got {num_tasks!r} (under "
+      "optax.inject_hyperparams pass static_args=('num_tasks', 'steps_per_epoch'))."
+    )
   if initial_loss not in INITIAL_LOSSES:
     raise ValueError(f"mtjax: gradnorm: initial_loss must be one of {INITIAL_LOSSES}, got {initial_loss!r}.")
   if initial_loss == "first_epoch_mean":
     if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-      raise ValueError("mtjax: gradnorm: initial_loss='first_epoch_mean' needs steps_per_epoch, a "
-                       f"positive int (got {steps_per_epoch!r}).")
+      raise ValueError(
+        "mtjax: gradnorm: initial_loss='first_epoch_mean' needs steps_per_epoch, a "
+        f"positive int (got {steps_per_epoch!r})."
+      )
     init_steps = steps_per_epoch
   else:
     init_steps = 1
@@ -264,20 +279,24 @@ def gradnorm(
     dtype = numerics.gram_dtype(jnp.result_type(*jax.tree.leaves(params)))
     weights = jnp.ones((num_tasks,), dtype)
     return GradNormState(
-        weights=weights,
-        initial_losses=jnp.ones((num_tasks,), dtype),
-        inner_opt_state=optimizer.init(weights),
-        count=jnp.zeros((), jnp.int32),
+      weights=weights,
+      initial_losses=jnp.ones((num_tasks,), dtype),
+      inner_opt_state=optimizer.init(weights),
+      count=jnp.zeros((), jnp.int32),
     )
 
   def weights_fn(inputs, state):
     weights = state.weights
     dtype = weights.dtype
     losses = inputs.task_losses.astype(dtype)
-    losses = numerics.enforce(losses, numerics.condition_check(
+    losses = numerics.enforce(
+      losses,
+      numerics.condition_check(
         jnp.any(losses < 0),
         "mtjax: gradnorm: task losses must be nonnegative (GradNorm divides by L(0) and raises loss "
-        "ratios to the power alpha); shift or reformulate negative losses."))
+        "ratios to the power alpha); shift or reformulate negative losses.",
+      ),
+    )
     # L(0): the running mean over the first `init_steps` updates, then frozen.
     count = state.count
     in_init = count < init_steps
@@ -290,12 +309,16 @@ def gradnorm(
     gram = inputs.grams[0]
     if num_tasks > 1:  # a subset only one task trains (a tower taken for the last shared layer): no balance
       trained = jnp.sum(jnp.diagonal(gram) > 0)
-      gram = numerics.enforce(gram, numerics.condition_check(
+      gram = numerics.enforce(
+        gram,
+        numerics.condition_check(
           (count == 0) & (trained == 1),
           f"mtjax: gradnorm: the layer {', '.join(chosen_layers) or '?'} receives a gradient from only one task "
           "at the first step, so GradNorm cannot balance the tasks on it (its default layer='last' is the "
           "last *shared* layer: pass shared=, e.g. mtjax.models.partition(model) or "
-          "mtjax.shared_mask(exclude='tower_'), or choose the layer with layer=)."))
+          "mtjax.shared_mask(exclude='tower_'), or choose the layer with layer=).",
+        ),
+      )
     grad = gradnorm_weight_gradient(weights, gram, losses, initial_losses, alpha, inputs.gram_log2_scale)
     updates, inner_opt_state = optimizer.update(grad, state.inner_opt_state, weights)
     stepped = optax.apply_updates(weights, updates)
@@ -303,13 +326,24 @@ def gradnorm(
     total = jnp.sum(stepped)
     top = jnp.max(stepped)
     relative = stepped / jnp.where(top > 0, top, 1)  # only used when the plain sum overflows
-    stepped = jnp.where(jnp.isfinite(total), num_tasks * stepped / total,
-                        num_tasks * relative / jnp.sum(relative)).astype(dtype)
-    new_state = GradNormState(weights=stepped, initial_losses=initial_losses,
-                              inner_opt_state=inner_opt_state, count=optax.safe_increment(count))
+    stepped = jnp.where(
+      jnp.isfinite(total), num_tasks * stepped / total, num_tasks * relative / jnp.sum(relative)
+    ).astype(dtype)
+    new_state = GradNormState(
+      weights=stepped, initial_losses=initial_losses, inner_opt_state=inner_opt_state, count=optax.safe_increment(count)
+    )
     return weights, new_state
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="gradnorm", num_tasks=num_tasks, shared=shared,
-      groups=_subset_groups(layer, chosen_layers), needs_gram=True, requires_task_losses=True,
-      task_specific=task_specific, record_weights=False, rescale_gram=True)
+    weights_fn,
+    init_state,
+    method="gradnorm",
+    num_tasks=num_tasks,
+    shared=shared,
+    groups=_subset_groups(layer, chosen_layers),
+    needs_gram=True,
+    requires_task_losses=True,
+    task_specific=task_specific,
+    record_weights=False,
+    rescale_gram=True,
+  )

@@ -83,15 +83,15 @@ def gradvac_coefficients(gram: jax.Array, targets: jax.Array, orders: jax.Array,
 
 
 def gradvac(
-    key: int | jax.Array = 0,
-    *,
-    num_tasks: int,
-    beta: float | jax.Array = 0.5,
-    granularity: weighting.GroupSpec = "model",
-    shared: tree_lib.SharedSpec = None,
-    gram_leaves: weighting.GramLeavesSpec = None,
-    reduction: str = "sum",
-    task_specific: str = "sum",
+  key: int | jax.Array = 0,
+  *,
+  num_tasks: int,
+  beta: float | jax.Array = 0.5,
+  granularity: weighting.GroupSpec = "model",
+  shared: tree_lib.SharedSpec = None,
+  gram_leaves: weighting.GramLeavesSpec = None,
+  reduction: str = "sum",
+  task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""GradVac ("Gradient Vaccine"): pull task-gradient cosines up to adaptive EMA targets.
 
@@ -175,14 +175,16 @@ def gradvac(
   """
   if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
     raise ValueError(
-        f"mtjax: gradvac: num_tasks must be a positive int (it shapes the EMA targets in the state), "
-        f"got {num_tasks!r}. Pass gradvac(num_tasks=T).")
+      f"mtjax: gradvac: num_tasks must be a positive int (it shapes the EMA targets in the state), "
+      f"got {num_tasks!r}. Pass gradvac(num_tasks=T)."
+    )
   if reduction not in ("sum", "mean"):
     raise ValueError(f"mtjax: gradvac: reduction must be 'sum' or 'mean', got {reduction!r}.")
   if not callable(granularity) and granularity not in weighting.GRANULARITIES:
     raise ValueError(
-        f"mtjax: gradvac: unknown granularity {granularity!r}; expected one of "
-        f"{weighting.GRANULARITIES} or a callable on the shared leaves' paths.")
+      f"mtjax: gradvac: unknown granularity {granularity!r}; expected one of "
+      f"{weighting.GRANULARITIES} or a callable on the shared leaves' paths."
+    )
   if isinstance(beta, (int, float)) and not 0 <= beta <= 1:
     raise ValueError(f"mtjax: gradvac: beta must be in [0, 1], got {beta!r}.")
 
@@ -191,21 +193,22 @@ def gradvac(
     leaves = jax.tree_util.tree_leaves(params)
     dtype = numerics.gram_dtype(jnp.result_type(*leaves)) if leaves else jnp.float32
     return GradVacState(
-        key=seed_key(key),
-        targets=jnp.zeros((k, num_tasks, num_tasks), dtype),
-        weights=weighting.init_weights(num_tasks, k))
+      key=seed_key(key),
+      targets=jnp.zeros((k, num_tasks, num_tasks), dtype),
+      weights=weighting.init_weights(num_tasks, k),
+    )
 
   def weights_fn(inputs, state):
     t = inputs.num_tasks
     grams = inputs.grams
     if grams.shape[0] != state.targets.shape[0]:
       raise ValueError(
-          f"mtjax: gradvac: the gradients form {grams.shape[0]} parameter groups but the state was "
-          f"initialized for {state.targets.shape[0]}; call tx.init on params with the same structure "
-          "(and the same shared= mask) as the task gradients.")
+        f"mtjax: gradvac: the gradients form {grams.shape[0]} parameter groups but the state was "
+        f"initialized for {state.targets.shape[0]}; call tx.init on params with the same structure "
+        "(and the same shared= mask) as the task gradients."
+      )
     next_key, orders = projection_orders(state.key, t)
-    coeffs, targets = jax.vmap(gradvac_coefficients, in_axes=(0, 0, None, None))(
-        grams, state.targets, orders, beta)
+    coeffs, targets = jax.vmap(gradvac_coefficients, in_axes=(0, 0, None, None))(grams, state.targets, orders, beta)
     weights = jnp.sum(coeffs, axis=1)  # [K, T]
     if reduction == "mean":
       weights = weights / t
@@ -214,5 +217,13 @@ def gradvac(
     return weights, state._replace(key=next_key, targets=targets.astype(state.targets.dtype))
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="gradvac", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      groups=granularity, task_specific=task_specific, rescale_gram=True)
+    weights_fn,
+    init_state,
+    method="gradvac",
+    num_tasks=num_tasks,
+    shared=shared,
+    gram_leaves=gram_leaves,
+    groups=granularity,
+    task_specific=task_specific,
+    rescale_gram=True,
+  )

@@ -57,24 +57,27 @@ def imtl_weights(gram: jax.Array) -> jax.Array:
   dtype = scaled.dtype
   t = scaled.shape[0]
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(scaled), 0.0))
-  system = jnp.concatenate([
+  system = jnp.concatenate(
+    [
       jnp.concatenate([scaled, -norms[:, None]], axis=1),
       jnp.concatenate([jnp.ones((t,), dtype), jnp.zeros((1,), dtype)])[None, :],
-  ], axis=0)
+    ],
+    axis=0,
+  )
   rhs = jnp.concatenate([jnp.zeros((t,), dtype), jnp.ones((1,), dtype)])
   return jnp.matmul(jnp.linalg.pinv(system), rhs, precision=numerics.HIGHEST)[:t]
 
 
 def imtl(
-    *,
-    num_tasks: Optional[int] = None,
-    shared: tree_lib.SharedSpec = None,
-    gram_leaves: weighting.GramLeavesSpec = None,
-    task_specific: Optional[str] = None,
-    mode: str = "gradient",
-    init_loss_scale: float = 0.0,
-    learning_rate: float = 1e-3,
-    loss_scale_optimizer: Optional[optax.GradientTransformation] = None,
+  *,
+  num_tasks: Optional[int] = None,
+  shared: tree_lib.SharedSpec = None,
+  gram_leaves: weighting.GramLeavesSpec = None,
+  task_specific: Optional[str] = None,
+  mode: str = "gradient",
+  init_loss_scale: float = 0.0,
+  learning_rate: float = 1e-3,
+  loss_scale_optimizer: Optional[optax.GradientTransformation] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""IMTL-G: the update whose projections onto every task's unit gradient are equal.
 
@@ -176,6 +179,7 @@ def imtl(
   if mode not in MODES:
     raise ValueError(f"mtjax: imtl: mode must be one of {MODES}, got {mode!r}.")
   if mode == "gradient":
+
     def init_state(params):
       return IMTLState(weights=weighting.init_weights(num_tasks, dtype=weighting.params_dtype(params)))
 
@@ -183,12 +187,21 @@ def imtl(
       return imtl_weights(inputs.grams[0]), state  # scale invariant: inputs.gram_log2_scale is not needed
 
     return weighting.gram_weighting(
-        weights_fn, init_state, method="imtl", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-        task_specific="sum" if task_specific is None else task_specific, rescale_gram=True)
+      weights_fn,
+      init_state,
+      method="imtl",
+      num_tasks=num_tasks,
+      shared=shared,
+      gram_leaves=gram_leaves,
+      task_specific="sum" if task_specific is None else task_specific,
+      rescale_gram=True,
+    )
 
   if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
-    raise ValueError(f"mtjax: imtl: mode={mode!r} needs num_tasks, a positive int, got {num_tasks!r} "
-                     "(under optax.inject_hyperparams pass static_args=('num_tasks',)).")
+    raise ValueError(
+      f"mtjax: imtl: mode={mode!r} needs num_tasks, a positive int, got {num_tasks!r} "
+      "(under optax.inject_hyperparams pass static_args=('num_tasks',))."
+    )
   if mode == "loss" and gram_leaves is not None:
     raise ValueError("mtjax: imtl: gram_leaves has no effect with mode='loss' (IMTL-L computes no Gram).")
   optimizer = loss_scale_optimizer if loss_scale_optimizer is not None else optax.adam(learning_rate)
@@ -197,14 +210,18 @@ def imtl(
   def init_loss_state(params):
     dtype = weighting.params_dtype(params)
     scales = jnp.full((num_tasks,), init_loss_scale, dtype)
-    return IMTLLossState(loss_scales=scales, inner_opt_state=optimizer.init(scales),
-                         weights=jnp.ones((num_tasks,), dtype))
+    return IMTLLossState(
+      loss_scales=scales, inner_opt_state=optimizer.init(scales), weights=jnp.ones((num_tasks,), dtype)
+    )
 
   def loss_weights_fn(inputs, state):
     scales = state.loss_scales
     dtype = scales.dtype
-    losses = positive_losses(inputs.task_losses.astype(dtype), "imtl",
-                             f"mode={mode!r}: the scale step e^s L - 1 has its fixed point at s = -log L")
+    losses = positive_losses(
+      inputs.task_losses.astype(dtype),
+      "imtl",
+      f"mode={mode!r}: the scale step e^s L - 1 has its fixed point at s = -log L",
+    )
     factors = jnp.exp(scales)
     if mode == "hybrid":
       gram = inputs.grams[0].astype(dtype)
@@ -217,7 +234,14 @@ def imtl(
     return weights, IMTLLossState(loss_scales=new_scales, inner_opt_state=inner_opt_state, weights=state.weights)
 
   return weighting.gram_weighting(
-      loss_weights_fn, init_loss_state, method="imtl", num_tasks=num_tasks, shared=shared,
-      gram_leaves=gram_leaves if mode == "hybrid" else None, needs_gram=mode == "hybrid",
-      requires_task_losses=True, task_specific="weighted" if task_specific is None else task_specific,
-      rescale_gram=True)
+    loss_weights_fn,
+    init_loss_state,
+    method="imtl",
+    num_tasks=num_tasks,
+    shared=shared,
+    gram_leaves=gram_leaves if mode == "hybrid" else None,
+    needs_gram=mode == "hybrid",
+    requires_task_losses=True,
+    task_specific="weighted" if task_specific is None else task_specific,
+    rescale_gram=True,
+  )

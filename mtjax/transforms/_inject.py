@@ -30,8 +30,9 @@ def _is_float_value(value) -> bool:
   if isinstance(value, float):
     return True
   if isinstance(value, (jax.Array, np.ndarray, np.floating)):
-    return bool(np.issubdtype(np.asarray(value).dtype if not isinstance(value, jax.Array) else value.dtype,
-                              np.floating))
+    return bool(
+      np.issubdtype(np.asarray(value).dtype if not isinstance(value, jax.Array) else value.dtype, np.floating)
+    )
   return False
 
 
@@ -78,8 +79,10 @@ def split_arguments(factory: Callable[..., Any], args: tuple, kwargs: dict) -> t
         arguments[k], annotations[k] = v, inspect.Parameter.empty
     elif param.kind == inspect.Parameter.VAR_POSITIONAL:
       if value:
-        raise ValueError(f"mtjax: inject_hyperparams: {getattr(factory, '__name__', factory)!r} takes *{name}; "
-                         "pass its arguments by name.")
+        raise ValueError(
+          f"mtjax: inject_hyperparams: {getattr(factory, '__name__', factory)!r} takes *{name}; "
+          "pass its arguments by name."
+        )
     else:
       arguments[name], annotations[name] = value, param.annotation
   static = {name for name, value in arguments.items() if is_static(name, value, annotations[name])}
@@ -88,9 +91,9 @@ def split_arguments(factory: Callable[..., Any], args: tuple, kwargs: dict) -> t
 
 
 def inject_hyperparams(
-    factory: Callable[..., optax.GradientTransformation],
-    static_args: Union[str, Iterable[str]] = (),
-    hyperparam_dtype: Optional[Any] = None,
+  factory: Callable[..., optax.GradientTransformation],
+  static_args: Union[str, Iterable[str]] = (),
+  hyperparam_dtype: Optional[Any] = None,
 ) -> Callable[..., optax.GradientTransformationExtraArgs]:
   r"""``optax.inject_hyperparams`` for mtjax methods: the static arguments are derived, not listed.
 
@@ -142,15 +145,18 @@ def inject_hyperparams(
     arguments, static, parameters = split_arguments(factory, args, kwargs)
     unknown = extra_static - set(arguments)
     if unknown:
-      raise ValueError(f"mtjax: inject_hyperparams: static_args {sorted(unknown)} are not arguments of "
-                       f"{getattr(factory, '__name__', factory)!r} (it takes {sorted(arguments)}).")
+      raise ValueError(
+        f"mtjax: inject_hyperparams: static_args {sorted(unknown)} are not arguments of "
+        f"{getattr(factory, '__name__', factory)!r} (it takes {sorted(arguments)})."
+      )
 
     def bound_factory(**kw):
       return factory(**kw)
 
     bound_factory.__signature__ = inspect.Signature(parameters)  # what optax binds: every argument by name
     bound_factory.__name__ = getattr(factory, "__name__", "factory")
-    return optax.inject_hyperparams(bound_factory, static_args=tuple(sorted(static | extra_static)),
-                                    hyperparam_dtype=hyperparam_dtype)(**arguments)
+    return optax.inject_hyperparams(
+      bound_factory, static_args=tuple(sorted(static | extra_static)), hyperparam_dtype=hyperparam_dtype
+    )(**arguments)
 
   return wrapped

@@ -20,11 +20,11 @@ class LinearState(NamedTuple):
 
 
 def linear(
-    weights: Optional[jax.typing.ArrayLike] = None,
-    *,
-    num_tasks: Optional[int] = None,
-    shared: tree_lib.SharedSpec = None,
-    task_specific: str = "weighted",
+  weights: Optional[jax.typing.ArrayLike] = None,
+  *,
+  num_tasks: Optional[int] = None,
+  shared: tree_lib.SharedSpec = None,
+  task_specific: str = "weighted",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Linear scalarization: a fixed weighted sum of the task gradients.
 
@@ -84,6 +84,12 @@ def linear(
     return w, state
 
   tx = weighting.gram_weighting(
-      weights_fn, init_state, method="linear", num_tasks=num_tasks, shared=shared,
-      needs_gram=False, task_specific=task_specific)
+    weights_fn,
+    init_state,
+    method="linear",
+    num_tasks=num_tasks,
+    shared=shared,
+    needs_gram=False,
+    task_specific=task_specific,
+  )
   return tree_lib.with_task_axis_check(tx, given_num_tasks, "linear", expected, f"weights has {expected} entries")

@@ -57,18 +57,18 @@ def _row(leaf, k: jax.Array, onehot: jax.Array) -> jax.Array:
 
 
 def m_config(
-    num_tasks: int,
-    *,
-    beta: jax.typing.ArrayLike = 0.9,
-    selection: str = "cycle",
-    all_tasks: bool = False,
-    key: int | jax.Array = 0,
-    adaptive: bool = False,
-    beta2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-8,
-    wait_for_all: bool = False,
-    shared: tree_lib.SharedSpec = None,
-    task_specific: str = "sum",
+  num_tasks: int,
+  *,
+  beta: jax.typing.ArrayLike = 0.9,
+  selection: str = "cycle",
+  all_tasks: bool = False,
+  key: int | jax.Array = 0,
+  adaptive: bool = False,
+  beta2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  wait_for_all: bool = False,
+  shared: tree_lib.SharedSpec = None,
+  task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""M-ConFIG: ConFIG applied to per-task momenta, updating ONE task's momentum per step.
 
@@ -156,8 +156,10 @@ def m_config(
   """
   method = "m_config"
   if not isinstance(num_tasks, (int, np.integer)) or isinstance(num_tasks, bool) or num_tasks < 1:
-    raise ValueError(f"mtjax: {method}: num_tasks must be a positive int (it shapes the momenta "
-                     f"[T, *param.shape] at init), got {num_tasks!r}.")
+    raise ValueError(
+      f"mtjax: {method}: num_tasks must be a positive int (it shapes the momenta "
+      f"[T, *param.shape] at init), got {num_tasks!r}."
+    )
   num_tasks = int(num_tasks)
   if selection not in SELECTIONS:
     raise ValueError(f"mtjax: {method}: selection must be one of {SELECTIONS}, got {selection!r}.")
@@ -176,25 +178,27 @@ def m_config(
     dtype = weighting.params_dtype(params)
     zeros_like = lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p))  # noqa: E731
     return MConFIGState(
-        count=jnp.zeros((), jnp.int32),
-        task_counts=jnp.zeros((num_tasks,), jnp.int32),
-        momenta=jax.tree.map(lambda p: jnp.zeros((num_tasks,) + jnp.shape(p), jnp.result_type(p)), params),
-        key=seed_key(key),
-        weights=jnp.zeros((num_tasks,), dtype),
-        moment_count=jnp.zeros((), jnp.int32),
-        nu=jax.tree.map(zeros_like, params) if adaptive else None,
-        prev=jax.tree.map(zeros_like, params) if adaptive else None)
+      count=jnp.zeros((), jnp.int32),
+      task_counts=jnp.zeros((num_tasks,), jnp.int32),
+      momenta=jax.tree.map(lambda p: jnp.zeros((num_tasks,) + jnp.shape(p), jnp.result_type(p)), params),
+      key=seed_key(key),
+      weights=jnp.zeros((num_tasks,), dtype),
+      moment_count=jnp.zeros((), jnp.int32),
+      nu=jax.tree.map(zeros_like, params) if adaptive else None,
+      prev=jax.tree.map(zeros_like, params) if adaptive else None,
+    )
 
   def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
     del extra_args
     lazy = updates if is_lazy(updates) else None
     if lazy is not None and all_tasks:
       updates, lazy = lazy.materialize(), None  # every row is needed
+    if lazy is None:  # mixed precision: bfloat16 rows of float32 params, float32 momenta and update
+      updates = rows_lib.upcast_rows(updates, params)
     struct = lazy.shapes() if lazy is not None else updates
     t = tree_lib.check_task_axis(struct, num_tasks, name=f"the task gradients given to {method}")
     tree_lib.check_params_match(struct, params)
-    _, losses_check = weighting.check_task_losses(task_losses, t, required=False, method=method,
-                                                  check_finite=True)
+    _, losses_check = weighting.check_task_losses(task_losses, t, required=False, method=method, check_finite=True)
     flat_struct, treedef = rows_lib.flatten(struct)
     n = len(flat_struct)
     if shared is None:
@@ -234,8 +238,10 @@ def m_config(
     seen = list(flat_struct) if lazy is None else list(rows) + (list(plain) if plain is not None else [])
     bad = jnp.any(jnp.stack([jnp.any(~jnp.isfinite(x.values if isinstance(x, SparseRows) else x)) for x in seen]))
     grads_check = numerics.condition_check(
-        bad, f"mtjax: non-finite task gradients given to {method} (NaN/inf in a task gradient). Check the loss "
-        "for NaN/inf (log of 0, division by zero, exploding logits).")
+      bad,
+      f"mtjax: non-finite task gradients given to {method} (NaN/inf in a task gradient). Check the loss "
+      "for NaN/inf (log of 0, division by zero, exploding logits).",
+    )
 
     new_momenta = []
     for i, m in enumerate(momenta):
@@ -288,10 +294,10 @@ def m_config(
           new_prev.append(prev_l[i])
           continue
         d = out[i].astype(acc)
-        fake_m = d * (1 - b ** s_)
+        fake_m = d * (1 - b**s_)
         fake_g = numerics.safe_div(fake_m - b * prev_l[i].astype(acc), 1 - b)
         v = b2 * nu_l[i].astype(acc) + (1 - b2) * jnp.square(fake_g)
-        v_hat = numerics.safe_div(v, 1 - b2 ** s_)
+        v_hat = numerics.safe_div(v, 1 - b2**s_)
         scaled = d / (jnp.sqrt(v_hat) + jnp.asarray(eps, acc))
         new_nu.append(jnp.where(ready, v, nu_l[i].astype(acc)).astype(nu_l[i].dtype))
         new_prev.append(jnp.where(ready, fake_m, prev_l[i].astype(acc)).astype(prev_l[i].dtype))
@@ -299,9 +305,15 @@ def m_config(
       nu, prev = jax.tree.unflatten(treedef, new_nu), jax.tree.unflatten(treedef, new_prev)
 
     new_state = MConFIGState(
-        count=optax.safe_increment(state.count), task_counts=task_counts,
-        momenta=jax.tree.unflatten(treedef, new_momenta), key=next_key if selection == "random" else state.key,
-        weights=w.astype(state.weights.dtype), moment_count=moment_count, nu=nu, prev=prev)
+      count=optax.safe_increment(state.count),
+      task_counts=task_counts,
+      momenta=jax.tree.unflatten(treedef, new_momenta),
+      key=next_key if selection == "random" else state.key,
+      weights=w.astype(state.weights.dtype),
+      moment_count=moment_count,
+      nu=nu,
+      prev=prev,
+    )
     return jax.tree.unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -29,15 +29,15 @@ class MetaBalanceState(NamedTuple):
 
 
 def metabalance(
-    *,
-    num_tasks: int,
-    target: int = 0,
-    relax_factor: float | jax.Array = 0.7,
-    beta: float | jax.Array = 0.9,
-    strategy: str = "both",
-    granularity: weighting.GroupSpec = "leaf",
-    shared: tree_lib.SharedSpec = None,
-    gram_leaves: weighting.GramLeavesSpec = None,
+  *,
+  num_tasks: int,
+  target: int = 0,
+  relax_factor: float | jax.Array = 0.7,
+  beta: float | jax.Array = 0.9,
+  strategy: str = "both",
+  granularity: weighting.GroupSpec = "leaf",
+  shared: tree_lib.SharedSpec = None,
+  gram_leaves: weighting.GramLeavesSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MetaBalance: bring every auxiliary task's gradient magnitude closer to the target task's.
 
@@ -108,15 +108,19 @@ def metabalance(
     https://arxiv.org/abs/2203.06801
   """
   if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
-    raise ValueError(f"mtjax: metabalance: num_tasks must be a positive int (it shapes the norm averages in the "
-                     f"state), got {num_tasks!r}. Pass metabalance(num_tasks=T).")
+    raise ValueError(
+      f"mtjax: metabalance: num_tasks must be a positive int (it shapes the norm averages in the "
+      f"state), got {num_tasks!r}. Pass metabalance(num_tasks=T)."
+    )
   if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target < num_tasks:
     raise ValueError(f"mtjax: metabalance: target must be a task index in [0, {num_tasks}), got {target!r}.")
   if strategy not in STRATEGIES:
     raise ValueError(f"mtjax: metabalance: strategy must be one of {STRATEGIES}, got {strategy!r}.")
   if not callable(granularity) and granularity not in weighting.GRANULARITIES:
-    raise ValueError(f"mtjax: metabalance: unknown granularity {granularity!r}; expected one of "
-                     f"{weighting.GRANULARITIES} or a callable on the shared leaves' paths.")
+    raise ValueError(
+      f"mtjax: metabalance: unknown granularity {granularity!r}; expected one of "
+      f"{weighting.GRANULARITIES} or a callable on the shared leaves' paths."
+    )
   if isinstance(relax_factor, (int, float)) and not 0 <= relax_factor <= 1:
     raise ValueError(f"mtjax: metabalance: relax_factor must be in [0, 1], got {relax_factor!r}.")
   if isinstance(beta, (int, float)) and not 0 <= beta < 1:
@@ -131,16 +135,17 @@ def metabalance(
     grams = inputs.grams
     if grams.shape[0] != state.norms.shape[0]:
       raise ValueError(
-          f"mtjax: metabalance: the gradients form {grams.shape[0]} parameter groups but the state was initialized "
-          f"for {state.norms.shape[0]}; call tx.init on params with the same structure (and the same shared= mask) "
-          "as the task gradients.")
+        f"mtjax: metabalance: the gradients form {grams.shape[0]} parameter groups but the state was initialized "
+        f"for {state.norms.shape[0]}; call tx.init on params with the same structure (and the same shared= mask) "
+        "as the task gradients."
+      )
     dtype = grams.dtype
     diag = jnp.maximum(jnp.diagonal(grams, axis1=-2, axis2=-1), 0)
     # grams = 2^s G (the core's rescaling of an overflowing Gram): true norms = sqrt(diag) 2^(-s/2)
     norms = jnp.sqrt(diag) * jnp.exp2(-0.5 * jnp.asarray(inputs.gram_log2_scale, dtype))
     b = jnp.asarray(beta, dtype)
     m = b * state.norms.astype(dtype) + (1 - b) * norms  # [K, T]
-    m_tar = m[:, target:target + 1]
+    m_tar = m[:, target : target + 1]
     r = jnp.asarray(relax_factor, dtype)
     w = r * numerics.safe_div(jnp.broadcast_to(m_tar, m.shape), m) + (1 - r)
     if strategy == "down":
@@ -152,5 +157,12 @@ def metabalance(
     return weights, state._replace(norms=m.astype(state.norms.dtype))
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="metabalance", num_tasks=num_tasks, shared=shared, groups=granularity,
-      gram_leaves=gram_leaves, rescale_gram=True)
+    weights_fn,
+    init_state,
+    method="metabalance",
+    num_tasks=num_tasks,
+    shared=shared,
+    groups=granularity,
+    gram_leaves=gram_leaves,
+    rescale_gram=True,
+  )

@@ -42,8 +42,9 @@ def normalized_gram(gram: jax.Array, normalizers: Optional[jax.Array]) -> jax.Ar
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
   normalizers = normalizers.astype(gram.dtype)
   valid = (norms > 0) & (normalizers > 0)
-  log_u = jnp.where(valid, jnp.log(jnp.where(valid, norms, 1.0)) - jnp.log(jnp.where(valid, normalizers, 1.0)),
-                    -jnp.inf)
+  log_u = jnp.where(
+    valid, jnp.log(jnp.where(valid, norms, 1.0)) - jnp.log(jnp.where(valid, normalizers, 1.0)), -jnp.inf
+  )
   top = jnp.max(log_u)
   top = jnp.where(jnp.isfinite(top), top, 0.0)
   u = jnp.where(valid, jnp.exp(jnp.where(valid, log_u - top, 0.0)), 0.0)
@@ -51,15 +52,15 @@ def normalized_gram(gram: jax.Array, normalizers: Optional[jax.Array]) -> jax.Ar
 
 
 def mgda(
-    *,
-    num_tasks: Optional[int] = None,
-    normalization: str = "none",
-    apply_to: str = "raw",
-    max_iters: int = 250,
-    tol: jax.typing.ArrayLike = 1e-6,
-    shared: tree_lib.SharedSpec = None,
-    gram_leaves: weighting.GramLeavesSpec = None,
-    task_specific: str = "sum",
+  *,
+  num_tasks: Optional[int] = None,
+  normalization: str = "none",
+  apply_to: str = "raw",
+  max_iters: int = 250,
+  tol: jax.typing.ArrayLike = 1e-6,
+  shared: tree_lib.SharedSpec = None,
+  gram_leaves: weighting.GramLeavesSpec = None,
+  task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""MGDA: descend along the min-norm element of the convex hull of the task gradients.
 
@@ -155,16 +156,19 @@ def mgda(
       norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
       if uses_losses:
         losses = inputs.task_losses.astype(gram.dtype)
-        losses = numerics.enforce(losses, numerics.condition_check(
+        losses = numerics.enforce(
+          losses,
+          numerics.condition_check(
             jnp.any(losses < 0),
             f"mtjax: mgda: normalization={normalization!r} divides by the task losses, which must be "
             "non-negative; got a negative loss. Use normalization='l2' or 'none' for losses that "
-            "can be negative."))
+            "can be negative.",
+          ),
+        )
         normalizers = losses if normalization == "loss" else losses * norms
       else:
         normalizers = norms
-    result = solvers.min_norm_simplex(normalized_gram(gram, normalizers), max_iters=max_iters, tol=tol,
-                                      scale=False)
+    result = solvers.min_norm_simplex(normalized_gram(gram, normalizers), max_iters=max_iters, tol=tol, scale=False)
     weights = result.weights
     if apply_to == "normalized" and normalizers is not None:
       weights = numerics.safe_div(weights, normalizers)
@@ -173,5 +177,13 @@ def mgda(
     return weights, state
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="mgda", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      requires_task_losses=uses_losses, task_specific=task_specific, rescale_gram=True)
+    weights_fn,
+    init_state,
+    method="mgda",
+    num_tasks=num_tasks,
+    shared=shared,
+    gram_leaves=gram_leaves,
+    requires_task_losses=uses_losses,
+    task_specific=task_specific,
+    rescale_gram=True,
+  )

@@ -41,17 +41,17 @@ class MoCoState(NamedTuple):
 
 
 def moco(
-    num_tasks: int,
-    *,
-    beta: jax.typing.ArrayLike = 0.5,
-    gamma: jax.typing.ArrayLike = 0.1,
-    rho: jax.typing.ArrayLike = 0.0,
-    beta_decay: jax.typing.ArrayLike = 0.5,
-    gamma_decay: jax.typing.ArrayLike = 0.5,
-    normalization: str = "none",
-    simplex: str = "projection",
-    shared: tree_lib.SharedSpec = None,
-    task_specific: str = "sum",
+  num_tasks: int,
+  *,
+  beta: jax.typing.ArrayLike = 0.5,
+  gamma: jax.typing.ArrayLike = 0.1,
+  rho: jax.typing.ArrayLike = 0.0,
+  beta_decay: jax.typing.ArrayLike = 0.5,
+  gamma_decay: jax.typing.ArrayLike = 0.5,
+  normalization: str = "none",
+  simplex: str = "projection",
+  shared: tree_lib.SharedSpec = None,
+  task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""MoCo: an MGDA-style direction on tracked task gradients, with a single-step weight update.
 
@@ -139,8 +139,10 @@ def moco(
   """
   method = "moco"
   if not isinstance(num_tasks, (int, np.integer)) or isinstance(num_tasks, bool) or num_tasks < 1:
-    raise ValueError(f"mtjax: {method}: num_tasks must be a positive int (it shapes the tracked gradients "
-                     f"[T, *param.shape] at init), got {num_tasks!r}.")
+    raise ValueError(
+      f"mtjax: {method}: num_tasks must be a positive int (it shapes the tracked gradients "
+      f"[T, *param.shape] at init), got {num_tasks!r}."
+    )
   num_tasks = int(num_tasks)
   if normalization not in NORMALIZATIONS:
     raise ValueError(f"mtjax: {method}: normalization must be one of {NORMALIZATIONS}, got {normalization!r}.")
@@ -148,8 +150,13 @@ def moco(
     raise ValueError(f"mtjax: {method}: simplex must be one of {SIMPLEX_MAPS}, got {simplex!r}.")
   if task_specific not in ("sum", "weighted"):
     raise ValueError(f"mtjax: {method}: task_specific must be 'sum' or 'weighted', got {task_specific!r}.")
-  for name, value in (("beta", beta), ("gamma", gamma), ("rho", rho), ("beta_decay", beta_decay),
-                      ("gamma_decay", gamma_decay)):
+  for name, value in (
+    ("beta", beta),
+    ("gamma", gamma),
+    ("rho", rho),
+    ("beta_decay", beta_decay),
+    ("gamma_decay", gamma_decay),
+  ):
     concrete = numerics._is_concrete(value)  # pylint: disable=protected-access
     if concrete and not np.all(np.asarray(value, np.float64) >= 0):
       raise ValueError(f"mtjax: {method}: {name} must be non-negative, got {value!r}.")
@@ -158,16 +165,19 @@ def moco(
     composition.check_not_wrapped("moco")  # optax.MultiSteps / masked / apply_if_finite around it
     dtype = weighting.params_dtype(params)
     tracked = jax.tree.map(lambda p: jnp.zeros((num_tasks,) + jnp.shape(p), jnp.result_type(p)), params)
-    return MoCoState(count=jnp.zeros((), jnp.int32), tracked=tracked,
-                     weights=jnp.full((num_tasks,), 1.0 / num_tasks, dtype))
+    return MoCoState(
+      count=jnp.zeros((), jnp.int32), tracked=tracked, weights=jnp.full((num_tasks,), 1.0 / num_tasks, dtype)
+    )
 
   def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
     del extra_args
     updates = densify(materialize(updates))  # MoCo tracks every task's full gradient
+    updates = rows_lib.upcast_rows(updates, params)  # mixed precision: the tracked gradients stay float32
     t = tree_lib.check_task_axis(updates, num_tasks, name=f"the task gradients given to {method}")
     tree_lib.check_params_match(updates, params)
     losses, losses_check = weighting.check_task_losses(
-        task_losses, t, required=normalization == "loss", method=method, check_finite=True)
+      task_losses, t, required=normalization == "loss", method=method, check_finite=True
+    )
     mask = tree_lib.resolve_shared(shared, updates, params)
     if not any(mask):
       raise ValueError(f"mtjax: {method}: the shared= mask marks no leaf as shared; nothing to weight.")
@@ -179,11 +189,12 @@ def moco(
     # Finiteness of the task gradients (one reduction per leaf) and their shared squared norms.
     bad = jnp.any(jnp.stack([jnp.any(~jnp.isfinite(leaf)) for leaf in leaves]))
     grads_check = numerics.condition_check(
-        bad, f"mtjax: non-finite task gradients given to {method} (NaN/inf in a task gradient). Check the loss "
-        "for NaN/inf (log of 0, division by zero, exploding logits).")
+      bad,
+      f"mtjax: non-finite task gradients given to {method} (NaN/inf in a task gradient). Check the loss "
+      "for NaN/inf (log of 0, division by zero, exploding logits).",
+    )
     if normalization == "loss":
-      sq = sum(jnp.sum(jnp.square(leaf.astype(acc)).reshape(t, -1), axis=1)
-               for leaf, m in zip(leaves, mask) if m)
+      sq = sum(jnp.sum(jnp.square(leaf.astype(acc)).reshape(t, -1), axis=1) for leaf, m in zip(leaves, mask) if m)
       scale = numerics.safe_div(losses.astype(acc), jnp.sqrt(sq))  # L_i / |g_i|, 0 for a zero gradient
     else:
       scale = None
@@ -216,8 +227,7 @@ def moco(
         out.append(numerics.weighted_task_sum(lam, y))
       else:
         out.append(jnp.sum(leaf, axis=0))  # the plain sum (the contract)
-    new_state = MoCoState(count=count, tracked=jax.tree.unflatten(treedef, new_tracked),
-                          weights=lam.astype(wdtype))
+    new_state = MoCoState(count=count, tracked=jax.tree.unflatten(treedef, new_tracked), weights=lam.astype(wdtype))
     return jax.tree.unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -10,11 +10,11 @@ import numpy as np
 import optax
 
 from mtjax._src import composition
+from mtjax._src import micro_batches as mb
 from mtjax._src import numerics
 from mtjax._src import solvers
 from mtjax._src import tree as tree_lib
 from mtjax._src import weighting
-from mtjax._src import micro_batches as mb
 
 NUM_BATCHES = (2, 3)
 
@@ -62,12 +62,12 @@ def modo_step(weights: jax.Array, cross_gram: jax.Array, gamma, rho) -> jax.Arra
 
 
 def modo(
-    *,
-    num_tasks: int,
-    gamma: jax.typing.ArrayLike = 1e-3,
-    rho: jax.typing.ArrayLike = 0.1,
-    num_batches: int = 3,
-    shared: tree_lib.SharedSpec = None,
+  *,
+  num_tasks: int,
+  gamma: jax.typing.ArrayLike = 1e-3,
+  rho: jax.typing.ArrayLike = 0.1,
+  num_batches: int = 3,
+  shared: tree_lib.SharedSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MoDo: stochastic MGDA with the weights stepped on a cross Gram of independent batches.
 
@@ -144,8 +144,9 @@ def modo(
   method = "modo"
   t_static = check_num_tasks(num_tasks, method)
   if num_batches not in NUM_BATCHES:
-    raise ValueError(f"mtjax: {method}: num_batches must be 3 (the paper) or 2 (the authors' code), "
-                     f"got {num_batches!r}.")
+    raise ValueError(
+      f"mtjax: {method}: num_batches must be 3 (the paper) or 2 (the authors' code), got {num_batches!r}."
+    )
   check_nonneg(gamma, "gamma", method)
   check_nonneg(rho, "rho", method)
   direction = (2,) if num_batches == 3 else (0, 1)
@@ -157,8 +158,9 @@ def modo(
 
   def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
     del extra_args
-    inputs = mb.check_inputs(updates, params, task_losses, num_batches=num_batches, num_tasks=t_static,
-                             shared=shared, method=method)
+    inputs = mb.check_inputs(
+      updates, params, task_losses, num_batches=num_batches, num_tasks=t_static, shared=shared, method=method
+    )
     gram = mb.cross_gram(inputs.leaves, inputs.mask, 0, 1)
     lam = modo_step(state.weights, gram, gamma, rho)
     lam = numerics.enforce(lam, *inputs.checks)

@@ -39,14 +39,14 @@ def frobenius_factor(gram: jax.Array) -> jax.Array:
 
 
 def nash_mtl(
-    *,
-    num_tasks: Optional[int] = None,
-    normalization: str = "none",
-    max_iters: int = 100,
-    tol: jax.typing.ArrayLike = 1e-10,
-    shared: tree_lib.SharedSpec = None,
-    gram_leaves: weighting.GramLeavesSpec = None,
-    task_specific: str = "sum",
+  *,
+  num_tasks: Optional[int] = None,
+  normalization: str = "none",
+  max_iters: int = 100,
+  tol: jax.typing.ArrayLike = 1e-10,
+  shared: tree_lib.SharedSpec = None,
+  gram_leaves: weighting.GramLeavesSpec = None,
+  task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Nash-MTL: the tasks bargain over the update; the Nash bargaining solution wins.
 
@@ -138,8 +138,9 @@ def nash_mtl(
   max_iters = weighting.static_int(max_iters, "max_iters", "nash_mtl")
 
   def init_state(params):
-    return NashMTLState(weights=weighting.init_weights(num_tasks, dtype=weighting.params_dtype(params)),
-                        status=jnp.zeros((), jnp.int32))
+    return NashMTLState(
+      weights=weighting.init_weights(num_tasks, dtype=weighting.params_dtype(params)), status=jnp.zeros((), jnp.int32)
+    )
 
   def weights_fn(inputs, state):
     gram = inputs.grams[0].astype(numerics.gram_dtype(inputs.grams.dtype))
@@ -153,5 +154,12 @@ def nash_mtl(
     return weights, state._replace(status=result.status)
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="nash_mtl", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      task_specific=task_specific, rescale_gram=True)
+    weights_fn,
+    init_state,
+    method="nash_mtl",
+    num_tasks=num_tasks,
+    shared=shared,
+    gram_leaves=gram_leaves,
+    task_specific=task_specific,
+    rescale_gram=True,
+  )

@@ -59,10 +59,10 @@ def _scale_leaf(leaf, normalizers):
 
 
 def normalize(
-    inner: optax.GradientTransformationExtraArgs,
-    normalization: str = "l2",
-    *,
-    shared: tree_lib.SharedSpec = None,
+  inner: optax.GradientTransformationExtraArgs,
+  normalization: str = "l2",
+  *,
+  shared: tree_lib.SharedSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs ``inner`` on per-task normalized gradients :math:`g_i / n_i` (on the shared leaves).
 
@@ -133,30 +133,41 @@ def normalize(
     struct = updates.shapes() if lazy else updates
     t = tree_lib.check_task_axis(struct, None, name="the task gradients given to normalize")
     tree_lib.check_params_match(struct, params)
-    losses, losses_check = weighting.check_task_losses(task_losses, t, required=uses_losses,
-                                                       method=f"normalize(normalization={normalization!r})",
-                                                       check_finite=True)
+    losses, losses_check = weighting.check_task_losses(
+      task_losses, t, required=uses_losses, method=f"normalize(normalization={normalization!r})", check_finite=True
+    )
     dtype = weighting.params_dtype(params) if params is not None else jnp.float32
     normalizers = jnp.ones((t,), dtype)
     checks = [losses_check]
     if uses_losses:
       losses = losses.astype(dtype)
-      checks.append(numerics.condition_check(
+      checks.append(
+        numerics.condition_check(
           jnp.any(losses < 0),
           f"mtjax: normalize: normalization={normalization!r} divides by the task losses, which must be "
-          "non-negative; got a negative loss. Use normalization='l2' for losses that can be negative."))
+          "non-negative; got a negative loss. Use normalization='l2' for losses that can be negative.",
+        )
+      )
       normalizers = losses
     if lazy and normalization == "loss" and shared is None and type(updates) is TaskJacobian:
       scale = numerics.safe_div(jnp.ones_like(normalizers), normalizers)
       scale = jnp.where(jnp.isfinite(scale), scale, 0)
       scale = numerics.enforce(scale, *checks)
-      grads = TaskJacobian(jax.tree_util.Partial(_scaled_vjp, updates.vjp_fn, scale), updates.num_tasks,
-                           updates.dtype, updates.strategy, updates.param_struct, updates.plan, updates.ids,
-                           updates.chunk_size)
+      grads = TaskJacobian(
+        jax.tree_util.Partial(_scaled_vjp, updates.vjp_fn, scale),
+        updates.num_tasks,
+        updates.dtype,
+        updates.strategy,
+        updates.param_struct,
+        updates.plan,
+        updates.ids,
+        updates.chunk_size,
+      )
       out, inner_state = inner.update(grads, state.inner_state, params, task_losses=task_losses, **extra_args)
       return out, _record(state, inner_state, normalizers)
     if lazy:
       updates = updates.materialize()
+    updates = rows_lib.upcast_rows(updates, params)  # mixed precision: normalized rows in float32
     leaves, treedef = rows_lib.flatten(updates)
     mask = tree_lib.resolve_shared(shared, updates, params)
     idx = [i for i, m in enumerate(mask) if m]
@@ -182,14 +193,23 @@ def normalize(
     w = jnp.asarray(w)
     if normalizers is not None:
       w = numerics.safe_div(w, normalizers.astype(w.dtype))
-    return NormalizeState(weights=jnp.broadcast_to(w, state.weights.shape).astype(state.weights.dtype),
-                          inner_state=inner_state)
+    return NormalizeState(
+      weights=jnp.broadcast_to(w, state.weights.shape).astype(state.weights.dtype), inner_state=inner_state
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def normalize_by_name(inner: str = "upgrad", normalization: str = "l2", *, num_tasks=None, shared=None, key=None,
-                      steps_per_epoch=None, **inner_kwargs) -> optax.GradientTransformationExtraArgs:
+def normalize_by_name(
+  inner: str = "upgrad",
+  normalization: str = "l2",
+  *,
+  num_tasks=None,
+  shared=None,
+  key=None,
+  steps_per_epoch=None,
+  **inner_kwargs,
+) -> optax.GradientTransformationExtraArgs:
   """:func:`normalize` around a method named in the experiment registry (``mtjax.experiment.METHODS``).
 
   An experiment config names it as ``{"name": "normalize", "inner": "upgrad", "normalization": "l2",
@@ -201,8 +221,10 @@ def normalize_by_name(inner: str = "upgrad", normalization: str = "l2", *, num_t
   from mtjax.experiment import _registry as reg  # pylint: disable=import-outside-toplevel
 
   if inner not in reg.METHODS or inner == "normalize":
-    raise ValueError(f"mtjax: normalize: inner must name a method of the registry, got {inner!r}; known: "
-                     f"{', '.join(sorted(n for n in reg.METHODS if n != 'normalize'))}.")
+    raise ValueError(
+      f"mtjax: normalize: inner must name a method of the registry, got {inner!r}; known: "
+      f"{', '.join(sorted(n for n in reg.METHODS if n != 'normalize'))}."
+    )
   factory = reg.METHODS[inner]
   params = inspect.signature(factory).parameters
   passed = dict(num_tasks=num_tasks, shared=shared, key=key, steps_per_epoch=steps_per_epoch)

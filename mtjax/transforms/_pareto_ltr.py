@@ -29,10 +29,11 @@ class ParetoLTRState(NamedTuple):
 
 
 def _messages(num: int) -> tuple[str, str]:
-  negative = ("mtjax: pareto_ltr: lower_bounds must be non-negative (they are minimum task weights "
-              "c_i >= 0).")
-  too_big = ("mtjax: pareto_ltr: lower_bounds sum to more than 1, so no weights on the simplex "
-             f"satisfy w_i >= c_i; make the {num} bounds sum to at most 1.")
+  negative = "mtjax: pareto_ltr: lower_bounds must be non-negative (they are minimum task weights c_i >= 0)."
+  too_big = (
+    "mtjax: pareto_ltr: lower_bounds sum to more than 1, so no weights on the simplex "
+    f"satisfy w_i >= c_i; make the {num} bounds sum to at most 1."
+  )
   return negative, too_big
 
 
@@ -64,10 +65,13 @@ def pareto_ltr_weights(gram: jax.Array, lower_bounds: jax.Array) -> jax.Array:
   dtype = gram.dtype
   t = gram.shape[0]
   ones = jnp.ones((t,), dtype)
-  kkt = jnp.concatenate([
+  kkt = jnp.concatenate(
+    [
       jnp.concatenate([gram, ones[:, None]], axis=1),
       jnp.concatenate([ones, jnp.zeros((1,), dtype)])[None, :],
-  ], axis=0)
+    ],
+    axis=0,
+  )
   rhs = jnp.concatenate([-jnp.matmul(gram, c, precision=numerics.HIGHEST), free[None]])
   solution = jnp.matmul(jnp.linalg.pinv(kkt), rhs, precision=numerics.HIGHEST)
   w_hat = solution[:t]
@@ -78,8 +82,9 @@ def pareto_ltr_weights(gram: jax.Array, lower_bounds: jax.Array) -> jax.Array:
 SOLVERS = ("paper", "exact")
 
 
-def pareto_ltr_exact_weights(gram: jax.Array, lower_bounds: jax.Array, *, max_iters: int = 250,
-                             tol: jax.typing.ArrayLike = 1e-8) -> jax.Array:
+def pareto_ltr_exact_weights(
+  gram: jax.Array, lower_bounds: jax.Array, *, max_iters: int = 250, tol: jax.typing.ArrayLike = 1e-8
+) -> jax.Array:
   r"""The exact PE-LTR weights: :math:`\min \|\sum_i w_i g_i\|^2` over :math:`w \ge c, \sum_i w_i = 1`.
 
   With :math:`s = 1 - \sum_i c_i`, every feasible :math:`w` is :math:`w = c + s y = M y` for a
@@ -111,15 +116,15 @@ def pareto_ltr_exact_weights(gram: jax.Array, lower_bounds: jax.Array, *, max_it
 
 
 def pareto_ltr(
-    lower_bounds: jax.typing.ArrayLike,
-    *,
-    num_tasks: Optional[int] = None,
-    shared: tree_lib.SharedSpec = None,
-    gram_leaves: weighting.GramLeavesSpec = None,
-    task_specific: str = "sum",
-    solver: str = "paper",
-    max_iters: int = 250,
-    tol: jax.typing.ArrayLike = 1e-8,
+  lower_bounds: jax.typing.ArrayLike,
+  *,
+  num_tasks: Optional[int] = None,
+  shared: tree_lib.SharedSpec = None,
+  gram_leaves: weighting.GramLeavesSpec = None,
+  task_specific: str = "sum",
+  solver: str = "paper",
+  max_iters: int = 250,
+  tol: jax.typing.ArrayLike = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
   r"""PE-LTR: Pareto-efficient task weights with per-task lower bounds (priorities).
 
@@ -211,13 +216,15 @@ def pareto_ltr(
     max_iters = weighting.static_int(max_iters, "max_iters", "pareto_ltr")
   shape = np.shape(lower_bounds)
   if len(shape) != 1 or shape[0] < 1:
-    raise ValueError(f"mtjax: pareto_ltr: lower_bounds must be a 1-D vector [T] (one bound per task), "
-                     f"got shape {shape}.")
+    raise ValueError(
+      f"mtjax: pareto_ltr: lower_bounds must be a 1-D vector [T] (one bound per task), got shape {shape}."
+    )
   if num_tasks is None:
     num_tasks = int(shape[0])
   elif shape[0] != num_tasks:
-    raise ValueError(f"mtjax: pareto_ltr: lower_bounds has {shape[0]} entries but num_tasks={num_tasks}; "
-                     "give one bound per task.")
+    raise ValueError(
+      f"mtjax: pareto_ltr: lower_bounds has {shape[0]} entries but num_tasks={num_tasks}; give one bound per task."
+    )
   negative_msg, too_big_msg = _messages(num_tasks)
   concrete = numerics._is_concrete(lower_bounds)  # pylint: disable=protected-access
   if concrete:
@@ -234,12 +241,22 @@ def pareto_ltr(
     gram = inputs.grams[0]
     c = jnp.asarray(lower_bounds)
     if not concrete:
-      c = numerics.enforce(c, numerics.condition_check(jnp.any(~(c >= 0)), negative_msg),
-                           numerics.condition_check(jnp.sum(c) > 1.0 + _SUM_SLACK, too_big_msg))
+      c = numerics.enforce(
+        c,
+        numerics.condition_check(jnp.any(~(c >= 0)), negative_msg),
+        numerics.condition_check(jnp.sum(c) > 1.0 + _SUM_SLACK, too_big_msg),
+      )
     if solver == "exact":
       return pareto_ltr_exact_weights(gram, c, max_iters=max_iters, tol=tol), state
     return pareto_ltr_weights(gram, c), state  # scale invariant: inputs.gram_log2_scale is not needed
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="pareto_ltr", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      task_specific=task_specific, rescale_gram=True)
+    weights_fn,
+    init_state,
+    method="pareto_ltr",
+    num_tasks=num_tasks,
+    shared=shared,
+    gram_leaves=gram_leaves,
+    task_specific=task_specific,
+    rescale_gram=True,
+  )

@@ -30,7 +30,7 @@ def seed_key(key) -> jax.Array:
 
   ``optax.inject_hyperparams`` turns the default ``key=0`` into an ``int32`` array scalar.
   """
-  if not isinstance(key, int) and not jax.dtypes.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
+  if not isinstance(key, int) and not jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
     if jnp.ndim(key) == 0 and jnp.issubdtype(jnp.result_type(key), jnp.integer):
       return jax.random.PRNGKey(key)
   return weighting.canonical_key(key)
@@ -102,13 +102,13 @@ def pcgrad_coefficients(gram: jax.Array, orders: jax.Array) -> jax.Array:
 
 
 def pcgrad(
-    key: int | jax.Array = 0,
-    *,
-    num_tasks: Optional[int] = None,
-    shared: tree_lib.SharedSpec = None,
-    gram_leaves: weighting.GramLeavesSpec = None,
-    reduction: str = "sum",
-    task_specific: str = "sum",
+  key: int | jax.Array = 0,
+  *,
+  num_tasks: Optional[int] = None,
+  shared: tree_lib.SharedSpec = None,
+  gram_leaves: weighting.GramLeavesSpec = None,
+  reduction: str = "sum",
+  task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""PCGrad ("gradient surgery"): project away conflicting components of the task gradients.
 
@@ -183,6 +183,17 @@ def pcgrad(
       weights = weights / t
     return weights, state._replace(key=next_key)
 
-  return tree_lib.with_task_axis_check(weighting.gram_weighting(
-      weights_fn, init_state, method="pcgrad", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      task_specific=task_specific, rescale_gram=True), num_tasks, "pcgrad")
+  return tree_lib.with_task_axis_check(
+    weighting.gram_weighting(
+      weights_fn,
+      init_state,
+      method="pcgrad",
+      num_tasks=num_tasks,
+      shared=shared,
+      gram_leaves=gram_leaves,
+      task_specific=task_specific,
+      rescale_gram=True,
+    ),
+    num_tasks,
+    "pcgrad",
+  )

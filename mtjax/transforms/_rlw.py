@@ -40,12 +40,12 @@ def draw_weights(key: jax.Array, num_tasks: int, sum_to: str = "one") -> tuple[j
 
 
 def rlw(
-    key: int | jax.Array = 0,
-    *,
-    num_tasks: Optional[int] = None,
-    sum_to: str = "one",
-    shared: tree_lib.SharedSpec = None,
-    task_specific: str = "weighted",
+  key: int | jax.Array = 0,
+  *,
+  num_tasks: Optional[int] = None,
+  sum_to: str = "one",
+  shared: tree_lib.SharedSpec = None,
+  task_specific: str = "weighted",
 ) -> optax.GradientTransformationExtraArgs:
   r"""RLW: a fresh random weighting of the task losses at every step.
 
@@ -108,5 +108,11 @@ def rlw(
     return weights, state._replace(key=next_key)
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="rlw", num_tasks=num_tasks, shared=shared, needs_gram=False,
-      task_specific=task_specific)
+    weights_fn,
+    init_state,
+    method="rlw",
+    num_tasks=num_tasks,
+    shared=shared,
+    needs_gram=False,
+    task_specific=task_specific,
+  )

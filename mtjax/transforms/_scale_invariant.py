@@ -32,17 +32,22 @@ def positive_losses(losses: jax.Array, method: str, why: str) -> jax.Array:
   """
   bad = jnp.any(losses <= 0)
   check = numerics.condition_check(
-      bad, lambda v: (f"mtjax: {method}: task losses must be positive, got {np.asarray(v).tolist()} ({why}); "
-                      "shift or reformulate non-positive losses (e.g. add a constant)."), losses)
+    bad,
+    lambda v: (
+      f"mtjax: {method}: task losses must be positive, got {np.asarray(v).tolist()} ({why}); "
+      "shift or reformulate non-positive losses (e.g. add a constant)."
+    ),
+    losses,
+  )
   safe = jnp.where(losses > 0, losses, jnp.ones_like(losses))
   return numerics.enforce(safe, check)
 
 
 def scale_invariant(
-    *,
-    num_tasks: int,
-    shared: tree_lib.SharedSpec = None,
-    task_specific: str = "weighted",
+  *,
+  num_tasks: int,
+  shared: tree_lib.SharedSpec = None,
+  task_specific: str = "weighted",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scale-invariant linear scalarization: the gradient of :math:`\sum_i \log L_i`.
 
@@ -88,8 +93,10 @@ def scale_invariant(
     Bargaining Game*, ICML 2022 (the "SI" baseline). https://arxiv.org/abs/2202.01017
   """
   if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
-    raise ValueError(f"mtjax: scale_invariant: num_tasks must be a positive int, got {num_tasks!r} "
-                     "(under optax.inject_hyperparams pass static_args=('num_tasks',)).")
+    raise ValueError(
+      f"mtjax: scale_invariant: num_tasks must be a positive int, got {num_tasks!r} "
+      "(under optax.inject_hyperparams pass static_args=('num_tasks',))."
+    )
 
   def init_state(params):
     return ScaleInvariantState(weights=weighting.init_weights(num_tasks, dtype=weighting.params_dtype(params)))
@@ -100,5 +107,12 @@ def scale_invariant(
     return 1.0 / losses, state
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="scale_invariant", num_tasks=num_tasks, shared=shared,
-      needs_gram=False, requires_task_losses=True, task_specific=task_specific)
+    weights_fn,
+    init_state,
+    method="scale_invariant",
+    num_tasks=num_tasks,
+    shared=shared,
+    needs_gram=False,
+    requires_task_losses=True,
+    task_specific=task_specific,
+  )

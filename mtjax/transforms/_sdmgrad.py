@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import optax
 
 from mtjax._src import composition
+from mtjax._src import micro_batches as mb
 from mtjax._src import numerics
 from mtjax._src import solvers
 from mtjax._src import tree as tree_lib
 from mtjax._src import weighting
-from mtjax._src import micro_batches as mb
 from mtjax.transforms._modo import check_nonneg
 from mtjax.transforms._modo import check_num_tasks
 
@@ -32,8 +32,9 @@ class SDMGradState(NamedTuple):
   weights: jax.Array
 
 
-def sdmgrad_weights(weights: jax.Array, cross_gram: jax.Array, lamda, gamma, momentum, num_inner_steps: int,
-                    normalize: bool) -> jax.Array:
+def sdmgrad_weights(
+  weights: jax.Array, cross_gram: jax.Array, lamda, gamma, momentum, num_inner_steps: int, normalize: bool
+) -> jax.Array:
   r"""SDMGrad's inner projected (heavy-ball) gradient iterations on the simplex.
 
   Minimises :math:`\frac12 \|J^\top w + \lambda g_0\|^2` over :math:`w \in \Delta`
@@ -90,15 +91,15 @@ def direction_coefficients(w: jax.Array, lamda) -> jax.Array:
 
 
 def sdmgrad(
-    *,
-    num_tasks: int,
-    lamda: jax.typing.ArrayLike = 0.3,
-    gamma: jax.typing.ArrayLike = 0.5,
-    num_inner_steps: int = 20,
-    momentum: jax.typing.ArrayLike = 0.0,
-    normalize: bool = True,
-    num_batches: int = 3,
-    shared: tree_lib.SharedSpec = None,
+  *,
+  num_tasks: int,
+  lamda: jax.typing.ArrayLike = 0.3,
+  gamma: jax.typing.ArrayLike = 0.5,
+  num_inner_steps: int = 20,
+  momentum: jax.typing.ArrayLike = 0.0,
+  normalize: bool = True,
+  num_batches: int = 3,
+  shared: tree_lib.SharedSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SDMGrad: MGDA pulled towards the average gradient, with stochastic weights on independent batches.
 
@@ -187,8 +188,9 @@ def sdmgrad(
   method = "sdmgrad"
   t_static = check_num_tasks(num_tasks, method)
   if num_batches not in NUM_BATCHES:
-    raise ValueError(f"mtjax: {method}: num_batches must be 3 (the paper) or 1 (the authors' one-batch code), "
-                     f"got {num_batches!r}.")
+    raise ValueError(
+      f"mtjax: {method}: num_batches must be 3 (the paper) or 1 (the authors' one-batch code), got {num_batches!r}."
+    )
   if not isinstance(normalize, bool):
     raise ValueError(f"mtjax: {method}: normalize must be a bool, got {normalize!r}.")
   steps = weighting.static_int(num_inner_steps, "num_inner_steps", method)
@@ -200,17 +202,26 @@ def sdmgrad(
     return SDMGradState(weights=jnp.full((t_static,), 1.0 / t_static, weighting.params_dtype(params)))
 
   if num_batches == 1:
+
     def weights_fn(inputs: weighting.WeightingInputs, state: SDMGradState):
       w = sdmgrad_weights(state.weights, inputs.grams[0], lamda, gamma, momentum, steps, normalize)
       return direction_coefficients(w, lamda), SDMGradState(weights=w.astype(state.weights.dtype))
 
-    return weighting.gram_weighting(weights_fn, init_state, method=method, num_tasks=t_static, shared=shared,
-                                    record_weights=False, rescale_gram=normalize)
+    return weighting.gram_weighting(
+      weights_fn,
+      init_state,
+      method=method,
+      num_tasks=t_static,
+      shared=shared,
+      record_weights=False,
+      rescale_gram=normalize,
+    )
 
   def update_fn(updates, state, params=None, *, task_losses=None, **extra_args):
     del extra_args
-    inputs = mb.check_inputs(updates, params, task_losses, num_batches=num_batches, num_tasks=t_static,
-                             shared=shared, method=method)
+    inputs = mb.check_inputs(
+      updates, params, task_losses, num_batches=num_batches, num_tasks=t_static, shared=shared, method=method
+    )
     gram = mb.cross_gram(inputs.leaves, inputs.mask, 0, 1)
     w = sdmgrad_weights(state.weights, gram, lamda, gamma, momentum, steps, normalize)
     w = numerics.enforce(w, *inputs.checks)

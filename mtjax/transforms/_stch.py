@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Union
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -33,8 +34,12 @@ class STCHState(NamedTuple):
   weights: jax.Array
 
 
-def stch_objective(task_losses: jax.typing.ArrayLike, mu, preference: Optional[jax.typing.ArrayLike] = None,
-                   ideal_point: Union[float, jax.typing.ArrayLike] = 0.0) -> jax.Array:
+def stch_objective(
+  task_losses: jax.typing.ArrayLike,
+  mu,
+  preference: Optional[jax.typing.ArrayLike] = None,
+  ideal_point: Union[float, jax.typing.ArrayLike] = 0.0,
+) -> jax.Array:
   r"""The smooth Tchebycheff scalarization :math:`\mu \log \sum_i \exp(\lambda_i (L_i - z_i) / \mu)`.
 
   Evaluated with a stable log-sum-exp. :func:`stch` follows its gradient without evaluating it; use
@@ -64,17 +69,17 @@ def stch_objective(task_losses: jax.typing.ArrayLike, mu, preference: Optional[j
 
 
 def stch(
-    *,
-    num_tasks: int,
-    mu: float = 1.0,
-    preference: Optional[jax.typing.ArrayLike] = None,
-    ideal_point: Union[float, jax.typing.ArrayLike] = 0.0,
-    normalization: str = "none",
-    warmup_steps: int = 0,
-    nadir_steps: Optional[int] = None,
-    warmup_weighting: str = "mean",
-    shared: tree_lib.SharedSpec = None,
-    task_specific: str = "weighted",
+  *,
+  num_tasks: int,
+  mu: float = 1.0,
+  preference: Optional[jax.typing.ArrayLike] = None,
+  ideal_point: Union[float, jax.typing.ArrayLike] = 0.0,
+  normalization: str = "none",
+  warmup_steps: int = 0,
+  nadir_steps: Optional[int] = None,
+  warmup_weighting: str = "mean",
+  shared: tree_lib.SharedSpec = None,
+  task_specific: str = "weighted",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Smooth Tchebycheff scalarization: a softmax weighting that favours the worst-off task.
 
@@ -143,8 +148,10 @@ def stch(
   """
   method = "stch"
   if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
-    raise ValueError(f"mtjax: stch: num_tasks must be a positive int, got {num_tasks!r} "
-                     "(under optax.inject_hyperparams pass static_args=('num_tasks',)).")
+    raise ValueError(
+      f"mtjax: stch: num_tasks must be a positive int, got {num_tasks!r} "
+      "(under optax.inject_hyperparams pass static_args=('num_tasks',))."
+    )
   if normalization not in NORMALIZATIONS:
     raise ValueError(f"mtjax: stch: normalization must be one of {NORMALIZATIONS}, got {normalization!r}.")
   if warmup_weighting not in WARMUP_WEIGHTINGS:
@@ -152,28 +159,43 @@ def stch(
   warmup = weighting.static_int(warmup_steps, "warmup_steps", method)
   nadir_n = warmup if nadir_steps is None else weighting.static_int(nadir_steps, "nadir_steps", method)
   if normalization == "log_nadir" and warmup < 1:
-    raise ValueError("mtjax: stch: normalization='log_nadir' needs a warm-up (warmup_steps >= 1) to record the "
-                     "nadir point.")
+    raise ValueError(
+      "mtjax: stch: normalization='log_nadir' needs a warm-up (warmup_steps >= 1) to record the nadir point."
+    )
   if nadir_n > warmup or (warmup and nadir_n < 1):
     raise ValueError(f"mtjax: stch: nadir_steps must be between 1 and warmup_steps={warmup}, got {nadir_steps!r}.")
   for name, value in (("preference", preference), ("ideal_point", ideal_point)):
-    if value is not None and not isinstance(value, jax.core.Tracer) and np.ndim(value) == 1 \
-        and np.shape(value) != (num_tasks,):
+    if (
+      value is not None
+      and not isinstance(value, jax.core.Tracer)
+      and np.ndim(value) == 1
+      and np.shape(value) != (num_tasks,)
+    ):
       raise ValueError(f"mtjax: stch: {name} must have shape ({num_tasks},), got {np.shape(value)}.")
 
   def init_state(params):
     dtype = weighting.params_dtype(params)
-    return STCHState(count=jnp.zeros((), jnp.int32), nadir=jnp.zeros((num_tasks,), dtype),
-                     weights=jnp.full((num_tasks,), 1 / num_tasks, dtype))
+    return STCHState(
+      count=jnp.zeros((), jnp.int32),
+      nadir=jnp.zeros((num_tasks,), dtype),
+      weights=jnp.full((num_tasks,), 1 / num_tasks, dtype),
+    )
 
   def weights_fn(inputs, state):
     dtype = state.nadir.dtype
     losses = inputs.task_losses.astype(dtype)
     mu_ = jnp.asarray(mu, dtype)
-    mu_ = numerics.enforce(mu_, numerics.condition_check(
-        ~(mu_ > 0), lambda v: f"mtjax: stch: mu must be positive, got {np.asarray(v).tolist()}.", mu_))
-    lam = jnp.ones((num_tasks,), dtype) if preference is None else jnp.broadcast_to(
-        jnp.asarray(preference, dtype), (num_tasks,))
+    mu_ = numerics.enforce(
+      mu_,
+      numerics.condition_check(
+        ~(mu_ > 0), lambda v: f"mtjax: stch: mu must be positive, got {np.asarray(v).tolist()}.", mu_
+      ),
+    )
+    lam = (
+      jnp.ones((num_tasks,), dtype)
+      if preference is None
+      else jnp.broadcast_to(jnp.asarray(preference, dtype), (num_tasks,))
+    )
     if normalization == "log_nadir" or warmup_weighting == "log":
       positive = positive_losses(losses, method, "the scalarization takes their logarithm")
     if normalization == "log_nadir":
@@ -193,21 +215,28 @@ def stch(
     return weights, STCHState(count=optax.safe_increment(state.count), nadir=nadir, weights=state.weights)
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method=method, num_tasks=num_tasks, shared=shared,
-      needs_gram=False, requires_task_losses=True, task_specific=task_specific)
+    weights_fn,
+    init_state,
+    method=method,
+    num_tasks=num_tasks,
+    shared=shared,
+    needs_gram=False,
+    requires_task_losses=True,
+    task_specific=task_specific,
+  )
 
 
 def stch_as_trained_by_the_authors(
-    *,
-    num_tasks: int,
-    steps_per_epoch: int,
-    mu: float = 1.0,
-    preference: Optional[jax.typing.ArrayLike] = None,
-    warmup_steps: Optional[int] = None,
-    nadir_steps: Optional[int] = None,
-    warmup_weighting: str = "log",
-    shared: tree_lib.SharedSpec = None,
-    task_specific: str = "weighted",
+  *,
+  num_tasks: int,
+  steps_per_epoch: int,
+  mu: float = 1.0,
+  preference: Optional[jax.typing.ArrayLike] = None,
+  warmup_steps: Optional[int] = None,
+  nadir_steps: Optional[int] = None,
+  warmup_weighting: str = "log",
+  shared: tree_lib.SharedSpec = None,
+  task_specific: str = "weighted",
 ) -> optax.GradientTransformationExtraArgs:
   """:func:`stch` set up as the authors train multi-task models (the ``"stch"`` of ``mtjax compare``).
 
@@ -218,6 +247,14 @@ def stch_as_trained_by_the_authors(
   epoch in which the weights are :math:`1/L_i`: ``normalization="log_nadir"``,
   ``warmup_weighting="log"`` and ``warmup_steps = steps_per_epoch`` (unless given).
   """
-  return stch(num_tasks=num_tasks, mu=mu, preference=preference, normalization="log_nadir",
-              warmup_steps=steps_per_epoch if warmup_steps is None else warmup_steps, nadir_steps=nadir_steps,
-              warmup_weighting=warmup_weighting, shared=shared, task_specific=task_specific)
+  return stch(
+    num_tasks=num_tasks,
+    mu=mu,
+    preference=preference,
+    normalization="log_nadir",
+    warmup_steps=steps_per_epoch if warmup_steps is None else warmup_steps,
+    nadir_steps=nadir_steps,
+    warmup_weighting=warmup_weighting,
+    shared=shared,
+    task_specific=task_specific,
+  )

@@ -50,19 +50,21 @@ def uncertainty_objective(task_losses: jax.typing.ArrayLike, log_vars: jax.typin
   task_losses = jnp.asarray(task_losses)
   log_vars = jnp.asarray(log_vars)
   if task_losses.shape != log_vars.shape or task_losses.ndim != 1:
-    raise ValueError(f"mtjax: uncertainty_objective: task_losses {task_losses.shape} and log_vars "
-                     f"{log_vars.shape} must both have shape [T].")
+    raise ValueError(
+      f"mtjax: uncertainty_objective: task_losses {task_losses.shape} and log_vars "
+      f"{log_vars.shape} must both have shape [T]."
+    )
   return jnp.sum(0.5 * jnp.exp(-log_vars) * task_losses + 0.5 * log_vars)
 
 
 def uncertainty(
-    *,
-    num_tasks: int,
-    init_log_var: float = 0.0,
-    learning_rate: float = 1e-3,
-    log_var_optimizer: Optional[optax.GradientTransformation] = None,
-    shared: tree_lib.SharedSpec = None,
-    task_specific: str = "weighted",
+  *,
+  num_tasks: int,
+  init_log_var: float = 0.0,
+  learning_rate: float = 1e-3,
+  log_var_optimizer: Optional[optax.GradientTransformation] = None,
+  shared: tree_lib.SharedSpec = None,
+  task_specific: str = "weighted",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Uncertainty weighting: learned per-task log-variances weigh the task losses.
 
@@ -123,33 +125,49 @@ def uncertainty(
     Geometry and Semantics*, CVPR 2018. https://arxiv.org/abs/1705.07115
   """
   if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or num_tasks < 1:
-    raise ValueError(f"mtjax: uncertainty: num_tasks must be a positive int, got {num_tasks!r} "
-                     "(under optax.inject_hyperparams pass static_args=('num_tasks',)).")
+    raise ValueError(
+      f"mtjax: uncertainty: num_tasks must be a positive int, got {num_tasks!r} "
+      "(under optax.inject_hyperparams pass static_args=('num_tasks',))."
+    )
   optimizer = log_var_optimizer if log_var_optimizer is not None else optax.adam(learning_rate)
 
   def init_state(params):
     dtype = numerics.gram_dtype(jnp.result_type(*jax.tree.leaves(params)))
     log_vars = jnp.full((num_tasks,), init_log_var, dtype)
-    return UncertaintyState(log_vars=log_vars, inner_opt_state=optimizer.init(log_vars),
-                            weights=jnp.ones((num_tasks,), dtype))
+    return UncertaintyState(
+      log_vars=log_vars, inner_opt_state=optimizer.init(log_vars), weights=jnp.ones((num_tasks,), dtype)
+    )
 
   def weights_fn(inputs, state):
     log_vars = state.log_vars
     dtype = log_vars.dtype
     losses = inputs.task_losses.astype(dtype)
-    losses = numerics.enforce(losses, numerics.condition_check(
+    losses = numerics.enforce(
+      losses,
+      numerics.condition_check(
         jnp.any(losses < 0),
-        lambda v: (f"mtjax: uncertainty: task losses must be nonnegative, got {np.asarray(v).tolist()} (the "
-                   "log-variance step 1/2 (1 - exp(-s) L) has its fixed point at s = log L; with L < 0 it has "
-                   "none and the weights grow without bound); shift or reformulate negative losses."), losses))
+        lambda v: (
+          f"mtjax: uncertainty: task losses must be nonnegative, got {np.asarray(v).tolist()} (the "
+          "log-variance step 1/2 (1 - exp(-s) L) has its fixed point at s = log L; with L < 0 it has "
+          "none and the weights grow without bound); shift or reformulate negative losses."
+        ),
+        losses,
+      ),
+    )
     precision = jnp.exp(-log_vars)
     weights = 0.5 * precision
     grad = 0.5 * (1 - precision * losses)
     updates, inner_opt_state = optimizer.update(grad, state.inner_opt_state, log_vars)
     new_log_vars = optax.apply_updates(log_vars, updates).astype(dtype)
-    return weights, UncertaintyState(log_vars=new_log_vars, inner_opt_state=inner_opt_state,
-                                     weights=state.weights)
+    return weights, UncertaintyState(log_vars=new_log_vars, inner_opt_state=inner_opt_state, weights=state.weights)
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="uncertainty", num_tasks=num_tasks, shared=shared,
-      needs_gram=False, requires_task_losses=True, task_specific=task_specific)
+    weights_fn,
+    init_state,
+    method="uncertainty",
+    num_tasks=num_tasks,
+    shared=shared,
+    needs_gram=False,
+    requires_task_losses=True,
+    task_specific=task_specific,
+  )

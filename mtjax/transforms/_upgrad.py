@@ -55,14 +55,14 @@ def _validate(regularization, method):
 
 
 def upgrad(
-    *,
-    num_tasks: Optional[int] = None,
-    regularization: jax.typing.ArrayLike = 1e-4,
-    max_iters: int = 100,
-    tol: jax.typing.ArrayLike = 1e-7,
-    shared: tree_lib.SharedSpec = None,
-    gram_leaves: weighting.GramLeavesSpec = None,
-    task_specific: str = "sum",
+  *,
+  num_tasks: Optional[int] = None,
+  regularization: jax.typing.ArrayLike = 1e-4,
+  max_iters: int = 100,
+  tol: jax.typing.ArrayLike = 1e-7,
+  shared: tree_lib.SharedSpec = None,
+  gram_leaves: weighting.GramLeavesSpec = None,
+  task_specific: str = "sum",
 ) -> optax.GradientTransformationExtraArgs:
   r"""UPGrad: average the task gradients, each projected onto the dual cone of all of them.
 
@@ -149,5 +149,12 @@ def upgrad(
     return jnp.mean(projected, axis=0), state
 
   return weighting.gram_weighting(
-      weights_fn, init_state, method="upgrad", num_tasks=num_tasks, shared=shared, gram_leaves=gram_leaves,
-      task_specific=task_specific, rescale_gram=True)
+    weights_fn,
+    init_state,
+    method="upgrad",
+    num_tasks=num_tasks,
+    shared=shared,
+    gram_leaves=gram_leaves,
+    task_specific=task_specific,
+    rescale_gram=True,
+  )

@@ -81,8 +81,11 @@ def test_nnx_and_linen_give_the_same_layer_groups_and_cosines():
   model = NnxMultiTask(NUM_TASKS, nnx.Rngs(1))
   graphdef, params = nnx.split(model)
   pure = nnx.to_pure_dict(params)
-  linen_params = {"trunk": pure["trunk"], "hidden": pure["hidden"],
-                  **{f"head_{i}": pure["heads"][i] for i in range(NUM_TASKS)}}
+  linen_params = {
+    "trunk": pure["trunk"],
+    "hidden": pure["hidden"],
+    **{f"head_{i}": pure["heads"][i] for i in range(NUM_TASKS)},
+  }
   linen = LinenMultiTask(NUM_TASKS)
   assert jax.tree.structure(linen.init(jax.random.PRNGKey(0), batch["x"])["params"]) == jax.tree.structure(linen_params)
 
@@ -105,8 +108,11 @@ def test_nnx_and_linen_give_the_same_layer_groups_and_cosines():
   shared = mtjax.shared_mask(exclude="head")
   assert analysis.group_names(nnx_grads, granularity="layer", shared=shared) == ["hidden", "trunk"]
   assert analysis.group_names(linen_grads, granularity="layer", shared=shared) == ["hidden", "trunk"]
-  np.testing.assert_allclose(analysis.cosine_similarity(nnx_grads, granularity="layer", shared=shared),
-                             analysis.cosine_similarity(linen_grads, granularity="layer", shared=shared), atol=1e-5)
+  np.testing.assert_allclose(
+    analysis.cosine_similarity(nnx_grads, granularity="layer", shared=shared),
+    analysis.cosine_similarity(linen_grads, granularity="layer", shared=shared),
+    atol=1e-5,
+  )
 
 
 def test_train_nnx_multitask_with_pcgrad_and_track():
@@ -143,8 +149,9 @@ def test_train_nnx_multitask_with_pcgrad_and_track():
   assert hist.array("conflict_groups").shape == (25, len(names))
   assert hist.pair_series(0, 1).shape == (25,)
   # the last in-step record equals the offline numbers on the same gradients
-  np.testing.assert_allclose(hist.records[-1]["cosine_groups"],
-                             analysis.cosine_similarity(grads, granularity="layer", shared=shared), atol=1e-5)
+  np.testing.assert_allclose(
+    hist.records[-1]["cosine_groups"], analysis.cosine_similarity(grads, granularity="layer", shared=shared), atol=1e-5
+  )
   np.testing.assert_allclose(np.diagonal(hist.array("cosine"), axis1=-2, axis2=-1), 1.0, atol=1e-5)
   # a per-leaf callable: one group for the trunk, one for the heads
   by_part = lambda path: "heads" if path.startswith("heads/") else "trunk"
@@ -155,8 +162,9 @@ def test_train_nnx_multitask_with_pcgrad_and_track():
 def test_nnx_optimizer_with_task_grads():
   batch = _data(seed=3)
   model = NnxMultiTask(NUM_TASKS, nnx.Rngs(3))
-  tx = optax.chain(mtjax.pcgrad(key=0, num_tasks=NUM_TASKS, shared=mtjax.shared_mask(exclude="heads")),
-                   optax.adam(1e-2))
+  tx = optax.chain(
+    mtjax.pcgrad(key=0, num_tasks=NUM_TASKS, shared=mtjax.shared_mask(exclude="heads")), optax.adam(1e-2)
+  )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit

@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import mtjax
@@ -13,8 +12,11 @@ from mtjax import analysis
 def _grads(num_tasks, seed=0):
   rng = np.random.default_rng(seed)
   shapes = {"enc": {"Dense_0": {"kernel": (5, 4), "bias": (4,)}, "Dense_1": {"kernel": (4, 3)}}, "head": {"w": (3,)}}
-  return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=(num_tasks,) + s), jnp.float32), shapes,
-                      is_leaf=lambda s: isinstance(s, tuple))
+  return jax.tree.map(
+    lambda s: jnp.asarray(rng.normal(size=(num_tasks,) + s), jnp.float32),
+    shapes,
+    is_leaf=lambda s: isinstance(s, tuple),
+  )
 
 
 def _np_cos(vectors):
@@ -86,8 +88,10 @@ def test_conflict_fraction_and_alignment():
 def test_in_step_tracking_equals_offline():
   """Stats computed inside a jitted step (from task_grads) equal offline numbers from the same grads."""
   rng = np.random.default_rng(0)
-  params = {"enc": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)},
-            "head": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}}
+  params = {
+    "enc": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)},
+    "head": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)},
+  }
   x = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
   y = jnp.asarray(rng.normal(size=(8, 2)), jnp.float32)
 
@@ -116,6 +120,7 @@ def test_plots_write_files(tmp_path):
   g = _grads(3)
   cos = analysis.cosine_similarity(g, granularity="layer")
   analysis.plot_similarity_heatmaps(cos, analysis.group_names(g, granularity="layer"), path=tmp_path / "h.png")
-  analysis.plot_similarity_over_steps(np.arange(5), np.linspace(-1, 1, 10).reshape(5, 2), ["a", "b"],
-                                      path=tmp_path / "c.png")
+  analysis.plot_similarity_over_steps(
+    np.arange(5), np.linspace(-1, 1, 10).reshape(5, 2), ["a", "b"], path=tmp_path / "c.png"
+  )
   assert (tmp_path / "h.png").stat().st_size > 1000 and (tmp_path / "c.png").stat().st_size > 1000

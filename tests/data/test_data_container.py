@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from mtjax import data
-from mtjax.models._features import Categorical, Dense, FeatureSpec
+from mtjax.models._features import Categorical
+from mtjax.models._features import Dense
+from mtjax.models._features import FeatureSpec
 
 
 def _toy(n=23, with_masks=True):
@@ -16,8 +18,9 @@ def _toy(n=23, with_masks=True):
   spec = FeatureSpec(categorical=(Categorical("c", 5),), dense=(Dense("d", 3),))
   labels = rng.integers(0, 2, (2, n)).astype(np.float32)
   masks = np.stack([np.ones(n, bool), labels[0] > 0]) if with_masks else None
-  return data.MultiTaskDataset(features=feats, labels=labels, task_names=("a", "b"), spec=spec, masks=masks,
-                               extras={"row": np.arange(n)})
+  return data.MultiTaskDataset(
+    features=feats, labels=labels, task_names=("a", "b"), spec=spec, masks=masks, extras={"row": np.arange(n)}
+  )
 
 
 def test_validation_errors():
@@ -81,13 +84,15 @@ def test_each_epoch_is_a_permutation(drop_remainder):
   ds = _toy()
   seen = []
   for epoch in range(3):
-    rows = [b["extras"]["row"] for b in data.batches(ds, 5, seed=7, epoch=epoch, drop_remainder=drop_remainder,
-                                                     include_extras=True)]
+    rows = [
+      b["extras"]["row"]
+      for b in data.batches(ds, 5, seed=7, epoch=epoch, drop_remainder=drop_remainder, include_extras=True)
+    ]
     assert len(rows) == (4 if drop_remainder else 5)
     assert all(len(r) == 5 for r in rows[:4])
     order = np.concatenate(rows)
     expected = np.random.default_rng((7, epoch)).permutation(23)  # independent reference of the order
-    np.testing.assert_array_equal(order, expected[:len(order)])
+    np.testing.assert_array_equal(order, expected[: len(order)])
     if not drop_remainder:
       np.testing.assert_array_equal(np.sort(order), np.arange(23))
     else:
@@ -115,8 +120,9 @@ def test_unshuffled_batches_are_views_in_order():
 
 def test_batches_do_not_copy_the_dataset():
   n, d = 200_000, 25  # 20 MB of features
-  ds = data.MultiTaskDataset(features=np.ones((n, d), np.float32), labels=np.zeros((2, n), np.float32),
-                             task_names=("a", "b"))
+  ds = data.MultiTaskDataset(
+    features=np.ones((n, d), np.float32), labels=np.zeros((2, n), np.float32), task_names=("a", "b")
+  )
   it = data.batches(ds, 64, seed=0, epoch=1)
   tracemalloc.start()
   try:

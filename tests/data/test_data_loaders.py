@@ -36,9 +36,15 @@ def _census_rows(name):
     return [[v.strip() for v in line.rstrip("\n").split(",")] for line in fh if line.strip()]
 
 
-COLLEGE = {"Some college but no degree", "Associates degree-occup /vocational", "Associates degree-academic program",
-           "Bachelors degree(BA AB BS)", "Masters degree(MA MS MEng MEd MSW MBA)",
-           "Prof school degree (MD DDS DVM LLB JD)", "Doctorate degree(PhD EdD)"}
+COLLEGE = {
+  "Some college but no degree",
+  "Associates degree-occup /vocational",
+  "Associates degree-academic program",
+  "Bachelors degree(BA AB BS)",
+  "Masters degree(MA MS MEng MEd MSW MBA)",
+  "Prof school degree (MD DDS DVM LLB JD)",
+  "Doctorate degree(PhD EdD)",
+}
 
 
 def test_census_columns_labels_and_vocabulary():
@@ -75,8 +81,9 @@ def test_census_columns_labels_and_vocabulary():
 
 
 def test_census_test_split_unseen_and_missing():
-  splits = data.census_income(os.path.join(FIX, "census", "census-income.data"),
-                              os.path.join(FIX, "census", "census-income.test"), seed=0)
+  splits = data.census_income(
+    os.path.join(FIX, "census", "census-income.data"), os.path.join(FIX, "census", "census-income.test"), seed=0
+  )
   rows = _census_rows("census-income.test")
   val, test = splits["validation"], splits["test"]
   assert (len(val), len(test)) == (10, 11)
@@ -196,9 +203,13 @@ def _aliccp_reference(split):
 @pytest.mark.parametrize("min_count", [1, 2, 10])
 def test_aliccp_raw_join_cleaning_and_vocabulary(min_count):
   p = lambda n: os.path.join(FIX, "aliccp", n)
-  splits = data.aliccp(p("sample_skeleton_train.csv"), p("common_features_train.csv"),
-                       test_skeleton_path=p("sample_skeleton_test.csv"),
-                       test_common_features_path=p("common_features_test.csv"), min_count=min_count)
+  splits = data.aliccp(
+    p("sample_skeleton_train.csv"),
+    p("common_features_train.csv"),
+    test_skeleton_path=p("sample_skeleton_test.csv"),
+    test_common_features_path=p("common_features_test.csv"),
+    min_count=min_count,
+  )
   ref_train = _aliccp_reference("train")
   counts = {f: collections.Counter(r[2][f] for r in ref_train if f in r[2]) for f in data.ALICCP_FIELDS}
   vocab = {f: sorted(v for v, n in counts[f].items() if n >= min_count) for f in data.ALICCP_FIELDS}
@@ -216,9 +227,13 @@ def test_aliccp_raw_join_cleaning_and_vocabulary(min_count):
 
 def test_aliccp_raw_hand_written_rows():
   p = lambda n: os.path.join(FIX, "aliccp", n)
-  splits = data.aliccp(p("sample_skeleton_train.csv"), p("common_features_train.csv"),
-                       test_skeleton_path=p("sample_skeleton_test.csv"),
-                       test_common_features_path=p("common_features_test.csv"), min_count=1)
+  splits = data.aliccp(
+    p("sample_skeleton_train.csv"),
+    p("common_features_train.csv"),
+    test_skeleton_path=p("sample_skeleton_test.csv"),
+    test_common_features_path=p("common_features_test.csv"),
+    min_count=1,
+  )
   train, test = splits["train"], splits["test"]
   counts = train.metadata["counts"]
   assert counts == {"rows": 40, "dropped_click0_conversion1": 1, "missing_common": 1}
@@ -237,12 +252,14 @@ def test_aliccp_raw_hand_written_rows():
   # the default min_count=10 maps the (rare) fixture user ids to 0
   rare = data.aliccp(p("sample_skeleton_train.csv"), p("common_features_train.csv"))["train"]
   assert rare.spec.categorical[0].vocab_size == 1 + sum(
-      n >= 10 for n in collections.Counter(train.extras["user_id"][train.extras["user_id"] >= 0].tolist()).values())
+    n >= 10 for n in collections.Counter(train.extras["user_id"][train.extras["user_id"] >= 0].tolist()).values()
+  )
 
 
 def test_aliccp_processed():
-  splits = data.aliccp_processed(os.path.join(FIX, "aliccp", "processed_train.csv"),
-                                 os.path.join(FIX, "aliccp", "processed_test.csv"))
+  splits = data.aliccp_processed(
+    os.path.join(FIX, "aliccp", "processed_train.csv"), os.path.join(FIX, "aliccp", "processed_test.csv")
+  )
   raw = {s: _csv_dicts(os.path.join(FIX, "aliccp", f"processed_{s}.csv")) for s in ("train", "test")}
   fields = list(raw["train"][0])[2:]
   assert fields == list(data.ALICCP_FIELDS) and splits["train"].spec.names == tuple(fields)
@@ -298,14 +315,17 @@ def test_kuairand_split_tasks_domains_and_missing():
     assert ds.masks is None
     np.testing.assert_array_equal(ds.features["tab"], [int(r["tab"]) for r in rs])
     np.testing.assert_array_equal(ds.features["hour"], [int(r["hourmin"]) // 100 for r in rs])
-    np.testing.assert_array_equal(ds.features["user_id"],
-                                  [train_users.index(int(r["user_id"])) + 1 if int(r["user_id"]) in train_users else 0
-                                   for r in rs])
-    np.testing.assert_array_equal(ds.features["video_id"],
-                                  [train_videos.index(int(r["video_id"])) + 1 if int(r["video_id"]) in train_videos
-                                   else 0 for r in rs])
-    expected = [(np.log1p(float(r["duration_ms"]) / 1000) - dur.mean()) / dur.std() if r["duration_ms"] != "" else 0.0
-                for r in rs]
+    np.testing.assert_array_equal(
+      ds.features["user_id"],
+      [train_users.index(int(r["user_id"])) + 1 if int(r["user_id"]) in train_users else 0 for r in rs],
+    )
+    np.testing.assert_array_equal(
+      ds.features["video_id"],
+      [train_videos.index(int(r["video_id"])) + 1 if int(r["video_id"]) in train_videos else 0 for r in rs],
+    )
+    expected = [
+      (np.log1p(float(r["duration_ms"]) / 1000) - dur.mean()) / dur.std() if r["duration_ms"] != "" else 0.0 for r in rs
+    ]
     np.testing.assert_allclose(ds.features["duration"], expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(ds.extras["user_id"], [int(r["user_id"]) for r in rs])
   test = splits["test"]

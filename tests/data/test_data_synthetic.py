@@ -12,9 +12,14 @@ def _arrays(ds):
   return list(feats.values()) + [ds.labels] + ([] if ds.masks is None else [ds.masks]) + list(ds.extras.values())
 
 
-@pytest.mark.parametrize("make", [lambda s: data.mmoe_synthetic(300, 0.7, dim=10, seed=s),
-                                  lambda s: data.funnel_synthetic(300, seed=s),
-                                  lambda s: data.conflicting_tasks(300, seed=s)])
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda s: data.mmoe_synthetic(300, 0.7, dim=10, seed=s),
+    lambda s: data.funnel_synthetic(300, seed=s),
+    lambda s: data.conflicting_tasks(300, seed=s),
+  ],
+)
 def test_deterministic_under_seed(make):
   a, b, c = make(3), make(3), make(4)
   for x, y in zip(_arrays(a), _arrays(b)):
@@ -103,8 +108,9 @@ def test_conflicting_tasks_matches_formula():
   np.testing.assert_allclose(w @ w.T, cos, atol=1e-10)
   np.testing.assert_allclose(cos, [[1, 0.5, -0.5], [0.5, 1, -0.5], [-0.5, -0.5, 1]])
   # float64 reference: h = [tables[f][id_f] ..., dense], z_t = w_t . h, p_t = sigmoid(gamma g(z_t))
-  h = np.concatenate([md["tables"][f][ds.features[f"cat_{f}"]] for f in range(3)]
-                     + [ds.features["dense"].astype(np.float64)], axis=1)
+  h = np.concatenate(
+    [md["tables"][f][ds.features[f"cat_{f}"]] for f in range(3)] + [ds.features["dense"].astype(np.float64)], axis=1
+  )
   m = len(md["alpha"])
   for t in range(3):
     z = h @ w[t]
@@ -119,14 +125,17 @@ def test_conflicting_tasks_matches_formula():
 def test_conflicting_tasks_regression_task():
   kw = dict(num_samples=20000, seed=3)
   binary = data.conflicting_tasks(**kw)
-  mixed = data.conflicting_tasks(**kw, task_types=("binary", "binary", "regression"), regression_scale=10.0,
-                                 regression_noise=0.5)
+  mixed = data.conflicting_tasks(
+    **kw, task_types=("binary", "binary", "regression"), regression_scale=10.0, regression_noise=0.5
+  )
   assert mixed.task_types == ("binary", "binary", "regression")
   # The binary tasks are the same draws; the regression target is s * (g + sigma * eps).
   np.testing.assert_array_equal(mixed.labels[:2], binary.labels[:2])
   md = mixed.metadata
-  h = np.concatenate([md["tables"][f][mixed.features[f"cat_{f}"]] for f in range(3)]
-                     + [mixed.features["dense"].astype(np.float64)], axis=1)
+  h = np.concatenate(
+    [md["tables"][f][mixed.features[f"cat_{f}"]] for f in range(3)] + [mixed.features["dense"].astype(np.float64)],
+    axis=1,
+  )
   z = h @ md["w"][2]
   m = len(md["alpha"])
   g = z + md["nonlinearity"] / np.sqrt(m) * sum(np.sin(md["alpha"][i] * z + md["beta"][i]) for i in range(m))

@@ -64,12 +64,12 @@ def _aliccp(tmp):
 
 
 FORMATS = {
-    # name: (setup, 1-based line of the first data row, (field index, column name) of a numeric column, header)
-    "aliexpress": (_aliexpress, 2, (17, "numerical_1"), True),
-    "aliccp_processed": (_aliccp_processed, 2, (2, "101"), True),
-    "kuairand": (_kuairand, 2, (13, "duration_ms"), True),
-    "census": (_census, 1, (0, "age"), False),
-    "aliccp": (_aliccp, 1, None, False),
+  # name: (setup, 1-based line of the first data row, (field index, column name) of a numeric column, header)
+  "aliexpress": (_aliexpress, 2, (17, "numerical_1"), True),
+  "aliccp_processed": (_aliccp_processed, 2, (2, "101"), True),
+  "kuairand": (_kuairand, 2, (13, "duration_ms"), True),
+  "census": (_census, 1, (0, "age"), False),
+  "aliccp": (_aliccp, 1, None, False),
 }
 NUMERIC_FORMATS = [f for f, v in FORMATS.items() if v[2] is not None]
 
@@ -110,7 +110,7 @@ def test_file_cut_mid_row(tmp_path, fmt):
   setup, _, _, _ = FORMATS[fmt]
   path, load = setup(tmp_path)
   lines = _lines(path)
-  _write(path, lines[:-1] + [lines[-1][:len(lines[-1]) // 2]])
+  _write(path, lines[:-1] + [lines[-1][: len(lines[-1]) // 2]])
   with pytest.raises(ValueError, match=_error(path, len(lines)) + ".*cut short"):
     load()
 
@@ -200,7 +200,7 @@ def test_skip_drops_bad_rows_with_a_warning(tmp_path, fmt):
   setup, first, _, _ = FORMATS[fmt]
   path, load = setup(tmp_path)
   lines = _lines(path)
-  keep = lines[:first] + lines[first + 1:]  # without the second data row (line first + 1)
+  keep = lines[:first] + lines[first + 1 :]  # without the second data row (line first + 1)
   _write(path, keep)
   expected = load()
   lines[first] = lines[first].rstrip("\r\n").rsplit(",", 1)[0] + "\n"  # the second data row: one field short
@@ -218,8 +218,10 @@ def test_skip_drops_bad_rows_with_a_warning(tmp_path, fmt):
 
 
 def _census_fields():
-  return [[v.strip() for v in line.rstrip("\n").split(",")] for line in _lines(os.path.join(FIX, "census",
-                                                                                          "census-income.data"))]
+  return [
+    [v.strip() for v in line.rstrip("\n").split(",")]
+    for line in _lines(os.path.join(FIX, "census", "census-income.data"))
+  ]
 
 
 @pytest.mark.parametrize("form", ["header", "index", "header+index", "pandas"])
@@ -233,11 +235,50 @@ def test_census_header_and_index_column(tmp_path, form):
     names = list(data.CENSUS_COLUMNS)
     lines = [", ".join(([""] if "index" in form else []) + names) + "\n"] + lines
   if form == "pandas":  # DataFrame.to_csv: the UCI code names, an unnamed index column, no spaces
-    names = ["AAGE", "ACLSWKR", "ADTIND", "ADTOCC", "AHGA", "AHRSPAY", "AHSCOL", "AMARITL", "AMJIND", "AMJOCC", "ARACE",
-             "AREORGN", "ASEX", "AUNMEM", "AUNTYPE", "AWKSTAT", "CAPGAIN", "CAPLOSS", "DIVVAL", "FILESTAT", "GRINREG",
-             "GRINST", "HHDFMX", "HHDREL", "MARSUPWT", "MIGMTR1", "MIGMTR3", "MIGMTR4", "MIGSAME", "MIGSUN", "NOEMP",
-             "PARENT", "PEFNTVTY", "PEMNTVTY", "PENATVTY", "PRCITSHP", "SEOTR", "VETQVA", "VETYN", "WKSWORK", "YEAR",
-             "income"]
+    names = [
+      "AAGE",
+      "ACLSWKR",
+      "ADTIND",
+      "ADTOCC",
+      "AHGA",
+      "AHRSPAY",
+      "AHSCOL",
+      "AMARITL",
+      "AMJIND",
+      "AMJOCC",
+      "ARACE",
+      "AREORGN",
+      "ASEX",
+      "AUNMEM",
+      "AUNTYPE",
+      "AWKSTAT",
+      "CAPGAIN",
+      "CAPLOSS",
+      "DIVVAL",
+      "FILESTAT",
+      "GRINREG",
+      "GRINST",
+      "HHDFMX",
+      "HHDREL",
+      "MARSUPWT",
+      "MIGMTR1",
+      "MIGMTR3",
+      "MIGMTR4",
+      "MIGSAME",
+      "MIGSUN",
+      "NOEMP",
+      "PARENT",
+      "PEFNTVTY",
+      "PEMNTVTY",
+      "PENATVTY",
+      "PRCITSHP",
+      "SEOTR",
+      "VETQVA",
+      "VETYN",
+      "WKSWORK",
+      "YEAR",
+      "income",
+    ]
     lines = [",".join([""] + names) + "\n"] + [",".join([str(k)] + r) + "\n" for k, r in enumerate(rows)]
   path = tmp_path / "census.csv"
   _write(path, lines)
@@ -274,13 +315,12 @@ def test_census_bad_label_value_names_the_line(tmp_path):
     load()
 
 
-TORCH_RECHUB_HEADER = ("click,purchase,101,121,205,210,301,109_14,D109_14,D110_14,D127_14,D150_14,D508,D509,D702,"
-                       "D853")
+TORCH_RECHUB_HEADER = "click,purchase,101,121,205,210,301,109_14,D109_14,D110_14,D127_14,D150_14,D508,D509,D702,D853"
 
 
 def _rechub_rows(rng, n):
   rows = []
-  for r in range(n):
+  for _ in range(n):
     click = int(rng.random() < 0.5)
     ids = [int(rng.integers(0, 9)) for _ in range(6)]
     dense = [round(float(v), 4) for v in rng.random(8) * 3]
@@ -294,8 +334,9 @@ def test_aliccp_processed_dense_columns_stay_floats(tmp_path):
   rows["train"][3][9] = ""  # an empty dense field is 0.0
   for s, rs in rows.items():
     _write(tmp_path / f"ali_ccp_{s}.csv", [TORCH_RECHUB_HEADER + "\n"] + [",".join(map(str, r)) + "\n" for r in rs])
-  splits = data.aliccp_processed(tmp_path / "ali_ccp_train.csv", tmp_path / "ali_ccp_test.csv",
-                                 validation_path=tmp_path / "ali_ccp_val.csv")
+  splits = data.aliccp_processed(
+    tmp_path / "ali_ccp_train.csv", tmp_path / "ali_ccp_test.csv", validation_path=tmp_path / "ali_ccp_val.csv"
+  )
   assert set(splits) == {"train", "validation", "test"}
   spec = splits["train"].spec
   assert tuple(d.name for d in spec.dense) == data.ALICCP_PROCESSED_DENSE
@@ -311,8 +352,9 @@ def test_aliccp_processed_dense_columns_stay_floats(tmp_path):
       np.testing.assert_allclose(x, [r[8 + k] if r[8 + k] != "" else 0.0 for r in rows[name]], rtol=1e-6)
   assert len(np.unique(splits["train"].features["D109_14"])) > 5  # not truncated to an id vocabulary of 1
   # explicit dense columns: the schema, not the values, decides
-  explicit = data.aliccp_processed(tmp_path / "ali_ccp_train.csv",
-                                    dense_columns=("109_14",) + data.ALICCP_PROCESSED_DENSE)["train"]
+  explicit = data.aliccp_processed(
+    tmp_path / "ali_ccp_train.csv", dense_columns=("109_14",) + data.ALICCP_PROCESSED_DENSE
+  )["train"]
   assert [d.name for d in explicit.spec.dense] == ["109_14", *data.ALICCP_PROCESSED_DENSE]
   assert explicit.features["109_14"].dtype == np.float32 and "109_14" not in [c.name for c in explicit.spec.categorical]
 
@@ -347,8 +389,12 @@ def _two_task_dataset(n=203, seed=0):
   rng = np.random.default_rng(seed)
   a = rng.random(n) < 0.12
   b = np.where(a, rng.random(n) < 0.7, rng.random(n) < 0.3)
-  return data.MultiTaskDataset(features=np.arange(n, dtype=np.float32)[:, None], labels=np.stack([a, b]),
-                               task_names=("a", "b"), extras={"row": np.arange(n)})
+  return data.MultiTaskDataset(
+    features=np.arange(n, dtype=np.float32)[:, None],
+    labels=np.stack([a, b]),
+    task_names=("a", "b"),
+    extras={"row": np.arange(n)},
+  )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -380,8 +426,10 @@ def test_stratified_split_is_seeded():
     np.testing.assert_array_equal(x.extras["row"], y.extras["row"])
   assert not np.array_equal(one[1].extras["row"], other[1].extras["row"])
   # the plain split is unchanged by the new keyword
-  np.testing.assert_array_equal(ds.split((0.7, 0.3), seed=5)[1].extras["row"],
-                                ds.subset(np.random.default_rng(5).permutation(len(ds))[142:]).extras["row"])
+  np.testing.assert_array_equal(
+    ds.split((0.7, 0.3), seed=5)[1].extras["row"],
+    ds.subset(np.random.default_rng(5).permutation(len(ds))[142:]).extras["row"],
+  )
 
 
 def test_stratified_split_masks_and_regression():
@@ -391,17 +439,22 @@ def test_stratified_split_masks_and_regression():
   conv = click & (rng.random(n) < 0.4)
   labels = np.stack([click, conv, rng.normal(size=n)])
   masks = np.stack([np.ones(n, bool), click, np.ones(n, bool)])
-  ds = data.MultiTaskDataset(features=np.zeros((n, 1), np.float32), labels=labels, masks=masks,
-                             task_names=("click", "conversion", "value"),
-                             task_types=("binary", "binary", "regression"))
+  ds = data.MultiTaskDataset(
+    features=np.zeros((n, 1), np.float32),
+    labels=labels,
+    masks=masks,
+    task_names=("click", "conversion", "value"),
+    task_types=("binary", "binary", "regression"),
+  )
   parts = ds.split((0.5, 0.5), seed=0, stratify=True)
   for p in parts:
     # patterns: no click (conversion masked), click without / with conversion
     counts = [np.sum(~p.masks[1]), np.sum(p.masks[1] & (p.labels[1] == 0)), np.sum(p.labels[1] == 1)]
     whole = [np.sum(~click), np.sum(click & ~conv), np.sum(conv)]
     assert all(abs(c - w / 2) <= 1 for c, w in zip(counts, whole)), (counts, whole)
-  only_regression = data.MultiTaskDataset(features=np.zeros((n, 1), np.float32), labels=labels[2:],
-                                          task_names=("value",), task_types=("regression",))
+  only_regression = data.MultiTaskDataset(
+    features=np.zeros((n, 1), np.float32), labels=labels[2:], task_names=("value",), task_types=("regression",)
+  )
   a = only_regression.split((0.5, 0.5), seed=0, stratify=True)
   b = only_regression.split((0.5, 0.5), seed=0)
   np.testing.assert_array_equal(a[0].labels, b[0].labels)

@@ -85,7 +85,8 @@ SCRIPT = textwrap.dedent(r'''
 
 def test_sharded_training_equals_one_device(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,
-                        cwd=str(tmp_path))
+  proc = subprocess.run(
+    [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path)
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert proc.stdout.split() == ["pcgrad", "ok", "gradvac", "ok", "mgda", "ok", "fit", "ok"], proc.stdout

@@ -14,7 +14,9 @@ import optax
 import pytest
 
 import mtjax
-from mtjax import cli, data, models, training
+from mtjax import cli
+from mtjax import data
+from mtjax import training
 from mtjax.training import _checkpoint
 
 KW = dict(steps=6, batch_size=32, seed=1, progress=False, log_every=1, checkpoint_every=3, track_similarity=False)
@@ -232,8 +234,9 @@ def _nan_at_step(train, step, *, seed, batch_size):
   features = dict(train.features)
   features["dense"] = features["dense"].copy()
   features["dense"][idx, 0] = np.nan
-  return data.MultiTaskDataset(features=features, labels=train.labels, task_names=train.task_names, spec=train.spec,
-                               task_types=train.task_types)
+  return data.MultiTaskDataset(
+    features=features, labels=train.labels, task_names=train.task_names, spec=train.spec, task_types=train.task_types
+  )
 
 
 CLI_CONFIG = """

@@ -25,9 +25,11 @@ def _setup(num_samples=300, dropout=0.0):
 
 def test_split_batch_follows_the_sample_axis_of_every_entry():
   rng = np.random.default_rng(0)
-  batch = {"x": {"dense": rng.normal(size=(7, 2)).astype(np.float32), "ids": np.arange(7)},
-           "labels": rng.normal(size=(3, 7)).astype(np.float32),
-           "mask": rng.random((3, 7)) > 0.5}
+  batch = {
+    "x": {"dense": rng.normal(size=(7, 2)).astype(np.float32), "ids": np.arange(7)},
+    "labels": rng.normal(size=(3, 7)).astype(np.float32),
+    "mask": rng.random((3, 7)) > 0.5,
+  }
   parts = training.split_batch(batch, 3)
   assert [training._train.sample_count(p) for p in parts] == [3, 2, 2]  # numpy.array_split sizes
   for key, axis in (("labels", 1), ("mask", 1)):
@@ -58,6 +60,7 @@ def test_train_step_equals_the_method_on_micro_batch_task_grads(method):
     return loss_fn(params, {"x": b["x"], "labels": b["labels_t"].T})
 
   flat = {"x": batch["x"], "labels_t": jnp.asarray(batch["labels"]).T}
+
   @jax.jit
   def reference(params, opt_state, flat):
     part_losses, grads = mtjax.micro_batch_task_grads(mtjax.task_grads(sample_major, sparse=False), 3)(params, flat)
@@ -100,10 +103,12 @@ def test_fit_without_micro_batches_says_how_to_feed_the_method():
     training.make_train_step(model, tx, strategy="rep", micro_batches=3)
 
 
-RAW = {"data": {"name": "conflicting", "num_samples": 400, "seed": 0},
-       "model": {"name": "mmoe", "num_experts": 2, "expert": [8], "tower": [4, 1]},
-       "optimizer": {"name": "adam", "learning_rate": 0.003},
-       "train": {"steps": 4, "batch_size": 32, "log_every": 1}}
+RAW = {
+  "data": {"name": "conflicting", "num_samples": 400, "seed": 0},
+  "model": {"name": "mmoe", "num_experts": 2, "expert": [8], "tower": [4, 1]},
+  "optimizer": {"name": "adam", "learning_rate": 0.003},
+  "train": {"steps": 4, "batch_size": 32, "log_every": 1},
+}
 
 
 def test_config_takes_num_batches_from_the_method():
@@ -131,7 +136,11 @@ def test_runner_trains_a_micro_batch_method():
 def test_method_specs_of_the_command_line():
   assert experiment.parse_method("modo") == {"name": "modo"}
   assert experiment.parse_method("sdmgrad:num_batches=1:lamda=0.5") == {
-      "name": "sdmgrad", "num_batches": 1, "lamda": 0.5, "label": "sdmgrad:num_batches=1:lamda=0.5"}
+    "name": "sdmgrad",
+    "num_batches": 1,
+    "lamda": 0.5,
+    "label": "sdmgrad:num_batches=1:lamda=0.5",
+  }
   assert experiment.parse_method("mgda:normalization=loss+")["normalization"] == "loss+"  # a bare word
   for bad in (":x=1", "modo:gamma", "modo:=1"):
     with pytest.raises(experiment.ConfigError, match="method spec"):

@@ -8,23 +8,30 @@ import textwrap
 import numpy as np
 import pytest
 
-from mtjax import cli, experiment
+from mtjax import cli
+from mtjax import experiment
 from mtjax.experiment import _runner
 
 
 def _raw(method, **train):
-  return {"name": "scale", "data": {"name": "conflicting", "num_samples": 400, "seed": 0},
-          "model": {"name": "mmoe", "num_experts": 2, "expert": [8], "tower": [4, 1]},
-          "method": method, "optimizer": {"name": "adam", "learning_rate": 0.01},
-          "train": {"steps": STEPS, "batch_size": 32, "log_every": 1, "eval_batch_size": 256, **train}}
+  return {
+    "name": "scale",
+    "data": {"name": "conflicting", "num_samples": 400, "seed": 0},
+    "model": {"name": "mmoe", "num_experts": 2, "expert": [8], "tower": [4, 1]},
+    "method": method,
+    "optimizer": {"name": "adam", "learning_rate": 0.01},
+    "train": {"steps": STEPS, "batch_size": 32, "log_every": 1, "eval_batch_size": 256, **train},
+  }
 
 
 STEPS = 2  # a refresh step and a reuse step of the amortized methods (compilation dominates)
 # Strategy "rep" (with rep_gram, chunk_size, every and ema) trains in the CLI test below.
 CASES = {
-    "shared-chunk2-cr_mogm": ({"name": "mgda", "ema": 0.5}, {"strategy": "shared", "chunk_size": 2}),
-    "subset-gram_leaves-amortized": ({"name": "upgrad", "gram_leaves": "experts/", "every": 2},
-                                     {"strategy": "subset", "rep_gram": "stack"}),
+  "shared-chunk2-cr_mogm": ({"name": "mgda", "ema": 0.5}, {"strategy": "shared", "chunk_size": 2}),
+  "subset-gram_leaves-amortized": (
+    {"name": "upgrad", "gram_leaves": "experts/", "every": 2},
+    {"strategy": "subset", "rep_gram": "stack"},
+  ),
 }
 
 
@@ -57,7 +64,9 @@ def test_scale_configs_train_and_compare(tmp_path, capsys):
   _check_cli_compare(tmp_path, capsys)
 
 
-@pytest.mark.parametrize("method, train, message", [
+@pytest.mark.parametrize(
+  "method, train, message",
+  [
     ({"name": "mgda"}, {"strategy": "bogus"}, r"train.strategy must be one of .*'rep', 'shared', 'subset'.*'bogus'"),
     ({"name": "mgda", "every": 0}, {}, r"method.every must be an int >= 1 .*got 0"),
     ({"name": "mgda", "every": 2.5}, {}, r"method.every must be an int >= 1 .*got 2.5"),
@@ -67,7 +76,8 @@ def test_scale_configs_train_and_compare(tmp_path, capsys):
     ({"name": "mgda"}, {"chunk_size": -1}, r"train.chunk_size must be >= 0 .*got -1"),
     ({"name": "mgda"}, {"chunk_size": 1.5}, r"train.chunk_size must be int"),
     ({"name": "mgda", "gram_leaves_typo": "x"}, {}, r"method has unknown key 'gram_leaves_typo'"),
-])
+  ],
+)
 def test_scale_config_errors(method, train, message):
   with pytest.raises(experiment.ConfigError, match=message):
     experiment.from_dict(_raw(method, **train))
@@ -103,15 +113,39 @@ def _check_cli_compare(tmp_path, capsys):
   cfg = tmp_path / "tiny.toml"
   cfg.write_text(textwrap.dedent(TINY))
   out = str(tmp_path / "cmp")
-  argv = ["compare", str(cfg), "--strategy", "rep", "--methods", "linear,mgda", "--steps", "2", "--samples",
-          "400", "--seeds", "0", "--every", "2", "--ema", "0.5", "--chunk-size", "2", "--out", out,
-          "--no-progress"]
+  argv = [
+    "compare",
+    str(cfg),
+    "--strategy",
+    "rep",
+    "--methods",
+    "linear,mgda",
+    "--steps",
+    "2",
+    "--samples",
+    "400",
+    "--seeds",
+    "0",
+    "--every",
+    "2",
+    "--ema",
+    "0.5",
+    "--chunk-size",
+    "2",
+    "--out",
+    out,
+    "--no-progress",
+  ]
   assert cli.main(argv) == 0
   text = capsys.readouterr().out
   assert "strategy rep, weights every 2 steps" in text
   saved = json.load(open(os.path.join(out, "results.json")))
   assert {k: saved["config"]["train"][k] for k in ("strategy", "chunk_size", "rep_gram", "steps")} == {
-      "strategy": "rep", "chunk_size": 2, "rep_gram": "stack", "steps": 2}
+    "strategy": "rep",
+    "chunk_size": 2,
+    "rep_gram": "stack",
+    "steps": 2,
+  }
   assert [m["every"] for m in saved["methods"]] == [2, 2] and [m["ema"] for m in saved["methods"]] == [0.5, 0.5]
   rows = [line for line in text.splitlines() if line.startswith("| ")]
   assert rows[0].startswith("| method") and "Δm% vs linear" in rows[0]

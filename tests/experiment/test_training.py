@@ -10,17 +10,19 @@ import optax
 import pytest
 
 import mtjax
-from mtjax import data, models, training
+from mtjax import data
+from mtjax import models
+from mtjax import training
 
 
 def _setup(method="pcgrad"):
   ds = data.conflicting_tasks(num_samples=600, seed=0)
   model = models.MMoE(num_tasks=3, num_experts=2, expert=(8,), tower=(4, 1), features=ds.spec, dropout=0.1)
   factories = {
-      "pcgrad": lambda: mtjax.pcgrad(key=3, num_tasks=3),
-      "gradnorm": lambda: mtjax.gradnorm(num_tasks=3, shared=models.partition(model)),
-      "uncertainty": lambda: mtjax.uncertainty(num_tasks=3),
-      "dwa": lambda: mtjax.dwa(num_tasks=3, steps_per_epoch=4),
+    "pcgrad": lambda: mtjax.pcgrad(key=3, num_tasks=3),
+    "gradnorm": lambda: mtjax.gradnorm(num_tasks=3, shared=models.partition(model)),
+    "uncertainty": lambda: mtjax.uncertainty(num_tasks=3),
+    "dwa": lambda: mtjax.dwa(num_tasks=3, steps_per_epoch=4),
   }
   return ds, model, optax.chain(factories[method](), optax.adam(1e-2))
 
@@ -61,6 +63,7 @@ def test_checkpoint_errors(tmp_path):
   # Corrupt checkpoints are a clear error, not a crash deep in orbax (a corrupt newest one alone
   # falls back to the previous one with a warning: tests/experiment/test_faults.py).
   from mtjax.training import _checkpoint
+
   for _, ckpt in _checkpoint.step_dirs(os.path.join(out, "checkpoints")):
     for root, _, files in os.walk(os.path.join(ckpt, "state")):
       for f in files:
@@ -81,8 +84,9 @@ def test_log_and_eval(tmp_path):
   ds, model, tx = _setup("gradnorm")
   train, valid = ds.split((0.8, 0.2))
   out = str(tmp_path / "run")
-  res = training.fit(model, tx, train, steps=10, batch_size=64, eval_ds=valid, eval_every=5, log_every=2,
-                     out_dir=out, progress=False)
+  res = training.fit(
+    model, tx, train, steps=10, batch_size=64, eval_ds=valid, eval_every=5, log_every=2, out_dir=out, progress=False
+  )
   lines = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
   steps = [l for l in lines if "losses" in l]
   assert [l["step"] for l in steps] == [2, 4, 6, 8, 10]
@@ -113,8 +117,9 @@ def test_nonfinite_data_and_bad_ids_are_clear_errors():
   features = dict(ds.features)
   features["dense"] = features["dense"].copy()
   features["dense"][:, 0] = np.nan
-  bad = data.MultiTaskDataset(features=features, labels=ds.labels, task_names=ds.task_names, spec=ds.spec,
-                              task_types=ds.task_types)
+  bad = data.MultiTaskDataset(
+    features=features, labels=ds.labels, task_names=ds.task_names, spec=ds.spec, task_types=ds.task_types
+  )
   with pytest.raises(ValueError, match=r"mtjax: non-finite task losses .*\[at training step 1\]"):
     training.fit(model, tx, bad, steps=3, batch_size=64, progress=False)
   # With the in-graph checks compiled out, the loop's own host-side check still stops it.
@@ -122,12 +127,15 @@ def test_nonfinite_data_and_bad_ids_are_clear_errors():
     with pytest.raises(ValueError, match=r"mtjax: non-finite task losses .* at step 1"):
       training.fit(model, tx, bad, steps=3, batch_size=64, progress=False)
   # Ids outside the vocabulary with oov="error" are an error inside the jitted step too.
-  strict = models.MMoE(num_tasks=3, num_experts=2, expert=(8,), tower=(4, 1), features=dataclasses.replace(ds.spec, oov="error"))
+  strict = models.MMoE(
+    num_tasks=3, num_experts=2, expert=(8,), tower=(4, 1), features=dataclasses.replace(ds.spec, oov="error")
+  )
   features = dict(ds.features)
   features["cat_0"] = features["cat_0"].copy()
   features["cat_0"][5] = ds.spec.categorical[0].vocab_size + 3
-  out_of_range = data.MultiTaskDataset(features=features, labels=ds.labels, task_names=ds.task_names,
-                                       spec=ds.spec, task_types=ds.task_types)
+  out_of_range = data.MultiTaskDataset(
+    features=features, labels=ds.labels, task_names=ds.task_names, spec=ds.spec, task_types=ds.task_types
+  )
   with pytest.raises(ValueError, match=r"mtjax: feature 'cat_0' has ids outside"):
     training.fit(strict, tx, out_of_range, steps=30, batch_size=64, progress=False)
 

@@ -12,19 +12,23 @@ import optax
 import pytest
 
 import mtjax
-from mtjax import cli, data, experiment, models, training
+from mtjax import cli
+from mtjax import data
+from mtjax import experiment
+from mtjax import models
+from mtjax import training
 from mtjax.experiment import _registry as reg
 from mtjax.experiment import _runner
 
 FIX = os.path.join(os.path.dirname(__file__), os.pardir, "data", "fixtures")
 
 RAW = {
-    "name": "truth",
-    "data": {"name": "conflicting", "num_samples": 900, "seed": 0, "task_types": ["binary", "binary", "regression"]},
-    "model": {"name": "mmoe", "num_experts": 2, "expert": [8], "tower": [4, 1]},
-    "method": {"name": "gradnorm"},
-    "optimizer": {"name": "adam", "learning_rate": 0.01},
-    "train": {"steps": 12, "batch_size": 64, "log_every": 4},
+  "name": "truth",
+  "data": {"name": "conflicting", "num_samples": 900, "seed": 0, "task_types": ["binary", "binary", "regression"]},
+  "model": {"name": "mmoe", "num_experts": 2, "expert": [8], "tower": [4, 1]},
+  "method": {"name": "gradnorm"},
+  "optimizer": {"name": "adam", "learning_rate": 0.01},
+  "train": {"steps": 12, "batch_size": 64, "log_every": 4},
 }
 
 
@@ -49,8 +53,11 @@ def test_run_passes_the_model_partition_and_states_it(tmp_path):
 
 
 def test_shared_all_makes_gradnorm_a_clear_error_naming_the_layer():
-  with pytest.raises(ValueError, match=r"gradnorm: the layer tower_2/Dense_1 receives a gradient from only one "
-                                       r"task.*\[at training step 1\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"gradnorm: the layer tower_2/Dense_1 receives a gradient from only one "
+    r"task.*\[at training step 1\]",
+  ):
     experiment.run(_cfg(method={"shared": "all"}), progress=False, plots=False)
 
 
@@ -63,9 +70,16 @@ def test_config_shared_patterns_override_the_declaration(tmp_path):
 
 
 def test_compare_table_states_the_partition(tmp_path):
-  out = experiment.compare(_cfg(method={"name": "linear"}), [{"name": "linear"}, {"name": "pcgrad"}], seeds=[0],
-                           out_dir=str(tmp_path / "cmp"), progress=False, echo=lambda *_: None)
-  assert "Task gradients compared on the" in out["text"] and "task-specific: gate_*/logits, tower_*/Dense_*" in out["text"]
+  out = experiment.compare(
+    _cfg(method={"name": "linear"}),
+    [{"name": "linear"}, {"name": "pcgrad"}],
+    seeds=[0],
+    out_dir=str(tmp_path / "cmp"),
+    progress=False,
+    echo=lambda *_: None,
+  )
+  assert "Task gradients compared on the" in out["text"]
+  assert "task-specific: gate_*/logits, tower_*/Dense_*" in out["text"]
   saved = json.load(open(tmp_path / "cmp" / "results.json"))
   assert saved["partition"]["task_specific_params"] > 0
   assert (tmp_path / "cmp" / "table.md").read_text().strip().endswith("tower_*/Dense_*.")
@@ -75,8 +89,17 @@ def test_fit_logs_layer_similarity_over_shared_parameters_only(tmp_path):
   ds = data.conflicting_tasks(num_samples=400, seed=0)
   model = models.MMoE(num_tasks=3, num_experts=2, expert=(8,), tower=(4, 1), features=ds.spec)
   tx = optax.chain(mtjax.pcgrad(num_tasks=3, shared=models.partition(model)), optax.adam(1e-2))
-  res = training.fit(model, tx, ds, steps=4, batch_size=64, log_every=2, out_dir=str(tmp_path), progress=False,
-                     similarity_granularity="layer")
+  res = training.fit(
+    model,
+    tx,
+    ds,
+    steps=4,
+    batch_size=64,
+    log_every=2,
+    out_dir=str(tmp_path),
+    progress=False,
+    similarity_granularity="layer",
+  )
   rec = res.history[-1]
   assert rec["layers"] and not any(n.startswith(("tower_", "gate_")) for n in rec["layers"])
   assert np.asarray(rec["cosine_layers"]).shape == (len(rec["layers"]), 3, 3)
@@ -97,8 +120,14 @@ def test_fit_logs_layer_similarity_over_shared_parameters_only(tmp_path):
 def test_splits_are_stratified_and_keep_rare_positives():
   """The one-piece split is seeded and stratified: every split gets its share of a rare task's positives."""
   ds = data.funnel_synthetic(num_samples=3000, seed=0)
-  cfg = experiment.from_dict({**RAW, "data": {"name": "funnel", "num_samples": 3000, "seed": 0},
-                              "model": {"name": "esmm", "tower": [8, 1]}, "method": {"name": "linear"}})
+  cfg = experiment.from_dict(
+    {
+      **RAW,
+      "data": {"name": "funnel", "num_samples": 3000, "seed": 0},
+      "model": {"name": "esmm", "tower": [8, 1]},
+      "method": {"name": "linear"},
+    }
+  )
   train, valid, test = _runner.load_data(cfg)
   assert (len(train), len(valid), len(test)) == (2100, 450, 450)
   for t in range(ds.num_tasks):
@@ -126,18 +155,31 @@ def test_empty_split_is_a_config_error_before_training(monkeypatch):
 def test_split_without_positives_warns_and_the_table_is_still_written(monkeypatch, tmp_path):
   full = data.conflicting_tasks(num_samples=1000, seed=0)
   test_part = full.subset(np.flatnonzero(full.labels[1] < 0.5)[:150])  # task_1 has no positive in test
-  monkeypatch.setitem(reg.DATASETS, "conflicting", lambda **_: {"train": full.subset(np.arange(800)), "test": test_part})
-  with pytest.warns(UserWarning, match=r"task 'task_1' has no positive label among the 150 labelled samples of the "
-                                       r"test split"):
-    out = experiment.compare(_cfg(method={"name": "linear"}), [{"name": "linear"}, {"name": "pcgrad"}], seeds=[0],
-                             out_dir=str(tmp_path / "cmp"), progress=False, echo=lambda *_: None)
+  monkeypatch.setitem(
+    reg.DATASETS, "conflicting", lambda **_: {"train": full.subset(np.arange(800)), "test": test_part}
+  )
+  with pytest.warns(
+    UserWarning,
+    match=r"task 'task_1' has no positive label among the 150 labelled samples of the "
+    r"test split",
+  ):
+    out = experiment.compare(
+      _cfg(method={"name": "linear"}),
+      [{"name": "linear"}, {"name": "pcgrad"}],
+      seeds=[0],
+      out_dir=str(tmp_path / "cmp"),
+      progress=False,
+      echo=lambda *_: None,
+    )
   row = out["table"]["pcgrad"]
   assert np.isnan(row["mean"][1]) and row["delta_m_tasks"] == ["task_0", "task_2"] and np.isfinite(row["delta_m"])
   assert "| n/a" in out["text"]
   assert os.path.getsize(tmp_path / "cmp" / "table.md") > 0 and os.path.getsize(tmp_path / "cmp" / "results.json") > 0
 
 
-@pytest.mark.parametrize("table, entry, message", [
+@pytest.mark.parametrize(
+  "table, entry, message",
+  [
     ("model", {"num_experts": "2"}, "model.num_experts must be an integer, got str '2'"),
     ("model", {"expert": 8}, "model.expert must be a list, got int 8"),
     ("method", {"name": "gradvac", "beta": "high"}, "method.beta must be a number or a list, got str 'high'"),
@@ -146,7 +188,8 @@ def test_split_without_positives_warns_and_the_table_is_still_written(monkeypatc
     ("optimizer", {"name": "adam", "nesterov": "yes"}, "optimizer.nesterov must be a boolean"),
     ("train", {"keep_checkpoints": 0}, "train.keep_checkpoints must be >= 1"),
     ("train", {"similarity": "leaf"}, "train.similarity must be 'model' or 'layer'"),
-])
+  ],
+)
 def test_config_types_are_checked_before_any_work(table, entry, message):
   with pytest.raises(experiment.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
     _cfg(**{table: entry})
@@ -154,7 +197,8 @@ def test_config_types_are_checked_before_any_work(table, entry, message):
 
 def test_cli_run_honours_every_seed(tmp_path, capsys):
   cfg = tmp_path / "cfg.toml"
-  cfg.write_text(textwrap.dedent("""
+  cfg.write_text(
+    textwrap.dedent("""
       seeds = [0, 1]
       [data]
       name = "conflicting"
@@ -170,7 +214,8 @@ def test_cli_run_honours_every_seed(tmp_path, capsys):
       [train]
       steps = 3
       batch_size = 64
-      """))
+      """)
+  )
   out = tmp_path / "out"
   assert cli.main(["run", str(cfg), "--out", str(out), "--no-progress"]) == 0
   text = capsys.readouterr().out
@@ -187,7 +232,8 @@ def test_relative_data_paths_resolve_against_the_config_folder(tmp_path, monkeyp
   folder = tmp_path / "study"
   shutil.copytree(os.path.join(FIX, "census"), folder / "census")
   cfg = folder / "census.toml"
-  cfg.write_text(textwrap.dedent("""
+  cfg.write_text(
+    textwrap.dedent("""
       [data]
       name = "census"
       data_path = "census/census-income.data"
@@ -199,7 +245,8 @@ def test_relative_data_paths_resolve_against_the_config_folder(tmp_path, monkeyp
       tower = [4, 1]
       [method]
       name = "linear"
-      """))
+      """)
+  )
   monkeypatch.chdir(tmp_path)  # not the config's folder
   loaded = experiment.load(str(cfg))
   assert loaded.data["data_path"] == str(folder / "census" / "census-income.data")

@@ -11,7 +11,10 @@ import optax
 import pytest
 
 import mtjax
-from mtjax import data, experiment, models, training
+from mtjax import data
+from mtjax import experiment
+from mtjax import models
+from mtjax import training
 from mtjax.experiment import _config
 
 KW = dict(batch_size=32, seed=1, progress=False, log_every=1)
@@ -32,6 +35,7 @@ def _log(out):
 def _tensorboard(logdir):
   """``{tag: [(step, value), ...]}`` as TensorBoard shows it (its own reader, which applies purges)."""
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
   acc = EventAccumulator(logdir, size_guidance={"scalars": 0})  # 0: keep every point
   acc.Reload()
   return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
@@ -40,6 +44,7 @@ def _tensorboard(logdir):
 def _raw_steps(logdir, tag):
   """The steps of ``tag`` in the event files as written, stale points included."""
   from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
   steps = []
   for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
     steps += [e.step for e in EventFileLoader(path).Load() if any(v.tag == tag for v in e.summary.value)]
@@ -73,9 +78,17 @@ def run(tmp_path_factory):
   train, valid, model, tx = _setup()
   out = str(tmp_path_factory.mktemp("writers") / "run")
   seen, plain = [], []
-  res = training.fit(model, tx, train, steps=4, eval_ds=valid, eval_every=2, out_dir=out,
-                     writers=[training.CallbackWriter(seen.append), plain.append,
-                              training.TensorBoardWriter(os.path.join(out, "tb"))], **KW)
+  res = training.fit(
+    model,
+    tx,
+    train,
+    steps=4,
+    eval_ds=valid,
+    eval_every=2,
+    out_dir=out,
+    writers=[training.CallbackWriter(seen.append), plain.append, training.TensorBoardWriter(os.path.join(out, "tb"))],
+    **KW,
+  )
   return res, out, seen, plain, list(train.task_names)
 
 
@@ -91,8 +104,15 @@ def test_tensorboard_scalars_have_readable_tags_and_the_logged_values(run):
   _, out, _, _, names = run
   got = _tensorboard(os.path.join(out, "tb"))
   want = _expected(_log(out), names)
-  assert {"loss/task_0", "weight/task_2", "conflict", "cosine/task_0-task_1", "cosine/task_1-task_2",
-          "eval/task_0/auc", "eval/macro/auc"} <= set(got)
+  assert {
+    "loss/task_0",
+    "weight/task_2",
+    "conflict",
+    "cosine/task_0-task_1",
+    "cosine/task_1-task_2",
+    "eval/task_0/auc",
+    "eval/macro/auc",
+  } <= set(got)
   assert not any(t.startswith("cosine/task_1-task_0") or t == "cosine/task_0-task_0" for t in got)  # upper triangle
   assert got == want
 
@@ -152,10 +172,14 @@ def test_tensorboard_writer_without_tensorboardx_says_what_to_install(monkeypatc
 
 
 def _raw(**train):
-  return {"name": "tiny", "data": {"name": "conflicting", "num_samples": 300},
-          "model": {"name": "mmoe", "num_experts": 2, "expert": [8], "tower": [4, 1]},
-          "method": {"name": "pcgrad"}, "optimizer": {"name": "adam", "learning_rate": 0.01},
-          "train": {"steps": 5, "batch_size": 32, "log_every": 1, **train}}
+  return {
+    "name": "tiny",
+    "data": {"name": "conflicting", "num_samples": 300},
+    "model": {"name": "mmoe", "num_experts": 2, "expert": [8], "tower": [4, 1]},
+    "method": {"name": "pcgrad"},
+    "optimizer": {"name": "adam", "learning_rate": 0.01},
+    "train": {"steps": 5, "batch_size": 32, "log_every": 1, **train},
+  }
 
 
 def test_train_tensorboard_config_writes_event_files_into_the_run_folder(tmp_path):

@@ -60,8 +60,19 @@ ROUND = 64.0
 P = 8
 SHAPES = (1, 2, 3, 5, 8, 16)
 DTYPES = ("float32", "float64")
-FAMILIES = ("random", "rank_deficient", "t_gt_p", "opposite", "zero_rows", "stationary", "scaled", "huge",
-            "tiny", "zero", "extreme_losses")
+FAMILIES = (
+  "random",
+  "rank_deficient",
+  "t_gt_p",
+  "opposite",
+  "zero_rows",
+  "stationary",
+  "scaled",
+  "huge",
+  "tiny",
+  "zero",
+  "extreme_losses",
+)
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 RANDOMIZED = ("pcgrad", "gradvac", "rlw", "graddrop")  # no permutation equivariance (random orders/weights)
 # No permutation equivariance by design: M-ConFIG reads task k = step mod T first; MetaBalance rescales every
@@ -69,9 +80,24 @@ RANDOMIZED = ("pcgrad", "gradvac", "rlw", "graddrop")  # no permutation equivari
 ORDER_DEPENDENT = ("m_config", "metabalance")
 # d(s J) = s^k d(J) for a uniform scale s > 0 (first step).
 HOMOGENEITY = {
-    "aligned_mtl": 1, "cagrad": 1, "cagrad-c1.5": 1, "config": 1, "dualproj": 1, "dwa": 1, "graddrop": 1,
-    "gradvac": 1, "imtl": 1, "linear": 1, "mgda": 1, "nash_mtl": 0, "pareto_ltr": 1, "pareto_ltr-exact": 1,
-    "pcgrad": 1, "rlw": 1, "uncertainty": 1, "upgrad": 1,
+  "aligned_mtl": 1,
+  "cagrad": 1,
+  "cagrad-c1.5": 1,
+  "config": 1,
+  "dualproj": 1,
+  "dwa": 1,
+  "graddrop": 1,
+  "gradvac": 1,
+  "imtl": 1,
+  "linear": 1,
+  "mgda": 1,
+  "nash_mtl": 0,
+  "pareto_ltr": 1,
+  "pareto_ltr-exact": 1,
+  "pcgrad": 1,
+  "rlw": 1,
+  "uncertainty": 1,
+  "upgrad": 1,
 }
 FAIRGRAD_ALPHA = 1.0
 CAGRAD_C = 0.4  # the "cagrad" case: mtjax.experiment's default c
@@ -111,8 +137,11 @@ def make(case: str, t: int):
 # MoDo takes only micro-batch gradients [M, T, ...] (M = 2 or 3), its edge-gradient checks are in
 # tests/transforms/test_modo.py (micro_batch_checks.check_edge_gradients). SDMGrad is fuzzed in its one-batch form.
 MICRO_BATCH_ONLY = ("modo",)
-METHOD_CASES = tuple(sorted(m for m in METHODS if "meta_loss_fn" not in inspect.signature(METHODS[m]).parameters
-                            and m not in MICRO_BATCH_ONLY))
+METHOD_CASES = tuple(
+  sorted(
+    m for m in METHODS if "meta_loss_fn" not in inspect.signature(METHODS[m]).parameters and m not in MICRO_BATCH_ONLY
+  )
+)
 ALL_CASES = METHOD_CASES + ("pareto_ltr-exact", "cagrad-c1.5")
 
 
@@ -127,7 +156,7 @@ def family(rng: np.random.Generator, name: str, t: int, p: int, dtype: str) -> t
   elif name == "rank_deficient":
     j = np.outer(rng.normal(size=t), rng.normal(size=p))
   elif name == "t_gt_p":
-    j[:, min(2, p):] = 0.0
+    j[:, min(2, p) :] = 0.0
   elif name == "opposite" and t >= 2:
     j[1] = -j[0]
   elif name == "zero_rows":
@@ -284,8 +313,16 @@ def _certificate(case: str, j: np.ndarray, d: np.ndarray, state, dtype: str) -> 
 
 def fuzz_case(case: str, per_method: int, seed: int = 0, shapes=SHAPES, dtypes=DTYPES) -> dict:
   """Runs ``per_method`` matrices through ``case``; returns the figures and the violations."""
-  report: dict[str, Any] = {"case": case, "matrices": 0, "updates": 0, "hangs": 0, "errors": {},
-                            "silent_nonfinite": 0, "violations": [], "seconds": 0.0}
+  report: dict[str, Any] = {
+    "case": case,
+    "matrices": 0,
+    "updates": 0,
+    "hangs": 0,
+    "errors": {},
+    "silent_nonfinite": 0,
+    "violations": [],
+    "seconds": 0.0,
+  }
   start = time.perf_counter()
   combos = list(itertools.product(dtypes, shapes))
   per_combo = max(1, per_method // len(combos))
@@ -319,7 +356,7 @@ def _call(report, update, state, j, losses, where):
     if "mtjax:" not in msg:
       report["violations"].append(f"unclear error {type(e).__name__} on {where}: {msg[:200]}")
       return None
-    key = msg[msg.index("mtjax:"):][:90]
+    key = msg[msg.index("mtjax:") :][:90]
     report["errors"][key] = report["errors"].get(key, 0) + 1
     return "error"
   report["updates"] += 1
@@ -391,8 +428,9 @@ def _one(report, case, update, state0, j, losses, fam, t, dtype, rng):
           report["violations"].append(f"permuted tasks change CAGrad's objective on {where} by {err:.2e} max|g|")
         err = 0.0
       if err > 10 * tol * max(np.linalg.norm(b), 1e-300) + floor:
-        report["violations"].append(f"not permutation equivariant on {where}: |d(PJ) - d(J)| = {err:.2e}, "
-                                    f"|d(J)| = {np.linalg.norm(b):.2e}")
+        report["violations"].append(
+          f"not permutation equivariant on {where}: |d(PJ) - d(J)| = {err:.2e}, |d(J)| = {np.linalg.norm(b):.2e}"
+        )
   if case in HOMOGENEITY and fam in ("huge", "tiny"):
     s = 2.0 ** np.round(np.log2(np.abs(j).max()))
     unit = _call(report, update, state0, (j / s).astype(dtype), losses, f"{where} unit")
@@ -400,7 +438,7 @@ def _one(report, case, update, state0, j, losses, fam, t, dtype, rng):
     if unit is not None and unit != "error" and again is not None and again != "error":
       k = HOMOGENEITY[case]
       expected = np.asarray(unit[0]["w"], np.float64)  # in units of s^k (float64 would under/overflow)
-      got = np.asarray(again[0]["w"], np.float64) / s ** k
+      got = np.asarray(again[0]["w"], np.float64) / s**k
       floor = 1e-5 * (np.linalg.norm(j.astype(np.float64) / s) if k == 1 else 1.0)
       err = np.linalg.norm(got - expected) / max(np.linalg.norm(expected), floor)
       if not err <= tol:
@@ -421,8 +459,10 @@ def main(argv=None) -> int:
   for r in reports:
     errors = sum(r["errors"].values())
     total_bad += len(r["violations"]) + r["hangs"]
-    print(f"| {r['case']} | {r['matrices']} | {r['updates']} | {r['hangs']} | {r['silent_nonfinite']} | "
-          f"{errors} | {len(r['violations'])} | {r['seconds']:.0f} |")
+    print(
+      f"| {r['case']} | {r['matrices']} | {r['updates']} | {r['hangs']} | {r['silent_nonfinite']} | "
+      f"{errors} | {len(r['violations'])} | {r['seconds']:.0f} |"
+    )
   for r in reports:
     for msg, n in sorted(r["errors"].items()):
       print(f"  {r['case']}: {n} x {msg}")

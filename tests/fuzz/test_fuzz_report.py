@@ -4,9 +4,8 @@ hang, no silent NaN/inf, clear errors, zero in -> zero out, non-conflict and opt
 certificates, permutation and scale equivariance). The full run is
 ``python tests/fuzz/fuzz_report.py --per-method 10000``."""
 
-import pytest
-
 import fuzz_report  # tests/fuzz is on sys.path (pytest's rootdir-relative import of this file)
+import pytest
 
 import mtjax
 

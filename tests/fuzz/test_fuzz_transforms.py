@@ -8,7 +8,8 @@ state, so stateful methods (DWA's loss ratios, GradNorm's learned weights, ...) 
 
 Tiers: the fast tier (CI) uses one shape, ``T=4, P=6``; the family ``t_gt_p`` (only 2 nonzero columns)
 stands in for ``T > P`` (zero columns change neither the Gram nor the other columns of any update).
-The shape ``T=8 > P=6`` is marked ``slow`` (whole file ~55 s on 2 busy cores, fast tier ~30 s). Compilation dominates the run time, so the
+The shape ``T=8 > P=6`` is marked ``slow`` (whole file ~55 s on 2 busy cores, fast tier ~30 s).
+Compilation dominates the run time, so the
 executables are built at XLA's backend optimization level 0 (LLVM's optimizations only: the float
 operations are the same; XLA's CPU backend does no fast-math by default).
 
@@ -35,13 +36,11 @@ Every call (compilation included) runs in a daemon thread joined with a time lim
 test instead of blocking the suite.
 """
 
+import fuzz_report  # tests/fuzz is on sys.path (pytest imports this file rootdir-relative)
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import fuzz_report  # tests/fuzz is on sys.path (pytest imports this file rootdir-relative)
-from mtjax.experiment._registry import METHODS
 
 FAST_SHAPES = ((4, 6),)
 SLOW_SHAPES = ((8, 6),)  # T=1 (shape (1, 4)) is one more ~25 s compile of every method
@@ -50,8 +49,18 @@ TIMEOUT_S = fuzz_report.TIMEOUT_S
 EPS32 = float(np.finfo(np.float32).eps)
 ROUND = 64.0
 COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-FAMILIES = ("random", "rank_deficient", "t_gt_p", "opposite", "zero_rows", "stationary", "scaled",
-            "huge", "tiny", "zero")
+FAMILIES = (
+  "random",
+  "rank_deficient",
+  "t_gt_p",
+  "opposite",
+  "zero_rows",
+  "stationary",
+  "scaled",
+  "huge",
+  "tiny",
+  "zero",
+)
 NON_CONFLICT = ("mgda", "upgrad", "dualproj")
 CASES = list(fuzz_report.METHOD_CASES)  # every registered method but Auto-Lambda (see there)
 HOMOGENEITY = fuzz_report.HOMOGENEITY  # d(s J) = s^k d(J) for a uniform scale s > 0
@@ -133,7 +142,7 @@ def test_fuzz(case, shape, family):
     except Exception as e:  # pylint: disable=broad-except
       msg = str(e)
       assert "mtjax:" in msg, f"{case} {where}: unclear error {type(e).__name__}: {msg[:300]}"
-      key = msg[msg.index("mtjax:"):][:100]
+      key = msg[msg.index("mtjax:") :][:100]
       report["errors"][key] = report["errors"].get(key, 0) + 1
       break  # a failed call returns no state
     d = updates["w"]
@@ -149,7 +158,8 @@ def test_fuzz(case, shape, family):
       slack, min_cos = _conflict(case, jac, d, np.asarray(state.weights, np.float64))
       if slack < -1.0:
         report["violations"].append(
-            f"conflict on {where}: min_t cos(g_t, d) = {min_cos:.2e}, {-slack:.1f} rounding units past the bound")
+          f"conflict on {where}: min_t cos(g_t, d) = {min_cos:.2e}, {-slack:.1f} rounding units past the bound"
+        )
   if case in HOMOGENEITY and family in ("huge", "tiny") and not report["errors"] and not report["nonfinite"]:
     # d(s J) = s^k d(J) (first step): compare with the same input brought to O(1) by a power of two s
     # (exact). The bounds above can hold by accident when the weights are wrong; this cannot.
@@ -158,13 +168,14 @@ def test_fuzz(case, shape, family):
     unit = _run(update, {"w": jnp.asarray((jac / scale).astype(np.float32))}, fresh, losses)[0]["w"]
     first = _run(update, {"w": jnp.asarray(jac)}, fresh, losses)[0]["w"]
     k = HOMOGENEITY[case]
-    expected = np.asarray(unit, np.float64) * scale ** k
+    expected = np.asarray(unit, np.float64) * scale**k
     # Relative to |s^k d(J / s)|, floored where that is ~0 (e.g. IMTL or Nash-MTL with T > P).
     floor = 1e-5 * (scale * np.linalg.norm(jac / scale) if k == 1 else 1.0)
     err = np.linalg.norm(np.asarray(first, np.float64) - expected) / max(np.linalg.norm(expected), floor)
     if not err <= 1e-3:
       report["violations"].append(
-          f"not scale invariant on {family} T={t} P={p}: |d(J) - s^k d(J / s)| / |s^k d(J / s)| = {err:.2e}")
+        f"not scale invariant on {family} T={t} P={p}: |d(J) - s^k d(J / s)| / |s^k d(J / s)| = {err:.2e}"
+      )
   print(case, family, shape, report)
   assert not report["violations"], (case, family, report)
   if family == "random":

@@ -1,8 +1,6 @@
 """Every registered model trains: 200 steps of optax.chain(mtjax.pcgrad(...), optax.adam(...))
 on a small synthetic multi-task dataset lower every task's loss (issue #3)."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,25 +8,37 @@ import optax
 import pytest
 
 import mtjax
-from mtjax import losses, models
+from mtjax import losses
+from mtjax import models
 
 SPEC = models.FeatureSpec(
-    categorical=(models.Categorical("user", 40, 4), models.Categorical("item", 60, 4),
-                 models.Categorical("domain", 3, 4), models.Categorical("prior", 5, 4)),
-    dense=(models.Dense("dense", 4),))
+  categorical=(
+    models.Categorical("user", 40, 4),
+    models.Categorical("item", 60, 4),
+    models.Categorical("domain", 3, 4),
+    models.Categorical("prior", 5, 4),
+  ),
+  dense=(models.Dense("dense", 4),),
+)
 N = 512
 
 
 def _data(seed=0):
   """Features plus task logits that depend on user, item, domain and dense values."""
   rng = np.random.default_rng(seed)
-  x = {"user": rng.integers(0, 40, N), "item": rng.integers(0, 60, N), "domain": rng.integers(0, 3, N),
-       "prior": rng.integers(0, 5, N), "dense": rng.normal(size=(N, 4)).astype(np.float32)}
+  x = {
+    "user": rng.integers(0, 40, N),
+    "item": rng.integers(0, 60, N),
+    "domain": rng.integers(0, 3, N),
+    "prior": rng.integers(0, 5, N),
+    "dense": rng.normal(size=(N, 4)).astype(np.float32),
+  }
   eff = [rng.normal(size=(40,)), rng.normal(size=(60,)), rng.normal(size=(3,)), rng.normal(size=(4, 3))]
 
   def logit(k):
-    return (eff[0][x["user"]] * (1 + k) + eff[1][x["item"]] * (-1) ** k + eff[2][x["domain"]]
-            + x["dense"] @ eff[3][:, k % 3])
+    return (
+      eff[0][x["user"]] * (1 + k) + eff[1][x["item"]] * (-1) ** k + eff[2][x["domain"]] + x["dense"] @ eff[3][:, k % 3]
+    )
 
   prob = lambda z: 1 / (1 + np.exp(-z))
   y = [(rng.random(N) < prob(1.5 * logit(k))).astype(np.float32) for k in range(3)]
@@ -37,17 +47,17 @@ def _data(seed=0):
 
 
 CASES = {
-    "shared_bottom": (dict(num_tasks=2, bottom=(16,), tower=(8, 1)), "plain"),
-    "omoe": (dict(num_tasks=2, num_experts=3, expert=(16,), tower=(8, 1)), "plain"),
-    "mmoe": (dict(num_tasks=2, num_experts=3, expert=(16,), tower=(8, 1)), "plain"),
-    "cgc": (dict(num_tasks=2, expert=(16,), tower=(8, 1)), "plain"),
-    "ple": (dict(num_tasks=2, num_levels=2, expert=(16,), tower=(8, 1)), "plain"),
-    "stem": (dict(num_tasks=2, expert=(16,), tower=(8, 1)), "plain"),
-    "pepnet": (dict(num_tasks=2, domain_fields=("domain",), prior_fields=("prior",), tower=(16, 8, 1)), "plain"),
-    "star": (dict(num_tasks=2, num_domains=3, domain_feature="domain", hidden=(16, 8)), "plain"),
-    "esmm": (dict(tower=(16, 8, 1)), "esmm"),
-    "esm2": (dict(tower=(16, 8, 1)), "esm2"),
-    "aitm": (dict(num_tasks=2, tower=(16, 8)), "aitm"),
+  "shared_bottom": (dict(num_tasks=2, bottom=(16,), tower=(8, 1)), "plain"),
+  "omoe": (dict(num_tasks=2, num_experts=3, expert=(16,), tower=(8, 1)), "plain"),
+  "mmoe": (dict(num_tasks=2, num_experts=3, expert=(16,), tower=(8, 1)), "plain"),
+  "cgc": (dict(num_tasks=2, expert=(16,), tower=(8, 1)), "plain"),
+  "ple": (dict(num_tasks=2, num_levels=2, expert=(16,), tower=(8, 1)), "plain"),
+  "stem": (dict(num_tasks=2, expert=(16,), tower=(8, 1)), "plain"),
+  "pepnet": (dict(num_tasks=2, domain_fields=("domain",), prior_fields=("prior",), tower=(16, 8, 1)), "plain"),
+  "star": (dict(num_tasks=2, num_domains=3, domain_feature="domain", hidden=(16, 8)), "plain"),
+  "esmm": (dict(tower=(16, 8, 1)), "esmm"),
+  "esm2": (dict(tower=(16, 8, 1)), "esm2"),
+  "aitm": (dict(num_tasks=2, tower=(16, 8)), "aitm"),
 }
 
 
@@ -75,8 +85,9 @@ def test_model_trains_with_pcgrad(name):
     v = {**v, **aux["updates"]} if mutable else v
     return (optax.apply_updates(p, updates), o, v), task_losses
 
-  (final, _, final_vars), curve = jax.jit(
-      lambda c: jax.lax.scan(step, c, None, length=200))((params, tx.init(params), variables))
+  (final, _, final_vars), curve = jax.jit(lambda c: jax.lax.scan(step, c, None, length=200))(
+    (params, tx.init(params), variables)
+  )
   before = eval_loss(params, batch, variables=variables)
   after = eval_loss(final, batch, variables=final_vars)
   assert before.shape == after.shape == (num_tasks,)

@@ -13,12 +13,14 @@ from mtjax import losses as losses_lib
 from mtjax.losses import _funnel
 from mtjax.models import _aitm
 from mtjax.models import _esmm
-from mtjax.models._features import Categorical, Dense, FeatureSpec
+from mtjax.models._features import Categorical
+from mtjax.models._features import Dense
+from mtjax.models._features import FeatureSpec
 
 B = 6
 SPECS = {
-    "categorical": FeatureSpec(categorical=(Categorical("user", 7, 4), Categorical("item", 9, 3))),
-    "mixed": FeatureSpec(categorical=(Categorical("user", 5, 4),), dense=(Dense("price"), Dense("stats", 3))),
+  "categorical": FeatureSpec(categorical=(Categorical("user", 7, 4), Categorical("item", 9, 3))),
+  "mixed": FeatureSpec(categorical=(Categorical("user", 5, 4),), dense=(Dense("price"), Dense("stats", 3))),
 }
 
 
@@ -27,7 +29,7 @@ def _batch(spec, key):
   out = {}
   for k, f in zip(keys, spec.categorical):
     out[f.name] = jax.random.randint(k, (B,), 0, f.vocab_size + 2)  # includes out-of-vocabulary ids
-  for k, f in zip(keys[len(spec.categorical):], spec.dense):
+  for k, f in zip(keys[len(spec.categorical) :], spec.dense):
     out[f.name] = jax.random.normal(k, (B, f.dim) if f.dim > 1 else (B,))
   return out
 
@@ -41,15 +43,18 @@ def _bce_np(y, p):
 
 
 MODELS = {
-    "esmm": (lambda spec: _esmm.ESMM(tower=(8, 1), features=spec, dropout=0.2), 2),
-    "esm2": (lambda spec: _esmm.ESM2(tower=(8, 1), features=spec, bottom=(8,), dropout=0.2), 3),
-    "aitm": (lambda spec: _aitm.AITM(num_tasks=3, tower=(8, 4), transfer=(4,), head=(4, 1), features=spec,
-                                     dropout=0.2), 3),
+  "esmm": (lambda spec: _esmm.ESMM(tower=(8, 1), features=spec, dropout=0.2), 2),
+  "esm2": (lambda spec: _esmm.ESM2(tower=(8, 1), features=spec, bottom=(8,), dropout=0.2), 3),
+  "aitm": (
+    lambda spec: _aitm.AITM(num_tasks=3, tower=(8, 4), transfer=(4,), head=(4, 1), features=spec, dropout=0.2),
+    3,
+  ),
 }
 
 
-@pytest.mark.parametrize("name,spec_name", [(n, s) for n in sorted(MODELS) for s in ("categorical", "mixed")]
-                         + [("esmm", "dense")])
+@pytest.mark.parametrize(
+  "name,spec_name", [(n, s) for n in sorted(MODELS) for s in ("categorical", "mixed")] + [("esmm", "dense")]
+)
 def test_shapes_and_dtypes(name, spec_name):
   make, num_out = MODELS[name]
   if spec_name == "dense":
@@ -66,10 +71,13 @@ def test_shapes_and_dtypes(name, spec_name):
   np.testing.assert_array_equal(eval_out, model.apply(variables, x)[0])
   if name == "esmm":
     assert {k: v.shape for k, v in eval_aux.items()} == {
-        **{k: (B,) for k in ("log_p_ctr", "log_p_cvr", "log_p_ctcvr")}, "task_log_probs": (2, B)}
+      **{k: (B,) for k in ("log_p_ctr", "log_p_cvr", "log_p_ctcvr")},
+      "task_log_probs": (2, B),
+    }
     # Evaluation scores the supervised events: pCTR and pCTCVR.
-    np.testing.assert_array_equal(eval_aux["task_log_probs"],
-                                  np.stack([eval_aux["log_p_ctr"], eval_aux["log_p_ctcvr"]]))
+    np.testing.assert_array_equal(
+      eval_aux["task_log_probs"], np.stack([eval_aux["log_p_ctr"], eval_aux["log_p_ctcvr"]])
+    )
   elif name == "esm2":
     assert eval_aux["head_logits"].shape == (4, B)
   else:
@@ -123,8 +131,10 @@ def test_esmm_and_esm2_losses_match_float64_reference():
     got = _funnel.esmm_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))
     pctr, pcvr = _sigmoid(logits[0]), _sigmoid(logits[1])
     y = labels[0] * labels[1]
-    ref = [np.sum(mask[0] * _bce_np(labels[0], pctr)) / mask[0].sum(),
-           np.sum(mask[1] * _bce_np(y, pctr * pcvr)) / mask[1].sum()]
+    ref = [
+      np.sum(mask[0] * _bce_np(labels[0], pctr)) / mask[0].sum(),
+      np.sum(mask[1] * _bce_np(y, pctr * pcvr)) / mask[1].sum(),
+    ]
     np.testing.assert_allclose(got, ref, rtol=1e-12)
 
     heads = rng.normal(size=(4, 40)) * 3
@@ -133,8 +143,11 @@ def test_esmm_and_esm2_losses_match_float64_reference():
     got = _funnel.esm2_loss(_funnel.esm2_composite_logits(jnp.asarray(heads)), jnp.asarray(labels3), weights=weights)
     p = _esm2_probs_np(heads)
     c = labels3[0]
-    ref = [weights[0] * np.mean(_bce_np(c, p["ctr"])), weights[1] * np.mean(_bce_np(c * labels3[1], p["ctavr"])),
-           weights[2] * np.mean(_bce_np(c * labels3[2], p["ctcvr"]))]
+    ref = [
+      weights[0] * np.mean(_bce_np(c, p["ctr"])),
+      weights[1] * np.mean(_bce_np(c * labels3[1], p["ctavr"])),
+      weights[2] * np.mean(_bce_np(c * labels3[2], p["ctcvr"])),
+    ]
     np.testing.assert_allclose(got, ref, rtol=1e-10)
 
 
@@ -200,11 +213,13 @@ def test_aitm_loss_and_calibrator_match_numpy():
   probs = _sigmoid(logits.astype(np.float64))
   calib = [0.0] + [0.6 * np.mean(np.maximum(probs[t] - probs[t - 1], 0)) for t in (1, 2)]
   np.testing.assert_allclose(_funnel.aitm_calibrator(jnp.asarray(logits)), calib, rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(_funnel.aitm_calibrator(jnp.asarray(logits), alpha=1.0),
-                             np.array(calib) / 0.6, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+    _funnel.aitm_calibrator(jnp.asarray(logits), alpha=1.0), np.array(calib) / 0.6, rtol=1e-5, atol=1e-7
+  )
   bce = [np.mean(_bce_np(labels[t], probs[t])) for t in range(3)]
-  np.testing.assert_allclose(_funnel.aitm_loss(jnp.asarray(logits), jnp.asarray(labels)),
-                             np.array(bce) + np.array(calib), rtol=1e-5)
+  np.testing.assert_allclose(
+    _funnel.aitm_loss(jnp.asarray(logits), jnp.asarray(labels)), np.array(bce) + np.array(calib), rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize("stop", [False, True])
@@ -229,10 +244,13 @@ def _funnel_data(key, n=64, d=6):
 
 
 TRAIN_CASES = {
-    "esmm": (_esmm.ESMM(tower=(16, 1)), lambda c, a, b: jnp.stack([c, b]), _funnel.esmm_loss),
-    "esm2": (_esmm.ESM2(tower=(16, 1)), lambda c, a, b: jnp.stack([c, a, b]),
-             functools.partial(_funnel.esm2_loss, weights=(1.0, 0.5, 1.0))),
-    "aitm": (_aitm.AITM(num_tasks=3, tower=(16, 8)), lambda c, a, b: jnp.stack([c, a, b]), _funnel.aitm_loss),
+  "esmm": (_esmm.ESMM(tower=(16, 1)), lambda c, a, b: jnp.stack([c, b]), _funnel.esmm_loss),
+  "esm2": (
+    _esmm.ESM2(tower=(16, 1)),
+    lambda c, a, b: jnp.stack([c, a, b]),
+    functools.partial(_funnel.esm2_loss, weights=(1.0, 0.5, 1.0)),
+  ),
+  "aitm": (_aitm.AITM(num_tasks=3, tower=(16, 8)), lambda c, a, b: jnp.stack([c, a, b]), _funnel.aitm_loss),
 }
 
 
@@ -254,6 +272,7 @@ def test_adam_lowers_the_loss(name):
       g = jax.grad(total)(p)
       u, s = tx.update(g, s, p)
       return (optax.apply_updates(p, u), s), None
+
     (p, _), _ = jax.lax.scan(step, (p, tx.init(p)), None, length=100)
     return p
 
@@ -264,14 +283,19 @@ def test_adam_lowers_the_loss(name):
 def test_esmm_per_task_gradients_through_make_loss_fn():
   model = _esmm.ESMM(tower=(8, 1))
   rng = np.random.default_rng(0)
-  batch = {"x": jnp.asarray(rng.normal(size=(16, 5)), jnp.float32),
-           "click": jnp.asarray(rng.integers(0, 2, 16), jnp.float32),
-           "buy": jnp.asarray(rng.integers(0, 2, 16), jnp.float32)}
+  batch = {
+    "x": jnp.asarray(rng.normal(size=(16, 5)), jnp.float32),
+    "click": jnp.asarray(rng.integers(0, 2, 16), jnp.float32),
+    "buy": jnp.asarray(rng.integers(0, 2, 16), jnp.float32),
+  }
   params = model.init(jax.random.key(1), batch["x"])["params"]
   loss_fn = losses_lib.make_loss_fn(model, label_key=("click", "buy"), multi_task_loss=_funnel.esmm_loss)
   (task_losses, _), grads = mtjax.task_grads(loss_fn, has_aux=True)(params, batch)
-  np.testing.assert_allclose(task_losses, _funnel.esmm_loss(model.apply({"params": params}, batch["x"])[0],
-                                                            jnp.stack([batch["click"], batch["buy"]])), rtol=1e-6)
+  np.testing.assert_allclose(
+    task_losses,
+    _funnel.esmm_loss(model.apply({"params": params}, batch["x"])[0], jnp.stack([batch["click"], batch["buy"]])),
+    rtol=1e-6,
+  )
   cvr = jax.tree_util.tree_leaves(grads["tower_cvr"])
   assert all(np.all(np.asarray(g[0]) == 0) for g in cvr)  # row 0 (CTR task) leaves the CVR tower alone
   assert all(np.any(np.asarray(g[1]) != 0) for g in cvr)

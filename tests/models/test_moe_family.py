@@ -10,8 +10,10 @@ import pytest
 from mtjax import models
 
 B, D, T = 16, 10, 2  # one batch size, input width, task count everywhere: eager ops compile once per shape
-SPEC_A = models.FeatureSpec(categorical=(models.Categorical("user", 7, 4), models.Categorical("item", 9, 3)),
-                            dense=(models.Dense("price"), models.Dense("ctx", 2)))
+SPEC_A = models.FeatureSpec(
+  categorical=(models.Categorical("user", 7, 4), models.Categorical("item", 9, 3)),
+  dense=(models.Dense("price"), models.Dense("ctx", 2)),
+)
 SPEC_B = models.FeatureSpec(categorical=(models.Categorical("query", 5, D),))  # also D wide, no dense field
 
 
@@ -30,12 +32,12 @@ def _dense(key, n=B, d=D):
 
 
 SMALL = {
-    "shared_bottom": dict(bottom=(8, 8), tower=(8, 1)),
-    "omoe": dict(num_experts=3, expert=(8, 8), tower=(8, 1), gate_dropout=0.3),
-    "mmoe": dict(num_experts=3, expert=(8, 8), tower=(8, 1), gate_dropout=0.3),
-    "cgc": dict(num_specific_experts=2, num_shared_experts=1, expert=(8, 8), tower=(8, 1), gate_dropout=0.3),
-    "ple": dict(num_levels=2, num_specific_experts=2, num_shared_experts=1, expert=(8, 8), tower=(8, 1)),
-    "stem": dict(num_specific_experts=2, num_shared_experts=1, expert=(8, 8), tower=(8, 1), dense_projection=D),
+  "shared_bottom": dict(bottom=(8, 8), tower=(8, 1)),
+  "omoe": dict(num_experts=3, expert=(8, 8), tower=(8, 1), gate_dropout=0.3),
+  "mmoe": dict(num_experts=3, expert=(8, 8), tower=(8, 1), gate_dropout=0.3),
+  "cgc": dict(num_specific_experts=2, num_shared_experts=1, expert=(8, 8), tower=(8, 1), gate_dropout=0.3),
+  "ple": dict(num_levels=2, num_specific_experts=2, num_shared_experts=1, expert=(8, 8), tower=(8, 1)),
+  "stem": dict(num_specific_experts=2, num_shared_experts=1, expert=(8, 8), tower=(8, 1), dense_projection=D),
 }
 NAMES = sorted(SMALL)
 
@@ -59,6 +61,7 @@ def _np(tree):
 
 
 # ---------------------------------------------------------------- NumPy float64 references
+
 
 def np_mlp(p, x, activate_last):
   n = len(p)
@@ -86,7 +89,7 @@ def np_experts(p, x):  # list impl params -> [E, B, H]
 def np_mix(g, s):
   out = 0.0
   for e in range(s.shape[0]):
-    out = out + g[:, e:e + 1] * s[e]
+    out = out + g[:, e : e + 1] * s[e]
   return out
 
 
@@ -119,7 +122,7 @@ def np_stem_streams(p, batch, spec, num_tasks):
     ids = np.where((ids < 0) | (ids >= f.vocab_size), f.vocab_size, ids)
     emb = p["input"]["embedding"][f"embed_{f.name}"]["embedding"][ids]
     for s in range(num_tasks + 1):
-      parts[s].append(emb[:, s * f.embed_dim:(s + 1) * f.embed_dim])
+      parts[s].append(emb[:, s * f.embed_dim : (s + 1) * f.embed_dim])
   for f in spec.dense:
     v = np.asarray(batch[f.name], np.float64).reshape(len(ids), f.dim)
     for s in range(num_tasks + 1):
@@ -142,6 +145,7 @@ def np_stem(p, u, us, num_tasks, num_levels):
 
 
 # ---------------------------------------------------------------- shapes, dtypes, dropout
+
 
 @pytest.mark.parametrize("name", NAMES)
 def test_shapes_dtypes_dense_and_feature_inputs(name):
@@ -184,6 +188,7 @@ def test_towers_must_end_in_one_unit():
 
 
 # ---------------------------------------------------------------- MMoE / OMoE
+
 
 @pytest.mark.parametrize("one_gate", [False, True])
 def test_mmoe_omoe_match_numpy_reference(one_gate):
@@ -234,8 +239,12 @@ def test_vmap_and_list_experts_compute_the_same_function():
   vv, gv = value_and_grad(vm)(pv)
   np.testing.assert_allclose(vv, vl, rtol=1e-5)
   np.testing.assert_allclose(vm.apply({"params": pv}, x)[0], lst.apply({"params": pl}, x)[0], rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(gv["experts"]["experts"]["Dense_0"]["kernel"],
-                             _restack_list_to_vmap(gl["experts"])["Dense_0"]["kernel"], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    gv["experts"]["experts"]["Dense_0"]["kernel"],
+    _restack_list_to_vmap(gl["experts"])["Dense_0"]["kernel"],
+    rtol=1e-4,
+    atol=1e-6,
+  )
 
 
 @pytest.mark.parametrize("impl", ["vmap", "list"])
@@ -244,8 +253,11 @@ def test_experts_initialised_independently(impl):
   experts = models.Experts(3, (8, 8), impl=impl)
   variables = experts.init(jax.random.key(14), x)
   ep = variables["params"]
-  kernels = (ep["experts"]["Dense_0"]["kernel"] if impl == "vmap"
-             else jnp.stack([ep[f"expert_{e}"]["Dense_0"]["kernel"] for e in range(3)]))
+  kernels = (
+    ep["experts"]["Dense_0"]["kernel"]
+    if impl == "vmap"
+    else jnp.stack([ep[f"expert_{e}"]["Dense_0"]["kernel"] for e in range(3)])
+  )
   outs = experts.apply(variables, x)
   assert outs.shape == (3, B, 8)
   for a in range(3):
@@ -257,6 +269,7 @@ def test_experts_initialised_independently(impl):
 
 
 # ---------------------------------------------------------------- gate dropout
+
 
 def test_gate_dropout_batch_mode_renormalizes_with_one_mask():
   rng = np.random.default_rng(0)
@@ -283,7 +296,7 @@ def test_gate_dropout_sample_mode_rate_and_all_dropped_rows():
   g = np_softmax(np.random.default_rng(1).normal(size=(4000, 3))).astype(np.float32)
   out = np.asarray(models.gate_dropout(jnp.asarray(g), 0.95, "sample", jax.random.key(3)))
   intact = ~(out == 0).any(-1)
-  assert abs(intact.mean() - 0.95 ** 3) < 0.03
+  assert abs(intact.mean() - 0.95**3) < 0.03
   np.testing.assert_allclose(out[intact], g[intact], rtol=1e-6)
   np.testing.assert_allclose(out.sum(-1), 1.0, rtol=1e-5)
   with pytest.raises(ValueError, match="mtjax: gate_dropout_mode"):
@@ -312,6 +325,7 @@ def test_mmoe_gate_dropout_train_only(mode):
 
 # ---------------------------------------------------------------- CGC / PLE
 
+
 def _task_grads_fn(model):
   """Jitted ``params -> per-task gradients`` (leading task axis) of ``sum_b outputs[k, b]``."""
   return jax.jit(jax.jacrev(lambda p, x: model.apply({"params": p}, x)[0].sum(axis=1)))
@@ -324,8 +338,7 @@ def _task(grads, k):
 @pytest.mark.parametrize("num_levels", [1, 2])
 def test_ple_matches_numpy_reference(num_levels):
   x = _dense(jax.random.key(19))
-  model = _model("ple", num_levels=num_levels, num_specific_experts=2, num_shared_experts=1,
-                 expert_impl="list")
+  model = _model("ple", num_levels=num_levels, num_specific_experts=2, num_shared_experts=1, expert_impl="list")
   variables = model.init(jax.random.key(20), x)
   out, aux = model.apply(variables, x)
   ref = np_ple(_np(variables["params"]), np.asarray(x, np.float64), T, num_levels)
@@ -368,8 +381,13 @@ def test_ple_shared_gate_only_in_non_final_levels_and_routing():
   assert params["level_1"]["gate_task_0"]["logits"]["kernel"].shape == (8, 2 + 1)  # own + shared only
   # cut the shared stream where it enters level 1: zeroed shared experts output a constant 0 and
   # pass no gradient back to the shared stream
-  cut = {**params, "level_1": {**params["level_1"],
-                               "experts_shared": jax.tree.map(jnp.zeros_like, params["level_1"]["experts_shared"])}}
+  cut = {
+    **params,
+    "level_1": {
+      **params["level_1"],
+      "experts_shared": jax.tree.map(jnp.zeros_like, params["level_1"]["experts_shared"]),
+    },
+  }
   grads_fn = _task_grads_fn(model)
   grads, grads_cut = grads_fn(params, x), grads_fn(cut, x)
   for k in range(T):
@@ -393,6 +411,7 @@ def test_ple_shared_gate_only_in_non_final_levels_and_routing():
 
 
 # ---------------------------------------------------------------- STEM
+
 
 @pytest.mark.parametrize("num_levels", [1, 2])
 def test_stem_matches_numpy_reference_and_embedding_split(num_levels):
@@ -421,17 +440,16 @@ def test_stem_all_forward_task_specific_backward():
     assert _norm(g["level_0"][f"experts_task_{i}"]) > 0
     assert _norm(g["level_0"]["experts_shared"]) > 0
     table = g["input"]["embedding"]["embed_user"]["embedding"]  # [vocab+1, 4 * (T+1)]
-    assert _norm(table[:, 4 * i:4 * (i + 1)]) > 0 and _norm(table[:, 4 * T:]) > 0
+    assert _norm(table[:, 4 * i : 4 * (i + 1)]) > 0 and _norm(table[:, 4 * T :]) > 0
     for j in range(T):
       if j == i:
         continue
       # task j's specific experts (and its embedding part) get no gradient from task i ...
       assert _norm(g["level_0"][f"experts_task_{j}"]) == 0.0
-      assert _norm(table[:, 4 * j:4 * (j + 1)]) == 0.0
+      assert _norm(table[:, 4 * j : 4 * (j + 1)]) == 0.0
       # ... although their outputs enter task i's mixture in the forward pass
       bumped = jax.tree.map(lambda a: a, params)
-      bumped["level_0"][f"experts_task_{j}"] = jax.tree.map(lambda a: a + 0.5,
-                                                            params["level_0"][f"experts_task_{j}"])
+      bumped["level_0"][f"experts_task_{j}"] = jax.tree.map(lambda a: a + 0.5, params["level_0"][f"experts_task_{j}"])
       out1 = apply(bumped, batch)
       assert float(jnp.max(jnp.abs(out1[i] - out0[i]))) > 1e-4
 
@@ -462,6 +480,7 @@ def test_stem_dense_input():
 
 # ---------------------------------------------------------------- training
 
+
 @pytest.mark.parametrize("name", ["mmoe", "ple", "stem"])  # omoe, cgc, shared_bottom: special cases
 def test_adam_on_summed_loss_lowers_every_task_loss(name):
   kx, kw = jax.random.split(jax.random.key(32))
@@ -483,6 +502,7 @@ def test_adam_on_summed_loss_lowers_every_task_loss(name):
       g = jax.grad(lambda q: task_losses(q).sum())(p)
       u, s = tx.update(g, s, p)
       return (optax.apply_updates(p, u), s), None
+
     (p, _), _ = jax.lax.scan(step, (p, tx.init(p)), None, length=100)
     return p
 
@@ -493,9 +513,9 @@ def test_adam_on_summed_loss_lowers_every_task_loss(name):
 
 def test_out_of_vocabulary_ids_reserved_row_or_clear_error():
   import dataclasses
+
   model = models.MMoE(num_tasks=2, num_experts=2, expert=(4,), tower=(1,), features=SPEC_A)
-  x = {"user": jnp.array([0, 6, 7, -1]), "item": jnp.array([3, 3, 3, 3]), "price": jnp.ones(4),
-       "ctx": jnp.ones((4, 2))}
+  x = {"user": jnp.array([0, 6, 7, -1]), "item": jnp.array([3, 3, 3, 3]), "price": jnp.ones(4), "ctx": jnp.ones((4, 2))}
   variables = model.init(jax.random.PRNGKey(0), x)
   table = variables["params"]["input"]["embedding"]["embed_user"]["embedding"]
   assert table.shape[0] == 7 + 1  # one reserved row past the vocabulary
@@ -507,8 +527,9 @@ def test_out_of_vocabulary_ids_reserved_row_or_clear_error():
   np.testing.assert_array_equal(fields["user"][3], table[7])
   np.testing.assert_array_equal(fields["user"][1], table[6])
   # "error": eagerly a ValueError, under jit a runtime error with the same message; valid ids pass.
-  strict = models.MMoE(num_tasks=2, num_experts=2, expert=(4,), tower=(1,),
-                       features=dataclasses.replace(SPEC_A, oov="error"))
+  strict = models.MMoE(
+    num_tasks=2, num_experts=2, expert=(4,), tower=(1,), features=dataclasses.replace(SPEC_A, oov="error")
+  )
   with pytest.raises(ValueError, match="mtjax: feature 'user' has ids outside \\[0, 7\\)"):
     strict.apply(variables, x)
   with pytest.raises(Exception, match="mtjax: feature 'user' has ids outside \\[0, 7\\)"):

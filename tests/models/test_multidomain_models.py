@@ -10,15 +10,24 @@ import pytest
 
 from mtjax.models import _pepnet as pepnet_lib
 from mtjax.models import _star as star_lib
-from mtjax.models._features import Categorical, Dense, FeatureSpec
+from mtjax.models._features import Categorical
+from mtjax.models._features import Dense
+from mtjax.models._features import FeatureSpec
 
 B, M = 12, 3
 SPECS = {
-    "categorical": FeatureSpec(categorical=(Categorical("domain", M, 4), Categorical("user", 7, 4),
-                                            Categorical("item", 9, 3))),
-    "mixed": FeatureSpec(categorical=(Categorical("domain", M, 2), Categorical("user", 5, 4),
-                                      Categorical("author", 4, 2), Categorical("item", 6, 4)),
-                         dense=(Dense("price"), Dense("stats", 3))),
+  "categorical": FeatureSpec(
+    categorical=(Categorical("domain", M, 4), Categorical("user", 7, 4), Categorical("item", 9, 3))
+  ),
+  "mixed": FeatureSpec(
+    categorical=(
+      Categorical("domain", M, 2),
+      Categorical("user", 5, 4),
+      Categorical("author", 4, 2),
+      Categorical("item", 6, 4),
+    ),
+    dense=(Dense("price"), Dense("stats", 3)),
+  ),
 }
 PRIOR = {"categorical": ("user",), "mixed": ("user", "author")}
 
@@ -57,9 +66,16 @@ def _flat(tree):
 
 # ---------------------------------------------------------------- PEPNet
 
+
 def _pepnet(spec_name, **kw):
-  return pepnet_lib.PEPNet(features=SPECS[spec_name], domain_fields=("domain",), prior_fields=PRIOR[spec_name],
-                           num_tasks=2, tower=(8, 4, 1), **kw)
+  return pepnet_lib.PEPNet(
+    features=SPECS[spec_name],
+    domain_fields=("domain",),
+    prior_fields=PRIOR[spec_name],
+    num_tasks=2,
+    tower=(8, 4, 1),
+    **kw,
+  )
 
 
 def _numpy_variables(module, *args, seed=0):
@@ -89,7 +105,7 @@ def _numpy_variables(module, *args, seed=0):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _init(kind, spec_name, real=False, **kw):
   """A model and its variables for the standard batch: ``model.init`` if ``real``, else NumPy values."""
   model = _pepnet(spec_name, **kw) if kind == "pepnet" else _star_model(spec_name, **kw)
@@ -100,8 +116,7 @@ def _init(kind, spec_name, real=False, **kw):
 @pytest.mark.parametrize("spec_name,position", [("categorical", "input"), ("mixed", "output")])
 def test_pepnet_shapes_and_dtypes(spec_name, position):
   # model.init itself runs for one configuration per model; the others use NumPy values (fast).
-  model, variables = _init("pepnet", spec_name, real=spec_name == "categorical", gate_position=position,
-                           dropout=0.3)
+  model, variables = _init("pepnet", spec_name, real=spec_name == "categorical", gate_position=position, dropout=0.3)
   x = _batch(SPECS[spec_name], 0)
   out, aux = model.apply(variables, x)
   out_train, _ = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
@@ -121,7 +136,8 @@ def _np_pepnet_towers(params, spec_name, x, aux, position):
   parts = []
   for f in spec.categorical:
     if f.name not in special:
-      parts.append(np.asarray(params["input"]["embedding"][f"embed_{f.name}"]["embedding"], np.float64)[np.asarray(x[f.name])])
+      table = np.asarray(params["input"]["embedding"][f"embed_{f.name}"]["embedding"], np.float64)
+      parts.append(table[np.asarray(x[f.name])])
   for f in spec.dense:
     v = np.asarray(x[f.name], np.float64)
     parts.append(v[:, None] if v.ndim == 1 else v)
@@ -192,6 +208,7 @@ def test_pepnet_gates_give_no_gradient_to_the_embedding(stop_gradient):
 
 # ---------------------------------------------------------------- STAR
 
+
 def _star_model(spec_name="mixed", **kw):
   cfg = dict(features=SPECS[spec_name], num_domains=M, num_tasks=2, hidden=(8, 4), auxiliary=(4,))
   cfg.update(kw)
@@ -203,8 +220,9 @@ def test_star_shapes_and_dtypes(spec_name, multi_task):
   model, variables = _init("star", spec_name, real=spec_name == "categorical", multi_task=multi_task, dropout=0.3)
   x = _batch(SPECS[spec_name], 0)
   out, aux = model.apply(variables, x)
-  (out_train, _), updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)},
-                                        mutable=["batch_stats"])
+  (out_train, _), updates = model.apply(
+    variables, x, train=True, rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"]
+  )
   for o in (out, out_train):
     assert o.shape == (2, B) and o.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(o)))
   np.testing.assert_allclose(out, aux["main_logits"] + aux["auxiliary_logits"], rtol=1e-6)
@@ -218,7 +236,8 @@ def test_star_domain_not_in_spec_uses_own_embedding():
   variables = _numpy_variables(model, x)
   assert variables["params"]["domain_embedding"]["embedding"].shape == (M, 8)
   g = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x)[0])))(
-      variables["params"])
+    variables["params"]
+  )
   assert np.any(np.asarray(g["domain_embedding"]["embedding"]) != 0)  # it feeds the auxiliary network
   with pytest.raises(ValueError, match="domain ids"):
     model.apply(variables, {**x, "domain": jnp.full((B,), M)})
@@ -230,13 +249,16 @@ def test_star_dense_is_shared_times_domain_weights():
   x = jnp.asarray(rng.normal(size=(10, 4)), jnp.float32)
   d = jnp.array([2, 0, 1, 1, 2, 0, 0, 2, 1, 0])
   params = _numpy_variables(layer, x, d)["params"]
-  params = {**params, **{k: jnp.asarray(rng.normal(size=params[k].shape), jnp.float32)
-                         for k in ("domain_kernel", "domain_bias", "bias")}}
+  params = {
+    **params,
+    **{k: jnp.asarray(rng.normal(size=params[k].shape), jnp.float32) for k in ("domain_kernel", "domain_bias", "bias")},
+  }
   y = layer.apply({"params": params}, x, d)
   p = {k: np.asarray(v, np.float64) for k, v in params.items()}
   xn = np.asarray(x, np.float64)
-  ref = np.stack([xn[i] @ (p["kernel"] * p["domain_kernel"][int(d[i])]) + p["bias"] + p["domain_bias"][int(d[i])]
-                  for i in range(10)])
+  ref = np.stack(
+    [xn[i] @ (p["kernel"] * p["domain_kernel"][int(d[i])]) + p["bias"] + p["domain_bias"][int(d[i])] for i in range(10)]
+  )
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -256,18 +278,27 @@ def test_partitioned_norm_matches_numpy_and_keeps_per_domain_stats(scale_mode):
   shifts = np.array([[3.0, -2.0], [-2.0, 2.0], [0.0, 4.0]])
   scales = np.array([0.5, 2.0, 1.0])
   variables = _numpy_variables(pn, jnp.zeros((4, 2)), jnp.zeros((4,), jnp.int32))
-  params = {k: jnp.asarray(rng.normal(size=v.shape) + (1.0 if "scale" in k else 0.0), jnp.float32)
-            for k, v in variables["params"].items()}
+  params = {
+    k: jnp.asarray(rng.normal(size=v.shape) + (1.0 if "scale" in k else 0.0), jnp.float32)
+    for k, v in variables["params"].items()
+  }
   p = {k: np.asarray(v, np.float64) for k, v in params.items()}
   # Non-trivial starting statistics, so that a moving average of an absent domain would show.
-  stats = {"mean": jnp.asarray(rng.normal(size=(M, 2)), jnp.float32),
-           "var": jnp.asarray(rng.uniform(0.5, 2.0, size=(M, 2)), jnp.float32)}
+  stats = {
+    "mean": jnp.asarray(rng.normal(size=(M, 2)), jnp.float32),
+    "var": jnp.asarray(rng.uniform(0.5, 2.0, size=(M, 2)), jnp.float32),
+  }
   ref_mean, ref_var = np.asarray(stats["mean"], np.float64), np.asarray(stats["var"], np.float64)
   for step in range(4):
     d = rng.integers(0, M if step else 2, 12)  # step 0 lacks domain 2: its stats must not move
     x = shifts[d] + scales[d, None] * rng.normal(size=(12, 2))
-    y, upd = pn.apply({"params": params, "batch_stats": stats}, jnp.asarray(x, jnp.float32), jnp.asarray(d),
-                      train=True, mutable=["batch_stats"])
+    y, upd = pn.apply(
+      {"params": params, "batch_stats": stats},
+      jnp.asarray(x, jnp.float32),
+      jnp.asarray(d),
+      train=True,
+      mutable=["batch_stats"],
+    )
     stats = upd["batch_stats"]
     bm, bv = np.zeros((M, 2)), np.ones((M, 2))
     for k in set(d.tolist()):
@@ -298,8 +329,9 @@ def test_star_mixed_batch_equals_domain_by_domain(multi_task):
   stats_seq = stats0
   for k in range(M):
     idx = np.where(dom == k)[0]
-    (out_k, _), upd_k = model.apply({"params": params, "batch_stats": stats_seq}, _take(x, idx), train=True,
-                                    mutable=["batch_stats"])
+    (out_k, _), upd_k = model.apply(
+      {"params": params, "batch_stats": stats_seq}, _take(x, idx), train=True, mutable=["batch_stats"]
+    )
     stats_seq = upd_k["batch_stats"]
     np.testing.assert_allclose(mixed_train[:, idx], out_k, rtol=1e-5, atol=1e-5)
   for key, v in _flat(upd["batch_stats"]).items():
@@ -319,6 +351,7 @@ def test_star_mixed_batch_equals_domain_by_domain(multi_task):
 
 
 # ---------------------------------------------------------------- training
+
 
 def _domain_data(spec, seed, n=64):
   x = _batch(spec, seed, n=n)
@@ -351,6 +384,7 @@ def test_adam_lowers_the_loss(name):
       (_, s), g = jax.value_and_grad(total, has_aux=True)(p, s)
       u, o = tx.update(g, o, p)
       return (optax.apply_updates(p, u), s, o), None
+
     before = total(p, s)[0]
     (p, s, _), _ = jax.lax.scan(step, (p, s, tx.init(p)), None, length=100)
     return before, total(p, s)[0]

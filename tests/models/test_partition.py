@@ -4,32 +4,42 @@ configurations of the all-models test and for deeper/wider variants (issue #10).
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from test_all_models_train import CASES
+from test_all_models_train import SPEC
+from test_all_models_train import _data
 
 import mtjax
-from mtjax import losses, models
+from mtjax import losses
+from mtjax import models
 from mtjax._src import partition as partition_lib
-from test_all_models_train import CASES, SPEC, _data
 
 VARIANTS = {name: (name, cfg, kind) for name, (cfg, kind) in CASES.items()}
-VARIANTS.update({
+VARIANTS.update(
+  {
     "ple_3_levels": ("ple", dict(num_tasks=3, num_levels=3, expert=(16,), tower=(8, 1)), "plain3"),
     "stem_2_levels": ("stem", dict(num_tasks=2, num_levels=2, expert=(16,), tower=(8, 1)), "plain"),
     "aitm_3_tasks": ("aitm", dict(num_tasks=3, tower=(16, 8)), "esm2"),
-})
+  }
+)
 
 
 def _setup(variant):
   name, cfg, kind = VARIANTS[variant]
   x, y2, chain = _data()
-  labels = {"plain": y2, "plain3": chain, "esmm": chain[jnp.array([0, 2])], "aitm": chain[jnp.array([0, 2])],
-            "esm2": chain}[kind]
+  labels = {
+    "plain": y2,
+    "plain3": chain,
+    "esmm": chain[jnp.array([0, 2])],
+    "aitm": chain[jnp.array([0, 2])],
+    "esm2": chain,
+  }[kind]
   multi = {"aitm": losses.aitm_loss, "esmm": losses.esmm_loss, "esm2": losses.esm2_loss}.get(kind)
   if name == "aitm" and kind == "esm2":
     multi = losses.aitm_loss
   model = models.get(name, features=SPEC, **cfg)
-  variables = dict(jax.jit(lambda x: model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, x))(x))
+  rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
+  variables = dict(jax.jit(lambda x: model.init(rngs, x))(x))
   params = variables.pop("params")
   loss_fn = losses.make_loss_fn(model, "bce", multi_task_loss=multi, has_aux=False)
   return model, params, loss_fn, {"x": x, "labels": labels}, variables
@@ -52,12 +62,24 @@ def test_declared_partition_matches_measured(variant):
 def test_infer_shared_counts_tasks_per_leaf():
   def loss_fn(p, x):
     h = x @ p["trunk"]
-    return jnp.stack([jnp.sum(h @ p["head_0"]) ** 2, jnp.sum(jax.lax.stop_gradient(h) @ p["head_1"]) ** 2,
-                      jnp.sum(h @ p["head_2"]) ** 2 + jnp.sum(p["both"] * x[0, :2])
-                      + jnp.sum(p["both"] * x[1, :2]) * jnp.sum(h @ p["head_1"])])
+    return jnp.stack(
+      [
+        jnp.sum(h @ p["head_0"]) ** 2,
+        jnp.sum(jax.lax.stop_gradient(h) @ p["head_1"]) ** 2,
+        jnp.sum(h @ p["head_2"]) ** 2
+        + jnp.sum(p["both"] * x[0, :2])
+        + jnp.sum(p["both"] * x[1, :2]) * jnp.sum(h @ p["head_1"]),
+      ]
+    )
 
-  p = {"trunk": jnp.ones((3, 4)), "head_0": jnp.ones(4), "head_1": jnp.ones(4), "head_2": jnp.ones(4),
-       "both": jnp.ones(2), "unused": jnp.ones(2)}
+  p = {
+    "trunk": jnp.ones((3, 4)),
+    "head_0": jnp.ones(4),
+    "head_1": jnp.ones(4),
+    "head_2": jnp.ones(4),
+    "both": jnp.ones(2),
+    "unused": jnp.ones(2),
+  }
   got = mtjax.infer_shared(loss_fn, p, jnp.ones((5, 3)))
   # head_1 is read by tasks 1 and 2, the trunk by 0 and 2 (task 1 stops its gradient), the unused
   # leaf by none (conservatively shared).
@@ -67,8 +89,12 @@ def test_infer_shared_counts_tasks_per_leaf():
 def test_describe_counts_parameters():
   p = {"trunk": jnp.ones((3, 4)), "tower_0": {"kernel": jnp.ones(4)}, "tower_1": {"kernel": jnp.ones(4)}}
   d = partition_lib.describe(mtjax.shared_mask(exclude="tower_"), p)
-  assert d == {"shared_layers": ["trunk"], "task_specific_layers": ["tower_0", "tower_1"], "shared_params": 12,
-               "task_specific_params": 8}
+  assert d == {
+    "shared_layers": ["trunk"],
+    "task_specific_layers": ["tower_0", "tower_1"],
+    "shared_params": 12,
+    "task_specific_params": 8,
+  }
   assert partition_lib.describe(None, p)["task_specific_params"] == 0
 
 

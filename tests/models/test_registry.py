@@ -8,8 +8,14 @@ import pytest
 from mtjax import models
 from mtjax.models import _registry
 
-MINE = {"shared_bottom": models.SharedBottom, "omoe": models.OMoE, "mmoe": models.MMoE,
-        "cgc": models.CGC, "ple": models.PLE, "stem": models.STEM}
+MINE = {
+  "shared_bottom": models.SharedBottom,
+  "omoe": models.OMoE,
+  "mmoe": models.MMoE,
+  "cgc": models.CGC,
+  "ple": models.PLE,
+  "stem": models.STEM,
+}
 
 
 def test_available_lists_registered_models_sorted():

@@ -12,51 +12,59 @@ import numpy as np
 import pytest
 
 import mtjax
-from mtjax import losses, models
+from mtjax import losses
+from mtjax import models
 from mtjax._src import tree as tree_lib
 
 B = 8
 SPEC = models.FeatureSpec(
-    categorical=(models.Categorical("user", 11, 3), models.Categorical("item", 13, 3),
-                 models.Categorical("domain", 3, 2)),
-    dense=(models.Dense("dense", 2),))
+  categorical=(
+    models.Categorical("user", 11, 3),
+    models.Categorical("item", 13, 3),
+    models.Categorical("domain", 3, 2),
+  ),
+  dense=(models.Dense("dense", 2),),
+)
 
 # case -> (registry name, config, loss kind); the configs of tests/models/test_all_models_train.py, smaller.
 MOE = dict(num_experts=3, expert=(6,), tower=(4, 1))
 LEVELS = dict(num_tasks=2, expert=(6,), tower=(4, 1))
 STAR = dict(num_tasks=2, num_domains=3, domain_feature="domain", hidden=(6,))
 CASES = {
-    "shared_bottom": ("shared_bottom", dict(num_tasks=2, bottom=(8,), tower=(4, 1)), "plain"),
-    "omoe": ("omoe", dict(num_tasks=2, **MOE), "plain"),
-    "omoe_vmap": ("omoe", dict(num_tasks=2, expert_impl="vmap", **MOE), "plain"),
-    "mmoe": ("mmoe", dict(num_tasks=3, **MOE), "plain"),
-    "mmoe_vmap": ("mmoe", dict(num_tasks=3, expert_impl="vmap", **MOE), "plain"),
-    "cgc": ("cgc", dict(num_specific_experts=2, **LEVELS), "plain"),
-    "ple": ("ple", dict(num_levels=2, **LEVELS), "plain"),
-    "ple_vmap": ("ple", dict(num_levels=2, expert_impl="vmap", **LEVELS), "plain"),
-    "stem": ("stem", dict(**LEVELS), "plain"),
-    "stem_2levels": ("stem", dict(num_levels=2, **LEVELS), "plain"),
-    "pepnet": ("pepnet", dict(num_tasks=2, domain_fields=("domain",), prior_fields=("user",), tower=(6, 4, 1)),
-               "plain"),
-    "star": ("star", dict(auxiliary=(4,), **STAR), "plain"),
-    "star_towers": ("star", dict(auxiliary=None, multi_task="towers", **STAR), "plain"),
-    "esmm": ("esmm", dict(tower=(6, 1)), "esmm"),
-    "esmm_bottom": ("esmm", dict(tower=(6, 1), bottom=(8,)), "esmm"),
-    "esm2": ("esm2", dict(tower=(6, 1)), "esm2"),
-    "aitm": ("aitm", dict(num_tasks=3, tower=(6, 4)), "aitm"),
+  "shared_bottom": ("shared_bottom", dict(num_tasks=2, bottom=(8,), tower=(4, 1)), "plain"),
+  "omoe": ("omoe", dict(num_tasks=2, **MOE), "plain"),
+  "omoe_vmap": ("omoe", dict(num_tasks=2, expert_impl="vmap", **MOE), "plain"),
+  "mmoe": ("mmoe", dict(num_tasks=3, **MOE), "plain"),
+  "mmoe_vmap": ("mmoe", dict(num_tasks=3, expert_impl="vmap", **MOE), "plain"),
+  "cgc": ("cgc", dict(num_specific_experts=2, **LEVELS), "plain"),
+  "ple": ("ple", dict(num_levels=2, **LEVELS), "plain"),
+  "ple_vmap": ("ple", dict(num_levels=2, expert_impl="vmap", **LEVELS), "plain"),
+  "stem": ("stem", dict(**LEVELS), "plain"),
+  "stem_2levels": ("stem", dict(num_levels=2, **LEVELS), "plain"),
+  "pepnet": ("pepnet", dict(num_tasks=2, domain_fields=("domain",), prior_fields=("user",), tower=(6, 4, 1)), "plain"),
+  "star": ("star", dict(auxiliary=(4,), **STAR), "plain"),
+  "star_towers": ("star", dict(auxiliary=None, multi_task="towers", **STAR), "plain"),
+  "esmm": ("esmm", dict(tower=(6, 1)), "esmm"),
+  "esmm_bottom": ("esmm", dict(tower=(6, 1), bottom=(8,)), "esmm"),
+  "esm2": ("esm2", dict(tower=(6, 1)), "esm2"),
+  "aitm": ("aitm", dict(num_tasks=3, tower=(6, 4)), "aitm"),
 }
 
 
 def _batch(num_labels):
   rng = np.random.default_rng(0)
-  x = {"user": rng.integers(0, 13, B), "item": rng.integers(0, 13, B), "domain": rng.integers(0, 3, B),
-       "dense": rng.normal(size=(B, 2)).astype(np.float32)}  # some user ids out of vocabulary
+  x = {
+    "user": rng.integers(0, 13, B),
+    "item": rng.integers(0, 13, B),
+    "domain": rng.integers(0, 3, B),
+    "dense": rng.normal(size=(B, 2)).astype(np.float32),
+  }  # some user ids out of vocabulary
   y = (rng.random((3, B)) < 0.5).astype(np.float32)
   chain = np.cumprod(y, axis=0)  # click -> click & a -> click & a & buy
   return {k: jnp.asarray(v) for k, v in x.items()}, jnp.asarray(y[:num_labels]), chain
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(case):
   """(loss_fn, params, batch, T) for one case; the loss has aux and runs the model with train=False."""
   name, config, kind = CASES[case]
@@ -81,14 +89,23 @@ def _setup(case):
 
 # Per case, the parameters of the task heads (regex on the leaf path); every other leaf is the trunk.
 HEADS = {
-    "shared_bottom": r"^tower_", "omoe": r"^(gate|tower_)", "omoe_vmap": r"^(gate|tower_)",
-    "mmoe": r"^(gate_|tower_)", "mmoe_vmap": r"^(gate_|tower_)", "cgc": r"^(level_0/gate_task_|tower_)",
-    "ple": r"^(level_1/gate_task_|tower_)", "ple_vmap": r"^(level_1/gate_task_|tower_)",
-    "stem": r"^(level_0/gate_task_|tower_)", "stem_2levels": r"^(level_1/gate_task_|tower_)",
-    "pepnet": r"^tower_", "star": r"^(star_|auxiliary/)",
-    "star_towers": r"^(star_task_|input/embedding/embed_domain/)",  # no auxiliary network: domain unused
-    "esmm": r"^tower_", "esmm_bottom": r"^tower_", "esm2": r"^tower_",
-    "aitm": r"^(tower_|transfer_|attention_|head_)",
+  "shared_bottom": r"^tower_",
+  "omoe": r"^(gate|tower_)",
+  "omoe_vmap": r"^(gate|tower_)",
+  "mmoe": r"^(gate_|tower_)",
+  "mmoe_vmap": r"^(gate_|tower_)",
+  "cgc": r"^(level_0/gate_task_|tower_)",
+  "ple": r"^(level_1/gate_task_|tower_)",
+  "ple_vmap": r"^(level_1/gate_task_|tower_)",
+  "stem": r"^(level_0/gate_task_|tower_)",
+  "stem_2levels": r"^(level_1/gate_task_|tower_)",
+  "pepnet": r"^tower_",
+  "star": r"^(star_|auxiliary/)",
+  "star_towers": r"^(star_task_|input/embedding/embed_domain/)",  # no auxiliary network: domain unused
+  "esmm": r"^tower_",
+  "esmm_bottom": r"^tower_",
+  "esm2": r"^tower_",
+  "aitm": r"^(tower_|transfer_|attention_|head_)",
 }
 # The registered models, plus the "vmap" experts: the numeric checks compile, so they run on these.
 NUMERIC = sorted({c for c, (name, _, _) in CASES.items() if c == name} | {"mmoe_vmap"})
@@ -145,8 +162,7 @@ def test_shared_jacobian_is_exact_and_rep_runs(case):
     info.update(shared=type(jac), mask=jac.default_mask(len(jax.tree.leaves(params))))
     pcgrad = mtjax.pcgrad(num_tasks=num_tasks)
     up_s, _ = pcgrad.update(jac, pcgrad.init(params), params)
-    pcgrad_full = mtjax.pcgrad(num_tasks=num_tasks,
-                               shared=jax.tree.unflatten(jax.tree.structure(params), info["mask"]))
+    pcgrad_full = mtjax.pcgrad(num_tasks=num_tasks, shared=jax.tree.unflatten(jax.tree.structure(params), info["mask"]))
     up_f, _ = pcgrad_full.update(rows, pcgrad_full.init(params), params)
     (losses_r, _), rep = mtjax.task_grads(loss_fn, strategy="rep", has_aux=True)(params, batch)
     _check_split(case, rep, info["mask"], params, num_tasks)
@@ -187,7 +203,6 @@ def test_two_representations_raise():
 
 def test_model_without_representation_raises():
   class TwoHeads(nn.Module):
-
     @nn.compact
     def __call__(self, x, *, train=False):
       return nn.Dense(2)(nn.relu(nn.Dense(4)(x))).T, {}
@@ -205,8 +220,19 @@ def test_model_without_representation_raises():
 # mtjax.task_view: each task reads its own copy of the representation, so one backward through the
 # heads gives every task's dL_t/dz. The models whose heads are separable by task mark their views.
 
-VIEWS = {"shared_bottom", "omoe", "omoe_vmap", "mmoe", "mmoe_vmap", "cgc", "ple", "ple_vmap", "stem",
-         "stem_2levels", "pepnet"}
+VIEWS = {
+  "shared_bottom",
+  "omoe",
+  "omoe_vmap",
+  "mmoe",
+  "mmoe_vmap",
+  "cgc",
+  "ple",
+  "ple_vmap",
+  "stem",
+  "stem_2levels",
+  "pepnet",
+}
 
 
 def _uses_views(loss_fn, params, batch) -> bool:
@@ -243,6 +269,7 @@ def test_task_view_contract_errors_and_fallback():
     def loss_fn(params, x):
       z = mtjax.representation(jnp.tanh(x @ params["trunk"]))
       return jnp.stack([jnp.mean((view(z, t) @ params["h"][t]) ** 2) for t in range(3)])
+
     return loss_fn
 
   good = loss_with(mtjax.task_view)
@@ -264,8 +291,9 @@ def test_task_view_contract_errors_and_fallback():
   # Heads that also read z directly: task_grads falls back to T per-task VJPs, and stays exact.
   def mixed(params, x):
     z = mtjax.representation(jnp.tanh(x @ params["trunk"]))
-    return jnp.stack([jnp.mean((mtjax.task_view(z, t) @ params["h"][t]) ** 2) + 0.1 * t * jnp.mean(z)
-                      for t in range(3)])
+    return jnp.stack(
+      [jnp.mean((mtjax.task_view(z, t) @ params["h"][t]) ** 2) + 0.1 * t * jnp.mean(z) for t in range(3)]
+    )
 
   assert not _uses_views(lambda q, b: (mixed(q, b), None), p, x)
   for loss_fn in (good, mixed):

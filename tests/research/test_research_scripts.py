@@ -41,12 +41,12 @@ def test_toy_losses_hand_values():
   toy = _load("toy_landscape")
   t4 = math.tanh(4.0)
   cases = {
-      # lower half-plane: c+ = 0, c- = tanh(-x2 / 2); the bowls h_i
-      (0.0, -8.0): (t4 * (4.9 - 20.0), t4 * (4.9 - 20.0)),
-      (7.0, -8.0): (t4 * -20.0, t4 * (19.6 - 20.0)),
-      (-7.0, -8.0): (t4 * (19.6 - 20.0), t4 * -20.0),
-      # the origin: c+ = c- = 0
-      (0.0, 0.0): (0.0, 0.0),
+    # lower half-plane: c+ = 0, c- = tanh(-x2 / 2); the bowls h_i
+    (0.0, -8.0): (t4 * (4.9 - 20.0), t4 * (4.9 - 20.0)),
+    (7.0, -8.0): (t4 * -20.0, t4 * (19.6 - 20.0)),
+    (-7.0, -8.0): (t4 * (19.6 - 20.0), t4 * -20.0),
+    # the origin: c+ = c- = 0
+    (0.0, 0.0): (0.0, 0.0),
   }
   for (x1, x2), (l1, l2) in cases.items():
     got = toy.toy_losses(np.array([x1, x2]), xp=np)
@@ -58,8 +58,9 @@ def test_toy_losses_hand_values():
   assert got[0] == pytest.approx(math.tanh(4.5) * (math.log(5e-6) + 6.0), rel=1e-9)
   # jax and numpy versions agree
   pts = np.random.default_rng(0).uniform(-10, 10, (50, 2))
-  np.testing.assert_allclose(np.asarray(toy.toy_losses(pts.astype(np.float32))), toy.toy_losses(pts, xp=np),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(toy.toy_losses(pts.astype(np.float32))), toy.toy_losses(pts, xp=np), rtol=1e-4, atol=1e-4
+  )
 
 
 def test_toy_pareto_front_and_gap():
@@ -110,8 +111,10 @@ def test_mmoe_paper_sizes():
   ab = _load("mmoe_synthetic_ablation")
   cfg = ab.FULL
   x = np.zeros((2, cfg.dim), np.float32)
-  counts = {n: ab.count_params(jax.eval_shape(m.init, jax.random.PRNGKey(0), x)["params"])
-            for n, m in ab.build_models(cfg).items()}
+  counts = {
+    n: ab.count_params(jax.eval_shape(m.init, jax.random.PRNGKey(0), x)["params"])
+    for n, m in ab.build_models(cfg).items()
+  }
   d, e, h, k, b = cfg.dim, cfg.num_experts, cfg.expert_units, cfg.tower_units, cfg.bottom_units
   tower = lambda width: width * k + k + k + 1  # one ReLU layer + linear output
   assert counts["Shared-Bottom"] == d * b + b + 2 * tower(b)
@@ -220,8 +223,7 @@ def test_mmoe_synthetic_ablation_fast(tmp_path, capsys):
     assert curve[-1].mean() < curve[0].mean()
   assert res["label_corr"].shape == (len(cfg.correlations), len(cfg.seeds))
   assert np.all(res["label_corr"][-1] > 0.95)  # p = 1: the labels differ by the noise only
-  for f in ("loss_vs_correlation.png", "learning_curves_test.png", "learning_curves_train.png",
-            "correlation_gap.png"):
+  for f in ("loss_vs_correlation.png", "learning_curves_test.png", "learning_curves_train.png", "correlation_gap.png"):
     assert _is_png(tmp_path / f)
   saved = json.loads((tmp_path / "results.json").read_text())
   assert set(saved["trends"]) == {"end", "curve"} and np.asarray(saved["losses"]["end"]).shape == (3, 3, 2)
@@ -230,8 +232,10 @@ def test_mmoe_synthetic_ablation_fast(tmp_path, capsys):
 def test_mmoe_replica_data_paired():
   ab = _load("mmoe_synthetic_ablation")
   import dataclasses
-  cfg = dataclasses.replace(ab.FAST, seeds=(0, 1), learning_rates=(1e-3, 1e-2), num_train=64, num_valid=8,
-                            num_test=8, batch_size=16)
+
+  cfg = dataclasses.replace(
+    ab.FAST, seeds=(0, 1), learning_rates=(1e-3, 1e-2), num_train=64, num_valid=8, num_test=8, batch_size=16
+  )
   arrays = ab.make_data(cfg)
   raw = ab.make_data(dataclasses.replace(cfg, standardize_labels=False))
   reps = ab.data_replicas(cfg)
@@ -259,7 +263,7 @@ def test_mmoe_replica_data_paired():
   assert idx.shape == (2, 8, 16)
   for r in range(2):
     for e in range(2):
-      assert sorted(idx[r, 4 * e:4 * (e + 1)].ravel().tolist()) == list(range(64))
+      assert sorted(idx[r, 4 * e : 4 * (e + 1)].ravel().tolist()) == list(range(64))
   assert not np.array_equal(idx[0], idx[1]) and not np.array_equal(idx[0, :4], idx[0, 4:])
 
 
@@ -268,8 +272,13 @@ def test_mmoe_replica_data_paired():
 
 def test_similarity_helpers():
   gs = _load("gradient_similarity")
-  paths = ["bottom/Dense_0/bias", "bottom/Dense_0/kernel", "bottom/Dense_10/kernel",
-           "input/embedding/embed_cat_0/embedding", "bottom/Dense_2/kernel"]
+  paths = [
+    "bottom/Dense_0/bias",
+    "bottom/Dense_0/kernel",
+    "bottom/Dense_10/kernel",
+    "input/embedding/embed_cat_0/embedding",
+    "bottom/Dense_2/kernel",
+  ]
   assert gs.depth_groups(paths) == [0, 0, 10, -1, 2]
   assert gs.layer_names(gs.FULL) == ["layer 1 (input)", "layer 2", "layer 3", "layer 4 (top)"]
   rng = np.random.default_rng(0)
@@ -288,14 +297,17 @@ def test_similarity_groups_match_numpy():
   """The per-layer cosines the script tracks equal a plain NumPy float64 computation per layer."""
   gs = _load("gradient_similarity")
   import mtjax
+
   rng = np.random.default_rng(3)
-  params = {"bottom": {f"Dense_{i}": {"kernel": rng.normal(size=(3, 4)), "bias": rng.normal(size=4)}
-                       for i in range(3)},
-            "tower_0": {"Dense_0": {"kernel": rng.normal(size=(4, 1))}}}
+  params = {
+    "bottom": {f"Dense_{i}": {"kernel": rng.normal(size=(3, 4)), "bias": rng.normal(size=4)} for i in range(3)},
+    "tower_0": {"Dense_0": {"kernel": rng.normal(size=(4, 1))}},
+  }
   grads = jax.tree.map(lambda p: rng.normal(size=(2,) + p.shape).astype(np.float32), params)
   grads["bottom"]["Dense_1"] = jax.tree.map(np.zeros_like, grads["bottom"]["Dense_1"])  # a zero layer
-  cos = np.asarray(mtjax.analysis.cosine_similarity(grads, granularity=gs.depth_groups,
-                                                    shared=mtjax.shared_mask(exclude="tower_")))
+  cos = np.asarray(
+    mtjax.analysis.cosine_similarity(grads, granularity=gs.depth_groups, shared=mtjax.shared_mask(exclude="tower_"))
+  )
   assert cos.shape == (3, 2, 2)
   for i in range(3):
     layer = grads["bottom"][f"Dense_{i}"]
@@ -328,8 +340,13 @@ def test_gradient_similarity_fast(tmp_path, capsys):
   # linear's update is the sum of the two gradients: it never points against both of them
   lin = res["runs"]["linear", cfg.correlations[0]]["alignment"]
   assert np.all(lin.max(-1) > 0)
-  for f in ("similarity_over_steps.png", "similarity_by_layer_and_correlation.png", "layer_step_heatmap.png",
-            "heatmaps.png", "alignment.png"):
+  for f in (
+    "similarity_over_steps.png",
+    "similarity_by_layer_and_correlation.png",
+    "layer_step_heatmap.png",
+    "heatmaps.png",
+    "alignment.png",
+  ):
     assert _is_png(tmp_path / f)
 
 

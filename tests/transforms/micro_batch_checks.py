@@ -37,8 +37,7 @@ def params_of(rng, dtype=np.float32):
 def close(a, b, rtol, atol, what=""):
   assert jax.tree.structure(a) == jax.tree.structure(b), what
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol,
-                               err_msg=what)
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol, err_msg=what)
 
 
 def finite(tree, what=""):
@@ -81,7 +80,8 @@ def check_inject_hyperparams(factory, m, options, static=("num_tasks",)):
   params = params_of(rng)
   plain = factory(num_tasks=T, shared=SHARED, **options)
   inject = optax.inject_hyperparams(factory, static_args=tuple(static) + ("shared",))(
-      num_tasks=T, shared=SHARED, **options)
+    num_tasks=T, shared=SHARED, **options
+  )
   s_p, s_i = plain.init(params), inject.init(params)
   up_i = jax.jit(inject.update)
   for _ in range(3):
@@ -121,13 +121,20 @@ def check_edge_gradients(factory, m, degree_one: bool):
   state = tx.init(params)
   base = grads_of(rng, m, T)
   kinds = {
-      "zero": jax.tree.map(np.zeros_like, base),
-      "identical": jax.tree.map(lambda g: np.repeat(np.repeat(g[:1, :1], T, axis=1), m, axis=0), base),
-      "opposite": jax.tree.map(lambda g: np.repeat(
-          g[:1, :1] * np.array([1.0, -1.0, 1.0], np.float32).reshape((1, -1) + (1,) * (g.ndim - 2)), m, axis=0),
-                               base),
-      "mixed_scales": jax.tree.map(lambda g: (g * np.array([1e10, 1.0, 1e-10], np.float32).reshape(
-          (1, -1) + (1,) * (g.ndim - 2))).astype(np.float32), base),
+    "zero": jax.tree.map(np.zeros_like, base),
+    "identical": jax.tree.map(lambda g: np.repeat(np.repeat(g[:1, :1], T, axis=1), m, axis=0), base),
+    "opposite": jax.tree.map(
+      lambda g: np.repeat(
+        g[:1, :1] * np.array([1.0, -1.0, 1.0], np.float32).reshape((1, -1) + (1,) * (g.ndim - 2)), m, axis=0
+      ),
+      base,
+    ),
+    "mixed_scales": jax.tree.map(
+      lambda g: (g * np.array([1e10, 1.0, 1e-10], np.float32).reshape((1, -1) + (1,) * (g.ndim - 2))).astype(
+        np.float32
+      ),
+      base,
+    ),
   }
   for kind, g in kinds.items():
     d, new_state = step(g, state, params)
@@ -211,10 +218,13 @@ def check_bad_input(factory, m, method):
   # task_losses of the wrong shape.
   with pytest.raises(ValueError, match=rf"mtjax: {method}: task_losses"):
     tx.update(g, state, params, task_losses=np.ones(T + 1, np.float32))
+
   # A lazy Jacobian (deferred) is rejected.
   def loss_fn(p, x):
-    return jnp.stack([jnp.sum(p["bottom"]["bias"] * x), jnp.sum(p["tower_0"]["kernel"] * x),
-                      jnp.sum(p["tower_1"]["kernel"] * x)])
+    return jnp.stack(
+      [jnp.sum(p["bottom"]["bias"] * x), jnp.sum(p["tower_0"]["kernel"] * x), jnp.sum(p["tower_1"]["kernel"] * x)]
+    )
+
   _, lazy = mtjax.task_grads(loss_fn, deferred=True)(params, jnp.ones(2))
   with pytest.raises(ValueError, match=rf"mtjax: {method}: got a lazy Jacobian"):
     tx.update(lazy, state, params)

@@ -33,7 +33,7 @@ def pack(jac, shapes=SHAPES, dtype=jnp.float32) -> dict:
     parts = path.split("/")
     for part in parts[:-1]:
       node = node.setdefault(part, {})
-    node[parts[-1]] = jnp.asarray(jac[:, start:start + size].reshape((t,) + shape), dtype)
+    node[parts[-1]] = jnp.asarray(jac[:, start : start + size].reshape((t,) + shape), dtype)
     start += size
   return tree
 

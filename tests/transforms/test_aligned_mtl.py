@@ -5,9 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mtl_references import J_ORACLE
+from mtl_references import RANK_SHAPES
+from mtl_references import pack
+from mtl_references import random_jac
+from mtl_references import unpack
 
 import mtjax
-from mtl_references import J_ORACLE, RANK_SHAPES, pack, random_jac, unpack
 
 
 def np_aligned(jac, scale="min", reduction="mean"):
@@ -15,9 +19,9 @@ def np_aligned(jac, scale="min", reduction="mean"):
   jac = np.asarray(jac, np.float64)
   t = jac.shape[0]
   u, s, vt = np.linalg.svd(jac, full_matrices=False)
-  keep = s ** 2 > (s[0] ** 2 if s.size else 0.0) * 1e-10
+  keep = s**2 > (s[0] ** 2 if s.size else 0.0) * 1e-10
   u, s, vt = u[:, keep], s[keep], vt[keep]
-  eig = np.sort(s ** 2)
+  eig = np.sort(s**2)
   if eig.size == 0:
     return np.zeros(jac.shape[1])
   sigma_sq = {"min": eig[0], "median": eig[(eig.size - 1) // 2], "rmse": eig.mean()}[scale]
@@ -71,6 +75,7 @@ def test_float64_aligned_rows_are_orthogonal_with_equal_norms():
   rng = np.random.default_rng(6)
   with jax.enable_x64(True):
     from mtjax.transforms._aligned_mtl import balance_matrix
+
     jac = random_jac(rng, 4, 1.0)
     gram = jac @ jac.T
     balance = np.asarray(jax.jit(balance_matrix, static_argnums=1)(jnp.asarray(gram), "min"))

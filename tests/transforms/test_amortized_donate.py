@@ -14,7 +14,7 @@ def test_amortized_state_donatable(ema):
   tx = mtjax.amortized(mtjax.mgda(num_tasks=2), every=4, ema=ema)
   state = tx.init(params)
   leaves = jax.tree.leaves(state)
-  assert not any(a is b for i, a in enumerate(leaves) for b in leaves[i + 1:])
+  assert not any(a is b for i, a in enumerate(leaves) for b in leaves[i + 1 :])
   step = jax.jit(lambda s: tx.update(grads, s, params)[1], donate_argnums=0)
   for _ in range(2):
     state = step(state)

@@ -13,8 +13,11 @@ import pytest
 
 import mtjax
 
-SHAPES = {"shared": {"Dense_0": {"kernel": (3, 2), "bias": (2,)}, "Dense_1": {"kernel": (2,)}},
-          "tower_0": {"kernel": (2,)}, "tower_1": {"kernel": (1, 2)}}
+SHAPES = {
+  "shared": {"Dense_0": {"kernel": (3, 2), "bias": (2,)}, "Dense_1": {"kernel": (2,)}},
+  "tower_0": {"kernel": (2,)},
+  "tower_1": {"kernel": (1, 2)},
+}
 IS_LEAF = lambda s: isinstance(s, tuple)  # noqa: E731
 P = 3 * 2 + 2 + 2 + 2 + 2  # parameters in SHAPES
 
@@ -28,7 +31,7 @@ def _unflat(vec, like):
   out, start = [], 0
   for leaf in leaves:
     size = int(np.prod(np.shape(leaf)))
-    out.append(np.reshape(vec[start:start + size], np.shape(leaf)))
+    out.append(np.reshape(vec[start : start + size], np.shape(leaf)))
     start += size
   return jax.tree.unflatten(treedef, out)
 
@@ -45,14 +48,18 @@ def _sample(num_tasks, num_steps, seed):
   steps = []
   for _ in range(num_steps):
     grads = jax.tree.map(lambda s: rng.normal(size=(num_tasks,) + s), SHAPES, is_leaf=IS_LEAF)
-    batch = {"a": rng.uniform(0.5, 2.0, size=(num_tasks, P)), "m": rng.normal(size=(num_tasks, P)),
-             "c": 0.1 * rng.normal(size=(num_tasks, P))}
+    batch = {
+      "a": rng.uniform(0.5, 2.0, size=(num_tasks, P)),
+      "m": rng.normal(size=(num_tasks, P)),
+      "c": 0.1 * rng.normal(size=(num_tasks, P)),
+    }
     steps.append((grads, batch))
   return params, steps
 
 
-def _numpy_auto_lambda(params, steps, *, alpha, beta, lr, init, primary=None, inner="sgd", order="meta_first",
-                       wd=0.0, nonnegative=False):
+def _numpy_auto_lambda(
+  params, steps, *, alpha, beta, lr, init, primary=None, inner="sgd", order="meta_first", wd=0.0, nonnegative=False
+):
   """Float64 reference. The transform's update d is applied as theta <- theta - lr * d between steps."""
   num_tasks = steps[0][1]["m"].shape[0]
   x = np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in jax.tree.leaves(params)])
@@ -61,8 +68,9 @@ def _numpy_auto_lambda(params, steps, *, alpha, beta, lr, init, primary=None, in
   prim = range(num_tasks) if primary is None else primary
   history = []
   for k, (grads, batch) in enumerate(steps):
-    g = np.stack([np.concatenate([np.ravel(leaf[i]) for leaf in jax.tree.leaves(grads)])
-                  for i in range(num_tasks)])  # [T, P]
+    g = np.stack(
+      [np.concatenate([np.ravel(leaf[i]) for leaf in jax.tree.leaves(grads)]) for i in range(num_tasks)]
+    )  # [T, P]
     d_old = np.zeros(P)
     for i in range(num_tasks):
       d_old += lam[i] * g[i]
@@ -104,14 +112,14 @@ def _run(tx, params, steps, lr, jit=True):
 
 
 REFERENCE_CASES = [
-    dict(num_tasks=1, alpha=0.1, beta=0.5, init=1.0),
-    dict(num_tasks=2, alpha=0.05, beta=0.3, init=0.1),
-    dict(num_tasks=3, alpha=0.1, beta=1e-2, init=0.1, inner="adam"),
-    dict(num_tasks=3, alpha=0.1, beta=0.2, init=0.5, primary=(1,)),
-    dict(num_tasks=4, alpha=0.02, beta=1e-2, init=0.1, primary=(0, 2), inner="adam"),
-    dict(num_tasks=3, alpha=0.1, beta=0.3, init=1.0, order="update_first"),
-    dict(num_tasks=3, alpha=0.1, beta=0.5, init=0.1, wd=0.3, nonnegative=True),
-    dict(num_tasks=8, alpha=0.05, beta=0.1, init=0.2, primary=(3, 4, 7)),
+  dict(num_tasks=1, alpha=0.1, beta=0.5, init=1.0),
+  dict(num_tasks=2, alpha=0.05, beta=0.3, init=0.1),
+  dict(num_tasks=3, alpha=0.1, beta=1e-2, init=0.1, inner="adam"),
+  dict(num_tasks=3, alpha=0.1, beta=0.2, init=0.5, primary=(1,)),
+  dict(num_tasks=4, alpha=0.02, beta=1e-2, init=0.1, primary=(0, 2), inner="adam"),
+  dict(num_tasks=3, alpha=0.1, beta=0.3, init=1.0, order="update_first"),
+  dict(num_tasks=3, alpha=0.1, beta=0.5, init=0.1, wd=0.3, nonnegative=True),
+  dict(num_tasks=8, alpha=0.05, beta=0.1, init=0.2, primary=(3, 4, 7)),
 ]
 
 
@@ -125,10 +133,17 @@ def test_matches_numpy_reference_over_steps(case):
   ref = _numpy_auto_lambda(params, steps, lr=lr, **case)
   with jax.enable_x64(True):
     opt = optax.sgd(case["beta"]) if inner == "sgd" else optax.adam(case["beta"])
-    tx = mtjax.auto_lambda(quadratic_meta_loss, num_tasks=num_tasks, virtual_lr=case["alpha"],
-                           primary_tasks=case.get("primary"), weight_init=case["init"], weight_optimizer=opt,
-                           order=case.get("order", "meta_first"), virtual_weight_decay=case.get("wd", 0.0),
-                           nonnegative=case.get("nonnegative", False))
+    tx = mtjax.auto_lambda(
+      quadratic_meta_loss,
+      num_tasks=num_tasks,
+      virtual_lr=case["alpha"],
+      primary_tasks=case.get("primary"),
+      weight_init=case["init"],
+      weight_optimizer=opt,
+      order=case.get("order", "meta_first"),
+      virtual_weight_decay=case.get("wd", 0.0),
+      nonnegative=case.get("nonnegative", False),
+    )
     params64 = jax.tree.map(jnp.asarray, params)
     out = _run(tx, params64, [(jax.tree.map(jnp.asarray, g), jax.tree.map(jnp.asarray, b)) for g, b in steps], lr)
     for k, ((d, state), (d_ref, used, lam, meta)) in enumerate(zip(out, ref)):
@@ -148,8 +163,14 @@ def test_hypergradient_equals_jax_grad_through_the_unrolled_step():
   alpha, beta = 0.07, 0.4
   with jax.enable_x64(True):
     for primary in (None, (0, 2)):
-      tx = mtjax.auto_lambda(quadratic_meta_loss, num_tasks=3, virtual_lr=alpha, primary_tasks=primary,
-                             weight_init=0.3, weight_optimizer=optax.sgd(beta))
+      tx = mtjax.auto_lambda(
+        quadratic_meta_loss,
+        num_tasks=3,
+        virtual_lr=alpha,
+        primary_tasks=primary,
+        weight_init=0.3,
+        weight_optimizer=optax.sgd(beta),
+      )
       _, state = jax.jit(tx.update)(grads, tx.init(params), params, validation_batch=batch)
 
       def unrolled(lam):
@@ -167,10 +188,17 @@ def test_scalar_meta_loss_and_primary_subset_agree():
   params, steps = _sample(3, 3, seed=3)
   scalar = lambda p, b: quadratic_meta_loss(p, b)[1] + quadratic_meta_loss(p, b)[2]  # noqa: E731
   with jax.enable_x64(True):
-    a = _run(mtjax.auto_lambda(scalar, num_tasks=3, virtual_lr=0.1, weight_optimizer=optax.sgd(0.2)), params,
-             steps, 0.2)
-    b = _run(mtjax.auto_lambda(quadratic_meta_loss, num_tasks=3, virtual_lr=0.1, primary_tasks=[1, 2],
-                               weight_optimizer=optax.sgd(0.2)), params, steps, 0.2)
+    a = _run(
+      mtjax.auto_lambda(scalar, num_tasks=3, virtual_lr=0.1, weight_optimizer=optax.sgd(0.2)), params, steps, 0.2
+    )
+    b = _run(
+      mtjax.auto_lambda(
+        quadratic_meta_loss, num_tasks=3, virtual_lr=0.1, primary_tasks=[1, 2], weight_optimizer=optax.sgd(0.2)
+      ),
+      params,
+      steps,
+      0.2,
+    )
     for (da, sa), (db, sb) in zip(a, b):
       np.testing.assert_allclose(sa.lambdas, sb.lambdas, rtol=1e-12)
       np.testing.assert_allclose(_flat(da), _flat(db), rtol=1e-12)
@@ -190,8 +218,10 @@ def _model_loss(params, batch):
 
 
 def _model_batch(rng, n=16):
-  return {"x": jnp.asarray(rng.normal(size=(n, 3)), jnp.float32),
-          "y": jnp.asarray(rng.normal(size=(2, n)), jnp.float32)}
+  return {
+    "x": jnp.asarray(rng.normal(size=(n, 3)), jnp.float32),
+    "y": jnp.asarray(rng.normal(size=(2, n)), jnp.float32),
+  }
 
 
 @pytest.mark.parametrize("order", ["meta_first", "update_first"])
@@ -206,8 +236,10 @@ def test_deferred_jacobian_matches_materialized_rows(order):
   def both(params, state_r, state_l, train, val):
     losses, rows = rows_fn(params, train)
     _, lazy = lazy_fn(params, train)
-    return (tx.update(rows, state_r, params, task_losses=losses, validation_batch=val),
-            tx.update(lazy, state_l, params, task_losses=losses, validation_batch=val))
+    return (
+      tx.update(rows, state_r, params, task_losses=losses, validation_batch=val),
+      tx.update(lazy, state_l, params, task_losses=losses, validation_batch=val),
+    )
 
   state_r = state_l = tx.init(params)
   for _ in range(3):
@@ -230,8 +262,9 @@ def _make(num_tasks=NUM_TASKS, **kw):
 
 
 def tap():
-  return optax.GradientTransformation(lambda params: jax.tree.map(jnp.zeros_like, params),
-                                      lambda updates, state, params=None: (updates, updates))
+  return optax.GradientTransformation(
+    lambda params: jax.tree.map(jnp.zeros_like, params), lambda updates, state, params=None: (updates, updates)
+  )
 
 
 def _sequence(seed, num_tasks=NUM_TASKS, dtype=np.float32, steps=3):
@@ -273,7 +306,8 @@ def test_same_result_under_inject_hyperparams():
   static = ("num_tasks", "meta_loss_fn", "primary_tasks", "order", "nonnegative")
   plain = _make(primary_tasks=(0, 2))
   injected = optax.inject_hyperparams(mtjax.auto_lambda, static_args=static)(
-      quadratic_meta_loss, num_tasks=NUM_TASKS, virtual_lr=0.1, weight_lr=1e-2, primary_tasks=(0, 2))
+    quadratic_meta_loss, num_tasks=NUM_TASKS, virtual_lr=0.1, weight_lr=1e-2, primary_tasks=(0, 2)
+  )
   traces = []
 
   def inj_step(g, s, p, b):
@@ -332,8 +366,9 @@ def test_edge_case_gradients():
   np.testing.assert_allclose(d, float(jnp.sum(state[0].weights)) * g0, rtol=1e-5, atol=1e-6)
   assert float(jnp.sum(state[0].weights)) > 0
   opposite = jax.tree.map(lambda g: np.stack([g[0], -g[0], g[0]]), grads)
-  one_zero = jax.tree.map(lambda g: g * np.array([1.0, 0.0, 1.0], np.float32).reshape((-1,) + (1,) * (g.ndim - 1)),
-                          grads)
+  one_zero = jax.tree.map(
+    lambda g: g * np.array([1.0, 0.0, 1.0], np.float32).reshape((-1,) + (1,) * (g.ndim - 1)), grads
+  )
   for kind in (opposite, one_zero):
     u, state = step(kind, init, params, losses[0], batch)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((u, state)))
@@ -367,8 +402,10 @@ def test_convergence_with_sgd_in_scan():
     return 0.5 * jnp.sum((params["x"][None, :] - m) ** 2, axis=1) + 0.5
 
   def train(primary):
-    tx = optax.chain(mtjax.auto_lambda(losses_fn, num_tasks=2, virtual_lr=0.1, weight_init=1.0, weight_lr=0.05,
-                                       primary_tasks=primary), optax.sgd(0.1))
+    tx = optax.chain(
+      mtjax.auto_lambda(losses_fn, num_tasks=2, virtual_lr=0.1, weight_init=1.0, weight_lr=0.05, primary_tasks=primary),
+      optax.sgd(0.1),
+    )
     params = {"x": jnp.array([3.0, 3.0, 2.0, 3.0])}
     state = tx.init(params)
 
@@ -418,14 +455,20 @@ def test_bad_input_raises_clear_errors():
   wrong = mtjax.auto_lambda(lambda p, b: quadratic_meta_loss(p, b)[:2], num_tasks=3, virtual_lr=0.1)
   with pytest.raises(ValueError, match=r"mtjax: auto_lambda: meta_loss_fn must return the \[T\]"):
     wrong.update(grads, state, params, validation_batch=batch)
-  scalar = mtjax.auto_lambda(lambda p, b: jnp.sum(quadratic_meta_loss(p, b)), num_tasks=3, virtual_lr=0.1,
-                             primary_tasks=[0])
+  scalar = mtjax.auto_lambda(
+    lambda p, b: jnp.sum(quadratic_meta_loss(p, b)), num_tasks=3, virtual_lr=0.1, primary_tasks=[0]
+  )
   with pytest.raises(ValueError, match="mtjax: auto_lambda: meta_loss_fn returned a scalar"):
     scalar.update(grads, state, params, validation_batch=batch)
   # factory arguments
-  for kwargs, match in [(dict(primary_tasks=[3]), "primary_tasks"), (dict(primary_tasks=[]), "primary_tasks"),
-                        (dict(primary_tasks=[0, 0]), "primary_tasks"), (dict(order="x"), "order"),
-                        (dict(virtual_lr=-1.0), "virtual_lr"), (dict(num_tasks=0), "num_tasks")]:
+  for kwargs, match in [
+    (dict(primary_tasks=[3]), "primary_tasks"),
+    (dict(primary_tasks=[]), "primary_tasks"),
+    (dict(primary_tasks=[0, 0]), "primary_tasks"),
+    (dict(order="x"), "order"),
+    (dict(virtual_lr=-1.0), "virtual_lr"),
+    (dict(num_tasks=0), "num_tasks"),
+  ]:
     with pytest.raises(ValueError, match=f"mtjax: auto_lambda: {match}"):
       _make(**kwargs)
   with pytest.raises(ValueError, match="meta_loss_fn must be a callable"):
@@ -467,7 +510,9 @@ def test_state_contract():
 
 
 def _fit_setup():
-  from mtjax import data, models
+  from mtjax import data
+  from mtjax import models
+
   ds = data.conflicting_tasks(num_samples=300, seed=0)
   model = models.MMoE(num_tasks=3, num_experts=2, expert=(8,), tower=(4, 1), features=ds.spec, dropout=0.1)
   return ds, model
@@ -476,6 +521,7 @@ def _fit_setup():
 @pytest.mark.slow
 def test_fit_with_validation_ds_learns_weights_and_resumes_bit_identically(tmp_path):
   from mtjax import training
+
   ds, model = _fit_setup()
   meta = training.validation_loss_fn(model, training._train.default_task_losses(ds.task_types))
   tx = optax.chain(mtjax.auto_lambda(meta, num_tasks=3, virtual_lr=1e-2, weight_lr=1e-2), optax.sgd(1e-2))
@@ -501,13 +547,17 @@ def test_runner_builds_auto_lambda_with_the_models_loss(monkeypatch):
   from mtjax import experiment
   from mtjax.experiment import _registry as reg
   from mtjax.experiment import _runner
+
   monkeypatch.setitem(reg.METHODS, "auto_lambda", mtjax.auto_lambda)
-  cfg = experiment.from_dict({
+  cfg = experiment.from_dict(
+    {
       "data": {"name": "conflicting", "num_samples": 400, "seed": 0},
       "model": {"name": "mmoe", "num_experts": 2, "expert": [8], "tower": [4, 1]},
       "method": {"name": "auto_lambda", "weight_lr": 0.01},
       "optimizer": {"name": "sgd", "learning_rate": 0.05},
-      "train": {"steps": 4, "batch_size": 32, "log_every": 1}})
+      "train": {"steps": 4, "batch_size": 32, "log_every": 1},
+    }
+  )
   assert _runner.needs_meta_loss(cfg)
   with pytest.raises(experiment.ConfigError, match="needs the model's loss"):
     _runner.build_tx(cfg, num_tasks=3, seed=0, steps_per_epoch=3)

@@ -7,10 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from mtl_references import J_ORACLE
+from mtl_references import gram_of
+from mtl_references import np_nonneg_qp
+from mtl_references import pack
+from mtl_references import random_jac
+from mtl_references import unpack
 
 import mtjax
 from mtjax._src.solvers import cagrad_dual
-from mtl_references import J_ORACLE, gram_of, np_nonneg_qp, pack, random_jac, unpack
 
 _DEFAULT = mtjax.cagrad()  # c = 0.4
 _default_update = jax.jit(_DEFAULT.update)

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from mtl_references import np_pcgrad
 
 import mtjax
-from mtl_references import np_pcgrad
 from mtjax.experiment._registry import METHODS
-from mtjax.transforms._inject import is_static, split_arguments
+from mtjax.transforms._inject import is_static
+from mtjax.transforms._inject import split_arguments
 from mtjax.transforms._pcgrad import projection_orders as _projection_orders
 
 SHAPES = {"bottom": {"kernel": (3, 2), "bias": (2,)}, "head": {"kernel": (2,)}}
@@ -38,17 +39,19 @@ def flat(tree):
 
 def micro_steps(rng, num_tasks, count):
   """``count`` micro-steps of (per-task gradients as NumPy trees, per-task losses [T])."""
-  return [(random_grads(rng, (num_tasks,)), rng.uniform(0.5, 3.0, size=num_tasks).astype(np.float32))
-          for _ in range(count)]
+  return [
+    (random_grads(rng, (num_tasks,)), rng.uniform(0.5, 3.0, size=num_tasks).astype(np.float32)) for _ in range(count)
+  ]
 
 
 def numpy_means(steps, k):
   """Per cycle of ``k`` micro-steps: the mean per-task gradients (NumPy float64 trees) and mean losses."""
   out = []
   for c in range(len(steps) // k):
-    cycle = steps[c * k:(c + 1) * k]
-    grads = jax.tree.map(lambda *g: np.mean(np.stack([np.asarray(x, np.float64) for x in g]), axis=0),
-                         *[g for g, _ in cycle])
+    cycle = steps[c * k : (c + 1) * k]
+    grads = jax.tree.map(
+      lambda *g: np.mean(np.stack([np.asarray(x, np.float64) for x in g]), axis=0), *[g for g, _ in cycle]
+    )
     out.append((grads, np.mean(np.stack([np.asarray(l, np.float64) for _, l in cycle]), axis=0)))
   return out
 
@@ -96,8 +99,9 @@ def test_accumulate_pcgrad_matches_numpy_reference_on_the_mean_gradients():
   key = jax.random.PRNGKey(0)
   for c, (grads, _) in enumerate(numpy_means(steps, k)):
     key, orders = projection_orders(key, t)  # the method's key is split once per emitted step
-    np.testing.assert_allclose(flat(outs[(c + 1) * k - 1]), np_pcgrad(flat_rows(grads, t), np.asarray(orders)),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+      flat(outs[(c + 1) * k - 1]), np_pcgrad(flat_rows(grads, t), np.asarray(orders)), rtol=1e-4, atol=1e-5
+    )
     for i in range(c * k, (c + 1) * k - 1):
       np.testing.assert_array_equal(flat(outs[i]), 0.0)
 
@@ -191,8 +195,9 @@ def test_accumulate_passes_listed_extra_args_at_the_emitting_step():
     return 0.5 * jnp.sum((params["w"][None, :] - batch) ** 2, axis=1)
 
   def method():
-    return mtjax.auto_lambda(meta_loss_fn, num_tasks=t, virtual_lr=1.0, weight_init=1.0,
-                             weight_optimizer=optax.sgd(0.5))
+    return mtjax.auto_lambda(
+      meta_loss_fn, num_tasks=t, virtual_lr=1.0, weight_init=1.0, weight_optimizer=optax.sgd(0.5)
+    )
 
   params = {"w": jnp.zeros(2)}
   g1, g2 = {"w": jnp.array([[-2.0, 0.0], [0.0, 2.0]])}, {"w": jnp.array([[0.0, 0.0], [0.0, 2.0]])}
@@ -205,8 +210,11 @@ def test_accumulate_passes_listed_extra_args_at_the_emitting_step():
   ref, ref_state = ref_tx.update(mean, ref_tx.init(params), params, validation_batch=jnp.eye(2))
   np.testing.assert_allclose(upd["w"], ref["w"], rtol=1e-6)
   np.testing.assert_allclose(state.inner_state.lambdas, ref_state.lambdas, rtol=1e-6)
-  with pytest.raises(ValueError, match=r"mtjax: accumulate: cannot accumulate the extra argument\(s\) "
-                                       r"\['validation_batch'\].*pass_through=\('validation_batch',\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"mtjax: accumulate: cannot accumulate the extra argument\(s\) "
+    r"\['validation_batch'\].*pass_through=\('validation_batch',\)",
+  ):
     mtjax.accumulate(method(), every_k=k).update(g1, state, params, validation_batch=jnp.eye(2))
 
 
@@ -230,8 +238,9 @@ def test_accumulate_refuses_what_it_cannot_average():
     tx.update({"w": jnp.ones((2, 4))}, state, params, task_losses=jnp.ones(3))
   with pytest.raises(ValueError, match=r"needs the number of tasks at init .*num_tasks=T"):
     mtjax.accumulate(mtjax.pcgrad(), every_k=2).init(params)
-  np.testing.assert_array_equal(mtjax.accumulate(mtjax.pcgrad(), every_k=2, num_tasks=2).init(params).task_losses,
-                                np.zeros(2))
+  np.testing.assert_array_equal(
+    mtjax.accumulate(mtjax.pcgrad(), every_k=2, num_tasks=2).init(params).task_losses, np.zeros(2)
+  )
   with pytest.raises(ValueError, match="every_k must be a static int >= 1"):
     mtjax.accumulate(mtjax.pcgrad(), every_k=0)
 
@@ -248,11 +257,11 @@ def _meta_loss_fn(params, batch):
 
 # The minimal required arguments of each registry method besides num_tasks=3 (README / docstrings).
 REQUIRED = {
-    "linear": dict(weights=jnp.array([1.0, 2.0, 0.5])),
-    "pareto_ltr": dict(lower_bounds=jnp.array([0.2, 0.2, 0.2])),
-    "dwa": dict(steps_per_epoch=2),
-    "stch": dict(steps_per_epoch=2),
-    "auto_lambda": dict(meta_loss_fn=_meta_loss_fn, virtual_lr=0.1),
+  "linear": dict(weights=jnp.array([1.0, 2.0, 0.5])),
+  "pareto_ltr": dict(lower_bounds=jnp.array([0.2, 0.2, 0.2])),
+  "dwa": dict(steps_per_epoch=2),
+  "stch": dict(steps_per_epoch=2),
+  "auto_lambda": dict(meta_loss_fn=_meta_loss_fn, virtual_lr=0.1),
 }
 
 
@@ -329,8 +338,9 @@ def test_inject_hyperparams_changed_and_scheduled_values_are_used():
   for c in (0.0, 0.5, 1.0):
     upd, state = jax.jit(tx.update)(grads, state, params)
     plain = mtjax.cagrad(c=c, num_tasks=3)
-    np.testing.assert_allclose(flat(upd), flat(plain.update(grads, plain.init(params), params)[0]), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      flat(upd), flat(plain.update(grads, plain.init(params), params)[0]), rtol=1e-5, atol=1e-6
+    )
   # Through **kwargs: normalize_by_name's inner c is a hyperparameter too.
   factory = METHODS["normalize"]
   tx = mtjax.inject_hyperparams(factory)("cagrad", "l2", num_tasks=3, c=0.3)
@@ -356,16 +366,25 @@ def test_inject_hyperparams_never_takes_a_callable_shared_for_a_schedule():
 # ---------------------------------------------------------------------------------------------------------------
 
 WRAPPERS = {
-    "MultiSteps": (lambda tx: optax.MultiSteps(optax.chain(tx, optax.adam(1e-3)), 2),
-                   r"is inside optax.MultiSteps.*mtjax.accumulate\(optax.chain\(mtjax\.\w+\(\.\.\.\), optax.adam"),
-    "masked": (lambda tx: optax.masked(tx, {"bottom": {"kernel": True, "bias": True}, "head": {"kernel": False}}),
-               r"is inside optax.masked: the leaves outside the mask would keep their task axis.*shared=mask"),
-    "multi_transform": (lambda tx: optax.multi_transform(
-        {"a": tx, "b": optax.sgd(0.1)}, {"bottom": {"kernel": "a", "bias": "a"}, "head": {"kernel": "b"}}),
-                        r"is inside optax.multi_transform \(optax.transforms.partition\).*"
-                        r"optax.chain\(mtjax\.\w+\(\.\.\.\), optax.multi_transform"),
-    "apply_if_finite": (lambda tx: optax.apply_if_finite(optax.chain(tx, optax.adam(1e-3)), 3),
-                        r"is inside optax.apply_if_finite.*optax.chain\(mtjax\.\w+\(\.\.\.\), optax.apply_if_finite\("),
+  "MultiSteps": (
+    lambda tx: optax.MultiSteps(optax.chain(tx, optax.adam(1e-3)), 2),
+    r"is inside optax.MultiSteps.*mtjax.accumulate\(optax.chain\(mtjax\.\w+\(\.\.\.\), optax.adam",
+  ),
+  "masked": (
+    lambda tx: optax.masked(tx, {"bottom": {"kernel": True, "bias": True}, "head": {"kernel": False}}),
+    r"is inside optax.masked: the leaves outside the mask would keep their task axis.*shared=mask",
+  ),
+  "multi_transform": (
+    lambda tx: optax.multi_transform(
+      {"a": tx, "b": optax.sgd(0.1)}, {"bottom": {"kernel": "a", "bias": "a"}, "head": {"kernel": "b"}}
+    ),
+    r"is inside optax.multi_transform \(optax.transforms.partition\).*"
+    r"optax.chain\(mtjax\.\w+\(\.\.\.\), optax.multi_transform",
+  ),
+  "apply_if_finite": (
+    lambda tx: optax.apply_if_finite(optax.chain(tx, optax.adam(1e-3)), 3),
+    r"is inside optax.apply_if_finite.*optax.chain\(mtjax\.\w+\(\.\.\.\), optax.apply_if_finite\(",
+  ),
 }
 
 
@@ -387,9 +406,12 @@ def test_an_optimizer_before_the_method_is_refused(name):
   grads = jax.tree.map(jnp.asarray, random_grads(np.random.default_rng(0), lead))
   losses = jnp.ones(lead)
   with jax.numpy_rank_promotion("allow"):  # what adam's broadcasting of [T, ...] against its moments needs
-    with pytest.raises(ValueError, match=r"^mtjax: \w+ comes after a transform in optax.chain whose optimizer state "
-                                         r"changes shape after one step \(\(2,\) -> \((\d, )?3, 2\)\).*Put the mtjax "
-                                         r"method first: optax.chain\(mtjax\.\w+\(\.\.\.\), optax.adam"):
+    with pytest.raises(
+      ValueError,
+      match=r"^mtjax: \w+ comes after a transform in optax.chain whose optimizer state "
+      r"changes shape after one step \(\(2,\) -> \((\d, )?3, 2\)\).*Put the mtjax "
+      r"method first: optax.chain\(mtjax\.\w+\(\.\.\.\), optax.adam",
+    ):
       jax.jit(tx.update)(grads, tx.init(params), params, task_losses=losses)
 
 
@@ -415,8 +437,9 @@ def test_the_supported_forms_run():
   tx = optax.chain(mtjax.pcgrad(num_tasks=3), optax.masked(optax.add_decayed_weights(0.1), decay_mask))
   ones = jax.tree.map(jnp.ones_like, params)
   upd, _ = tx.update(grads, tx.init(ones), ones)
-  np.testing.assert_allclose(flat(upd), flat(direction) + 0.1 * flat(jax.tree.map(
-      lambda m, p: p * m, decay_mask, ones)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    flat(upd), flat(direction) + 0.1 * flat(jax.tree.map(lambda m, p: p * m, decay_mask, ones)), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_apply_if_finite_after_the_method_skips_non_finite_steps_with_the_checks_off():

@@ -5,9 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mtl_references import J_ORACLE
+from mtl_references import RANK_SHAPES
+from mtl_references import pack
+from mtl_references import random_jac
+from mtl_references import unpack
 
 import mtjax
-from mtl_references import J_ORACLE, RANK_SHAPES, pack, random_jac, unpack
 
 _TX = mtjax.config()
 _update = jax.jit(_TX.update)

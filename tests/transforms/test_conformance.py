@@ -33,9 +33,9 @@ import mtjax
 
 # A small multi-leaf model: a shared bottom of two layers and two task towers.
 PARAM_SHAPES = {
-    "bottom": {"Dense_0": {"kernel": (3, 2), "bias": (2,)}, "Dense_1": {"kernel": (2, 2)}},
-    "tower_0": {"kernel": (2,)},
-    "tower_1": {"kernel": (2,)},
+  "bottom": {"Dense_0": {"kernel": (3, 2), "bias": (2,)}, "Dense_1": {"kernel": (2, 2)}},
+  "tower_0": {"kernel": (2,)},
+  "tower_1": {"kernel": (2,)},
 }
 SHARED = mtjax.shared_mask(exclude="tower_")
 NUM_TASKS = 3  # the main table's T
@@ -106,149 +106,379 @@ SOLVER_STATIC = ("num_tasks", "max_iters")
 def decaying_lr(base, halflife):
   """``base / (1 + count / halflife)``: for updates whose norm does not vanish at the Pareto set."""
   return lambda count: base / (1.0 + count / halflife)
+
+
 DWA_STATIC = ("num_tasks", "steps_per_epoch", "window")
 GRADNORM_STATIC = ("num_tasks", "steps_per_epoch")
 
 CASES = [
-    Case("linear", mtjax.linear, lambda t: dict(num_tasks=t), False, task_specific="weighted"),
-    Case("linear-weights", mtjax.linear, lambda t: dict(weights=linear_weights(t), num_tasks=t), False,
-         task_specific="weighted", per_task=("weights",)),
-    Case("pcgrad", mtjax.pcgrad, lambda t: dict(key=0, num_tasks=t), False, deterministic=False),
-    Case("pcgrad-mean", mtjax.pcgrad, lambda t: dict(key=0, num_tasks=t, reduction="mean"), False,
-         deterministic=False),
-    Case("gradvac", mtjax.gradvac, lambda t: dict(key=0, num_tasks=t, beta=0.5), False, deterministic=False),
-    Case("gradvac-layer", mtjax.gradvac, lambda t: dict(key=1, num_tasks=t, beta=0.3, granularity="layer"),
-         False, deterministic=False, toy_blocks=((0, 1, 2), (3,))),
-    Case("gradvac-leaf", mtjax.gradvac, lambda t: dict(key=2, num_tasks=t, beta=0.3, granularity="leaf"),
-         False, deterministic=False, toy_blocks=((0, 1), (2,), (3,))),
-    Case("mgda", mtjax.mgda, _mgda("none"), False, static_args=MGDA_STATIC, no_conflict=True),
-    Case("mgda-l2", mtjax.mgda, _mgda("l2"), False, static_args=MGDA_STATIC),
-    Case("mgda-loss", mtjax.mgda, _mgda("loss"), True, static_args=MGDA_STATIC),
-    Case("mgda-loss+", mtjax.mgda, _mgda("loss+"), True, static_args=MGDA_STATIC),
-    Case("mgda-l2-normalized", mtjax.mgda, _mgda("l2", "normalized"), False, static_args=MGDA_STATIC,
-         degree=0, no_conflict=True),
-    # d = sum_i w_i g_i / (L_i |g_i|) has norm ~1/L: a larger step on the toy problem.
-    Case("mgda-loss+-normalized", mtjax.mgda, _mgda("loss+", "normalized"), True, static_args=MGDA_STATIC,
-         degree=0, no_conflict=True, toy_lr=1.0),
-    Case("pareto_ltr", mtjax.pareto_ltr, lambda t: dict(lower_bounds=np.zeros(t)), False,
-         per_task=("lower_bounds",), no_conflict=True),
-    Case("pareto_ltr-bounds", mtjax.pareto_ltr, lambda t: dict(lower_bounds=lower_bounds(t)), False,
-         per_task=("lower_bounds",)),
-    Case("gradnorm", mtjax.gradnorm, lambda t: dict(num_tasks=t, alpha=1.5, learning_rate=0.025), True,
-         static_args=GRADNORM_STATIC),
-    Case("gradnorm-all", mtjax.gradnorm,
-         lambda t: dict(num_tasks=t, alpha=1.0, learning_rate=0.05, layer="all"), True,
-         static_args=GRADNORM_STATIC),
-    Case("dwa", mtjax.dwa, lambda t: dict(num_tasks=t, temperature=2.0, steps_per_epoch=2), True,
-         static_args=DWA_STATIC, task_specific="weighted"),
-    Case("dwa-step", mtjax.dwa, lambda t: dict(num_tasks=t, temperature=2.0, mode="step"), True,
-         static_args=DWA_STATIC, task_specific="weighted"),
-    Case("dwa-window", mtjax.dwa, lambda t: dict(num_tasks=t, temperature=1.0, mode="window", window=2), True,
-         static_args=DWA_STATIC, task_specific="weighted"),
-    Case("uncertainty", mtjax.uncertainty, lambda t: dict(num_tasks=t, learning_rate=1e-3), True,
-         task_specific="weighted"),
-    Case("uncertainty-init", mtjax.uncertainty, lambda t: dict(num_tasks=t, init_log_var=-0.5,
-                                                                 learning_rate=1e-3), True,
-         task_specific="weighted"),
-    # Beyond the required set.
-    Case("cagrad", mtjax.cagrad, lambda t: dict(num_tasks=t, c=0.4), False, static_args=SOLVER_STATIC),
-    # c >= 1: the ball contains 0, so the direction conflicts with no task.
-    Case("cagrad-c1.5-rescale", mtjax.cagrad, lambda t: dict(num_tasks=t, c=1.5, rescale="1/(1+c^2)"), False,
-         static_args=SOLVER_STATIC, no_conflict=True),
-    Case("imtl", mtjax.imtl, lambda t: dict(num_tasks=t), False),
-    Case("aligned_mtl", mtjax.aligned_mtl, lambda t: dict(num_tasks=t), False),
-    Case("upgrad", mtjax.upgrad, lambda t: dict(num_tasks=t), False, static_args=SOLVER_STATIC),
-    Case("upgrad-exact", mtjax.upgrad, lambda t: dict(num_tasks=t, regularization=0.0), False,
-         static_args=SOLVER_STATIC, no_conflict=True),
-    Case("dualproj", mtjax.dualproj, lambda t: dict(num_tasks=t), False, static_args=SOLVER_STATIC),
-    Case("dualproj-exact", mtjax.dualproj, lambda t: dict(num_tasks=t, regularization=0.0), False,
-         static_args=SOLVER_STATIC, no_conflict=True),
-    Case("config", mtjax.config, lambda t: dict(num_tasks=t), False),
-    # ||d||^2 = T whatever the scale (degree 0): a decaying step on the toy problem.
-    Case("fairgrad", mtjax.fairgrad, lambda t: dict(num_tasks=t, alpha=1.0), False, static_args=SOLVER_STATIC,
-         degree=0, toy_lr=decaying_lr(0.3, 4.0)),
-    Case("fairgrad-alpha0.5", mtjax.fairgrad, lambda t: dict(num_tasks=t, alpha=0.5), False,
-         static_args=SOLVER_STATIC, degree=1 / 3, toy_lr=decaying_lr(0.3, 4.0)),
-    Case("nash_mtl", mtjax.nash_mtl, lambda t: dict(num_tasks=t), False, static_args=SOLVER_STATIC, degree=0,
-         toy_lr=decaying_lr(0.3, 4.0)),
-    Case("rlw", mtjax.rlw, lambda t: dict(key=0, num_tasks=t), False, deterministic=False,
-         task_specific="weighted"),
-    # Unbiased for the summed gradient but noisy at the Pareto set: a decaying step, as for SGD.
-    Case("graddrop", mtjax.graddrop, lambda t: dict(key=0, num_tasks=t), False, deterministic=False,
-         toy_lr=decaying_lr(0.3, 4.0)),
-    # Methods of 2022-2026.
-    # FAMO: the table's update passes only task_losses, so its rows use the next-batch form; the paper's
-    # default form needs previous_task_losses_after_step= (one extra forward) and is checked in test_famo.py.
-    Case("famo", mtjax.famo, lambda t: dict(num_tasks=t, post_step_losses="next_batch"), True,
-         task_specific="weighted"),
-    Case("famo-adam", mtjax.famo, lambda t: dict(num_tasks=t, post_step_losses="next_batch", logit_update="adam",
-                                                 gamma=0.01), True, task_specific="weighted"),
-    Case("stch", mtjax.stch, lambda t: dict(num_tasks=t, mu=1.0), True,
-         static_args=("num_tasks", "warmup_steps", "nadir_steps"), task_specific="weighted"),
-    Case("stch-log_nadir", mtjax.stch, lambda t: dict(num_tasks=t, mu=0.5, normalization="log_nadir",
-                                                      warmup_steps=2, warmup_weighting="log"), True,
-         static_args=("num_tasks", "warmup_steps", "nadir_steps"), task_specific="weighted"),
-    Case("gls", mtjax.gls, lambda t: dict(num_tasks=t), True, task_specific="weighted"),
-    Case("scale_invariant", mtjax.scale_invariant, lambda t: dict(num_tasks=t), True, task_specific="weighted"),
-    Case("imtl-loss", mtjax.imtl, lambda t: dict(num_tasks=t, mode="loss", learning_rate=1e-2), True,
-         task_specific="weighted"),
-    Case("imtl-hybrid", mtjax.imtl, lambda t: dict(num_tasks=t, mode="hybrid", learning_rate=1e-2), True,
-         task_specific="weighted"),
-    # DB-MTL: the task-specific leaves get sum_i g_i / (L_i + eps), and `weights` records 1 / (L_i + eps).
-    Case("db_mtl", mtjax.db_mtl, lambda t: dict(num_tasks=t), True, task_specific="weighted"),
-    Case("db_mtl-sigma", mtjax.db_mtl, lambda t: dict(num_tasks=t, beta=0.5, beta_sigma=0.5, eps=0.0), True,
-         task_specific="weighted"),
-    # Task 0 is the target: no permutation equivariance (deterministic=False skips that check only).
-    Case("metabalance", mtjax.metabalance, lambda t: dict(num_tasks=t), False, static_args=("num_tasks", "target"),
-         deterministic=False, toy_blocks=((0, 1), (2,), (3,))),
-    Case("metabalance-down-model", mtjax.metabalance,
-         lambda t: dict(num_tasks=t, strategy="down", granularity="model", relax_factor=0.5), False,
-         static_args=("num_tasks", "target"), deterministic=False),
-    Case("excess_mtl", mtjax.excess_mtl, lambda t: dict(num_tasks=t), False, static_args=("num_tasks", "warmup_steps"),
-         task_specific="weighted"),
-    Case("excess_mtl-code", mtjax.excess_mtl,
-         lambda t: dict(num_tasks=t, weight_sum="num_tasks", step_size=0.1, warmup_steps=2, task_specific="sum"),
-         False, static_args=("num_tasks", "warmup_steps")),
-    # UPGrad on unit-norm task gradients: the update does not scale with the gradients (degree 0).
-    Case("normalize-upgrad",
-         lambda num_tasks, normalization="l2", shared=None: mtjax.normalize(
-             mtjax.upgrad(num_tasks=num_tasks, shared=shared), normalization, shared=shared),
-         lambda t: dict(num_tasks=t), False, degree=0),
-    # MoCo's paper default tracks the raw gradients and steps lambda by gamma_k (Y Y^T + rho I) lambda, which is not
-    # homogeneous in the gradients' scale (no `degree` holds: tiny gradients leave lambda uniform, huge ones push it
-    # to a vertex): degree=None. LibMTL's loss-normalized variant is homogeneous of degree 0.
-    Case("moco", mtjax.moco, lambda t: dict(num_tasks=t), False, degree=None),
-    Case("moco-loss", mtjax.moco, lambda t: dict(num_tasks=t, normalization="loss"), True, degree=0),
-    Case("moco-loss-softmax", mtjax.moco, lambda t: dict(num_tasks=t, normalization="loss", simplex="softmax"), True,
-         degree=0),
-    # One task's gradient per step (round robin): deterministic, but not permutation equivariant (the order of the
-    # tasks is the order of the round robin), hence deterministic=False.
-    Case("m_config", mtjax.m_config, lambda t: dict(num_tasks=t), False, deterministic=False,
-         static_args=("num_tasks", "all_tasks", "adaptive", "wait_for_all")),
-    Case("m_config-random", mtjax.m_config, lambda t: dict(num_tasks=t, selection="random", key=0), False,
-         deterministic=False, static_args=("num_tasks", "all_tasks", "adaptive", "wait_for_all")),
-    Case("m_config-all", mtjax.m_config, lambda t: dict(num_tasks=t, all_tasks=True), False,
-         static_args=("num_tasks", "all_tasks", "adaptive", "wait_for_all")),
-    # SDMGrad's one-batch variant (the authors' code) takes [T, ...] gradients; MoDo and SDMGrad's default
-    # take [M, T, ...] micro-batch gradients: their table checks are in test_modo.py / test_sdmgrad.py.
-    Case("sdmgrad-1batch", mtjax.sdmgrad, lambda t: dict(num_tasks=t, num_batches=1), False,
-         static_args=("num_tasks", "num_batches", "num_inner_steps", "normalize")),
+  Case("linear", mtjax.linear, lambda t: dict(num_tasks=t), False, task_specific="weighted"),
+  Case(
+    "linear-weights",
+    mtjax.linear,
+    lambda t: dict(weights=linear_weights(t), num_tasks=t),
+    False,
+    task_specific="weighted",
+    per_task=("weights",),
+  ),
+  Case("pcgrad", mtjax.pcgrad, lambda t: dict(key=0, num_tasks=t), False, deterministic=False),
+  Case("pcgrad-mean", mtjax.pcgrad, lambda t: dict(key=0, num_tasks=t, reduction="mean"), False, deterministic=False),
+  Case("gradvac", mtjax.gradvac, lambda t: dict(key=0, num_tasks=t, beta=0.5), False, deterministic=False),
+  Case(
+    "gradvac-layer",
+    mtjax.gradvac,
+    lambda t: dict(key=1, num_tasks=t, beta=0.3, granularity="layer"),
+    False,
+    deterministic=False,
+    toy_blocks=((0, 1, 2), (3,)),
+  ),
+  Case(
+    "gradvac-leaf",
+    mtjax.gradvac,
+    lambda t: dict(key=2, num_tasks=t, beta=0.3, granularity="leaf"),
+    False,
+    deterministic=False,
+    toy_blocks=((0, 1), (2,), (3,)),
+  ),
+  Case("mgda", mtjax.mgda, _mgda("none"), False, static_args=MGDA_STATIC, no_conflict=True),
+  Case("mgda-l2", mtjax.mgda, _mgda("l2"), False, static_args=MGDA_STATIC),
+  Case("mgda-loss", mtjax.mgda, _mgda("loss"), True, static_args=MGDA_STATIC),
+  Case("mgda-loss+", mtjax.mgda, _mgda("loss+"), True, static_args=MGDA_STATIC),
+  Case(
+    "mgda-l2-normalized",
+    mtjax.mgda,
+    _mgda("l2", "normalized"),
+    False,
+    static_args=MGDA_STATIC,
+    degree=0,
+    no_conflict=True,
+  ),
+  # d = sum_i w_i g_i / (L_i |g_i|) has norm ~1/L: a larger step on the toy problem.
+  Case(
+    "mgda-loss+-normalized",
+    mtjax.mgda,
+    _mgda("loss+", "normalized"),
+    True,
+    static_args=MGDA_STATIC,
+    degree=0,
+    no_conflict=True,
+    toy_lr=1.0,
+  ),
+  Case(
+    "pareto_ltr",
+    mtjax.pareto_ltr,
+    lambda t: dict(lower_bounds=np.zeros(t)),
+    False,
+    per_task=("lower_bounds",),
+    no_conflict=True,
+  ),
+  Case(
+    "pareto_ltr-bounds",
+    mtjax.pareto_ltr,
+    lambda t: dict(lower_bounds=lower_bounds(t)),
+    False,
+    per_task=("lower_bounds",),
+  ),
+  Case(
+    "gradnorm",
+    mtjax.gradnorm,
+    lambda t: dict(num_tasks=t, alpha=1.5, learning_rate=0.025),
+    True,
+    static_args=GRADNORM_STATIC,
+  ),
+  Case(
+    "gradnorm-all",
+    mtjax.gradnorm,
+    lambda t: dict(num_tasks=t, alpha=1.0, learning_rate=0.05, layer="all"),
+    True,
+    static_args=GRADNORM_STATIC,
+  ),
+  Case(
+    "dwa",
+    mtjax.dwa,
+    lambda t: dict(num_tasks=t, temperature=2.0, steps_per_epoch=2),
+    True,
+    static_args=DWA_STATIC,
+    task_specific="weighted",
+  ),
+  Case(
+    "dwa-step",
+    mtjax.dwa,
+    lambda t: dict(num_tasks=t, temperature=2.0, mode="step"),
+    True,
+    static_args=DWA_STATIC,
+    task_specific="weighted",
+  ),
+  Case(
+    "dwa-window",
+    mtjax.dwa,
+    lambda t: dict(num_tasks=t, temperature=1.0, mode="window", window=2),
+    True,
+    static_args=DWA_STATIC,
+    task_specific="weighted",
+  ),
+  Case(
+    "uncertainty", mtjax.uncertainty, lambda t: dict(num_tasks=t, learning_rate=1e-3), True, task_specific="weighted"
+  ),
+  Case(
+    "uncertainty-init",
+    mtjax.uncertainty,
+    lambda t: dict(num_tasks=t, init_log_var=-0.5, learning_rate=1e-3),
+    True,
+    task_specific="weighted",
+  ),
+  # Beyond the required set.
+  Case("cagrad", mtjax.cagrad, lambda t: dict(num_tasks=t, c=0.4), False, static_args=SOLVER_STATIC),
+  # c >= 1: the ball contains 0, so the direction conflicts with no task.
+  Case(
+    "cagrad-c1.5-rescale",
+    mtjax.cagrad,
+    lambda t: dict(num_tasks=t, c=1.5, rescale="1/(1+c^2)"),
+    False,
+    static_args=SOLVER_STATIC,
+    no_conflict=True,
+  ),
+  Case("imtl", mtjax.imtl, lambda t: dict(num_tasks=t), False),
+  Case("aligned_mtl", mtjax.aligned_mtl, lambda t: dict(num_tasks=t), False),
+  Case("upgrad", mtjax.upgrad, lambda t: dict(num_tasks=t), False, static_args=SOLVER_STATIC),
+  Case(
+    "upgrad-exact",
+    mtjax.upgrad,
+    lambda t: dict(num_tasks=t, regularization=0.0),
+    False,
+    static_args=SOLVER_STATIC,
+    no_conflict=True,
+  ),
+  Case("dualproj", mtjax.dualproj, lambda t: dict(num_tasks=t), False, static_args=SOLVER_STATIC),
+  Case(
+    "dualproj-exact",
+    mtjax.dualproj,
+    lambda t: dict(num_tasks=t, regularization=0.0),
+    False,
+    static_args=SOLVER_STATIC,
+    no_conflict=True,
+  ),
+  Case("config", mtjax.config, lambda t: dict(num_tasks=t), False),
+  # ||d||^2 = T whatever the scale (degree 0): a decaying step on the toy problem.
+  Case(
+    "fairgrad",
+    mtjax.fairgrad,
+    lambda t: dict(num_tasks=t, alpha=1.0),
+    False,
+    static_args=SOLVER_STATIC,
+    degree=0,
+    toy_lr=decaying_lr(0.3, 4.0),
+  ),
+  Case(
+    "fairgrad-alpha0.5",
+    mtjax.fairgrad,
+    lambda t: dict(num_tasks=t, alpha=0.5),
+    False,
+    static_args=SOLVER_STATIC,
+    degree=1 / 3,
+    toy_lr=decaying_lr(0.3, 4.0),
+  ),
+  Case(
+    "nash_mtl",
+    mtjax.nash_mtl,
+    lambda t: dict(num_tasks=t),
+    False,
+    static_args=SOLVER_STATIC,
+    degree=0,
+    toy_lr=decaying_lr(0.3, 4.0),
+  ),
+  Case("rlw", mtjax.rlw, lambda t: dict(key=0, num_tasks=t), False, deterministic=False, task_specific="weighted"),
+  # Unbiased for the summed gradient but noisy at the Pareto set: a decaying step, as for SGD.
+  Case(
+    "graddrop",
+    mtjax.graddrop,
+    lambda t: dict(key=0, num_tasks=t),
+    False,
+    deterministic=False,
+    toy_lr=decaying_lr(0.3, 4.0),
+  ),
+  # Methods of 2022-2026.
+  # FAMO: the table's update passes only task_losses, so its rows use the next-batch form; the paper's
+  # default form needs previous_task_losses_after_step= (one extra forward) and is checked in test_famo.py.
+  Case("famo", mtjax.famo, lambda t: dict(num_tasks=t, post_step_losses="next_batch"), True, task_specific="weighted"),
+  Case(
+    "famo-adam",
+    mtjax.famo,
+    lambda t: dict(num_tasks=t, post_step_losses="next_batch", logit_update="adam", gamma=0.01),
+    True,
+    task_specific="weighted",
+  ),
+  Case(
+    "stch",
+    mtjax.stch,
+    lambda t: dict(num_tasks=t, mu=1.0),
+    True,
+    static_args=("num_tasks", "warmup_steps", "nadir_steps"),
+    task_specific="weighted",
+  ),
+  Case(
+    "stch-log_nadir",
+    mtjax.stch,
+    lambda t: dict(num_tasks=t, mu=0.5, normalization="log_nadir", warmup_steps=2, warmup_weighting="log"),
+    True,
+    static_args=("num_tasks", "warmup_steps", "nadir_steps"),
+    task_specific="weighted",
+  ),
+  Case("gls", mtjax.gls, lambda t: dict(num_tasks=t), True, task_specific="weighted"),
+  Case("scale_invariant", mtjax.scale_invariant, lambda t: dict(num_tasks=t), True, task_specific="weighted"),
+  Case(
+    "imtl-loss",
+    mtjax.imtl,
+    lambda t: dict(num_tasks=t, mode="loss", learning_rate=1e-2),
+    True,
+    task_specific="weighted",
+  ),
+  Case(
+    "imtl-hybrid",
+    mtjax.imtl,
+    lambda t: dict(num_tasks=t, mode="hybrid", learning_rate=1e-2),
+    True,
+    task_specific="weighted",
+  ),
+  # DB-MTL: the task-specific leaves get sum_i g_i / (L_i + eps), and `weights` records 1 / (L_i + eps).
+  Case("db_mtl", mtjax.db_mtl, lambda t: dict(num_tasks=t), True, task_specific="weighted"),
+  Case(
+    "db_mtl-sigma",
+    mtjax.db_mtl,
+    lambda t: dict(num_tasks=t, beta=0.5, beta_sigma=0.5, eps=0.0),
+    True,
+    task_specific="weighted",
+  ),
+  # Task 0 is the target: no permutation equivariance (deterministic=False skips that check only).
+  Case(
+    "metabalance",
+    mtjax.metabalance,
+    lambda t: dict(num_tasks=t),
+    False,
+    static_args=("num_tasks", "target"),
+    deterministic=False,
+    toy_blocks=((0, 1), (2,), (3,)),
+  ),
+  Case(
+    "metabalance-down-model",
+    mtjax.metabalance,
+    lambda t: dict(num_tasks=t, strategy="down", granularity="model", relax_factor=0.5),
+    False,
+    static_args=("num_tasks", "target"),
+    deterministic=False,
+  ),
+  Case(
+    "excess_mtl",
+    mtjax.excess_mtl,
+    lambda t: dict(num_tasks=t),
+    False,
+    static_args=("num_tasks", "warmup_steps"),
+    task_specific="weighted",
+  ),
+  Case(
+    "excess_mtl-code",
+    mtjax.excess_mtl,
+    lambda t: dict(num_tasks=t, weight_sum="num_tasks", step_size=0.1, warmup_steps=2, task_specific="sum"),
+    False,
+    static_args=("num_tasks", "warmup_steps"),
+  ),
+  # UPGrad on unit-norm task gradients: the update does not scale with the gradients (degree 0).
+  Case(
+    "normalize-upgrad",
+    lambda num_tasks, normalization="l2", shared=None: mtjax.normalize(
+      mtjax.upgrad(num_tasks=num_tasks, shared=shared), normalization, shared=shared
+    ),
+    lambda t: dict(num_tasks=t),
+    False,
+    degree=0,
+  ),
+  # MoCo's paper default tracks the raw gradients and steps lambda by gamma_k (Y Y^T + rho I) lambda, which is not
+  # homogeneous in the gradients' scale (no `degree` holds: tiny gradients leave lambda uniform, huge ones push it
+  # to a vertex): degree=None. LibMTL's loss-normalized variant is homogeneous of degree 0.
+  Case("moco", mtjax.moco, lambda t: dict(num_tasks=t), False, degree=None),
+  Case("moco-loss", mtjax.moco, lambda t: dict(num_tasks=t, normalization="loss"), True, degree=0),
+  Case(
+    "moco-loss-softmax",
+    mtjax.moco,
+    lambda t: dict(num_tasks=t, normalization="loss", simplex="softmax"),
+    True,
+    degree=0,
+  ),
+  # One task's gradient per step (round robin): deterministic, but not permutation equivariant (the order of the
+  # tasks is the order of the round robin), hence deterministic=False.
+  Case(
+    "m_config",
+    mtjax.m_config,
+    lambda t: dict(num_tasks=t),
+    False,
+    deterministic=False,
+    static_args=("num_tasks", "all_tasks", "adaptive", "wait_for_all"),
+  ),
+  Case(
+    "m_config-random",
+    mtjax.m_config,
+    lambda t: dict(num_tasks=t, selection="random", key=0),
+    False,
+    deterministic=False,
+    static_args=("num_tasks", "all_tasks", "adaptive", "wait_for_all"),
+  ),
+  Case(
+    "m_config-all",
+    mtjax.m_config,
+    lambda t: dict(num_tasks=t, all_tasks=True),
+    False,
+    static_args=("num_tasks", "all_tasks", "adaptive", "wait_for_all"),
+  ),
+  # SDMGrad's one-batch variant (the authors' code) takes [T, ...] gradients; MoDo and SDMGrad's default
+  # take [M, T, ...] micro-batch gradients: their table checks are in test_modo.py / test_sdmgrad.py.
+  Case(
+    "sdmgrad-1batch",
+    mtjax.sdmgrad,
+    lambda t: dict(num_tasks=t, num_batches=1),
+    False,
+    static_args=("num_tasks", "num_batches", "num_inner_steps", "normalize"),
+  ),
 ]
 CASE_BY_NAME = {c.name: c for c in CASES}
 assert len(CASE_BY_NAME) == len(CASES)
 
 ALL = pytest.mark.parametrize("name", [c.name for c in CASES])
-DEFAULT_CASES = ("linear", "pcgrad", "gradvac", "mgda", "pareto_ltr", "gradnorm", "dwa", "uncertainty", "cagrad",
-                 "imtl", "aligned_mtl", "upgrad", "dualproj", "config", "fairgrad", "nash_mtl", "rlw", "graddrop",
-                 # methods of 2022-2026
-                 "famo", "stch", "gls", "scale_invariant",
-                 "db_mtl", "metabalance", "excess_mtl", "normalize-upgrad",
-                 "moco", "m_config",
-                 "sdmgrad-1batch",
-                 )
+DEFAULT_CASES = (
+  "linear",
+  "pcgrad",
+  "gradvac",
+  "mgda",
+  "pareto_ltr",
+  "gradnorm",
+  "dwa",
+  "uncertainty",
+  "cagrad",
+  "imtl",
+  "aligned_mtl",
+  "upgrad",
+  "dualproj",
+  "config",
+  "fairgrad",
+  "nash_mtl",
+  "rlw",
+  "graddrop",
+  # methods of 2022-2026
+  "famo",
+  "stch",
+  "gls",
+  "scale_invariant",
+  "db_mtl",
+  "metabalance",
+  "excess_mtl",
+  "normalize-upgrad",
+  "moco",
+  "m_config",
+  "sdmgrad-1batch",
+)
 # Each method's default case in the fast tier, the option variants marked slow.
 ALL_DEFAULTS_FAST = pytest.mark.parametrize(
-    "name", [c.name if c.name in DEFAULT_CASES else pytest.param(c.name, marks=pytest.mark.slow) for c in CASES])
+  "name", [c.name if c.name in DEFAULT_CASES else pytest.param(c.name, marks=pytest.mark.slow) for c in CASES]
+)
 
 
 def _cases(pred):
@@ -279,8 +509,7 @@ def flat_rows(task_tree, num_tasks, only_shared=False):
   """``[T, P]`` float64 matrix of the (shared) leaves of a task-gradient tree."""
   leaves = jax.tree.leaves(task_tree)
   flags = shared_flags(jax.tree.map(lambda g: g[0], task_tree)) if only_shared else [True] * len(leaves)
-  return np.concatenate([np.asarray(l, np.float64).reshape(num_tasks, -1)
-                         for l, f in zip(leaves, flags) if f], axis=1)
+  return np.concatenate([np.asarray(l, np.float64).reshape(num_tasks, -1) for l, f in zip(leaves, flags) if f], axis=1)
 
 
 def flat_vector(tree, only_shared=False):
@@ -299,8 +528,7 @@ def assert_finite_tree(tree, what):
 def assert_trees_close(a, b, rtol, atol, what):
   assert jax.tree.structure(a) == jax.tree.structure(b), what
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol,
-                               err_msg=what)
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol, err_msg=what)
 
 
 def tree_scale(tree):
@@ -319,8 +547,8 @@ def tap() -> optax.GradientTransformation:
   """Identity transform that keeps its input in its state: exposes the method's own output
   inside ``optax.chain(method, tap(), optax.adam(...))``."""
   return optax.GradientTransformation(
-      lambda params: jax.tree.map(jnp.zeros_like, params),
-      lambda updates, state, params=None: (updates, updates))
+    lambda params: jax.tree.map(jnp.zeros_like, params), lambda updates, state, params=None: (updates, updates)
+  )
 
 
 class Bundle(NamedTuple):
@@ -411,8 +639,8 @@ def sequence(seed, num_tasks=NUM_TASKS, dtype=np.float32, steps=NUM_STEPS):
 def test_chains_with_adam_extra_args_and_no_retrace(name):
   bundle = chain_bundle(name)
   params, grads, losses = sequence(0, steps=3)
-  state = bundle.tx.init(params)
-  for step, (updates, state) in enumerate(run(bundle, state, params, grads, losses)):
+  state0 = bundle.tx.init(params)
+  for step, (updates, state) in enumerate(run(bundle, state0, params, grads, losses)):
     for out in (updates, method_output(state)):
       assert jax.tree.structure(out) == jax.tree.structure(params)
       for u, p in zip(jax.tree.leaves(out), jax.tree.leaves(params)):
@@ -446,8 +674,7 @@ def test_float32_and_float64(name):
     cast = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
     params64 = cast(params32)
     bundle64 = chain_bundle(name, "float64")
-    out64 = run(bundle64, bundle64.tx.init(params64), params64, [cast(g) for g in grads32],
-                [cast(l) for l in losses32])
+    out64 = run(bundle64, bundle64.tx.init(params64), params64, [cast(g) for g in grads32], [cast(l) for l in losses32])
     for step, ((u32, s32), (u64, s64)) in enumerate(zip(out32, out64)):
       for out in (u64, method_output(s64)):
         assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(out)), f"{name}: dtype not kept"
@@ -472,8 +699,7 @@ def _edge_grads(kind, rng):
     signs = np.array([1.0, -1.0, 1.0], np.float32)
     return jax.tree.map(lambda g: (signs.reshape((-1,) + (1,) * (g.ndim - 1)) * g[:1]).astype(g.dtype), base)
   if kind == "one_zero":
-    return jax.tree.map(lambda g: g * np.array([1.0, 0.0, 1.0], np.float32).reshape((-1,) + (1,) * (g.ndim - 1)),
-                        base)
+    return jax.tree.map(lambda g: g * np.array([1.0, 0.0, 1.0], np.float32).reshape((-1,) + (1,) * (g.ndim - 1)), base)
   if kind == "mixed_scales":
     s = np.array([1e10, 1.0, 1e-10], np.float32)
     return jax.tree.map(lambda g: (g * s.reshape((-1,) + (1,) * (g.ndim - 1))).astype(np.float32), base)
@@ -519,8 +745,9 @@ def test_edge_case_gradients(name):
         continue
       k = case.degree if shared else 1
       ref = np.asarray(ref, np.float64)
-      np.testing.assert_allclose(np.asarray(leaf, np.float64) / s**k, ref, rtol=1e-4,
-                                 atol=1e-5 * tree_scale(d1), err_msg=f"{name}: scale {s:g}")
+      np.testing.assert_allclose(
+        np.asarray(leaf, np.float64) / s**k, ref, rtol=1e-4, atol=1e-5 * tree_scale(d1), err_msg=f"{name}: scale {s:g}"
+      )
   assert len(bundle.traces) == 1
 
 
@@ -727,8 +954,7 @@ def test_pcgrad_without_conflict_is_the_plain_sum(name):
     grads = jax.tree.map(np.abs, random_task_grads(rng, NUM_TASKS))  # all pairwise products > 0
     _, state = bundle.step(grads, bundle.tx.init(params), params, random_losses(rng, NUM_TASKS))
     divisor = NUM_TASKS if name == "pcgrad-mean" else 1
-    for leaf, g, shared in zip(jax.tree.leaves(method_output(state)), jax.tree.leaves(grads),
-                               shared_flags(params)):
+    for leaf, g, shared in zip(jax.tree.leaves(method_output(state)), jax.tree.leaves(grads), shared_flags(params)):
       expected = np.sum(np.asarray(g, np.float64), axis=0) / (divisor if shared else 1)
       np.testing.assert_allclose(leaf, expected, rtol=1e-5, atol=1e-6)
 
@@ -769,9 +995,11 @@ def test_shared_mask_semantics(name):
       expected = sum(weights[t] * g[t] for t in range(NUM_TASKS))
     np.testing.assert_allclose(d[name_]["kernel"], expected, rtol=1e-6, atol=1e-6)
   # The weights come from the shared leaves only: changing the towers' gradients changes nothing else.
-  other = {**grads, "tower_0": {"kernel": 100.0 * grads["tower_1"]["kernel"]},
-           "tower_1": {"kernel": -grads["tower_0"]["kernel"]}}
+  other = {
+    **grads,
+    "tower_0": {"kernel": 100.0 * grads["tower_1"]["kernel"]},
+    "tower_1": {"kernel": -grads["tower_0"]["kernel"]},
+  }
   _, state_o = bundle.step(other, bundle.tx.init(params), params, losses)
-  np.testing.assert_array_equal(flat_vector(method_output(state_o), only_shared=True),
-                                flat_vector(d, only_shared=True))
+  np.testing.assert_array_equal(flat_vector(method_output(state_o), only_shared=True), flat_vector(d, only_shared=True))
   assert len(bundle.traces) == 1

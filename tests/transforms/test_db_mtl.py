@@ -8,8 +8,12 @@ import pytest
 
 import mtjax
 
-SHAPES = {"bottom": {"kernel": (3, 2), "bias": (2,)}, "mid": {"kernel": (2,)}, "tower_0": {"kernel": (2,)},
-          "tower_1": {"kernel": (2, 2)}}
+SHAPES = {
+  "bottom": {"kernel": (3, 2), "bias": (2,)},
+  "mid": {"kernel": (2,)},
+  "tower_0": {"kernel": (2,)},
+  "tower_1": {"kernel": (2, 2)},
+}
 SHARED = mtjax.shared_mask(exclude="tower_")
 
 
@@ -17,8 +21,10 @@ def _sample(num_tasks, num_steps, seed):
   rng = np.random.default_rng(seed)
   steps = []
   for _ in range(num_steps):
-    grads = {name: {leaf: rng.normal(size=(num_tasks,) + shape) * rng.uniform(0.1, 10.0)
-                    for leaf, shape in leaves.items()} for name, leaves in SHAPES.items()}
+    grads = {
+      name: {leaf: rng.normal(size=(num_tasks,) + shape) * rng.uniform(0.1, 10.0) for leaf, shape in leaves.items()}
+      for name, leaves in SHAPES.items()
+    }
     steps.append((grads, rng.uniform(0.1, 3.0, size=num_tasks)))
   return steps
 
@@ -26,8 +32,12 @@ def _sample(num_tasks, num_steps, seed):
 def _numpy_db_mtl(steps, *, beta, beta_sigma, eps):
   """Float64 reference: h_i <- b_k h_i + (1 - b_k) g_i / (L_i + eps), d = sum_i max_j |h_j| / |h_i| h_i."""
   num_tasks = steps[0][1].shape[0]
-  ema = {(n, l): np.zeros((num_tasks,) + s) for n, leaves in SHAPES.items() for l, s in leaves.items()
-         if not n.startswith("tower_")}
+  ema = {
+    (n, l): np.zeros((num_tasks,) + s)
+    for n, leaves in SHAPES.items()
+    for l, s in leaves.items()
+    if not n.startswith("tower_")
+  }
   history = []
   for k, (grads, losses) in enumerate(steps, start=1):
     b = beta / k**beta_sigma
@@ -66,12 +76,15 @@ def _run(tx, steps):
   return out
 
 
-@pytest.mark.parametrize("num_tasks,beta,beta_sigma,eps", [
+@pytest.mark.parametrize(
+  "num_tasks,beta,beta_sigma,eps",
+  [
     (1, 0.9, 0.0, 1e-8),
     (3, 0.5, 0.5, 0.0),
     (5, 0.0, 0.0, 1e-8),
     (8, 0.99, 1.0, 0.1),
-])
+  ],
+)
 def test_matches_numpy_reference(num_tasks, beta, beta_sigma, eps):
   steps = _sample(num_tasks, 6, seed=num_tasks)
   ref = _numpy_db_mtl(steps, beta=beta, beta_sigma=beta_sigma, eps=eps)
@@ -127,8 +140,9 @@ def test_deferred_jacobian_is_materialized():
 
 def test_chains_with_adam_under_jit_and_inject_hyperparams():
   params = {"w": jnp.zeros(3)}
-  tx = optax.chain(optax.inject_hyperparams(mtjax.db_mtl, static_args=("num_tasks",))(num_tasks=2, beta=0.5),
-                   optax.adam(1e-2))
+  tx = optax.chain(
+    optax.inject_hyperparams(mtjax.db_mtl, static_args=("num_tasks",))(num_tasks=2, beta=0.5), optax.adam(1e-2)
+  )
   state = tx.init(params)
   g = {"w": jnp.array([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]])}
   upd, state = jax.jit(tx.update)(g, state, params, task_losses=jnp.array([1.0, 2.0]))
@@ -155,6 +169,7 @@ def test_bad_input_raises():
 
 def test_sparse_rows_are_densified():
   from mtjax._src.sparse import SparseRows
+
   rng = np.random.default_rng(3)
   table = SparseRows(jnp.array([1, 3, 1]), jnp.asarray(rng.normal(size=(2, 3, 2)), jnp.float32), (5, 2))
   dense = {"emb": table.todense(), "w": jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)}

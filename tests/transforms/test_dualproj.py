@@ -5,9 +5,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mtl_references import J_ORACLE
+from mtl_references import RANK_SHAPES
+from mtl_references import gram_of
+from mtl_references import np_nonneg_qp
+from mtl_references import pack
+from mtl_references import random_jac
+from mtl_references import unpack
 
 import mtjax
-from mtl_references import J_ORACLE, RANK_SHAPES, gram_of, np_nonneg_qp, pack, random_jac, unpack
 
 _DEFAULT = mtjax.dualproj()
 _EXACT = mtjax.dualproj(regularization=0.0)

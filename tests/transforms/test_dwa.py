@@ -15,8 +15,10 @@ def _sample(num_tasks, num_steps, seed):
   rng = np.random.default_rng(seed)
   steps = []
   for _ in range(num_steps):
-    grads = {name: {leaf: rng.normal(size=(num_tasks,) + shape) for leaf, shape in leaves.items()}
-             for name, leaves in SHAPES.items()}
+    grads = {
+      name: {leaf: rng.normal(size=(num_tasks,) + shape) for leaf, shape in leaves.items()}
+      for name, leaves in SHAPES.items()
+    }
     steps.append((grads, rng.uniform(0.1, 3.0, size=num_tasks)))
   return steps
 
@@ -63,20 +65,29 @@ def _run(tx, steps, jit=True):
   return out
 
 
-@pytest.mark.parametrize("num_tasks,mode,block,temperature,task_specific", [
+@pytest.mark.parametrize(
+  "num_tasks,mode,block,temperature,task_specific",
+  [
     (1, "epoch", 2, 2.0, "weighted"),
     (2, "epoch", 3, 2.0, "weighted"),
     (3, "step", 1, 1.0, "sum"),
     (5, "window", 2, 0.5, "weighted"),
     (8, "epoch", 2, 2.0, "sum"),
-])
+  ],
+)
 def test_matches_numpy_reference(num_tasks, mode, block, temperature, task_specific):
   steps = _sample(num_tasks, 5 * block + 1, seed=num_tasks)
   ref = _numpy_dwa(steps, block=block, temperature=temperature, task_specific=task_specific)
   kwargs = {"steps_per_epoch": block} if mode == "epoch" else ({"window": block} if mode == "window" else {})
   with jax.enable_x64(True):
-    tx = mtjax.dwa(num_tasks=num_tasks, temperature=temperature, mode=mode,
-                   shared=mtjax.shared_mask(exclude="tower_"), task_specific=task_specific, **kwargs)
+    tx = mtjax.dwa(
+      num_tasks=num_tasks,
+      temperature=temperature,
+      mode=mode,
+      shared=mtjax.shared_mask(exclude="tower_"),
+      task_specific=task_specific,
+      **kwargs,
+    )
     got = _run(tx, steps)
   for t, ((upd, lam), (flat, state)) in enumerate(zip(ref, got)):
     if t < 2 * block:  # exactly one during the first two epochs
@@ -168,7 +179,8 @@ def test_errors():
 def test_chain_and_float32():
   params = {"k": jnp.zeros(2, jnp.float32)}
   tx = optax.chain(mtjax.dwa(num_tasks=2, steps_per_epoch=1), optax.sgd(1.0))
-  upd, state = tx.update({"k": jnp.eye(2, dtype=jnp.float32)}, tx.init(params), params,
-                         task_losses=jnp.array([1.0, 1.0]))
+  upd, state = tx.update(
+    {"k": jnp.eye(2, dtype=jnp.float32)}, tx.init(params), params, task_losses=jnp.array([1.0, 1.0])
+  )
   assert upd["k"].dtype == jnp.float32 and state[0].weights.dtype == jnp.float32
   np.testing.assert_array_equal(upd["k"], [-1.0, -1.0])

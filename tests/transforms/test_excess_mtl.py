@@ -8,8 +8,12 @@ import pytest
 
 import mtjax
 
-SHAPES = {"bottom": {"kernel": (3, 2), "bias": (2,)}, "mid": {"kernel": (2,)}, "tower_0": {"kernel": (2,)},
-          "tower_1": {"kernel": (2, 2)}}
+SHAPES = {
+  "bottom": {"kernel": (3, 2), "bias": (2,)},
+  "mid": {"kernel": (2,)},
+  "tower_0": {"kernel": (2,)},
+  "tower_1": {"kernel": (2, 2)},
+}
 SHARED = mtjax.shared_mask(exclude="tower_")
 
 
@@ -17,9 +21,15 @@ def _sample(num_tasks, num_steps, seed):
   rng = np.random.default_rng(seed)
   steps = []
   for _ in range(num_steps):
-    steps.append({name: {leaf: rng.normal(size=(num_tasks,) + shape) * rng.uniform(0.1, 3.0, size=(num_tasks,) +
-                                                                                     (1,) * len(shape))
-                         for leaf, shape in leaves.items()} for name, leaves in SHAPES.items()})
+    steps.append(
+      {
+        name: {
+          leaf: rng.normal(size=(num_tasks,) + shape) * rng.uniform(0.1, 3.0, size=(num_tasks,) + (1,) * len(shape))
+          for leaf, shape in leaves.items()
+        }
+        for name, leaves in SHAPES.items()
+      }
+    )
   return steps
 
 
@@ -64,19 +74,30 @@ def _numpy_excess_mtl(steps, *, step_size, eps, warmup, weight_sum, task_specifi
   return history
 
 
-@pytest.mark.parametrize("num_tasks,step_size,eps,warmup,weight_sum,task_specific", [
+@pytest.mark.parametrize(
+  "num_tasks,step_size,eps,warmup,weight_sum,task_specific",
+  [
     (1, 0.5, 1e-7, 0, "simplex", "weighted"),
     (3, 0.5, 1e-7, 0, "simplex", "weighted"),
     (2, 0.01, 0.0, 0, "num_tasks", "sum"),
     (5, 2.0, 1e-7, 2, "num_tasks", "weighted"),
-])
+  ],
+)
 def test_matches_numpy_reference(num_tasks, step_size, eps, warmup, weight_sum, task_specific):
   steps = _sample(num_tasks, 6, seed=num_tasks)
-  ref = _numpy_excess_mtl(steps, step_size=step_size, eps=eps, warmup=warmup, weight_sum=weight_sum,
-                          task_specific=task_specific)
+  ref = _numpy_excess_mtl(
+    steps, step_size=step_size, eps=eps, warmup=warmup, weight_sum=weight_sum, task_specific=task_specific
+  )
   with jax.enable_x64(True):
-    tx = mtjax.excess_mtl(num_tasks=num_tasks, step_size=step_size, eps=eps, warmup_steps=warmup,
-                          weight_sum=weight_sum, task_specific=task_specific, shared=SHARED)
+    tx = mtjax.excess_mtl(
+      num_tasks=num_tasks,
+      step_size=step_size,
+      eps=eps,
+      warmup_steps=warmup,
+      weight_sum=weight_sum,
+      task_specific=task_specific,
+      shared=SHARED,
+    )
     params = {name: {leaf: jnp.zeros(s) for leaf, s in leaves.items()} for name, leaves in SHAPES.items()}
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -121,8 +142,10 @@ def test_large_risks_saturate_instead_of_overflowing():
 
 def test_chains_with_inject_hyperparams():
   params = {"a": jnp.zeros(2)}
-  tx = optax.chain(optax.inject_hyperparams(mtjax.excess_mtl, static_args=("num_tasks", "warmup_steps"))(
-      num_tasks=2, step_size=0.1), optax.adam(1e-2))
+  tx = optax.chain(
+    optax.inject_hyperparams(mtjax.excess_mtl, static_args=("num_tasks", "warmup_steps"))(num_tasks=2, step_size=0.1),
+    optax.adam(1e-2),
+  )
   upd, _ = jax.jit(tx.update)({"a": jnp.ones((2, 2))}, tx.init(params), params)
   assert np.all(np.isfinite(upd["a"]))
 

@@ -7,10 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from mtl_references import J_ORACLE
+from mtl_references import gram_of
+from mtl_references import np_balance
+from mtl_references import pack
+from mtl_references import random_jac
+from mtl_references import unpack
 
 import mtjax
 from mtjax._src import solvers
-from mtl_references import J_ORACLE, gram_of, np_balance, pack, random_jac, unpack
 
 
 def _make(alpha, **kw):
@@ -71,8 +76,9 @@ def test_scaling_degree_and_per_task_invariance():
   # alpha = 1: w_i g_i does not change when g_i is rescaled (mixed scales included).
   d = unpack(_update(pack(jac), 1.0)[0])
   scales = np.array([1e-4, 1.0, 1e4])
-  np.testing.assert_allclose(unpack(_update(pack(scales[:, None] * jac), 1.0)[0]), d, rtol=2e-3,
-                             atol=1e-4 * np.abs(d).max())
+  np.testing.assert_allclose(
+    unpack(_update(pack(scales[:, None] * jac), 1.0)[0]), d, rtol=2e-3, atol=1e-4 * np.abs(d).max()
+  )
 
 
 def test_pareto_stationary_and_zero_tasks():

@@ -8,17 +8,25 @@ import pytest
 
 import mtjax
 
-SHAPES = {"shared": {"Dense_0": {"kernel": (3, 4), "bias": (4,)}, "Dense_1": {"kernel": (4,)}},
-          "tower_0": {"kernel": (2,)}, "tower_1": {"kernel": (2, 2)}}
+SHAPES = {
+  "shared": {"Dense_0": {"kernel": (3, 4), "bias": (4,)}, "Dense_1": {"kernel": (4,)}},
+  "tower_0": {"kernel": (2,)},
+  "tower_1": {"kernel": (2, 2)},
+}
 IS_LEAF = lambda s: isinstance(s, tuple)  # noqa: E731
 AFTER = "previous_task_losses_after_step"
 
 
 def _sample(num_tasks, num_steps, seed):
   rng = np.random.default_rng(seed)
-  return [(jax.tree.map(lambda s: rng.normal(size=(num_tasks,) + s), SHAPES, is_leaf=IS_LEAF),
-           rng.uniform(0.1, 4.0, size=num_tasks), rng.uniform(0.1, 4.0, size=num_tasks))
-          for _ in range(num_steps)]
+  return [
+    (
+      jax.tree.map(lambda s: rng.normal(size=(num_tasks,) + s), SHAPES, is_leaf=IS_LEAF),
+      rng.uniform(0.1, 4.0, size=num_tasks),
+      rng.uniform(0.1, 4.0, size=num_tasks),
+    )
+    for _ in range(num_steps)
+  ]
 
 
 def _numpy_famo(steps, *, form, update, lr, gamma, min_losses, eps, task_specific):
@@ -59,29 +67,40 @@ def _numpy_famo(steps, *, form, update, lr, gamma, min_losses, eps, task_specifi
   return history
 
 
-@pytest.mark.parametrize("num_tasks,form,update,lr,gamma,min_losses,task_specific", [
+@pytest.mark.parametrize(
+  "num_tasks,form,update,lr,gamma,min_losses,task_specific",
+  [
     (1, "extra_forward", "sgd", 0.5, 1e-3, 0.0, "weighted"),
     (2, "extra_forward", "sgd", 0.5, 1e-3, 0.05, "weighted"),
     (3, "next_batch", "sgd", 1.0, 0.01, 0.0, "sum"),
     (5, "extra_forward", "adam", 0.025, 0.01, 0.0, "weighted"),
     (8, "next_batch", "adam", 0.1, 1e-3, 0.02, "sum"),
-])
+  ],
+)
 def test_matches_numpy_reference_over_steps(num_tasks, form, update, lr, gamma, min_losses, task_specific):
   steps = _sample(num_tasks, 6, seed=num_tasks)
   eps = 1e-8
-  ref = _numpy_famo(steps, form=form, update=update, lr=lr, gamma=gamma, min_losses=min_losses, eps=eps,
-                    task_specific=task_specific)
+  ref = _numpy_famo(
+    steps, form=form, update=update, lr=lr, gamma=gamma, min_losses=min_losses, eps=eps, task_specific=task_specific
+  )
   with jax.enable_x64(True):
-    tx = mtjax.famo(num_tasks=num_tasks, learning_rate=lr, gamma=gamma, min_losses=min_losses, eps=eps,
-                    post_step_losses=form, logit_update=update, shared=mtjax.shared_mask(include="^shared/"),
-                    task_specific=task_specific)
+    tx = mtjax.famo(
+      num_tasks=num_tasks,
+      learning_rate=lr,
+      gamma=gamma,
+      min_losses=min_losses,
+      eps=eps,
+      post_step_losses=form,
+      logit_update=update,
+      shared=mtjax.shared_mask(include="^shared/"),
+      task_specific=task_specific,
+    )
     params = jax.tree.map(lambda s: jnp.zeros(s, jnp.float64), SHAPES, is_leaf=IS_LEAF)
     state = tx.init(params)
     update_fn = jax.jit(tx.update)
     for t, ((upd_ref, w, xi), (grads, losses, after)) in enumerate(zip(ref, steps)):
       extra = {AFTER: jnp.asarray(after)} if form == "extra_forward" else {}
-      upd, state = update_fn(jax.tree.map(jnp.asarray, grads), state, params, task_losses=jnp.asarray(losses),
-                             **extra)
+      upd, state = update_fn(jax.tree.map(jnp.asarray, grads), state, params, task_losses=jnp.asarray(losses), **extra)
       for got, want in zip(jax.tree.leaves(upd), upd_ref):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13, err_msg=f"step {t}")
       np.testing.assert_allclose(state.weights, w, rtol=1e-10, err_msg=f"step {t}")
@@ -121,8 +140,9 @@ def test_extra_forward_form_is_the_papers_loop():
     # The transform's logits lag one logit step behind (the last one happens at the next update).
     z = np.exp(xi) / np.exp(xi).sum()
     losses = np.asarray(loss_fn(p, batches[0]))
-    _, state = tx.update(mtjax.task_grads(loss_fn)(p, batches[0])[1], state, p, task_losses=losses,
-                         **{AFTER: loss_fn(p, batches[-1])})
+    _, state = tx.update(
+      mtjax.task_grads(loss_fn)(p, batches[0])[1], state, p, task_losses=losses, **{AFTER: loss_fn(p, batches[-1])}
+    )
     np.testing.assert_allclose(state.logits, xi, rtol=1e-10)
     np.testing.assert_allclose(state.weights, (z / losses) / np.sum(z / losses), rtol=1e-10)
 
@@ -144,7 +164,8 @@ def test_inject_hyperparams_and_optimizer_override():
   plain = mtjax.famo(num_tasks=2, learning_rate=0.3, post_step_losses="next_batch")
   manual = mtjax.famo(num_tasks=2, logit_optimizer=optax.sgd(0.3), post_step_losses="next_batch")
   injected = optax.inject_hyperparams(mtjax.famo, static_args=("num_tasks",))(
-      num_tasks=2, learning_rate=0.3, post_step_losses="next_batch")
+    num_tasks=2, learning_rate=0.3, post_step_losses="next_batch"
+  )
   sp, sm, si = plain.init(params), manual.init(params), injected.init(params)
   update = jax.jit(injected.update)
   for loss in seq:
@@ -184,15 +205,19 @@ def test_errors():
     shifted.update(g, shifted.init(params), params, task_losses=losses)
   with pytest.raises(Exception, match="must be positive"):
     jax.block_until_ready(jax.jit(shifted.update)(g, shifted.init(params), params, task_losses=losses))
-  for kwargs, match in ((dict(post_step_losses="x"), "post_step_losses"), (dict(logit_update="rmsprop"),
-                                                                          "logit_update"),
-                        (dict(min_losses=np.zeros(3)), "min_losses"), (dict(num_tasks=0), "num_tasks")):
+  for kwargs, match in (
+    (dict(post_step_losses="x"), "post_step_losses"),
+    (dict(logit_update="rmsprop"), "logit_update"),
+    (dict(min_losses=np.zeros(3)), "min_losses"),
+    (dict(num_tasks=0), "num_tasks"),
+  ):
     with pytest.raises(ValueError, match=match):
       mtjax.famo(**{"num_tasks": 2, **kwargs})
 
 
 def test_experiment_registry_uses_the_next_batch_form():
   from mtjax.experiment import _registry as reg  # pylint: disable=import-outside-toplevel
+
   tx = reg.METHODS["famo"](num_tasks=2)
   params = {"k": jnp.zeros(2)}
   upd, _ = tx.update({"k": jnp.eye(2)}, tx.init(params), params, task_losses=jnp.array([1.0, 3.0]))

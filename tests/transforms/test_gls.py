@@ -7,8 +7,11 @@ import pytest
 
 import mtjax
 
-SHAPES = {"shared": {"Dense_0": {"kernel": (3, 4), "bias": (4,)}, "Dense_1": {"kernel": (4,)}},
-          "tower_0": {"kernel": (2,)}, "tower_1": {"kernel": (2, 2)}}
+SHAPES = {
+  "shared": {"Dense_0": {"kernel": (3, 4), "bias": (4,)}, "Dense_1": {"kernel": (4,)}},
+  "tower_0": {"kernel": (2,)},
+  "tower_1": {"kernel": (2, 2)},
+}
 IS_LEAF = lambda s: isinstance(s, tuple)  # noqa: E731
 
 
@@ -79,7 +82,8 @@ def test_nonpositive_losses_raise():
     with pytest.raises(ValueError, match="mtjax: gls: task losses must be positive"):
       tx.update({"k": jnp.eye(2)}, tx.init(params), params, task_losses=jnp.asarray(bad))
     with pytest.raises(Exception, match="mtjax: gls: task losses must be positive"):
-      jax.block_until_ready(jax.jit(tx.update)({"k": jnp.eye(2)}, tx.init(params), params,
-                                               task_losses=jnp.asarray(bad)))
+      jax.block_until_ready(
+        jax.jit(tx.update)({"k": jnp.eye(2)}, tx.init(params), params, task_losses=jnp.asarray(bad))
+      )
   with pytest.raises(ValueError, match="num_tasks"):
     mtjax.gls(num_tasks=0)

@@ -5,17 +5,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mtl_references import SHAPES
+from mtl_references import pack
+from mtl_references import random_jac
+from mtl_references import unpack
 
 import mtjax
-from mtl_references import SHAPES, pack, random_jac, unpack
 
 
 def replay_uniforms(key, grads):
   """The uniforms an update draws: one float32 array per leaf, from fold_in(split(key)[1], leaf index)."""
   _, sub = jax.random.split(key)
   leaves = jax.tree.leaves(grads)
-  return [np.asarray(jax.random.uniform(jax.random.fold_in(sub, i), l.shape[1:], jnp.float32)).ravel()
-          for i, l in enumerate(leaves)]
+  return [
+    np.asarray(jax.random.uniform(jax.random.fold_in(sub, i), l.shape[1:], jnp.float32)).ravel()
+    for i, l in enumerate(leaves)
+  ]
 
 
 def np_graddrop(jac, uniforms, leak):
@@ -35,7 +40,7 @@ def np_graddrop(jac, uniforms, leak):
       mask = leak[i] + (1.0 - leak[i]) * float(sign_ok)
       out[k] += mask * column[i]
       kept[i] += mask * column[i] ** 2
-  return out, kept / np.maximum((jac ** 2).sum(1), 1e-300)
+  return out, kept / np.maximum((jac**2).sum(1), 1e-300)
 
 
 def _flat_uniforms(key, grads):
@@ -44,7 +49,9 @@ def _flat_uniforms(key, grads):
   return np.concatenate([by_path[path] for path, _ in SHAPES])
 
 
-@pytest.mark.parametrize("num_tasks,leak", [(1, 0.0), (2, 0.0), (3, 0.25), (8, (0.0, 1.0, 0.5, 0.0, 0.1, 0.0, 0.0, 0.9))])
+@pytest.mark.parametrize(
+  "num_tasks,leak", [(1, 0.0), (2, 0.0), (3, 0.25), (8, (0.0, 1.0, 0.5, 0.0, 0.1, 0.0, 0.0, 0.9))]
+)
 def test_matches_reference_over_steps(num_tasks, leak):
   rng = np.random.default_rng(num_tasks)
   tx = mtjax.graddrop(key=num_tasks, num_tasks=num_tasks, leak=leak)
@@ -71,8 +78,9 @@ def test_sign_consistent_coordinates_are_kept_and_one_task_is_identity():
   # leak = 1 for every task: the plain sum.
   full = mtjax.graddrop(key=3, leak=1.0)
   jac = random_jac(rng, 3)
-  np.testing.assert_allclose(unpack(jax.jit(full.update)(pack(jac), full.init(None))[0]), jac.sum(0), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    unpack(jax.jit(full.update)(pack(jac), full.init(None))[0]), jac.sum(0), rtol=1e-5, atol=1e-6
+  )
 
 
 def test_unbiased_for_the_summed_gradient():
@@ -82,9 +90,14 @@ def test_unbiased_for_the_summed_gradient():
   grads = pack(jac)
   keys = jax.random.split(jax.random.PRNGKey(1), 3000)
   updates = jax.jit(jax.vmap(lambda k: tx.update(grads, tx.init(None)._replace(key=k))[0]))(keys)
-  flat = np.concatenate([np.asarray(updates["a"]["kernel"]).reshape(3000, -1),
-                         np.asarray(updates["a"]["bias"]).reshape(3000, -1),
-                         np.asarray(updates["b"]).reshape(3000, -1)], axis=1)  # SHAPES' column order
+  flat = np.concatenate(
+    [
+      np.asarray(updates["a"]["kernel"]).reshape(3000, -1),
+      np.asarray(updates["a"]["bias"]).reshape(3000, -1),
+      np.asarray(updates["b"]).reshape(3000, -1),
+    ],
+    axis=1,
+  )  # SHAPES' column order
   spread = np.abs(jac).sum(0)  # |update - E| <= sum_t |g_t| per coordinate
   np.testing.assert_allclose(flat.mean(0), jac.sum(0), atol=float(5 * spread.max() / np.sqrt(3000)))
 

@@ -11,13 +11,13 @@ from mtjax.transforms._gradnorm import last_layer_mask
 
 # Dense_10 comes before Dense_2 in flattening order: the "last" rule must still pick Dense_10.
 SHAPES = {
-    "bottom": {
-        "Dense_0": {"kernel": (3, 4), "bias": (4,)},
-        "Dense_10": {"kernel": (4, 2), "bias": (2,)},
-        "Dense_2": {"kernel": (4, 4), "bias": (4,)},
-    },
-    "tower_0": {"kernel": (2,)},
-    "tower_1": {"kernel": (2, 3)},
+  "bottom": {
+    "Dense_0": {"kernel": (3, 4), "bias": (4,)},
+    "Dense_10": {"kernel": (4, 2), "bias": (2,)},
+    "Dense_2": {"kernel": (4, 4), "bias": (4,)},
+  },
+  "tower_0": {"kernel": (2,)},
+  "tower_1": {"kernel": (2, 3)},
 }
 LAST = ("bottom/Dense_10/kernel", "bottom/Dense_10/bias")
 
@@ -45,8 +45,10 @@ def _sample(num_tasks, num_steps, seed):
   rng = np.random.default_rng(seed)
   steps = []
   for _ in range(num_steps):
-    grads = {p: rng.normal(size=(num_tasks,) + s) * rng.uniform(0.2, 3.0, size=(num_tasks,) + (1,) * len(s))
-             for p, s in _flat_shapes().items()}
+    grads = {
+      p: rng.normal(size=(num_tasks,) + s) * rng.uniform(0.2, 3.0, size=(num_tasks,) + (1,) * len(s))
+      for p, s in _flat_shapes().items()
+    }
     steps.append((grads, rng.uniform(0.2, 2.0, size=num_tasks)))
   return steps
 
@@ -59,14 +61,14 @@ def _numpy_gradnorm(steps, *, alpha, lr, subset, shared, task_specific, init_ste
   history = []
   for t, (grads, losses) in enumerate(steps):
     if t < init_steps:  # running mean of the first init_steps losses
-      l0 = np.mean(np.stack([s[1] for s in steps[:t + 1]]), axis=0)
+      l0 = np.mean(np.stack([s[1] for s in steps[: t + 1]]), axis=0)
     norms = np.zeros(num_tasks)
     for i in range(num_tasks):
       norms[i] = np.sqrt(sum(np.sum(grads[p][i] ** 2) for p in subset))
     gnorm = np.array([w[i] * norms[i] for i in range(num_tasks)])
     ratio = np.array([losses[i] / l0[i] for i in range(num_tasks)])
     rates = ratio / np.mean(ratio)
-    target = np.mean(gnorm) * rates ** alpha
+    target = np.mean(gnorm) * rates**alpha
     grad = np.array([np.sign(gnorm[i] - target[i]) * norms[i] for i in range(num_tasks)])
     updates = {}
     for p, g in grads.items():
@@ -88,10 +90,12 @@ def _run(tx, steps, jit=True):
   update = jax.jit(tx.update) if jit else tx.update
   out = []
   for grads, losses in steps:
-    upd, state = update(_to_tree({p: jnp.asarray(g) for p, g in grads.items()}), state, params,
-                        task_losses=jnp.asarray(losses))
-    flat = {"/".join(str(k.key) for k in path): np.asarray(v)
-            for path, v in jax.tree_util.tree_flatten_with_path(upd)[0]}
+    upd, state = update(
+      _to_tree({p: jnp.asarray(g) for p, g in grads.items()}), state, params, task_losses=jnp.asarray(losses)
+    )
+    flat = {
+      "/".join(str(k.key) for k in path): np.asarray(v) for path, v in jax.tree_util.tree_flatten_with_path(upd)[0]
+    }
     out.append((flat, state))
   return out
 
@@ -100,23 +104,32 @@ SHARED = tuple(p for p in _flat_shapes() if p.startswith("bottom/"))
 MASK = mtjax.shared_mask(exclude=r"tower_")
 
 
-@pytest.mark.parametrize("num_tasks,layer,task_specific,alpha,lr", [
+@pytest.mark.parametrize(
+  "num_tasks,layer,task_specific,alpha,lr",
+  [
     (1, "last", "sum", 1.5, 0.025),
     (2, "last", "sum", 1.5, 0.05),
     (3, "all", "weighted", 0.5, 0.1),
     (5, "last", "weighted", 1.5, 0.05),
     (8, "all", "sum", 2.0, 0.02),
     (4, "last", "sum", 1.5, 3.0),  # huge step: the min_weight clip and renormalization are active
-])
+  ],
+)
 def test_matches_numpy_reference_over_steps(num_tasks, layer, task_specific, alpha, lr):
   steps = _sample(num_tasks, 5, seed=num_tasks)
   subset = LAST if layer == "last" else SHARED
   ref = _numpy_gradnorm(steps, alpha=alpha, lr=lr, subset=subset, shared=SHARED, task_specific=task_specific)
   with jax.enable_x64(True):
-    tx = mtjax.gradnorm(num_tasks=num_tasks, alpha=alpha, weight_optimizer=optax.sgd(lr), layer=layer,
-                        shared=MASK, task_specific=task_specific)
+    tx = mtjax.gradnorm(
+      num_tasks=num_tasks,
+      alpha=alpha,
+      weight_optimizer=optax.sgd(lr),
+      layer=layer,
+      shared=MASK,
+      task_specific=task_specific,
+    )
     got = _run(tx, steps)
-  for (upd, used, new_w), (flat, state) in zip(ref, got):
+  for (upd, _used, new_w), (flat, state) in zip(ref, got):
     for p in upd:
       np.testing.assert_allclose(flat[p], upd[p], rtol=1e-10, atol=1e-12, err_msg=p)
     np.testing.assert_allclose(state.weights, new_w, rtol=1e-10, atol=1e-12)
@@ -130,8 +143,7 @@ def test_matches_numpy_reference_over_steps(num_tasks, layer, task_specific, alp
 
 def test_first_epoch_mean_and_default_learning_rate():
   steps = _sample(3, 6, seed=11)
-  ref = _numpy_gradnorm(steps, alpha=1.5, lr=0.025, subset=LAST, shared=SHARED, task_specific="sum",
-                        init_steps=3)
+  ref = _numpy_gradnorm(steps, alpha=1.5, lr=0.025, subset=LAST, shared=SHARED, task_specific="sum", init_steps=3)
   with jax.enable_x64(True):
     tx = mtjax.gradnorm(num_tasks=3, initial_loss="first_epoch_mean", steps_per_epoch=3, shared=MASK)
     got = _run(tx, steps)
@@ -142,8 +154,9 @@ def test_first_epoch_mean_and_default_learning_rate():
 
 
 def test_last_layer_rule():
-  assert last_layer_mask(["a/Dense_0/kernel", "a/Dense_0/bias", "a/Dense_10/bias", "a/Dense_10/kernel",
-                          "a/Dense_9/kernel"]) == [False, False, True, True, False]
+  assert last_layer_mask(
+    ["a/Dense_0/kernel", "a/Dense_0/bias", "a/Dense_10/bias", "a/Dense_10/kernel", "a/Dense_9/kernel"]
+  ) == [False, False, True, True, False]
   # Without a kernel: the last leaf (natural order) and its siblings.
   assert last_layer_mask(["emb/table", "norm/scale", "norm/bias"]) == [False, True, True]
   # The transform sees only the shared leaves: with towers task-specific, the last shared layer.
@@ -154,8 +167,14 @@ def test_last_layer_rule():
     return [p.startswith("bottom/Dense_2/") for p in paths]
 
   steps = _sample(2, 2, seed=3)
-  ref = _numpy_gradnorm(steps, alpha=1.5, lr=0.1, subset=("bottom/Dense_2/kernel", "bottom/Dense_2/bias"),
-                        shared=SHARED, task_specific="sum")
+  ref = _numpy_gradnorm(
+    steps,
+    alpha=1.5,
+    lr=0.1,
+    subset=("bottom/Dense_2/kernel", "bottom/Dense_2/bias"),
+    shared=SHARED,
+    task_specific="sum",
+  )
   with jax.enable_x64(True):
     got = _run(mtjax.gradnorm(num_tasks=2, learning_rate=0.1, layer=layer, shared=MASK), steps)
   assert sorted(seen[0]) == sorted(SHARED)
@@ -181,7 +200,8 @@ def test_inject_hyperparams_matches_plain():
   steps = _sample(3, 3, seed=5)
   plain = mtjax.gradnorm(num_tasks=3, alpha=1.2, learning_rate=0.05, shared=MASK)
   injected = optax.inject_hyperparams(mtjax.gradnorm, static_args=("num_tasks", "steps_per_epoch", "shared"))(
-      num_tasks=3, alpha=1.2, learning_rate=0.05, shared=MASK)
+    num_tasks=3, alpha=1.2, learning_rate=0.05, shared=MASK
+  )
   with jax.enable_x64(True):
     a = _run(plain, steps)
     b = _run(injected, steps)
@@ -192,7 +212,8 @@ def test_inject_hyperparams_matches_plain():
   # The hyperparameters are traced: G = [1.1, 1], r = [1.2, 0.8] at the second step; alpha = 1
   # gives signs (-, +) and moves the weights apart, alpha = 0 gives (+, -); the step scales with lr.
   tx = optax.inject_hyperparams(mtjax.gradnorm, static_args=("num_tasks",))(
-      num_tasks=2, alpha=1.0, learning_rate=0.1, layer="all")
+    num_tasks=2, alpha=1.0, learning_rate=0.1, layer="all"
+  )
   params = {"k": jnp.zeros(2)}
   update = jax.jit(tx.update)
   _, state = update({"k": jnp.eye(2)}, tx.init(params), params, task_losses=jnp.array([1.0, 1.0]))

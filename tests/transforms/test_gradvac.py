@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from mtl_references import np_pcgrad
 
 import mtjax
-from mtl_references import np_pcgrad
 from mtjax.transforms._pcgrad import projection_orders as _projection_orders
 
 J_ORACLE = np.array([[-4.0, 1.0, 1.0], [6.0, 1.0, 1.0]])
@@ -53,7 +53,8 @@ def ref_gradvac(jac, segments, targets, orders, beta, reduction="sum"):
         phi_hat = targets[k, i, j]
         if phi < phi_hat:
           g = g + gj * ni * (phi_hat * np.sqrt(1 - phi**2) - phi * np.sqrt(1 - phi_hat**2)) / (
-              nj * np.sqrt(1 - phi_hat**2))
+            nj * np.sqrt(1 - phi_hat**2)
+          )
           positive_steps += phi_hat > 0
         targets[k, i, j] = (1 - beta) * phi_hat + beta * phi
       out[cols] += g
@@ -77,6 +78,7 @@ def segments_for(granularity, shapes=SHAPES, paths=LEAF_PATHS):
 def random_task_grads(rng, num_tasks, dtype, shift=0.0):
   def leaf(shape):
     return (rng.normal(size=(num_tasks,) + shape) + shift).astype(dtype)
+
   return jax.tree.map(leaf, SHAPES, is_leaf=lambda x: isinstance(x, tuple))
 
 
@@ -92,10 +94,15 @@ def params_like(task_grads):
 
 
 def test_leaf_order_assumed_by_the_reference():
-  assert mtjax.shared_mask()(params_like(random_task_grads(np.random.default_rng(0), 2, "float32"))) == \
-      jax.tree.map(lambda _: True, SHAPES, is_leaf=lambda x: isinstance(x, tuple))
-  paths = ["/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(
-      jax.tree.map(lambda s: 0, SHAPES, is_leaf=lambda x: isinstance(x, tuple)))[0]]
+  assert mtjax.shared_mask()(params_like(random_task_grads(np.random.default_rng(0), 2, "float32"))) == jax.tree.map(
+    lambda _: True, SHAPES, is_leaf=lambda x: isinstance(x, tuple)
+  )
+  paths = [
+    "/".join(str(k.key) for k in p)
+    for p, _ in jax.tree_util.tree_flatten_with_path(
+      jax.tree.map(lambda s: 0, SHAPES, is_leaf=lambda x: isinstance(x, tuple))
+    )[0]
+  ]
   assert paths == LEAF_PATHS
 
 
@@ -125,13 +132,13 @@ def test_first_step_equals_pcgrad_with_the_same_key(num_tasks):
   np.testing.assert_allclose(flat(u_gv), flat(u_pc), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(s_gv.weights[0], s_pc.weights, rtol=1e-5, atol=1e-6)
   _, orders = projection_orders(gv.init(params).key, num_tasks)
-  np.testing.assert_allclose(flat(u_gv), np_pcgrad(flat(grads, num_tasks), np.asarray(orders)),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(flat(u_gv), np_pcgrad(flat(grads, num_tasks), np.asarray(orders)), rtol=1e-4, atol=1e-4)
 
 
-CASES = ([("float32", t, g, "mean" if t == 3 else "sum")
-          for t, g in zip(range(1, 9), ["model", "leaf", "layer", "model", "leaf", "model", "layer", "model"])]
-         + [("float64", 2, "layer", "sum"), ("float64", 5, "leaf", "mean"), ("float64", 8, "model", "sum")])
+CASES = [
+  ("float32", t, g, "mean" if t == 3 else "sum")
+  for t, g in zip(range(1, 9), ["model", "leaf", "layer", "model", "leaf", "model", "layer", "model"])
+] + [("float64", 2, "layer", "sum"), ("float64", 5, "leaf", "mean"), ("float64", 8, "model", "sum")]
 
 
 @pytest.mark.parametrize("dtype,num_tasks,granularity,reduction", CASES)
@@ -140,8 +147,7 @@ def test_against_numpy_reference_over_steps(dtype, num_tasks, granularity, reduc
   beta = 0.3
   segments = segments_for(granularity)
   with jax.enable_x64(dtype == "float64"):
-    tx = mtjax.gradvac(key=num_tasks, num_tasks=num_tasks, beta=beta, granularity=granularity,
-                       reduction=reduction)
+    tx = mtjax.gradvac(key=num_tasks, num_tasks=num_tasks, beta=beta, granularity=granularity, reduction=reduction)
     params = params_like(random_task_grads(rng, num_tasks, dtype))
     state = tx.init(params)
     assert state.targets.shape == (len(segments), num_tasks, num_tasks)
@@ -156,8 +162,7 @@ def test_against_numpy_reference_over_steps(dtype, num_tasks, granularity, reduc
       next_key, orders = projection_orders(state.key, num_tasks)
       updates, state = update(grads, state, params)
       np.testing.assert_array_equal(state.key, next_key)
-      expected, targets, n = ref_gradvac(flat(grads, num_tasks), segments, targets, np.asarray(orders),
-                                         beta, reduction)
+      expected, targets, n = ref_gradvac(flat(grads, num_tasks), segments, targets, np.asarray(orders), beta, reduction)
       positive_steps += n
       tol = 2e-4 if dtype == "float32" else 1e-9
       np.testing.assert_allclose(flat(updates), expected, rtol=tol, atol=tol)
@@ -193,8 +198,10 @@ def test_ema_target_values_for_two_tasks():
   update = jax.jit(tx.update)
   expected = np.zeros((2,))
   for _ in range(4):
-    grads = {"u": jnp.asarray(rng.normal(size=(2, 4)), jnp.float32),
-             "v": jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)}
+    grads = {
+      "u": jnp.asarray(rng.normal(size=(2, 4)), jnp.float32),
+      "v": jnp.asarray(rng.normal(size=(2, 3)), jnp.float32),
+    }
     _, state = update(grads, state, params)
     for k, name in enumerate(["u", "v"]):
       g = np.asarray(grads[name], np.float64)
@@ -212,7 +219,8 @@ def test_beta_is_traceable_under_inject_hyperparams():
   params = params_like(grads)
   plain = mtjax.gradvac(key=1, num_tasks=3, beta=0.3, granularity="layer")
   injected = optax.inject_hyperparams(mtjax.gradvac, static_args=("num_tasks", "granularity"))(
-      key=1, num_tasks=3, beta=0.3, granularity="layer")
+    key=1, num_tasks=3, beta=0.3, granularity="layer"
+  )
   u1, s1 = jax.jit(plain.update)(grads, plain.init(params), params)
   update = jax.jit(chex.assert_max_traces(injected.update, n=1))
   u2, s2 = update(grads, injected.init(params), params)
@@ -229,8 +237,7 @@ def test_shared_mask_task_specific_leaves_get_the_exact_sum():
   num_tasks = 3
   grads = random_task_grads(rng, num_tasks, "float32", shift=0.2)
   params = params_like(grads)
-  tx = mtjax.gradvac(key=2, num_tasks=num_tasks, granularity="layer",
-                     shared=mtjax.shared_mask(exclude=r"^b/"))
+  tx = mtjax.gradvac(key=2, num_tasks=num_tasks, granularity="layer", shared=mtjax.shared_mask(exclude=r"^b/"))
   state = tx.init(params)
   assert state.targets.shape == (2, 3, 3)  # layers a and c only
   state = state._replace(targets=jnp.full((2, 3, 3), 0.5))
@@ -247,14 +254,20 @@ _DEGENERATE_TX = mtjax.gradvac(key=1, num_tasks=3, beta=0.5, granularity="leaf")
 _DEGENERATE_UPDATE = jax.jit(_DEGENERATE_TX.update)  # one compile for all cases
 
 
-@pytest.mark.parametrize("case", ["zero", "zero_row", "identical", "opposite", "tiny", "huge",
-                                  "targets_near_one", "targets_at_plus_minus_one"])
+@pytest.mark.parametrize(
+  "case", ["zero", "zero_row", "identical", "opposite", "tiny", "huge", "targets_near_one", "targets_at_plus_minus_one"]
+)
 def test_finite_on_degenerate_inputs(case):
   rng = np.random.default_rng(4)
   base = rng.normal(size=(3, 2, 5))
-  jac = {"zero": 0 * base, "zero_row": base * np.array([1.0, 0.0, 1.0])[:, None, None],
-         "identical": np.repeat(base[:1], 3, 0), "opposite": np.stack([base[0], -base[0], base[1]]),
-         "tiny": 1e-10 * base, "huge": 1e10 * base}.get(case, base)
+  jac = {
+    "zero": 0 * base,
+    "zero_row": base * np.array([1.0, 0.0, 1.0])[:, None, None],
+    "identical": np.repeat(base[:1], 3, 0),
+    "opposite": np.stack([base[0], -base[0], base[1]]),
+    "tiny": 1e-10 * base,
+    "huge": 1e10 * base,
+  }.get(case, base)
   params = {"x": jnp.zeros(5), "y": jnp.zeros(5)}
   grads = {"x": jnp.asarray(jac[:, 0], jnp.float32), "y": jnp.asarray(jac[:, 1], jnp.float32)}
   state = _DEGENERATE_TX.init(params)
@@ -289,8 +302,9 @@ def test_single_task_and_state_structure_in_scan():
 
   def body(carry, _):
     params, state = carry
-    updates, state = tx.update(jax.jacrev(losses)(params), state, params, task_losses=losses(params),
-                               unknown_extra_arg=1)
+    updates, state = tx.update(
+      jax.jacrev(losses)(params), state, params, task_losses=losses(params), unknown_extra_arg=1
+    )
     return (optax.apply_updates(params, updates), state), losses(params).sum()
 
   init = tx.init(params)

@@ -5,9 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mtl_references import J_ORACLE
+from mtl_references import RANK_SHAPES
+from mtl_references import pack
+from mtl_references import random_jac
+from mtl_references import unpack
 
 import mtjax
-from mtl_references import J_ORACLE, RANK_SHAPES, pack, random_jac, unpack
 
 _TX = mtjax.imtl()
 _update = jax.jit(_TX.update)
@@ -71,8 +75,11 @@ def test_degenerate_grams():
   g = rng.normal(size=10)
   # Identical gradients: d = g. Zero: d = 0. Collinear opposite of different norms: the equal
   # projections are met only by d = 0 (the pinv(G) n shortcut would move along g).
-  cases = {"identical": (np.stack([g, g, g]), g), "zero": (np.zeros((3, 10)), np.zeros(10)),
-           "opposite": (np.stack([g, -3.0 * g, 2.0 * g]), np.zeros(10))}
+  cases = {
+    "identical": (np.stack([g, g, g]), g),
+    "zero": (np.zeros((3, 10)), np.zeros(10)),
+    "opposite": (np.stack([g, -3.0 * g, 2.0 * g]), np.zeros(10)),
+  }
   for name, (jac, expected) in cases.items():
     for scale in (1e-10, 1.0, 1e10):
       d, _ = _run(scale * jac)
@@ -95,8 +102,11 @@ def test_permutation_equivariance():
 
 # ----------------------------------------------------------------------------- IMTL-L and the hybrid IMTL
 
-LOSS_SHAPES = {"shared": {"Dense_0": {"kernel": (3, 4), "bias": (4,)}, "Dense_1": {"kernel": (4,)}},
-               "tower_0": {"kernel": (2,)}, "tower_1": {"kernel": (2, 2)}}
+LOSS_SHAPES = {
+  "shared": {"Dense_0": {"kernel": (3, 4), "bias": (4,)}, "Dense_1": {"kernel": (4,)}},
+  "tower_0": {"kernel": (2,)},
+  "tower_1": {"kernel": (2, 2)},
+}
 _IS_LEAF = lambda s: isinstance(s, tuple)  # noqa: E731
 
 
@@ -127,20 +137,39 @@ def np_imtl_loss(steps, *, mode, lr, init, task_specific):
   return history
 
 
-@pytest.mark.parametrize("mode,num_tasks,init,task_specific", [
-    ("loss", 1, 0.0, "weighted"), ("loss", 3, -0.5, "sum"), ("loss", 8, 0.2, "weighted"),
-    ("hybrid", 2, 0.0, "weighted"), ("hybrid", 3, 0.3, "sum"), ("hybrid", 5, -0.2, "weighted"),
-])
+@pytest.mark.parametrize(
+  "mode,num_tasks,init,task_specific",
+  [
+    ("loss", 1, 0.0, "weighted"),
+    ("loss", 3, -0.5, "sum"),
+    ("loss", 8, 0.2, "weighted"),
+    ("hybrid", 2, 0.0, "weighted"),
+    ("hybrid", 3, 0.3, "sum"),
+    ("hybrid", 5, -0.2, "weighted"),
+  ],
+)
 def test_loss_and_hybrid_modes_match_numpy_reference_over_steps(mode, num_tasks, init, task_specific):
   import optax  # pylint: disable=import-outside-toplevel
+
   rng = np.random.default_rng(num_tasks)
-  steps = [(jax.tree.map(lambda s: rng.normal(size=(num_tasks,) + s), LOSS_SHAPES, is_leaf=_IS_LEAF),
-            rng.uniform(0.1, 4.0, size=num_tasks)) for _ in range(5)]
+  steps = [
+    (
+      jax.tree.map(lambda s: rng.normal(size=(num_tasks,) + s), LOSS_SHAPES, is_leaf=_IS_LEAF),
+      rng.uniform(0.1, 4.0, size=num_tasks),
+    )
+    for _ in range(5)
+  ]
   lr = 0.2
   ref = np_imtl_loss(steps, mode=mode, lr=lr, init=init, task_specific=task_specific)
   with jax.enable_x64(True):
-    tx = mtjax.imtl(num_tasks=num_tasks, mode=mode, init_loss_scale=init, loss_scale_optimizer=optax.sgd(lr),
-                    shared=mtjax.shared_mask(include="^shared/"), task_specific=task_specific)
+    tx = mtjax.imtl(
+      num_tasks=num_tasks,
+      mode=mode,
+      init_loss_scale=init,
+      loss_scale_optimizer=optax.sgd(lr),
+      shared=mtjax.shared_mask(include="^shared/"),
+      task_specific=task_specific,
+    )
     params = jax.tree.map(lambda s: jnp.zeros(s, jnp.float64), LOSS_SHAPES, is_leaf=_IS_LEAF)
     state = tx.init(params)
     assert isinstance(state, mtjax.IMTLLossState)
@@ -164,6 +193,7 @@ def test_loss_mode_is_the_gradient_of_the_scaled_losses_and_converges():
       return jnp.mean((jnp.tanh(x @ p["shared"]) @ p["tower"] - 1.0) ** 2, axis=0)
 
     import optax  # pylint: disable=import-outside-toplevel
+
     tx = mtjax.imtl(num_tasks=2, mode="loss", init_loss_scale=0.3, loss_scale_optimizer=optax.sgd(0.1))
     state = tx.init(params)
     losses, grads = mtjax.task_grads(loss_fn)(params, x)

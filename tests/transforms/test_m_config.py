@@ -24,8 +24,13 @@ TOWERS = mtjax.shared_mask(exclude="tower_")
 
 def _sample(num_tasks, num_steps, seed):
   rng = np.random.default_rng(seed)
-  return [{name: {leaf: rng.normal(size=(num_tasks,) + shape) for leaf, shape in leaves.items()}
-           for name, leaves in SHAPES.items()} for _ in range(num_steps)]
+  return [
+    {
+      name: {leaf: rng.normal(size=(num_tasks,) + shape) for leaf, shape in leaves.items()}
+      for name, leaves in SHAPES.items()
+    }
+    for _ in range(num_steps)
+  ]
 
 
 def _params(dtype=np.float64):
@@ -43,8 +48,19 @@ def np_config(rows):
   return sum(float(rows[i] @ u) for i in range(t)) * u
 
 
-def np_m_config(steps, *, beta=0.9, selected=None, all_tasks=False, shared_names=None, task_specific="sum",
-                adaptive=False, beta2=0.999, eps=1e-8, wait_for_all=False):
+def np_m_config(
+  steps,
+  *,
+  beta=0.9,
+  selected=None,
+  all_tasks=False,
+  shared_names=None,
+  task_specific="sum",
+  adaptive=False,
+  beta2=0.999,
+  eps=1e-8,
+  wait_for_all=False,
+):
   """Float64 reference: per-task momenta, one task per step (round robin or ``selected``), ConFIG of m_hat."""
   num_tasks = steps[0][PATHS[0][0]][PATHS[0][1]].shape[0]
   shared_names = set(SHAPES) if shared_names is None else set(shared_names)
@@ -61,8 +77,9 @@ def np_m_config(steps, *, beta=0.9, selected=None, all_tasks=False, shared_names
       n[i] += 1
       for p in PATHS:
         m[p][i] = beta * m[p][i] + (1 - beta) * grads[p[0]][p[1]][i]
-    m_hat = {p: np.stack([m[p][i] / (1 - beta ** n[i]) if n[i] > 0 else 0 * m[p][i] for i in range(num_tasks)])
-             for p in PATHS}
+    m_hat = {
+      p: np.stack([m[p][i] / (1 - beta ** n[i]) if n[i] > 0 else 0 * m[p][i] for i in range(num_tasks)]) for p in PATHS
+    }
     # ConFIG on the shared leaves' flattened bias-corrected momenta; its coefficients applied per leaf.
     shared_rows = np.concatenate([m_hat[p].reshape(num_tasks, -1) for p in PATHS if p[0] in shared_names], axis=1)
     d_shared = np_config(shared_rows)
@@ -83,18 +100,24 @@ def np_m_config(steps, *, beta=0.9, selected=None, all_tasks=False, shared_names
         prev[p] = fake_m
         nu[p] = beta2 * nu[p] + (1 - beta2) * fake_g**2
         update[p] = update[p] / (np.sqrt(nu[p] / (1 - beta2**s)) + eps)
-    history.append(({a: {b: update[(a, b)] for (a2, b) in PATHS if a2 == a} for a, _ in PATHS},
-                    {p: v.copy() for p, v in m.items()}, n.copy()))
+    history.append(
+      (
+        {a: {b: update[(a, b)] for (a2, b) in PATHS if a2 == a} for a, _ in PATHS},
+        {p: v.copy() for p, v in m.items()},
+        n.copy(),
+      )
+    )
   return history
 
 
 VARIANTS = {
-    "paper": dict(),
-    "all": dict(all_tasks=True),
-    "towers-sum": dict(shared=TOWERS),
-    "towers-weighted-beta0.5": dict(shared=TOWERS, task_specific="weighted", beta=0.5),
-    "adaptive-wait": dict(adaptive=True, wait_for_all=True, shared=TOWERS),
+  "paper": dict(),
+  "all": dict(all_tasks=True),
+  "towers-sum": dict(shared=TOWERS),
+  "towers-weighted-beta0.5": dict(shared=TOWERS, task_specific="weighted", beta=0.5),
+  "adaptive-wait": dict(adaptive=True, wait_for_all=True, shared=TOWERS),
 }
+
 
 def _check_trajectory(tx, steps, expected, what, kwargs):
   params = _params()
@@ -111,9 +134,12 @@ def _check_trajectory(tx, steps, expected, what, kwargs):
       beta = kwargs.get("beta", 0.9)
       corr = np.where(n > 0, 1 / (1 - beta ** np.maximum(n, 1)), 0.0)
       w = np.asarray(state.weights)
-      np.testing.assert_allclose(updates["bottom"]["kernel"],
-                                 sum(w[i] * corr[i] * m[("bottom", "kernel")][i] for i in range(len(n))),
-                                 rtol=1e-9, atol=1e-11)
+      np.testing.assert_allclose(
+        updates["bottom"]["kernel"],
+        sum(w[i] * corr[i] * m[("bottom", "kernel")][i] for i in range(len(n))),
+        rtol=1e-9,
+        atol=1e-11,
+      )
   return state
 
 
@@ -125,8 +151,9 @@ def test_matches_numpy_reference_trajectory(variant, num_tasks):
     ref_kwargs["shared_names"] = ["bottom"]
   steps = _sample(num_tasks, 7, seed=num_tasks)
   with jax.enable_x64(True):
-    _check_trajectory(mtjax.m_config(num_tasks=num_tasks, **kwargs), steps, np_m_config(steps, **ref_kwargs),
-                      variant, kwargs)
+    _check_trajectory(
+      mtjax.m_config(num_tasks=num_tasks, **kwargs), steps, np_m_config(steps, **ref_kwargs), variant, kwargs
+    )
 
 
 def test_random_selection_replays_its_key():
@@ -150,11 +177,14 @@ T = 3
 
 def _problem(seed=0):
   rng = np.random.default_rng(seed)
-  params = {"trunk": {"kernel": jnp.asarray(rng.normal(size=(5, 4)) * 0.5, jnp.float32),
-                      "bias": jnp.zeros(4, jnp.float32)},
-            "tower": jnp.asarray(rng.normal(size=(4, T)) * 0.5, jnp.float32)}
-  batch = {"x": jnp.asarray(rng.normal(size=(16, 5)), jnp.float32),
-           "y": jnp.asarray(rng.normal(size=(16, T)), jnp.float32)}
+  params = {
+    "trunk": {"kernel": jnp.asarray(rng.normal(size=(5, 4)) * 0.5, jnp.float32), "bias": jnp.zeros(4, jnp.float32)},
+    "tower": jnp.asarray(rng.normal(size=(4, T)) * 0.5, jnp.float32),
+  }
+  batch = {
+    "x": jnp.asarray(rng.normal(size=(16, 5)), jnp.float32),
+    "y": jnp.asarray(rng.normal(size=(16, T)), jnp.float32),
+  }
   return params, batch
 
 
@@ -227,7 +257,7 @@ def test_jit_with_donated_state(kwargs):
   tx = mtjax.m_config(num_tasks=2, **kwargs)
   state = tx.init(params)
   leaves = jax.tree.leaves(state)
-  assert not any(a is b for i, a in enumerate(leaves) for b in leaves[i + 1:])
+  assert not any(a is b for i, a in enumerate(leaves) for b in leaves[i + 1 :])
   step = jax.jit(lambda s: tx.update(grads, s, params)[1], donate_argnums=0)
   for _ in range(3):
     state = step(state)

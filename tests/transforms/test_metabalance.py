@@ -8,8 +8,12 @@ import pytest
 
 import mtjax
 
-SHAPES = {"bottom": {"kernel": (3, 2), "bias": (2,)}, "mid": {"kernel": (2,)}, "tower_0": {"kernel": (2,)},
-          "tower_1": {"kernel": (2, 2)}}
+SHAPES = {
+  "bottom": {"kernel": (3, 2), "bias": (2,)},
+  "mid": {"kernel": (2,)},
+  "tower_0": {"kernel": (2,)},
+  "tower_1": {"kernel": (2, 2)},
+}
 SHARED = mtjax.shared_mask(exclude="tower_")
 # Flattening order of the shared leaves (jax sorts dict keys).
 SHARED_KEYS = [("bottom", "bias"), ("bottom", "kernel"), ("mid", "kernel")]
@@ -19,9 +23,13 @@ def _sample(num_tasks, num_steps, seed):
   rng = np.random.default_rng(seed)
   steps = []
   for _ in range(num_steps):
-    grads = {name: {leaf: rng.normal(size=(num_tasks,) + shape) * rng.uniform(0.1, 10.0, size=(num_tasks,) +
-                                                                                  (1,) * len(shape))
-                    for leaf, shape in leaves.items()} for name, leaves in SHAPES.items()}
+    grads = {
+      name: {
+        leaf: rng.normal(size=(num_tasks,) + shape) * rng.uniform(0.1, 10.0, size=(num_tasks,) + (1,) * len(shape))
+        for leaf, shape in leaves.items()
+      }
+      for name, leaves in SHAPES.items()
+    }
     steps.append(grads)
   return steps
 
@@ -56,18 +64,28 @@ def _numpy_metabalance(steps, *, target, relax, beta, strategy, granularity):
   return history
 
 
-@pytest.mark.parametrize("num_tasks,target,relax,beta,strategy,granularity", [
+@pytest.mark.parametrize(
+  "num_tasks,target,relax,beta,strategy,granularity",
+  [
     (1, 0, 0.7, 0.9, "both", "leaf"),
     (3, 0, 0.7, 0.9, "both", "leaf"),
     (4, 2, 0.5, 0.5, "down", "leaf"),
     (3, 1, 1.0, 0.0, "up", "model"),
-])
+  ],
+)
 def test_matches_numpy_reference(num_tasks, target, relax, beta, strategy, granularity):
   steps = _sample(num_tasks, 5, seed=num_tasks + target)
   ref = _numpy_metabalance(steps, target=target, relax=relax, beta=beta, strategy=strategy, granularity=granularity)
   with jax.enable_x64(True):
-    tx = mtjax.metabalance(num_tasks=num_tasks, target=target, relax_factor=relax, beta=beta, strategy=strategy,
-                           granularity=granularity, shared=SHARED)
+    tx = mtjax.metabalance(
+      num_tasks=num_tasks,
+      target=target,
+      relax_factor=relax,
+      beta=beta,
+      strategy=strategy,
+      granularity=granularity,
+      shared=SHARED,
+    )
     params = {name: {leaf: jnp.zeros(s) for leaf, s in leaves.items()} for name, leaves in SHAPES.items()}
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -100,8 +118,10 @@ def test_zero_gradients_stay_finite():
 
 def test_chains_with_inject_hyperparams():
   params = {"a": jnp.zeros(2), "b": jnp.zeros(3)}
-  tx = optax.chain(optax.inject_hyperparams(mtjax.metabalance, static_args=("num_tasks", "target"))(
-      num_tasks=2, relax_factor=0.3), optax.adam(1e-2))
+  tx = optax.chain(
+    optax.inject_hyperparams(mtjax.metabalance, static_args=("num_tasks", "target"))(num_tasks=2, relax_factor=0.3),
+    optax.adam(1e-2),
+  )
   g = {"a": jnp.ones((2, 2)), "b": jnp.arange(6.0).reshape(2, 3)}
   upd, state = jax.jit(tx.update)(g, tx.init(params), params)
   assert np.all(np.isfinite(upd["a"])) and state[0].inner_state.weights.shape == (2, 2)

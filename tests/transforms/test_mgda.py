@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from mtl_references import np_min_norm_gram
 
 import mtjax
 from mtjax._src import solvers
 from mtjax.transforms import _mgda
-from mtl_references import np_min_norm_gram
 
 # P = 6 parameters in two leaves, so T = 8 gives a rank-deficient Gram.
 SHAPES = {"trunk": {"kernel": (2, 2), "bias": (2,)}}
@@ -26,8 +26,9 @@ def _tree(jac, dtype=jnp.float32):
 
 def _flat_update(update):
   """Params-shaped update in the same column order as _tree's jac."""
-  return np.concatenate([np.asarray(update["trunk"]["bias"], np.float64).ravel(),
-                         np.asarray(update["trunk"]["kernel"], np.float64).ravel()])
+  return np.concatenate(
+    [np.asarray(update["trunk"]["bias"], np.float64).ravel(), np.asarray(update["trunk"]["kernel"], np.float64).ravel()]
+  )
 
 
 def np_min_norm(rows):
@@ -88,7 +89,7 @@ def test_matches_reference_and_does_not_conflict():
       jac = _jac(rng, t, common)
       d = _flat_update(update_fn(_tree(jac), tx.init(None))[0])
       _, _, ref_d, _ = np_mgda(jac, None, "none", "raw")
-      scale = np.max(np.sum(jac ** 2, axis=1))
+      scale = np.max(np.sum(jac**2, axis=1))
       np.testing.assert_allclose(d, ref_d, atol=2e-3 * np.sqrt(scale))
       # g_t . d >= ||d||^2 - tol for every task: no task is hurt to first order.
       assert np.all(jac @ d >= d @ d - 1e-5 * scale), (t, jac @ d, d @ d)
@@ -111,8 +112,9 @@ def test_float64_weights_match_reference():
       np.testing.assert_allclose(w_solver, w, atol=1e-7)
 
 
-@pytest.mark.parametrize("normalization,apply_to", [
-    ("l2", "raw"), ("l2", "normalized"), ("loss", "normalized"), ("loss+", "raw")])
+@pytest.mark.parametrize(
+  "normalization,apply_to", [("l2", "raw"), ("l2", "normalized"), ("loss", "normalized"), ("loss+", "raw")]
+)
 def test_normalizations_match_reference(normalization, apply_to):
   rng = np.random.default_rng(2)
   tx = mtjax.mgda(num_tasks=4, normalization=normalization, apply_to=apply_to)
@@ -126,7 +128,7 @@ def test_normalizations_match_reference(normalization, apply_to):
     np.testing.assert_allclose(_flat_update(update), ref_d, atol=2e-3 * np.abs(ref_d).max() + 1e-6)
     if apply_to == "normalized":  # the guarantee holds for the normalized gradients
       d = _flat_update(update)
-      scale = np.max(np.sum(rows ** 2, axis=1))
+      scale = np.max(np.sum(rows**2, axis=1))
       assert np.all(rows @ d >= d @ d - 1e-4 * scale)
 
 
@@ -148,8 +150,9 @@ def test_permutation_equivariance():
   w = np_mgda(jac, None, "none", "raw")[0]
   gram, gram_p = jac @ jac.T, jac[perm] @ jac[perm].T
   solve = jax.jit(lambda g: solvers.min_norm_simplex(g).weights)
-  np.testing.assert_allclose(solve(jnp.asarray(gram_p, jnp.float32)),
-                             np.asarray(solve(jnp.asarray(gram, jnp.float32)))[perm], atol=1e-4)
+  np.testing.assert_allclose(
+    solve(jnp.asarray(gram_p, jnp.float32)), np.asarray(solve(jnp.asarray(gram, jnp.float32)))[perm], atol=1e-4
+  )
   np.testing.assert_allclose(np.asarray(solve(jnp.asarray(gram, jnp.float32))), w, atol=1e-4)
   np.testing.assert_allclose(_flat_update(up), _flat_update(u), atol=1e-4)
 
@@ -165,9 +168,13 @@ def test_finite_on_degenerate_gradients(dtype, normalization):
       tx = mtjax.mgda(normalization=normalization)
       update_fn = jax.jit(tx.update)
     # All with T = 3 (one compilation); rank 2 for "rank_deficient", rank 1 for the next two.
-    cases = {"zero": np.zeros((3, 6)), "identical": np.repeat(g, 3, axis=0),
-             "opposite": np.concatenate([g, -g, g]), "rank_deficient": rng.normal(size=(3, 2)) @ rng.normal(size=(2, 6)),
-             "random": _jac(rng, 3)}
+    cases = {
+      "zero": np.zeros((3, 6)),
+      "identical": np.repeat(g, 3, axis=0),
+      "opposite": np.concatenate([g, -g, g]),
+      "rank_deficient": rng.normal(size=(3, 2)) @ rng.normal(size=(2, 6)),
+      "random": _jac(rng, 3),
+    }
     for name, jac in cases.items():
       for scale in (1e-10, 1.0, 1e10):
         j = jac * scale

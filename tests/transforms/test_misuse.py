@@ -41,9 +41,12 @@ def test_bce_rejects_labels_outside_unit_interval_eagerly_and_under_jit():
 
 
 def test_feature_spec_model_rejects_dense_input():
-  from mtjax.models._layers import InputLayer
-  from mtjax.models._features import Categorical, FeatureSpec
   import inspect
+
+  from mtjax.models._features import Categorical
+  from mtjax.models._features import FeatureSpec
+  from mtjax.models._layers import InputLayer
+
   params = inspect.signature(Categorical).parameters
   cat = Categorical(**{k: v for k, v in (("name", "a"), ("vocab_size", 4), ("embed_dim", 2)) if k in params})
   layer = InputLayer(features=FeatureSpec(categorical=(cat,)))
@@ -54,15 +57,24 @@ def test_feature_spec_model_rejects_dense_input():
 def test_fit_detects_an_optimizer_placed_before_the_method():
   """optax.chain(adam, pcgrad) would give Adam per-task moments [T, ...]: fit refuses it up front."""
   import optax
-  from mtjax import data, models, training
+
+  from mtjax import data
+  from mtjax import models
+  from mtjax import training
 
   ds = data.conflicting_tasks(num_samples=200, seed=0)
   dense = models.MMoE(num_tasks=3, num_experts=2, expert=(4,), tower=(2, 1))  # dense input: no sparse rows
-  dense_ds = data.MultiTaskDataset(features=np.random.default_rng(0).normal(size=(200, 5)).astype(np.float32),
-                                   labels=ds.labels, task_names=ds.task_names)
+  dense_ds = data.MultiTaskDataset(
+    features=np.random.default_rng(0).normal(size=(200, 5)).astype(np.float32),
+    labels=ds.labels,
+    task_names=ds.task_names,
+  )
   wrong = optax.chain(optax.adam(1e-2), mtjax.pcgrad(num_tasks=3))
-  with pytest.raises(ValueError, match=r"optimizer state changes shape after one step \(\((\d+, )*\d*,?\) -> \(3, .*\)\).*"
-                                       r"Put the mtjax method first"):
+  with pytest.raises(
+    ValueError,
+    match=r"optimizer state changes shape after one step \(\((\d+, )*\d*,?\) -> \(3, .*\)\).*"
+    r"Put the mtjax method first",
+  ):
     training.fit(dense, wrong, dense_ds, steps=1, batch_size=32, progress=False)
   embedded = models.MMoE(num_tasks=3, num_experts=2, expert=(4,), tower=(2, 1), features=ds.spec)
   with pytest.raises(ValueError, match="Put the mtjax method first"):

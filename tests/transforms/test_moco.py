@@ -21,8 +21,10 @@ def _sample(num_tasks, num_steps, seed, scale=1.0):
   rng = np.random.default_rng(seed)
   steps = []
   for _ in range(num_steps):
-    grads = {name: {leaf: scale * rng.normal(size=(num_tasks,) + shape) for leaf, shape in leaves.items()}
-             for name, leaves in SHAPES.items()}
+    grads = {
+      name: {leaf: scale * rng.normal(size=(num_tasks,) + shape) for leaf, shape in leaves.items()}
+      for name, leaves in SHAPES.items()
+    }
     steps.append((grads, rng.uniform(0.1, 3.0, size=num_tasks)))
   return steps
 
@@ -44,8 +46,19 @@ def np_project_simplex(v):
   return np.maximum(v - 0.5 * (lo + hi), 0.0)
 
 
-def np_moco(steps, *, beta=0.5, gamma=0.1, rho=0.0, beta_decay=0.5, gamma_decay=0.5, normalization="none",
-            simplex="projection", shared_names=None, task_specific="sum"):
+def np_moco(
+  steps,
+  *,
+  beta=0.5,
+  gamma=0.1,
+  rho=0.0,
+  beta_decay=0.5,
+  gamma_decay=0.5,
+  normalization="none",
+  simplex="projection",
+  shared_names=None,
+  task_specific="sum",
+):
   """Float64 reference, task by task: y_i <- y_i - beta_k (y_i - h_i); lambda step; d = sum_i lambda_i y_i."""
   num_tasks = steps[0][1].shape[0]
   shared_names = set(SHAPES) if shared_names is None else set(shared_names)
@@ -84,12 +97,12 @@ def np_moco(steps, *, beta=0.5, gamma=0.1, rho=0.0, beta_decay=0.5, gamma_decay=
 
 
 VARIANTS = {
-    "paper": dict(),
-    "loss": dict(normalization="loss"),
-    "softmax": dict(simplex="softmax", normalization="loss"),
-    "rho-constant": dict(rho=0.3, beta=0.2, gamma=0.05, beta_decay=0.0, gamma_decay=0.0),
-    "towers-sum": dict(shared=TOWERS),
-    "towers-weighted": dict(shared=TOWERS, task_specific="weighted", rho=0.1),
+  "paper": dict(),
+  "loss": dict(normalization="loss"),
+  "softmax": dict(simplex="softmax", normalization="loss"),
+  "rho-constant": dict(rho=0.3, beta=0.2, gamma=0.05, beta_decay=0.0, gamma_decay=0.0),
+  "towers-sum": dict(shared=TOWERS),
+  "towers-weighted": dict(shared=TOWERS, task_specific="weighted", rho=0.1),
 }
 
 
@@ -144,7 +157,7 @@ def test_jit_with_donated_state():
   tx = mtjax.moco(num_tasks=2)
   state = tx.init(params)
   leaves = jax.tree.leaves(state)
-  assert not any(a is b for i, a in enumerate(leaves) for b in leaves[i + 1:])
+  assert not any(a is b for i, a in enumerate(leaves) for b in leaves[i + 1 :])
   step = jax.jit(lambda s: tx.update(grads, s, params)[1], donate_argnums=0)
   for _ in range(3):
     state = step(state)
@@ -154,8 +167,10 @@ def test_jit_with_donated_state():
 
 def test_deferred_jacobian_gives_the_same_updates(num_tasks=3):
   rng = np.random.default_rng(num_tasks)
-  params = {"trunk": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
-            "heads": jnp.asarray(rng.normal(size=(3, num_tasks)), jnp.float32)}
+  params = {
+    "trunk": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+    "heads": jnp.asarray(rng.normal(size=(3, num_tasks)), jnp.float32),
+  }
   x = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
   y = jnp.asarray(rng.normal(size=(8, num_tasks)), jnp.float32)
 

@@ -26,8 +26,10 @@ def np_project_simplex(v):
 
 def sample(m, t, steps, seed):
   rng = np.random.default_rng(seed)
-  return [{n: {k: rng.normal(size=(m, t) + s) for k, s in leaves.items()} for n, leaves in SHAPES.items()}
-          for _ in range(steps)]
+  return [
+    {n: {k: rng.normal(size=(m, t) + s) for k, s in leaves.items()} for n, leaves in SHAPES.items()}
+    for _ in range(steps)
+  ]
 
 
 def np_modo(seq, *, gamma, rho, num_batches):
@@ -87,8 +89,9 @@ def test_end_to_end_with_micro_batch_task_grads():
     assert losses.shape == (3, 2) and grads["w"].shape == (3, 2, 3)
     tx = mtjax.modo(num_tasks=2, gamma=0.5, rho=0.1, shared={"w": True, "heads": False})
     d, state = tx.update(grads, tx.init(params), params, task_losses=losses)
-    jacs = jax.jit(lambda p, b: [jax.jacrev(loss_fn)(p, jax.tree.map(lambda x: x[2 * m:2 * m + 2], b))["w"]
-                                 for m in range(3)])(params, batch)
+    jacs = jax.jit(
+      lambda p, b: [jax.jacrev(loss_fn)(p, jax.tree.map(lambda x: x[2 * m : 2 * m + 2], b))["w"] for m in range(3)]
+    )(params, batch)
     jac = [np.asarray(x) for x in jacs]
     lam = np_project_simplex(np.full(2, 0.5) - 0.5 * (jac[0] @ jac[1].T @ np.full(2, 0.5) + 0.05))
     np.testing.assert_allclose(np.asarray(state.weights), lam, rtol=1e-10)

@@ -5,10 +5,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mtl_references import J_ORACLE
+from mtl_references import gram_of
+from mtl_references import np_balance
+from mtl_references import pack
+from mtl_references import random_jac
+from mtl_references import unpack
 
 import mtjax
 from mtjax._src import solvers
-from mtl_references import J_ORACLE, gram_of, np_balance, pack, random_jac, unpack
 
 _TX = mtjax.nash_mtl()
 _update = jax.jit(_TX.update)
@@ -50,8 +55,9 @@ def test_matches_reference_and_bargaining_properties(num_tasks):
   np.testing.assert_allclose(d @ d, num_tasks, rtol=2e-3)
   if num_tasks == 3:  # the authors' normalization: the same direction times sqrt(|G|_F)
     d_frob, _ = _run(jac, _frob_update, _FROB)
-    np.testing.assert_allclose(d_frob, np.sqrt(np.linalg.norm(gram_of(jac))) * ref, rtol=1e-3,
-                               atol=1e-3 * np.abs(d_frob).max())
+    np.testing.assert_allclose(
+      d_frob, np.sqrt(np.linalg.norm(gram_of(jac))) * ref, rtol=1e-3, atol=1e-3 * np.abs(d_frob).max()
+    )
 
 
 def test_invariant_to_per_task_scaling_and_permutation():

@@ -14,11 +14,11 @@ SHARED = mtjax.shared_mask(exclude="tower_")
 NUM_TASKS = 3
 
 INNER = {
-    "upgrad": lambda: mtjax.upgrad(num_tasks=NUM_TASKS, shared=SHARED),
-    "mgda": lambda: mtjax.mgda(num_tasks=NUM_TASKS, shared=SHARED),
-    "config": lambda: mtjax.config(num_tasks=NUM_TASKS, shared=SHARED),
-    "pcgrad": lambda: mtjax.pcgrad(key=3, num_tasks=NUM_TASKS, shared=SHARED),
-    "dwa": lambda: mtjax.dwa(num_tasks=NUM_TASKS, shared=SHARED, mode="step"),  # needs task_losses
+  "upgrad": lambda: mtjax.upgrad(num_tasks=NUM_TASKS, shared=SHARED),
+  "mgda": lambda: mtjax.mgda(num_tasks=NUM_TASKS, shared=SHARED),
+  "config": lambda: mtjax.config(num_tasks=NUM_TASKS, shared=SHARED),
+  "pcgrad": lambda: mtjax.pcgrad(key=3, num_tasks=NUM_TASKS, shared=SHARED),
+  "dwa": lambda: mtjax.dwa(num_tasks=NUM_TASKS, shared=SHARED, mode="step"),  # needs task_losses
 }
 
 
@@ -26,17 +26,25 @@ def _sample(num_steps, seed):
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(num_steps):
-    grads = {name: {leaf: rng.normal(size=(NUM_TASKS,) + shape) * rng.uniform(0.1, 10.0, size=(NUM_TASKS,) +
-                                                                                  (1,) * len(shape))
-                    for leaf, shape in leaves.items()} for name, leaves in SHAPES.items()}
+    grads = {
+      name: {
+        leaf: rng.normal(size=(NUM_TASKS,) + shape) * rng.uniform(0.1, 10.0, size=(NUM_TASKS,) + (1,) * len(shape))
+        for leaf, shape in leaves.items()
+      }
+      for name, leaves in SHAPES.items()
+    }
     out.append((grads, rng.uniform(0.2, 3.0, size=NUM_TASKS)))
   return out
 
 
 def _pre_normalized(grads, losses, normalization):
   """The task rows of the shared leaves divided by n_i, looping over tasks (float64)."""
-  norms = np.array([np.sqrt(sum(np.sum(np.asarray(grads["bottom"][leaf][i], np.float64) ** 2)
-                                for leaf in SHAPES["bottom"])) for i in range(NUM_TASKS)])
+  norms = np.array(
+    [
+      np.sqrt(sum(np.sum(np.asarray(grads["bottom"][leaf][i], np.float64) ** 2) for leaf in SHAPES["bottom"]))
+      for i in range(NUM_TASKS)
+    ]
+  )
   n = {"l2": norms, "loss": losses, "loss+": losses * norms}[normalization]
   out = {name: {leaf: np.array(g, np.float64) for leaf, g in leaves.items()} for name, leaves in grads.items()}
   for leaf in SHAPES["bottom"]:
@@ -52,13 +60,23 @@ def _params():
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("inner,normalization", [
-    ("upgrad", "l2"), ("pcgrad", "loss+"), ("dwa", "loss"), pytest.param("mgda", "loss+", marks=SLOW),
+@pytest.mark.parametrize(
+  "inner,normalization",
+  [
+    ("upgrad", "l2"),
+    ("pcgrad", "loss+"),
+    ("dwa", "loss"),
+    pytest.param("mgda", "loss+", marks=SLOW),
     pytest.param("pcgrad", "l2", marks=SLOW),
-    pytest.param("config", "l2", marks=SLOW), pytest.param("mgda", "l2", marks=SLOW),
-    pytest.param("dwa", "l2", marks=SLOW), pytest.param("upgrad", "loss", marks=SLOW),
-    pytest.param("upgrad", "loss+", marks=SLOW), pytest.param("config", "loss+", marks=SLOW),
-    pytest.param("pcgrad", "loss", marks=SLOW)])
+    pytest.param("config", "l2", marks=SLOW),
+    pytest.param("mgda", "l2", marks=SLOW),
+    pytest.param("dwa", "l2", marks=SLOW),
+    pytest.param("upgrad", "loss", marks=SLOW),
+    pytest.param("upgrad", "loss+", marks=SLOW),
+    pytest.param("config", "loss+", marks=SLOW),
+    pytest.param("pcgrad", "loss", marks=SLOW),
+  ],
+)
 def test_equals_inner_on_pre_normalized_gradients(inner, normalization):
   steps = _sample(2, seed=len(inner))
   with jax.enable_x64(True):
@@ -81,7 +99,7 @@ def test_equals_inner_on_pre_normalized_gradients(inner, normalization):
 
 
 def test_none_is_the_inner_method():
-  (grads, losses), = _sample(1, seed=0)
+  ((grads, losses),) = _sample(1, seed=0)
   params = _params()
   tx = mtjax.normalize(INNER["pcgrad"](), "none")
   a, _ = jax.jit(tx.update)(grads, tx.init(params), params, task_losses=losses)
@@ -142,7 +160,7 @@ def test_loss_normalization_keeps_the_jacobian_deferred():
 
 
 def test_chain_and_extra_args_pass_through():
-  (grads, losses), = _sample(1, seed=5)
+  ((grads, losses),) = _sample(1, seed=5)
   params = _params()
   tx = optax.chain(mtjax.normalize(INNER["dwa"](), "l2", shared=SHARED), optax.adam(1e-3))
   upd, state = jax.jit(lambda g, s, l: tx.update(g, s, params, task_losses=l, foo=1))(grads, tx.init(params), losses)
@@ -166,8 +184,9 @@ def test_bad_input_raises():
 def test_registry_entry_builds_the_wrapper():
   tx = reg.METHODS["normalize"](inner="pcgrad", normalization="loss+", num_tasks=2, key=0, steps_per_epoch=10)
   params = {"w": jnp.zeros(2)}
-  upd, state = tx.update({"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}, tx.init(params), params,
-                         task_losses=jnp.array([1.0, 2.0]))
+  upd, state = tx.update(
+    {"w": jnp.array([[1.0, 0.0], [-1.0, 1.0]])}, tx.init(params), params, task_losses=jnp.array([1.0, 2.0])
+  )
   assert isinstance(state, mtjax.NormalizeState) and np.all(np.isfinite(upd["w"]))
   with pytest.raises(ValueError, match="mtjax: normalize: inner must name a method"):
     reg.METHODS["normalize"](inner="nope")

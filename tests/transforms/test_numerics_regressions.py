@@ -73,17 +73,21 @@ def test_point2_overflowing_gram_is_rescaled(x64, jit):
   g = _jac(rng)
   with jax.enable_x64(x64):
     dtype = jnp.float64 if x64 else jnp.float32
-    scale = 2.0 ** 530 if x64 else 2.0 ** 67  # ~3.5e159 / ~1.5e20: the Gram overflows, the rows do not
+    scale = 2.0**530 if x64 else 2.0**67  # ~3.5e159 / ~1.5e20: the Gram overflows, the rows do not
     rtol = 1e-9 if x64 else 2e-4
-    for tx, degree in ((mtjax.pareto_ltr([0.1, 0.1, 0.1]), 0.0), (mtjax.imtl(num_tasks=3), 0.0),
-                       (mtjax.nash_mtl(num_tasks=3), -1.0),
-                       (mtjax.nash_mtl(num_tasks=3, normalization="frobenius"), 0.0),
-                       (mtjax.fairgrad(2.0, num_tasks=3), -4.0 / 3.0), (mtjax.fairgrad(0.5, num_tasks=3), -2.0 / 3.0)):
+    for tx, degree in (
+      (mtjax.pareto_ltr([0.1, 0.1, 0.1]), 0.0),
+      (mtjax.imtl(num_tasks=3), 0.0),
+      (mtjax.nash_mtl(num_tasks=3), -1.0),
+      (mtjax.nash_mtl(num_tasks=3, normalization="frobenius"), 0.0),
+      (mtjax.fairgrad(2.0, num_tasks=3), -4.0 / 3.0),
+      (mtjax.fairgrad(0.5, num_tasks=3), -2.0 / 3.0),
+    ):
       _, w_ref = _weights(tx, g, dtype, jit)
       out, w = _weights(tx, scale * g, dtype, jit)
       assert np.all(np.isfinite(out)), out
       # w(s g) = s^degree w(g) (FairGrad: G -> s^2 G, w -> s^(-2 alpha / (1 + alpha)) w).
-      np.testing.assert_allclose(w, w_ref * scale ** degree, rtol=rtol)
+      np.testing.assert_allclose(w, w_ref * scale**degree, rtol=rtol)
     # GradNorm reads the gradient norms: they are finite and right.
     tx = mtjax.gradnorm(num_tasks=3, layer="all", learning_rate=1e-3 / scale)
     _, w_ref = _weights(mtjax.gradnorm(num_tasks=3, layer="all", learning_rate=1e-3), g, dtype, jit)
@@ -93,18 +97,30 @@ def test_point2_overflowing_gram_is_rescaled(x64, jit):
     # The methods whose weights do not depend on a common scale of the Gram rescale as well.
     # d(s g) = s d(g), except MGDA's l2-normalized direction (degree 0). Under jit only (the eager
     # path runs the same code; each transform is one more compilation).
-    for tx, degree in () if not jit else ((mtjax.mgda(num_tasks=3), 1), (mtjax.mgda(num_tasks=3, normalization="l2"), 1),
-                       (mtjax.mgda(num_tasks=3, normalization="l2", apply_to="normalized"), 0),
-                       (mtjax.pcgrad(key=0, num_tasks=3), 1), (mtjax.gradvac(key=0, num_tasks=3), 1),
-                       (mtjax.cagrad(num_tasks=3), 1), (mtjax.upgrad(num_tasks=3), 1), (mtjax.dualproj(num_tasks=3), 1),
-                       (mtjax.aligned_mtl(num_tasks=3), 1), (mtjax.config(num_tasks=3), 1)):
+    for tx, degree in (
+      ()
+      if not jit
+      else (
+        (mtjax.mgda(num_tasks=3), 1),
+        (mtjax.mgda(num_tasks=3, normalization="l2"), 1),
+        (mtjax.mgda(num_tasks=3, normalization="l2", apply_to="normalized"), 0),
+        (mtjax.pcgrad(key=0, num_tasks=3), 1),
+        (mtjax.gradvac(key=0, num_tasks=3), 1),
+        (mtjax.cagrad(num_tasks=3), 1),
+        (mtjax.upgrad(num_tasks=3), 1),
+        (mtjax.dualproj(num_tasks=3), 1),
+        (mtjax.aligned_mtl(num_tasks=3), 1),
+        (mtjax.config(num_tasks=3), 1),
+      )
+    ):
       out_ref, _ = _weights(tx, g, dtype, jit)
       out, _ = _weights(tx, scale * g, dtype, jit)
       np.testing.assert_allclose(out / scale**degree, out_ref, rtol=rtol, atol=rtol * np.max(np.abs(out_ref)))
     # A user's method built without rescale_gram says what happened.
     name = "float64" if x64 else "float32"
-    own = mtjax.gram_weighting(lambda inputs, state: (jnp.ones(3) / 3, state), lambda params: optax.EmptyState(),
-                               method="my_method", num_tasks=3)
+    own = mtjax.gram_weighting(
+      lambda inputs, state: (jnp.ones(3) / 3, state), lambda params: optax.EmptyState(), method="my_method", num_tasks=3
+    )
     with pytest.raises(Exception, match=f"mtjax: my_method: the task gradients' Gram overflows {name}"):
       params = {"w": jnp.zeros(g.shape[1], dtype)}
       update = jax.jit(own.update) if jit else own.update
@@ -137,19 +153,26 @@ def test_point3_gradnorm_huge_loss_jump_and_exact_initial_loss(initial_loss):
 def test_point4_nonfinite_outside_the_gram_raises(jit):
   rng = np.random.default_rng(4)
   params = {"trunk": {"kernel": jnp.zeros(6)}, "tower": {"kernel": jnp.zeros(4)}}
-  grads = {"trunk": {"kernel": jnp.asarray(_jac(rng, 3, 6), jnp.float32)},
-           "tower": {"kernel": jnp.asarray(_jac(rng, 3, 4), jnp.float32)}}
+  grads = {
+    "trunk": {"kernel": jnp.asarray(_jac(rng, 3, 6), jnp.float32)},
+    "tower": {"kernel": jnp.asarray(_jac(rng, 3, 4), jnp.float32)},
+  }
   shared = {"trunk": {"kernel": True}, "tower": {"kernel": False}}
   losses = jnp.ones(3)
   for bad in (np.nan, np.inf):
     g = jax.tree.map(np.array, grads)
     g["tower"]["kernel"][1, 2] = bad
-    for tx in (mtjax.imtl(num_tasks=3, shared=shared), mtjax.pareto_ltr([0.0] * 3, shared=shared),
-               mtjax.nash_mtl(num_tasks=3, shared=shared), mtjax.fairgrad(2.0, num_tasks=3, shared=shared),
-               mtjax.gradnorm(num_tasks=3, shared=shared), mtjax.mgda(num_tasks=3, shared=shared),
-               mtjax.upgrad(num_tasks=3, shared=shared),
-               # the tower is shared but outside gradnorm's Gram subset (the last shared layer is the trunk):
-               mtjax.gradnorm(num_tasks=3, layer=lambda paths: [p.startswith("trunk") for p in paths])):
+    for tx in (
+      mtjax.imtl(num_tasks=3, shared=shared),
+      mtjax.pareto_ltr([0.0] * 3, shared=shared),
+      mtjax.nash_mtl(num_tasks=3, shared=shared),
+      mtjax.fairgrad(2.0, num_tasks=3, shared=shared),
+      mtjax.gradnorm(num_tasks=3, shared=shared),
+      mtjax.mgda(num_tasks=3, shared=shared),
+      mtjax.upgrad(num_tasks=3, shared=shared),
+      # the tower is shared but outside gradnorm's Gram subset (the last shared layer is the trunk):
+      mtjax.gradnorm(num_tasks=3, layer=lambda paths: [p.startswith("trunk") for p in paths]),
+    ):
       update = jax.jit(tx.update) if jit else tx.update
       match = r"mtjax: non-finite task gradients given to .* in the leaves \['tower/kernel'\]"
       with pytest.raises(Exception, match=match):
@@ -200,8 +223,11 @@ def test_point7_balance_accuracy_and_weights_dtype(x64):
       gram = jac @ jac.T
       t = jac.shape[0]
       for tol, bound in ((1e-10, 1e-4), (1e-20, 1e-9 if x64 else 1e-4)):
-        for tx, alpha in ((mtjax.nash_mtl(num_tasks=t, tol=tol), 1.0), (mtjax.fairgrad(2.0, num_tasks=t, tol=tol), 2.0),
-                          (mtjax.fairgrad(0.5, num_tasks=t, tol=tol), 0.5)):
+        for tx, alpha in (
+          (mtjax.nash_mtl(num_tasks=t, tol=tol), 1.0),
+          (mtjax.fairgrad(2.0, num_tasks=t, tol=tol), 2.0),
+          (mtjax.fairgrad(0.5, num_tasks=t, tol=tol), 0.5),
+        ):
           params = {"w": jnp.zeros(12, dtype)}
           # One compilation per transform (eager, every solver loop compiled on its own: ~3x longer); the
           # state of init(None) once per transform kind.
@@ -223,7 +249,8 @@ def test_point7_balance_accuracy_and_weights_dtype(x64):
 # rank-one Jacobian whose tasks point both ways along one line (a Pareto-stationary point) with a mean
 # gradient at float32's rounding floor. CAGrad with c = 1.5 returned d = g0 (weights 1/T), which
 # conflicts with four tasks (min_t g_t . d = -0.0073); for c >= 1 the answer is d = 0.
-RANK_ONE_F32 = np.array([
+RANK_ONE_F32 = np.array(
+  [
     [-0.16870074, 0.4214622, -0.12139901, 0.10581592, 0.1375971, -0.29959792, -0.92744344, -0.18692291],
     [0.45991617, -1.1490008, 0.33096102, -0.288478, -0.37512067, 0.8167713, 2.5284195, 0.5095939],
     [0.0634445, -0.15850233, 0.045655396, -0.03979495, -0.051747132, 0.11267194, 0.34879032, 0.07029744],
@@ -231,7 +258,10 @@ RANK_ONE_F32 = np.array([
     [-0.24543947, 0.6131773, -0.17662108, 0.15394954, 0.20018739, -0.43587923, -1.3493197, -0.27195054],
     [0.02571265, -0.064237475, 0.01850312, -0.016128011, -0.020971965, 0.04566344, 0.14135699, 0.028489994],
     [-0.097337045, 0.24317549, -0.07004487, 0.061053723, 0.07939085, -0.17286216, -0.5351168, -0.10785088],
-    [0.4267978, -1.0662618, 0.30712864, -0.2677048, -0.34810838, 0.75795597, 2.346349, 0.47289827]], np.float32)
+    [0.4267978, -1.0662618, 0.30712864, -0.2677048, -0.34810838, 0.75795597, 2.346349, 0.47289827],
+  ],
+  np.float32,
+)
 
 
 @pytest.mark.parametrize("c", [1.0, 1.5, 4.0])

@@ -24,8 +24,9 @@ def _tree(jac, dtype=jnp.float32):
 
 
 def _flat_update(update):
-  return np.concatenate([np.asarray(update["trunk"]["bias"], np.float64).ravel(),
-                         np.asarray(update["trunk"]["kernel"], np.float64).ravel()])
+  return np.concatenate(
+    [np.asarray(update["trunk"]["bias"], np.float64).ravel(), np.asarray(update["trunk"]["kernel"], np.float64).ravel()]
+  )
 
 
 def np_project_bisection(v, total):
@@ -79,8 +80,9 @@ def _run_injected(jac, c, dtype=jnp.float32):
   return _flat_update(update), np.asarray(state.inner_state.weights, np.float64)
 
 
-@pytest.mark.parametrize("bounds,expected", [((0.0, 0.0), (0.6, 0.4)), ((0.2, 0.2), (0.6, 0.4)),
-                                             ((0.7, 0.1), (0.7, 0.3))])
+@pytest.mark.parametrize(
+  "bounds,expected", [((0.0, 0.0), (0.6, 0.4)), ((0.2, 0.2), (0.6, 0.4)), ((0.7, 0.1), (0.7, 0.3))]
+)
 def test_oracles(bounds, expected):
   tx = mtjax.pareto_ltr(bounds)
   params = {"w": jnp.zeros(3)}
@@ -128,7 +130,7 @@ def test_unbounded_is_min_norm_when_relaxed_solution_is_feasible():
       if t > 2 and np.any(w_hat < 0):
         continue
       d, w = _run_injected(jac, np.zeros(t))
-      scale = np.max(np.sum(jac ** 2, axis=1))
+      scale = np.max(np.sum(jac**2, axis=1))
       # g_t . d >= ||d||^2 - tol: non-conflicting (equality on the support).
       assert np.all(jac @ d >= d @ d - 1e-4 * scale), (jac @ d, d @ d)
       mgda_w = jax.jit(solvers.min_norm_simplex)(jnp.asarray(jac @ jac.T, jnp.float32)).weights
@@ -188,9 +190,13 @@ def test_finite_on_degenerate_gradients(dtype):
   rng = np.random.default_rng(5)
   g = rng.normal(size=(1, 6))
   with jax.enable_x64(dtype == "float64"):
-    cases = {"zero": np.zeros((3, 6)), "identical": np.repeat(g, 3, axis=0),
-             "opposite": np.concatenate([g, -g, g]), "rank_deficient": rng.normal(size=(3, 2)) @ rng.normal(size=(2, 6)),
-             "random": _jac(rng, 3)}
+    cases = {
+      "zero": np.zeros((3, 6)),
+      "identical": np.repeat(g, 3, axis=0),
+      "opposite": np.concatenate([g, -g, g]),
+      "rank_deficient": rng.normal(size=(3, 2)) @ rng.normal(size=(2, 6)),
+      "random": _jac(rng, 3),
+    }
     for name, jac in cases.items():
       for c in (np.zeros(3), np.array([0.1, 0.2, 0.3])):
         for scale in (1e-10, 1.0, 1e10):
@@ -265,6 +271,7 @@ def np_exact_qp(gram, c):
   S of x = w - c, solve the equality-constrained KKT system on S (least squares), keep the
   feasible points and return the one with the smallest objective (exact for small T)."""
   import itertools
+
   t = len(c)
   s = 1.0 - c.sum()
   if s <= 0:
@@ -346,6 +353,7 @@ def test_exact_solver_bounds_and_options():
     mtjax.pareto_ltr([0.5, 0.5], solver="qp")
   # Under optax.inject_hyperparams the bounds are traced; the exact solver's max_iters is static.
   injected = optax.inject_hyperparams(mtjax.pareto_ltr, static_args=("max_iters",))(
-      lower_bounds=jnp.asarray(c, jnp.float32), solver="exact")
+    lower_bounds=jnp.asarray(c, jnp.float32), solver="exact"
+  )
   _, state = jax.jit(injected.update)(_tree(jac), injected.init(params), params)
   np.testing.assert_allclose(state.inner_state.weights, w, atol=1e-6)

@@ -36,6 +36,7 @@ def ref_pcgrad(jac, orders, reduction="sum"):
 def random_task_grads(rng, num_tasks, dtype, shapes=SHAPES, shift=0.0):
   def leaf(shape):
     return (rng.normal(size=(num_tasks,) + shape) + shift).astype(dtype)
+
   return jax.tree.map(leaf, shapes, is_leaf=lambda x: isinstance(x, tuple))
 
 
@@ -85,8 +86,7 @@ def test_projection_orders_are_random_orders_of_the_other_tasks():
   assert orders.shape == (1, 0)
 
 
-@pytest.mark.parametrize("dtype,num_tasks", [("float32", t) for t in range(1, 9)]
-                         + [("float64", t) for t in (2, 5, 8)])
+@pytest.mark.parametrize("dtype,num_tasks", [("float32", t) for t in range(1, 9)] + [("float64", t) for t in (2, 5, 8)])
 def test_against_numpy_reference_over_steps(dtype, num_tasks):
   rng = np.random.default_rng(num_tasks)
   reduction = "mean" if num_tasks % 3 == 2 else "sum"
@@ -130,8 +130,7 @@ def test_two_tasks_is_deterministic():
   params = params_like(grads)
   tx = mtjax.pcgrad()
   update = jax.jit(tx.update)
-  outs = [flat(update(grads, tx.init(params)._replace(key=jax.random.PRNGKey(seed)), params)[0])
-          for seed in (0, 1, 7)]
+  outs = [flat(update(grads, tx.init(params)._replace(key=jax.random.PRNGKey(seed)), params)[0]) for seed in (0, 1, 7)]
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-6)
   np.testing.assert_allclose(outs[0], outs[2], rtol=1e-6)
   np.testing.assert_allclose(outs[0], ref_pcgrad(flat(grads, 2), [[1], [0]]), rtol=1e-4, atol=1e-5)
@@ -170,9 +169,14 @@ _DEGENERATE_UPDATE = jax.jit(_DEGENERATE_TX.update)  # one compile for all cases
 def test_finite_on_degenerate_gradients(case):
   rng = np.random.default_rng(4)
   base = rng.normal(size=(3, 7))
-  jac = {"zero": 0 * base, "zero_row": base * np.array([[1.0], [0.0], [1.0]]),
-         "identical": np.repeat(base[:1], 3, 0), "opposite": np.stack([base[0], -base[0], base[1]]),
-         "tiny": 1e-10 * base, "huge": 1e10 * base}[case]
+  jac = {
+    "zero": 0 * base,
+    "zero_row": base * np.array([[1.0], [0.0], [1.0]]),
+    "identical": np.repeat(base[:1], 3, 0),
+    "opposite": np.stack([base[0], -base[0], base[1]]),
+    "tiny": 1e-10 * base,
+    "huge": 1e10 * base,
+  }[case]
   params = {"w": jnp.zeros(7)}
   state = _DEGENERATE_TX.init(params)
   _, orders = projection_orders(state.key, 3)
@@ -203,7 +207,8 @@ def test_jit_no_retrace_and_extra_args_ignored_in_scan():
 
   final, _ = jax.lax.scan(body, tx.init(params), None, length=3)
   assert jax.tree.map(lambda x: (x.shape, x.dtype), final) == jax.tree.map(
-      lambda x: (x.shape, x.dtype), tx.init(params))
+    lambda x: (x.shape, x.dtype), tx.init(params)
+  )
 
 
 def test_toy_two_task_problem_converges():

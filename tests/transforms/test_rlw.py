@@ -5,10 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from mtl_references import pack
+from mtl_references import random_jac
+from mtl_references import unpack
 
 import mtjax
 from mtjax.transforms._rlw import draw_weights
-from mtl_references import pack, random_jac, unpack
 
 
 def np_softmax(z):
@@ -32,8 +34,7 @@ def test_matches_reference_over_steps(num_tasks):
     np.testing.assert_array_equal(state.key, next_key)  # split at every update
     weights = np_softmax(z)
     np.testing.assert_allclose(state.weights, weights, rtol=1e-5)
-    np.testing.assert_allclose(unpack(update), sum(weights[t] * jac[t] for t in range(num_tasks)), rtol=1e-4,
-                               atol=1e-5)
+    np.testing.assert_allclose(unpack(update), sum(weights[t] * jac[t] for t in range(num_tasks)), rtol=1e-4, atol=1e-5)
     seen.append(np.asarray(state.weights))
   if num_tasks > 1:
     assert not np.allclose(seen[0], seen[1])  # fresh weights every step
@@ -49,8 +50,9 @@ def test_sum_to_num_tasks_float64_and_task_specific_leaves():
   np.testing.assert_allclose(state.weights, expected, rtol=1e-6)
   np.testing.assert_allclose(np.sum(state.weights), 3.0, rtol=1e-6)
   # task_specific="weighted" (default): the exact gradient of the weighted loss on every leaf.
-  np.testing.assert_allclose(update["tower"]["kernel"], np.asarray(expected) @ np.asarray(grads["tower"]["kernel"]),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    update["tower"]["kernel"], np.asarray(expected) @ np.asarray(grads["tower"]["kernel"]), rtol=1e-5
+  )
   with jax.enable_x64(True):  # float32 draws: the same weights for float64 gradients
     tx64 = mtjax.rlw(key=5, num_tasks=3, sum_to="num_tasks", shared=mtjax.shared_mask(exclude="tower"))
     grads64 = jax.tree.map(lambda g: jnp.asarray(g, jnp.float64), grads)

@@ -7,8 +7,11 @@ import pytest
 
 import mtjax
 
-SHAPES = {"shared": {"Dense_0": {"kernel": (3, 4), "bias": (4,)}, "Dense_1": {"kernel": (4,)}},
-          "tower_0": {"kernel": (2,)}, "tower_1": {"kernel": (2, 2)}}
+SHAPES = {
+  "shared": {"Dense_0": {"kernel": (3, 4), "bias": (4,)}, "Dense_1": {"kernel": (4,)}},
+  "tower_0": {"kernel": (2,)},
+  "tower_1": {"kernel": (2, 2)},
+}
 IS_LEAF = lambda s: isinstance(s, tuple)  # noqa: E731
 
 
@@ -16,8 +19,9 @@ IS_LEAF = lambda s: isinstance(s, tuple)  # noqa: E731
 def test_matches_numpy_reference(num_tasks, task_specific):
   rng = np.random.default_rng(num_tasks)
   with jax.enable_x64(True):
-    tx = mtjax.scale_invariant(num_tasks=num_tasks, shared=mtjax.shared_mask(include="^shared/"),
-                               task_specific=task_specific)
+    tx = mtjax.scale_invariant(
+      num_tasks=num_tasks, shared=mtjax.shared_mask(include="^shared/"), task_specific=task_specific
+    )
     params = jax.tree.map(lambda s: jnp.zeros(s, jnp.float64), SHAPES, is_leaf=IS_LEAF)
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -39,7 +43,7 @@ def test_update_is_the_gradient_of_the_log_losses_and_scale_invariant():
     params = {"shared": jnp.asarray(rng.normal(size=(3, 4))), "tower": jnp.asarray(rng.normal(size=(4, 2)))}
     x = jnp.asarray(rng.normal(size=(6, 3)))
 
-    def loss_fn(p, x, scale=jnp.ones(2)):
+    def loss_fn(p, x, scale=jnp.ones(2)):  # noqa: B008 (an immutable array, made under enable_x64)
       return scale * jnp.mean((jnp.tanh(x @ p["shared"]) @ p["tower"] - 1.0) ** 2, axis=0)
 
     tx = mtjax.scale_invariant(num_tasks=2)
@@ -61,5 +65,6 @@ def test_nonpositive_losses_raise():
   with pytest.raises(ValueError, match="mtjax: scale_invariant: task losses must be positive"):
     tx.update({"k": jnp.eye(2)}, tx.init(params), params, task_losses=jnp.array([1.0, 0.0]))
   with pytest.raises(Exception, match="mtjax: scale_invariant: task losses must be positive"):
-    jax.block_until_ready(jax.jit(tx.update)({"k": jnp.eye(2)}, tx.init(params), params,
-                                             task_losses=jnp.array([-1.0, 1.0])))
+    jax.block_until_ready(
+      jax.jit(tx.update)({"k": jnp.eye(2)}, tx.init(params), params, task_losses=jnp.array([-1.0, 1.0]))
+    )

@@ -8,7 +8,9 @@ import pytest
 
 import mtjax
 from tests.transforms import micro_batch_checks as checks
-from tests.transforms.test_modo import SHAPES, SHARED, np_project_simplex
+from tests.transforms.test_modo import SHAPES
+from tests.transforms.test_modo import SHARED
+from tests.transforms.test_modo import np_project_simplex
 
 
 def sample(m, t, steps, seed):
@@ -16,8 +18,12 @@ def sample(m, t, steps, seed):
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(steps):
-    out.append({n: {k: rng.normal(size=(1, t) + s) + 0.5 * rng.normal(size=(m, t) + s) for k, s in leaves.items()}
-                for n, leaves in SHAPES.items()})
+    out.append(
+      {
+        n: {k: rng.normal(size=(1, t) + s) + 0.5 * rng.normal(size=(m, t) + s) for k, s in leaves.items()}
+        for n, leaves in SHAPES.items()
+      }
+    )
   return out
 
 
@@ -54,11 +60,11 @@ def np_sdmgrad(seq, *, lamda, gamma, steps, momentum, normalize, num_batches):
 
 
 OPTIONS = [
-    dict(num_batches=3),  # the defaults
-    dict(num_batches=3, lamda=0.0, gamma=0.3, num_inner_steps=7, momentum=0.0, normalize=False),  # the paper's
-    dict(num_batches=3, lamda=1.5, gamma=5.0, momentum=0.5),  # LibMTL's settings
-    dict(num_batches=1, lamda=0.3),  # the authors' one-batch code
-    dict(num_batches=1, lamda=0.7, gamma=0.2, num_inner_steps=5, momentum=0.3, normalize=False),
+  dict(num_batches=3),  # the defaults
+  dict(num_batches=3, lamda=0.0, gamma=0.3, num_inner_steps=7, momentum=0.0, normalize=False),  # the paper's
+  dict(num_batches=3, lamda=1.5, gamma=5.0, momentum=0.5),  # LibMTL's settings
+  dict(num_batches=1, lamda=0.3),  # the authors' one-batch code
+  dict(num_batches=1, lamda=0.7, gamma=0.2, num_inner_steps=5, momentum=0.3, normalize=False),
 ]
 
 
@@ -68,8 +74,15 @@ def test_matches_numpy_reference(options):
   t = 3
   with jax.enable_x64(True):
     seq = sample(full["num_batches"], t, 4, seed=7)
-    ref = np_sdmgrad(seq, lamda=full["lamda"], gamma=full["gamma"], steps=full["num_inner_steps"],
-                     momentum=full["momentum"], normalize=full["normalize"], num_batches=full["num_batches"])
+    ref = np_sdmgrad(
+      seq,
+      lamda=full["lamda"],
+      gamma=full["gamma"],
+      steps=full["num_inner_steps"],
+      momentum=full["momentum"],
+      normalize=full["normalize"],
+      num_batches=full["num_batches"],
+    )
     tx = mtjax.sdmgrad(num_tasks=t, shared=SHARED, **options)
     params = jax.tree.map(lambda s: jnp.zeros(s), SHAPES, is_leaf=lambda x: isinstance(x, tuple))
     state = tx.init(params)
@@ -116,8 +129,9 @@ def test_end_to_end_with_micro_batch_task_grads():
     _, grads = jax.jit(mtjax.micro_batch_task_grads(mtjax.task_grads(loss_fn), 3))(params, batch)
     tx = mtjax.sdmgrad(num_tasks=2, lamda=0.3)
     d, state = tx.update(grads, tx.init(params), params)
-    jacs = jax.jit(lambda p, b: [jax.jacrev(loss_fn)(p, jax.tree.map(lambda x: x[3 * m:3 * m + 3], b))["w"]
-                                 for m in range(3)])(params, batch)
+    jacs = jax.jit(
+      lambda p, b: [jax.jacrev(loss_fn)(p, jax.tree.map(lambda x: x[3 * m : 3 * m + 3], b))["w"] for m in range(3)]
+    )(params, batch)
     jac = [np.asarray(x) for x in jacs]
     w = np.full(2, 0.5)
     g = jac[0] @ jac[1].T
@@ -179,6 +193,7 @@ def test_registry_entry_is_the_paper_and_num_batches_1_the_code():
   from mtjax import experiment
   from mtjax.experiment import _config
   from mtjax.experiment import _registry
+
   assert _registry.METHODS["sdmgrad"] is mtjax.sdmgrad
   raw = {"data": {"name": "conflicting"}, "model": {"name": "mmoe"}, "train": {"batch_size": 32}}
   assert _config.micro_batches(experiment.from_dict({**raw, "method": {"name": "sdmgrad"}})) == 3

@@ -8,19 +8,26 @@ import pytest
 
 import mtjax
 
-SHAPES = {"shared": {"Dense_0": {"kernel": (3, 4), "bias": (4,)}, "Dense_1": {"kernel": (4,)}},
-          "tower_0": {"kernel": (2,)}, "tower_1": {"kernel": (2, 2)}}
+SHAPES = {
+  "shared": {"Dense_0": {"kernel": (3, 4), "bias": (4,)}, "Dense_1": {"kernel": (4,)}},
+  "tower_0": {"kernel": (2,)},
+  "tower_1": {"kernel": (2, 2)},
+}
 IS_LEAF = lambda s: isinstance(s, tuple)  # noqa: E731
 
 
 def _sample(num_tasks, num_steps, seed):
   rng = np.random.default_rng(seed)
-  return [(jax.tree.map(lambda s: rng.normal(size=(num_tasks,) + s), SHAPES, is_leaf=IS_LEAF),
-           rng.uniform(0.1, 4.0, size=num_tasks)) for _ in range(num_steps)]
+  return [
+    (
+      jax.tree.map(lambda s: rng.normal(size=(num_tasks,) + s), SHAPES, is_leaf=IS_LEAF),
+      rng.uniform(0.1, 4.0, size=num_tasks),
+    )
+    for _ in range(num_steps)
+  ]
 
 
-def _numpy_stch(steps, *, mu, preference, ideal, normalization, warmup, nadir_steps, warmup_weighting,
-                task_specific):
+def _numpy_stch(steps, *, mu, preference, ideal, normalization, warmup, nadir_steps, warmup_weighting, task_specific):
   num_tasks = steps[0][1].shape[0]
   lam = np.ones(num_tasks) if preference is None else np.asarray(preference, np.float64)
   nadir_n = warmup if nadir_steps is None else nadir_steps
@@ -28,8 +35,11 @@ def _numpy_stch(steps, *, mu, preference, ideal, normalization, warmup, nadir_st
   history = []
   for t, (grads, losses) in enumerate(steps):
     if t < warmup:
-      w = (np.full(num_tasks, 1.0 / num_tasks) if warmup_weighting == "mean"
-           else np.array([1.0 / losses[i] for i in range(num_tasks)]))
+      w = (
+        np.full(num_tasks, 1.0 / num_tasks)
+        if warmup_weighting == "mean"
+        else np.array([1.0 / losses[i] for i in range(num_tasks)])
+      )
       if t >= warmup - nadir_n:
         recorded.append(losses)
     else:
@@ -53,24 +63,43 @@ def _numpy_stch(steps, *, mu, preference, ideal, normalization, warmup, nadir_st
   return history
 
 
-@pytest.mark.parametrize("num_tasks,kwargs", [
+@pytest.mark.parametrize(
+  "num_tasks,kwargs",
+  [
     (1, dict(mu=1.0)),
     (2, dict(mu=0.3, preference=[0.5, 2.0], ideal=0.1)),
     (3, dict(mu=0.7, warmup=2, task_specific="sum")),
     (5, dict(mu=0.5, normalization="log_nadir", warmup=3, warmup_weighting="log")),
     (8, dict(mu=0.2, normalization="log_nadir", warmup=3, nadir_steps=2, task_specific="sum")),
-])
+  ],
+)
 def test_matches_numpy_reference_over_steps(num_tasks, kwargs):
-  opts = dict(mu=1.0, preference=None, ideal=0.0, normalization="none", warmup=0, nadir_steps=None,
-              warmup_weighting="mean", task_specific="weighted")
+  opts = dict(
+    mu=1.0,
+    preference=None,
+    ideal=0.0,
+    normalization="none",
+    warmup=0,
+    nadir_steps=None,
+    warmup_weighting="mean",
+    task_specific="weighted",
+  )
   opts.update(kwargs)
   steps = _sample(num_tasks, 6, seed=num_tasks)
   ref = _numpy_stch(steps, **opts)
   with jax.enable_x64(True):
-    tx = mtjax.stch(num_tasks=num_tasks, mu=opts["mu"], preference=opts["preference"], ideal_point=opts["ideal"],
-                    normalization=opts["normalization"], warmup_steps=opts["warmup"],
-                    nadir_steps=opts["nadir_steps"], warmup_weighting=opts["warmup_weighting"],
-                    shared=mtjax.shared_mask(include="^shared/"), task_specific=opts["task_specific"])
+    tx = mtjax.stch(
+      num_tasks=num_tasks,
+      mu=opts["mu"],
+      preference=opts["preference"],
+      ideal_point=opts["ideal"],
+      normalization=opts["normalization"],
+      warmup_steps=opts["warmup"],
+      nadir_steps=opts["nadir_steps"],
+      warmup_weighting=opts["warmup_weighting"],
+      shared=mtjax.shared_mask(include="^shared/"),
+      task_specific=opts["task_specific"],
+    )
     params = jax.tree.map(lambda s: jnp.zeros(s, jnp.float64), SHAPES, is_leaf=IS_LEAF)
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -81,8 +110,9 @@ def test_matches_numpy_reference_over_steps(num_tasks, kwargs):
       np.testing.assert_allclose(state.weights, w, rtol=1e-10, err_msg=f"step {t}")
     if opts["normalization"] == "log_nadir":
       n = opts["nadir_steps"] or opts["warmup"]
-      np.testing.assert_allclose(state.nadir, np.mean([l for _, l in steps[opts["warmup"] - n:opts["warmup"]]],
-                                                       axis=0), rtol=1e-12)
+      np.testing.assert_allclose(
+        state.nadir, np.mean([l for _, l in steps[opts["warmup"] - n : opts["warmup"]]], axis=0), rtol=1e-12
+      )
 
 
 def test_update_is_the_gradient_of_the_objective():
@@ -122,7 +152,8 @@ def test_objective_and_limits():
 def test_mu_is_traceable():
   params = {"k": jnp.zeros(2)}
   tx = optax.inject_hyperparams(mtjax.stch, static_args=("num_tasks", "warmup_steps", "nadir_steps"))(
-      num_tasks=2, mu=1.0)
+    num_tasks=2, mu=1.0
+  )
   state = tx.init(params)
   update = jax.jit(tx.update)
   losses = jnp.array([1.0, 2.0])
@@ -153,5 +184,6 @@ def test_errors():
   with pytest.raises(ValueError, match="mtjax: stch: task losses must be positive"):
     tx.update({"k": jnp.eye(2)}, tx.init(params), params, task_losses=jnp.array([0.0, 1.0]))
   with pytest.raises(ValueError, match="mtjax: stch: mu must be positive"):
-    mtjax.stch(num_tasks=2, mu=-1.0).update({"k": jnp.eye(2)}, tx.init(params), params,
-                                           task_losses=jnp.array([1.0, 1.0]))
+    mtjax.stch(num_tasks=2, mu=-1.0).update(
+      {"k": jnp.eye(2)}, tx.init(params), params, task_losses=jnp.array([1.0, 1.0])
+    )

@@ -8,15 +8,23 @@ import pytest
 
 import mtjax
 
-SHAPES = {"shared": {"Dense_0": {"kernel": (3, 4), "bias": (4,)}, "Dense_1": {"kernel": (4,)}},
-          "tower_0": {"kernel": (2,)}, "tower_1": {"kernel": (2, 2)}}
+SHAPES = {
+  "shared": {"Dense_0": {"kernel": (3, 4), "bias": (4,)}, "Dense_1": {"kernel": (4,)}},
+  "tower_0": {"kernel": (2,)},
+  "tower_1": {"kernel": (2, 2)},
+}
 IS_LEAF = lambda s: isinstance(s, tuple)  # noqa: E731
 
 
 def _sample(num_tasks, num_steps, seed):
   rng = np.random.default_rng(seed)
-  return [(jax.tree.map(lambda s: rng.normal(size=(num_tasks,) + s), SHAPES, is_leaf=IS_LEAF),
-           rng.uniform(0.1, 4.0, size=num_tasks)) for _ in range(num_steps)]
+  return [
+    (
+      jax.tree.map(lambda s: rng.normal(size=(num_tasks,) + s), SHAPES, is_leaf=IS_LEAF),
+      rng.uniform(0.1, 4.0, size=num_tasks),
+    )
+    for _ in range(num_steps)
+  ]
 
 
 def _numpy_uncertainty(steps, *, init_log_var, lr, task_specific):
@@ -51,19 +59,27 @@ def test_objective_reference_value():
     mtjax.uncertainty_objective(jnp.ones(3), jnp.zeros(2))
 
 
-@pytest.mark.parametrize("num_tasks,init_log_var,lr,task_specific", [
+@pytest.mark.parametrize(
+  "num_tasks,init_log_var,lr,task_specific",
+  [
     (1, 0.0, 0.1, "weighted"),
     (2, -0.5, 0.1, "weighted"),
     (3, 0.0, 0.5, "sum"),
     (5, 0.3, 0.05, "weighted"),
     (8, -0.5, 0.2, "sum"),
-])
+  ],
+)
 def test_matches_numpy_reference_over_steps(num_tasks, init_log_var, lr, task_specific):
   steps = _sample(num_tasks, 5, seed=num_tasks)
   ref = _numpy_uncertainty(steps, init_log_var=init_log_var, lr=lr, task_specific=task_specific)
   with jax.enable_x64(True):
-    tx = mtjax.uncertainty(num_tasks=num_tasks, init_log_var=init_log_var, log_var_optimizer=optax.sgd(lr),
-                           shared=mtjax.shared_mask(include="^shared/"), task_specific=task_specific)
+    tx = mtjax.uncertainty(
+      num_tasks=num_tasks,
+      init_log_var=init_log_var,
+      log_var_optimizer=optax.sgd(lr),
+      shared=mtjax.shared_mask(include="^shared/"),
+      task_specific=task_specific,
+    )
     params = jax.tree.map(lambda s: jnp.zeros(s, jnp.float64), SHAPES, is_leaf=IS_LEAF)
     state = tx.init(params)
     np.testing.assert_array_equal(state.log_vars, np.full(num_tasks, init_log_var))
@@ -81,8 +97,11 @@ def test_update_is_exact_gradient_of_objective():
   """With task_specific='weighted' the update equals jax.grad of the objective (params and s)."""
   rng = np.random.default_rng(0)
   with jax.enable_x64(True):
-    params = {"shared": jnp.asarray(rng.normal(size=(3, 4))), "tower_0": jnp.asarray(rng.normal(size=4)),
-              "tower_1": jnp.asarray(rng.normal(size=4))}
+    params = {
+      "shared": jnp.asarray(rng.normal(size=(3, 4))),
+      "tower_0": jnp.asarray(rng.normal(size=4)),
+      "tower_1": jnp.asarray(rng.normal(size=4)),
+    }
     x = jnp.asarray(rng.normal(size=(6, 3)))
     y = jnp.asarray(rng.normal(size=(2, 6)))
 
@@ -92,15 +111,17 @@ def test_update_is_exact_gradient_of_objective():
       return jnp.mean((preds - batch[1]) ** 2, axis=1)
 
     lr = 0.3
-    tx = mtjax.uncertainty(num_tasks=2, init_log_var=-0.5, log_var_optimizer=optax.sgd(lr),
-                           shared=mtjax.shared_mask(exclude="tower_"))
+    tx = mtjax.uncertainty(
+      num_tasks=2, init_log_var=-0.5, log_var_optimizer=optax.sgd(lr), shared=mtjax.shared_mask(exclude="tower_")
+    )
     state = tx.init(params)
     for _ in range(3):
       losses, grads = mtjax.task_grads(loss_fn)(params, (x, y))
       s = state.log_vars
       upd, state = tx.update(grads, state, params, task_losses=losses)
-      obj_p, obj_s = jax.grad(lambda p, s_: mtjax.uncertainty_objective(loss_fn(p, (x, y)), s_),
-                              argnums=(0, 1))(params, s)
+      obj_p, obj_s = jax.grad(lambda p, s_: mtjax.uncertainty_objective(loss_fn(p, (x, y)), s_), argnums=(0, 1))(
+        params, s
+      )
       for got, want in zip(jax.tree.leaves(upd), jax.tree.leaves(obj_p)):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
       np.testing.assert_allclose(state.log_vars, s - lr * obj_s, rtol=1e-10, atol=1e-12)
@@ -124,8 +145,9 @@ def test_default_adam_and_inject_hyperparams():
     np.testing.assert_allclose(up["k"], ui["k"], rtol=1e-6)
   np.testing.assert_allclose(sp.log_vars, si.inner_state.log_vars, rtol=1e-6)
   # The first Adam step moves every s by about lr, against the sign of 0.5 (1 - L).
-  np.testing.assert_allclose(plain.update(g, plain.init(params), params, task_losses=losses[0])[1].log_vars,
-                             [0.0, 0.01], atol=1e-6)
+  np.testing.assert_allclose(
+    plain.update(g, plain.init(params), params, task_losses=losses[0])[1].log_vars, [0.0, 0.01], atol=1e-6
+  )
   fast = si._replace(hyperparams={**si.hyperparams, "learning_rate": jnp.asarray(0.5)})
   _, s_fast = update(g, fast, params, task_losses=losses[0])
   _, s_slow = update(g, si, params, task_losses=losses[0])

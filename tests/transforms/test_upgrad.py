@@ -6,9 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from mtl_references import J_ORACLE
+from mtl_references import RANK_SHAPES
+from mtl_references import gram_of
+from mtl_references import np_nonneg_qp
+from mtl_references import pack
+from mtl_references import random_jac
+from mtl_references import unpack
 
 import mtjax
-from mtl_references import J_ORACLE, RANK_SHAPES, gram_of, np_nonneg_qp, pack, random_jac, unpack
 
 # One compiled update per (T, dtype) for the default and for the exact projection.
 _DEFAULT = mtjax.upgrad()
