@@ -73,3 +73,22 @@ def test_examples_oracles_prints_the_reference_values(capsys):
     "[0.0766, 0.9985, 0.9985]",
   ):
     assert expected in out, (expected, out)
+
+
+DOCS = os.path.join(os.path.dirname(__file__), os.pardir, "docs")
+DOC_PAGES = sorted(
+  n
+  for n in os.listdir(DOCS)
+  if n.endswith(".md") and "```python" in open(os.path.join(DOCS, n), encoding="utf-8").read()
+)
+
+
+@pytest.mark.parametrize("name", DOC_PAGES)
+def test_docs_python_blocks_run(name, capsys):
+  """Every ```python block of a documentation page runs, in order, in one namespace per page (as a reader
+  would paste them)."""
+  text = open(os.path.join(DOCS, name), encoding="utf-8").read()
+  namespace = {"__name__": "__docs__"}
+  for index, code in enumerate(re.findall(r"```python\n(.*?)```", text, flags=re.S)):
+    exec(compile(code, f"docs/{name} python block {index}", "exec"), namespace)
+  capsys.readouterr()
