@@ -143,9 +143,8 @@ def _metrics_table(test: dict) -> str:
   found = {k for n in names for k in test[n]}
   keys = [k for k in METRIC_ORDER if k in found] + sorted(found - set(METRIC_ORDER))
   cell = lambda v: "n/a" if not math.isfinite(v) else f"{v:.4f}"  # NaN: an undefined metric (one class only)
-  esc = lambda text: str(text).replace("|", "\\|")
   header = ["task"] + [k.upper() if k in ("auc", "mse") else k for k in keys]
-  rows = [[esc(n)] + [cell(float(test[n][k])) if k in test[n] else "—" for k in keys] for n in names]
+  rows = [[n] + [cell(float(test[n][k])) if k in test[n] else "—" for k in keys] for n in names]
   if len(names) > 1:
     means = []
     for k in keys:
@@ -156,9 +155,8 @@ def _metrics_table(test: dict) -> str:
         else "—"
       )
     rows.append(["mean"] + means)
-  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-  line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-  out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows]
+  from mtjax.experiment._grid import markdown_table  # pylint: disable=import-outside-toplevel
+
   notes = []
   if any("—" in r[1:] for r in rows):
     notes.append(
@@ -167,7 +165,7 @@ def _metrics_table(test: dict) -> str:
     )
   if any("n/a" in r for r in rows):
     notes.append("n/a: undefined (e.g. an AUC without both classes in the test split)")
-  return "\n".join(out) + ("\n\n" + "; ".join(notes) + "." if notes else "")
+  return markdown_table(header, rows) + ("\n\n" + "; ".join(notes) + "." if notes else "")
 
 
 def _missing(module: str) -> bool:

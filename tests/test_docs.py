@@ -84,11 +84,14 @@ DOC_PAGES = sorted(
 
 
 @pytest.mark.parametrize("name", DOC_PAGES)
-def test_docs_python_blocks_run(name, capsys):
+def test_docs_python_blocks_run(name, capsys, tmp_path, monkeypatch):
   """Every ```python block of a documentation page runs, in order, in one namespace per page (as a reader
-  would paste them)."""
+  would paste them), in an empty working folder (the pages may write figures next to them)."""
   text = open(os.path.join(DOCS, name), encoding="utf-8").read()
+  monkeypatch.chdir(tmp_path)
   namespace = {"__name__": "__docs__"}
   for index, code in enumerate(re.findall(r"```python\n(.*?)```", text, flags=re.S)):
     exec(compile(code, f"docs/{name} python block {index}", "exec"), namespace)
   capsys.readouterr()
+  if name == "analysis.md":
+    assert (tmp_path / "over_steps.png").stat().st_size > 0

@@ -12,42 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-# The methods in the order of the registry (mtjax.experiment._registry.METHODS); the first entries
-# (the default comparison) get the most distinct colours. Linear scalarization, the usual
-# baseline, is near-black.
-METHOD_ORDER = (
-  "linear",
-  "pcgrad",
-  "gradvac",
-  "mgda",
-  "pareto_ltr",
-  "gradnorm",
-  "dwa",
-  "uncertainty",
-  "cagrad",
-  "imtl",
-  "aligned_mtl",
-  "upgrad",
-  "dualproj",
-  "config",
-  "fairgrad",
-  "nash_mtl",
-  "rlw",
-  "graddrop",
-  "famo",
-  "stch",
-  "gls",
-  "scale_invariant",
-  "db_mtl",
-  "metabalance",
-  "excess_mtl",
-  "normalize",
-  "moco",
-  "m_config",
-  "modo",
-  "sdmgrad",
-  "auto_lambda",
-)
+# Method colours, by the method's position in the registry (mtjax.experiment._registry.METHODS).
 PALETTE = (
   "#222222",
   "#1f77b4",
@@ -96,13 +61,16 @@ def method_colors(labels: Sequence[str]) -> dict:
   Call it with the same labels (in the same order) for every figure of a run and a method has one
   colour in all of them.
   """
+  from mtjax.experiment._registry import METHODS  # the registry's order: the default comparison's methods first
+
+  order = list(METHODS)  # linear, the usual baseline, first: near-black
   out: dict = {}
   used: set = set()
   pending = []
   for label in labels:
     name = str(label)
-    key = name.lower() if name.lower() in METHOD_ORDER else _base(name)
-    colour = PALETTE[METHOD_ORDER.index(key) % len(PALETTE)] if key in METHOD_ORDER else None
+    key = name.lower() if name.lower() in order else _base(name)
+    colour = PALETTE[order.index(key) % len(PALETTE)] if key in order else None
     if colour is None or colour in used:
       pending.append(label)
       continue
@@ -160,29 +128,12 @@ def legend_outside(
     handles, labels = list(seen.values()), list(seen)
   if not handles:
     return None
-  if where == "below":
-    ncol = min(len(handles), 6)
-    return fig.legend(
-      handles,
-      labels,
-      loc="upper center",
-      bbox_to_anchor=(0.5, 0.0),
-      ncol=ncol,
-      fontsize=fontsize,
-      title=title,
-      title_fontsize=fontsize,
-      frameon=False,
-    )
-  return fig.legend(
-    handles,
-    labels,
-    loc="center left",
-    bbox_to_anchor=(1.0, 0.5),
-    fontsize=fontsize,
-    title=title,
-    title_fontsize=fontsize,
-    frameon=False,
+  place = (
+    {"loc": "upper center", "bbox_to_anchor": (0.5, 0.0), "ncol": min(len(handles), 6)}
+    if where == "below"
+    else {"loc": "center left", "bbox_to_anchor": (1.0, 0.5)}
   )
+  return fig.legend(handles, labels, fontsize=fontsize, title=title, title_fontsize=fontsize, frameon=False, **place)
 
 
 def smooth(y, window: int) -> np.ndarray:

@@ -466,7 +466,7 @@ def gram_weighting(
       losses_check = None
 
     out = combine(weights)
-    if out_dtypes:  # lazy Jacobians combine by a backward pass in the rows' dtype
+    if out_dtypes and lazy is not None:  # lazy Jacobians combine by a backward pass in the rows' dtype
       out = [o.astype(d) if o.dtype != d else o for o, d in zip(out, out_dtypes)]
 
     if grams is not None and rows is None and check_finite:  # lazy rows: check the leaves outside the Gram

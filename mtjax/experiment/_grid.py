@@ -469,9 +469,11 @@ class GridResult:
     ax.set_xticks(range(len(methods)), methods, rotation=30 if len(methods) > 3 else 0)
     ax.set_ylabel(f"Δm% vs {self.baseline} (per seed)")
     ax.set_title(f"{len(self.seeds)} seed{'s' if len(self.seeds) != 1 else ''}, paired by seed", fontsize=9)
-    if k > 1:
-      ax.legend(fontsize=7)
     fig.tight_layout()
+    if k > 1:  # outside the bars and seed dots
+      from mtjax._src import plotting  # pylint: disable=import-outside-toplevel
+
+      plotting.legend_outside(fig, [ax], title="model")
     if path:
       fig.savefig(path, dpi=120, bbox_inches="tight")
     return fig

@@ -17,6 +17,7 @@ from mtjax import metrics as metrics_lib
 from mtjax import training
 from mtjax.experiment import _config
 from mtjax.experiment import _registry as reg
+from mtjax.experiment._grid import markdown_table
 
 SPLIT = (0.7, 0.15, 0.15)  # train / validation / test of a dataset that comes as one piece
 VALID_FRACTION = 0.1  # of the training file, when a loader gives train and test only
@@ -450,9 +451,7 @@ def format_table(table: dict, names, prim, *, seeds: int, baseline: str) -> str:
       f"{row['ms_per_step']:.2f}",
     ]
     rows.append(cells)
-  widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-  fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-  lines = [fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows]
+  lines = [markdown_table(header, rows)]
   if any("n/a" in r for r in rows):
     lines += [
       "",
