@@ -342,7 +342,14 @@ def plot_heatmaps(res: dict, method: str = "linear", correlation: Optional[float
   p = res["config"]["main_correlation"] if correlation is None else correlation
   r = res["runs"][method, p]
   cos = _phase(r["cosine_groups"], "late").mean(0)  # [K, T, T]
-  return mtjax.analysis.plot_similarity_heatmaps(cos, res["layers"], res["task_names"], max_cols=len(res["layers"]))
+  fig = mtjax.analysis.plot_similarity_heatmaps(cos, res["layers"], res["task_names"], max_cols=len(res["layers"]))
+  nseeds = r["cosine_groups"].shape[0]
+  fig.suptitle(  # what each cell is: a reader can't tell the phase, the run or the averaging otherwise
+    f"task-gradient cosine per layer: {method}, label correlation p = {p}, late training, mean of {nseeds} seed(s)",
+    fontsize=9,
+    y=1.08,
+  )
+  return fig
 
 
 def plot_alignment(res: dict, correlation: Optional[float] = None, smooth: float = 0.1):

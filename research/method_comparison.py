@@ -37,6 +37,7 @@ from typing import Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common  # noqa: E402
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mtjax import experiment  # noqa: E402
@@ -163,7 +164,11 @@ def plot_summary(res: dict):
   axes[0].set_title("Δm% over all tasks (bars: of the seed means)" + paired, fontsize=9)
   annotated_bars(axes[1], labels, ms, colors=colors, fmt="{:.2f}", clip=False)
   axes[1].set_ylabel("ms / step (median)", fontsize=9)
-  axes[1].set_title("training speed (lower is faster)", fontsize=9)
+  device = jax.devices()[0].device_kind  # step times mean something on this device only, one run at a time
+  axes[1].set_title(
+    f"training speed, median ms/step on {device}\n(lower is faster; noisy on a loaded machine)",
+    fontsize=9,
+  )
   for ax in axes:
     ax.grid(axis="y", alpha=0.25)
   fig.tight_layout()

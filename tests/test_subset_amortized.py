@@ -435,5 +435,6 @@ def test_chunked_shared_jacobian_equals_unchunked():
 
   out, rows = run(params, batch)
   for c, got in zip((2, 3), out[1:]):
-    _assert_tree_close(got, out[0], rtol=1e-6, atol=1e-7, msg=f"chunk {c}: ")
+    # chunks sum in another order: a few float32 ulps of the largest entry (~2.3) apart
+    _assert_tree_close(got, out[0], rtol=1e-6, atol=1e-6, msg=f"chunk {c}: ")
   _assert_tree_close(out[0][0], rows, rtol=1e-5, atol=1e-6)  # the exact rows

@@ -179,10 +179,11 @@ def short_label(name: str, width: int = 14, *, keep: str = "end") -> str:
 
 def robust_limit(values, *, ratio: float = 3.0, room: float = 1.5) -> Optional[float]:
   """An axis half-range that one outlier does not set: ``room`` x the second largest |value| when the
-  largest |value| exceeds ``ratio`` x the second; else None (no clipping)."""
+  largest |value| exceeds ``ratio`` x the second; else None (no clipping). Only with at least three
+  other non-zero values: with one or two, the outlier's true height is the clearer picture."""
   v = np.asarray(values, np.float64)
   v = np.sort(np.abs(v[np.isfinite(v)]))[::-1]
-  if v.size < 3 or v[1] <= 0 or not v[0] > ratio * v[1]:
+  if (v > 0).sum() < 4 or not v[0] > ratio * v[1]:
     return None
   return float(room * v[1])
 

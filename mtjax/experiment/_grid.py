@@ -340,7 +340,11 @@ class GridResult:
       raise ValueError(f"mtjax: GridResult.table: kind must be 'paired' or 'metrics', got {kind!r}")
     header = (
       ["model", "method"]
-      + [f"Δ {n} {m.upper()}" for n, m in zip(self.task_names, self.metrics)]
+      # the raw difference: for a lower-is-better metric (MSE) a positive one is a loss
+      + [
+        f"Δ {n} {m.upper()} ({'↓' if lo else '↑'} better)"
+        for n, m, lo in zip(self.task_names, self.metrics, self.lower_is_better)
+      ]
       + ["Δm% (paired)", "W/L/T", "p (sign-flip)", "p (t-test)"]
     )
     rows = []

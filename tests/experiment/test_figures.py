@@ -218,3 +218,12 @@ def test_heatmap_range_is_fixed_and_values_written():
   assert all(len(t.get_text()) <= 12 for t in fig.axes[0].get_xticklabels())
   assert not math.isnan(cos.sum())
   plt.close(fig)
+
+
+def test_robust_limit_cuts_only_an_outlier_among_several_bars():
+  from mtjax._src.plotting import robust_limit
+
+  assert robust_limit([0.0, 3.29, 21.81]) is None  # two bars: show the true heights
+  assert robust_limit([0.0, 1.0, 1.2, 0.8, 30.0]) == pytest.approx(1.5 * 1.2)  # one outlier squashing three
+  assert robust_limit([0.0, 1.0, 1.2, 0.8, 2.0]) is None  # no outlier
+  assert robust_limit([np.nan, 1.0, -1.2, 0.8, -30.0]) == pytest.approx(1.8)  # |value|, NaN ignored

@@ -475,9 +475,14 @@ DEFAULT_CASES = (
   "m_config",
   "sdmgrad-1batch",
 )
-# Each method's default case in the fast tier, the option variants marked slow.
-ALL_DEFAULTS_FAST = pytest.mark.parametrize(
-  "name", [c.name if c.name in DEFAULT_CASES else pytest.param(c.name, marks=pytest.mark.slow) for c in CASES]
+# The compile-heavy contract tests: each method's default case in CI, its option variants in the extended
+# tier (the cheap contract tests below run every case everywhere).
+DEFAULTS_IN_CI = pytest.mark.parametrize(
+  "name",
+  [
+    c.name if c.name in DEFAULT_CASES else pytest.param(c.name, marks=[pytest.mark.slow, pytest.mark.extended])
+    for c in CASES
+  ],
 )
 
 
@@ -635,7 +640,7 @@ def sequence(seed, num_tasks=NUM_TASKS, dtype=np.float32, steps=NUM_STEPS):
 # ----------------------------------------------------------------------------- the table
 
 
-@ALL
+@DEFAULTS_IN_CI
 def test_chains_with_adam_extra_args_and_no_retrace(name):
   bundle = chain_bundle(name)
   params, grads, losses = sequence(0, steps=3)
@@ -650,7 +655,7 @@ def test_chains_with_adam_extra_args_and_no_retrace(name):
   assert len(bundle.traces) == 1, f"{name}: traced {len(bundle.traces)} times"
 
 
-@ALL
+@DEFAULTS_IN_CI
 def test_same_result_under_inject_hyperparams(name):
   case = CASE_BY_NAME[name]
   plain, inject = chain_bundle(name), inject_bundle(name)
@@ -665,7 +670,7 @@ def test_same_result_under_inject_hyperparams(name):
   assert len(inject.traces) == 1
 
 
-@ALL_DEFAULTS_FAST
+@DEFAULTS_IN_CI
 def test_float32_and_float64(name):
   params32, grads32, losses32 = sequence(2)
   bundle32 = chain_bundle(name, "float32")
@@ -751,7 +756,7 @@ def test_edge_case_gradients(name):
   assert len(bundle.traces) == 1
 
 
-@ALL_DEFAULTS_FAST
+@DEFAULTS_IN_CI
 @pytest.mark.parametrize("num_tasks", [1, 8])
 def test_one_and_many_tasks(name, num_tasks):
   case = CASE_BY_NAME[name]
@@ -806,7 +811,7 @@ def distance_to_segment(x, block=(0, 1, 2, 3)):
   return float(np.linalg.norm(x - (a + lam * (b - a))))
 
 
-@ALL
+@DEFAULTS_IN_CI
 def test_convergence_with_sgd_in_scan(name):
   case = CASE_BY_NAME[name]
   tx = optax.chain(case.make(2), optax.sgd(case.toy_lr))
@@ -900,7 +905,7 @@ def test_pareto_ltr_bounds_above_one_raise():
     jax.block_until_ready(bundle.step(grads, state, params, None))
 
 
-@ALL
+@DEFAULTS_IN_CI
 def test_state_contract(name):
   bundle = chain_bundle(name)
   params, grads, losses = sequence(8, steps=2)
