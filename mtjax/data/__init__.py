@@ -23,6 +23,7 @@ from mtjax.data._kuairand import kuairand
 from mtjax.data._synthetic import conflicting_tasks
 from mtjax.data._synthetic import funnel_synthetic
 from mtjax.data._synthetic import mmoe_synthetic
+from mtjax.data._synthetic import position_bias_synthetic
 
 __all__ = (
   "ALICCP_FIELDS",
@@ -42,4 +43,5 @@ __all__ = (
   "funnel_synthetic",
   "kuairand",
   "mmoe_synthetic",
+  "position_bias_synthetic",
 )

@@ -1,8 +1,10 @@
 """Synthetic multi-task data with known structure: controlled task correlation, a click ->
-conversion funnel with sample-selection bias, and conflicting binary tasks."""
+conversion funnel with sample-selection bias, clicks biased by the display position, and conflicting
+binary tasks."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -285,6 +287,205 @@ def funnel_synthetic(
       "correlation": rho,
       "signal": signal,
       "position_bias": position_bias,
+      "seed": seed,
+    },
+  )
+
+
+def position_bias_synthetic(
+  num_samples: int = 20000,
+  *,
+  num_users: int = 300,
+  num_items: int = 600,
+  num_positions: int = 8,
+  num_devices: int = 2,
+  dense_dim: int = 4,
+  latent_dim: int = 8,
+  click_rate: float = 0.2,
+  satisfaction_rate: float = 0.3,
+  signal: float = 2.0,
+  position_bias: float = 0.4,
+  device_effect: float = 1.0,
+  promotion: float = 1.0,
+  policy_relevance: float = 0.5,
+  item_quality: float = 1.0,
+  satisfaction_correlation: float = 0.6,
+  seed: int = 0,
+  embed_dim: int = 8,
+) -> MultiTaskDataset:
+  r"""Logged impressions whose clicks depend on the display position that an earlier ranker chose.
+
+  The data of the position-debiasing experiment of Zhao et al. (2019): a click task biased by the
+  position and a satisfaction task that is not. Every impression has a user, an item, ``dense_dim``
+  dense values :math:`d \sim \mathcal N(0, I)`, a device :math:`v` (uniform) and a position. With
+  latent user/item vectors (entries :math:`\mathcal N(0, 1/\sqrt k)`), a per-item quality
+  :math:`c_i \sim \mathcal N(0, 1)` and unit-norm dense weights, the unit-variance relevance and
+  second score are
+
+  .. math::
+    r = \frac{\kappa c_i + u_a^\top i_a + a^\top d}{\sqrt{2 + \kappa^2}}, \qquad
+    r' = (u_b^\top i_b + b^\top d)/\sqrt 2 ,
+
+  with :math:`\kappa` ``item_quality`` (how much of the relevance is the item's alone).
+
+  The logging policy (the ranker that chose the positions) prefers some items for reasons
+  unrelated to relevance (a per-item promotion score :math:`\pi_i \sim \mathcal N(0, 1)`):
+  :math:`q = \beta r + \mu \pi_i + \epsilon`, :math:`\epsilon \sim \mathcal N(0, 1)`, and the
+  position is the bucket of :math:`q`'s quantile, 0 at the top:
+  :math:`\mathrm{pos} = \lfloor P\,(1 - \Phi(q / \mathrm{sd}(q))) \rfloor`. Then
+
+  .. math::
+    \mathrm{pCTR} = \sigma(b_c + \gamma r - \lambda_v\, \mathrm{pos}), \quad
+    \lambda_v = \lambda \Big(1 + \delta \frac{v}{\max(V - 1, 1)}\Big), \qquad
+    \mathrm{pSat} = \sigma\big(b_s + \gamma(\rho r + \sqrt{1 - \rho^2}\, r')\big),
+
+  with :math:`\gamma` ``signal``, :math:`\lambda` ``position_bias``, :math:`\delta` ``device_effect``
+  (the position matters more on some devices), :math:`\beta` ``policy_relevance``, :math:`\mu`
+  ``promotion`` and :math:`\rho` ``satisfaction_correlation``; ``click ~ Bernoulli(pCTR)``,
+  ``satisfaction ~ Bernoulli(pSat)``. The intercepts are solved (by bisection, on 65,536 extra
+  draws) so that the logged click rate is ``click_rate`` and the satisfaction rate
+  ``satisfaction_rate``.
+
+  A model that learns the logged clicks without the position learns :math:`E[\mathrm{click} | x]`,
+  which mixes relevance with the promotion :math:`\pi_i` (promoted items were shown higher, so
+  clicked more); the unbiased click-through :math:`\sigma(b_c + \gamma r)` (the click probability
+  at the top position) ranks by relevance alone. ``extras`` holds that ground truth:
+  ``unbiased_ctr`` and a counterfactual label ``unbiased_click ~ Bernoulli(unbiased_ctr)`` (an
+  independent draw), ``relevance`` (:math:`r`), ``promotion`` (:math:`\pi_i`), ``true_ctr``
+  (the logged pCTR) and ``true_satisfaction``, all float32 ``[N]``.
+
+  Layout: features ``user``, ``item``, ``position``, ``device`` (int32 ids) and ``dense``
+  (``[N, dense_dim]``); tasks ``('click', 'satisfaction')``, every label observed.
+
+  Examples:
+    >>> from mtjax import data
+    >>> ds = data.position_bias_synthetic(4000, seed=0)
+    >>> ds.task_names, sorted(ds.features)
+    (('click', 'satisfaction'), ['dense', 'device', 'item', 'position', 'user'])
+    >>> import numpy as np
+    >>> ctr = [ds.labels[0][ds.features['position'] == p].mean() for p in (0, 7)]
+    >>> bool(ctr[0] > 2 * ctr[1])   # the top position is clicked much more often
+    True
+
+  Args:
+    num_samples: number of impressions.
+    num_users, num_items, num_positions, num_devices: vocabulary sizes (``P``, ``V``).
+    dense_dim: width of the dense feature.
+    latent_dim: ``k``, the width of the latent user/item vectors.
+    click_rate, satisfaction_rate: the logged click rate and the satisfaction rate, in ``(0, 1)``.
+    signal: ``gamma``.
+    position_bias: ``lambda`` >= 0, the logit lost per position on device 0.
+    device_effect: ``delta`` >= 0.
+    promotion: ``mu`` >= 0, how much the logging policy promotes items regardless of relevance.
+    policy_relevance: ``beta``, how much it ranked by relevance.
+    item_quality: ``kappa`` >= 0.
+    satisfaction_correlation: ``rho`` in ``[-1, 1]``.
+    seed: the generator seed (sub-streams ``(seed, 0)`` model, ``(seed, 1)`` calibration,
+      ``(seed, 2)`` samples).
+    embed_dim: embedding width put in the spec.
+
+  Returns:
+    A :class:`MultiTaskDataset`.
+
+  References:
+    Zhao, Hong, Wei, Chen, Nath, Andrews, Kumthekar, Sathiamoorthy, Yi, Chi, *Recommending What
+    Video to Watch Next: A Multitask Ranking System*, RecSys 2019.
+  """
+  rho = float(satisfaction_correlation)
+  if not (0 < click_rate < 1 and 0 < satisfaction_rate < 1 and -1 <= rho <= 1):
+    raise ValueError(
+      "mtjax: position_bias_synthetic needs click_rate, satisfaction_rate in (0, 1) and "
+      f"satisfaction_correlation in [-1, 1]; got {click_rate}, {satisfaction_rate}, {satisfaction_correlation}."
+    )
+  if min(position_bias, device_effect, promotion, item_quality) < 0:
+    raise ValueError(
+      "mtjax: position_bias_synthetic needs position_bias, device_effect, promotion and item_quality >= 0; "
+      f"got {position_bias}, {device_effect}, {promotion}, {item_quality}."
+    )
+  if min(num_samples, num_users, num_items, num_positions, num_devices, dense_dim, latent_dim) < 1:
+    raise ValueError(
+      "mtjax: position_bias_synthetic sizes (num_samples, num_users, num_items, num_positions, "
+      "num_devices, dense_dim, latent_dim) must all be >= 1."
+    )
+  phi = np.vectorize(lambda z: 0.5 * (1.0 + math.erf(z / math.sqrt(2.0))), otypes=[np.float64])
+  model = np.random.default_rng((seed, 0))
+  k4 = latent_dim**0.25
+  ua, ub = model.standard_normal((2, num_users, latent_dim)) / k4
+  ia, ib = model.standard_normal((2, num_items, latent_dim)) / k4
+  a, b = model.standard_normal((2, dense_dim))
+  a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
+  promo = model.standard_normal(num_items)
+  quality = model.standard_normal(num_items)
+  slope = position_bias * (1.0 + device_effect * np.arange(num_devices) / max(num_devices - 1, 1))
+  q_sd = np.sqrt(policy_relevance**2 + promotion**2 + 1.0)
+
+  def draw(rng, n):
+    user, item = rng.integers(num_users, size=n), rng.integers(num_items, size=n)
+    dense = rng.standard_normal((n, dense_dim))
+    device = rng.integers(num_devices, size=n)
+    r = (item_quality * quality[item] + np.einsum("nk,nk->n", ua[user], ia[item]) + dense @ a) / np.sqrt(
+      2.0 + item_quality**2
+    )
+    r2 = (np.einsum("nk,nk->n", ub[user], ib[item]) + dense @ b) / np.sqrt(2.0)
+    q = policy_relevance * r + promotion * promo[item] + rng.standard_normal(n)
+    pos = np.minimum(np.floor(num_positions * (1.0 - phi(q / q_sd))), num_positions - 1).astype(np.int64)
+    click = signal * r - slope[device] * pos
+    sat = signal * (rho * r + np.sqrt(1.0 - rho * rho) * r2)
+    return user, item, dense, device, pos, r, click, sat
+
+  *_, calib_click, calib_sat = draw(np.random.default_rng((seed, 1)), 65536)
+  b_click = _calibrate_intercept(calib_click, click_rate)
+  b_sat = _calibrate_intercept(calib_sat, satisfaction_rate)
+
+  rng = np.random.default_rng((seed, 2))
+  user, item, dense, device, pos, r, s_click, s_sat = draw(rng, num_samples)
+  p_ctr, p_sat = _sigmoid(b_click + s_click), _sigmoid(b_sat + s_sat)
+  unbiased = _sigmoid(b_click + signal * r)
+  click = rng.random(num_samples) < p_ctr
+  sat = rng.random(num_samples) < p_sat
+  unbiased_click = rng.random(num_samples) < unbiased
+  spec = FeatureSpec(
+    categorical=(
+      Categorical("user", num_users, embed_dim),
+      Categorical("item", num_items, embed_dim),
+      Categorical("position", num_positions, embed_dim),
+      Categorical("device", num_devices, embed_dim),
+    ),
+    dense=(Dense("dense", dense_dim),),
+  )
+  f32 = lambda v: np.asarray(v, np.float32)
+  return MultiTaskDataset(
+    features={
+      "user": user.astype(np.int32),
+      "item": item.astype(np.int32),
+      "position": pos.astype(np.int32),
+      "device": device.astype(np.int32),
+      "dense": dense.astype(np.float32),
+    },
+    labels=np.stack([click, sat]).astype(np.float32),
+    masks=np.ones((2, num_samples), bool),
+    task_names=("click", "satisfaction"),
+    spec=spec,
+    extras={
+      "unbiased_ctr": f32(unbiased),
+      "unbiased_click": f32(unbiased_click),
+      "relevance": f32(r),
+      "promotion": f32(promo[item]),
+      "true_ctr": f32(p_ctr),
+      "true_satisfaction": f32(p_sat),
+    },
+    metadata={
+      "name": "position_bias_synthetic",
+      "intercepts": (b_click, b_sat),
+      "click_rate": click_rate,
+      "satisfaction_rate": satisfaction_rate,
+      "position_bias": position_bias,
+      "device_effect": device_effect,
+      "promotion": promotion,
+      "policy_relevance": policy_relevance,
+      "item_quality": item_quality,
+      "satisfaction_correlation": rho,
+      "signal": signal,
       "seed": seed,
     },
   )

@@ -13,6 +13,7 @@ DATASETS = {
   "conflicting": data.conflicting_tasks,
   "mmoe_synthetic": data.mmoe_synthetic,
   "funnel": data.funnel_synthetic,
+  "position_bias": data.position_bias_synthetic,
   "census": data.census_income,
   "aliexpress": data.aliexpress,
   "aliccp": data.aliccp,

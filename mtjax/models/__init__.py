@@ -34,6 +34,8 @@ from mtjax.models._star import PartitionedNorm
 from mtjax.models._star import StarDense
 from mtjax.models._stem import STEM
 from mtjax.models._stem import STEMLevel
+from mtjax.models._youtube import YouTubeRanker
+from mtjax.models._youtube import split_spec
 
 __all__ = (
   "AITM",
@@ -61,9 +63,11 @@ __all__ = (
   "STEMLevel",
   "SharedBottom",
   "StarDense",
+  "YouTubeRanker",
   "available",
   "gate_dropout",
   "get",
   "partition",
   "register",
+  "split_spec",
 )

@@ -58,6 +58,19 @@ CASES = {
   "esmm": (dict(tower=(16, 8, 1)), "esmm"),
   "esm2": (dict(tower=(16, 8, 1)), "esm2"),
   "aitm": (dict(num_tasks=2, tower=(16, 8)), "aitm"),
+  "youtube": (
+    dict(
+      num_tasks=2,
+      num_experts=3,
+      expert=(16,),
+      tower=(8, 1),
+      bias_features=("prior",),
+      position_feature="prior",
+      position_dropout=0.0,  # this loop passes no dropout RNG (tests/models/test_youtube.py trains with it)
+      engagement_tasks=(0,),
+    ),
+    "plain",
+  ),
 }
 
 

@@ -48,6 +48,11 @@ CASES = {
   "esmm_bottom": ("esmm", dict(tower=(6, 1), bottom=(8,)), "esmm"),
   "esm2": ("esm2", dict(tower=(6, 1)), "esm2"),
   "aitm": ("aitm", dict(num_tasks=3, tower=(6, 4)), "aitm"),
+  "youtube": (
+    "youtube",
+    dict(num_tasks=3, bias_features=("domain",), position_feature="domain", engagement_tasks=(0, 2), **MOE),
+    "plain",
+  ),
 }
 
 
@@ -106,6 +111,7 @@ HEADS = {
   "esmm_bottom": r"^tower_",
   "esm2": r"^tower_",
   "aitm": r"^(tower_|transfer_|attention_|head_)",
+  "youtube": r"^(gate_|tower_)",  # the shallow tower feeds the representation: part of the trunk
 }
 # The registered models, plus the "vmap" experts: the numeric checks compile, so they run on these.
 NUMERIC = sorted({c for c, (name, _, _) in CASES.items() if c == name} | {"mmoe_vmap"})
@@ -232,6 +238,7 @@ VIEWS = {
   "stem",
   "stem_2levels",
   "pepnet",
+  "youtube",
 }
 
 

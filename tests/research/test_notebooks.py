@@ -26,7 +26,7 @@ def _builder():
 def test_one_notebook_per_ablation():
   names = [os.path.basename(p) for p in NOTEBOOKS]
   assert names == sorted(_builder().NOTEBOOKS)
-  assert len(names) == 4
+  assert len(names) == 5
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)

@@ -376,3 +376,39 @@ def test_method_comparison_fast(tmp_path, capsys):
   for f in ("learning_curves.png", "delta_m_and_speed.png", "conflict_over_steps.png", "task_weights.png"):
     assert _is_png(tmp_path / f)
   assert "Δm%" in (tmp_path / "table.md").read_text()
+
+
+# ------------------------------------------------------------------ position debiasing
+
+
+def test_position_bias_fast(tmp_path, capsys):
+  pb = _load("position_bias")
+  res = pb.main(["--fast", "--out", str(tmp_path)])
+  out = capsys.readouterr().out
+  assert "AUC vs unbiased clicks" in out and "youtube - mmoe" in out and "Conclusion:" in out
+  for m in pb.MODELS:
+    assert f"| {m} " in out
+    for k, _, _ in pb.METRICS:
+      assert 0.0 < res["results"][m][k][0] < 1.0, (m, k)
+  assert _is_png(tmp_path / "debiasing.png")
+  saved = json.load(open(tmp_path / "results.json"))
+  assert saved["results"]["youtube"]["auc_unbiased"] == res["results"]["youtube"]["auc_unbiased"]
+
+
+def test_position_bias_metrics_and_conclusion():
+  pb = _load("position_bias")
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=50), rng.normal(size=50)
+  ranks = lambda v: np.argsort(np.argsort(v)).astype(float)
+  assert pb.spearman(a, b) == pytest.approx(np.corrcoef(ranks(a), ranks(b))[0, 1])
+  assert pb.spearman(a, 3 * a + 1) == pytest.approx(1.0)
+  # The conclusion follows the paired statistics: 8 seeds all better is significant, 1 seed is not.
+  keys = [k for k, _, _ in pb.METRICS]
+  better = {m: {k: [0.70 + 0.01 * (m == "youtube") + 0.001 * s for s in range(8)] for k in keys} for m in pb.MODELS}
+  res = {"results": better, "setting": {"seeds": list(range(8))}}
+  text = pb.conclusion(res, pb.tables({**res, "oracle": {"auc_unbiased": [0.9] * 8}})[2])
+  assert "rank the unbiased clicks better than mmoe's" in text and "p = 0.008" in text
+  one = {m: {k: v[:1] for k, v in r.items()} for m, r in better.items()}
+  res1 = {"results": one, "setting": {"seeds": [0]}}
+  text1 = pb.conclusion(res1, pb.tables({**res1, "oracle": {"auc_unbiased": [0.9]}})[2])
+  assert "do not establish a difference" in text1
