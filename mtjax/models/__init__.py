@@ -5,6 +5,8 @@ class or by name with ``mtjax.models.get(name, **config)``.
 """
 
 from mtjax.models._aitm import AITM
+from mtjax.models._cross_stitch import CrossStitch
+from mtjax.models._cross_stitch import CrossStitchUnit
 from mtjax.models._esmm import ESM2
 from mtjax.models._esmm import ESMM
 from mtjax.models._experts import Experts
@@ -41,6 +43,8 @@ __all__ = (
   "AITM",
   "CGC",
   "Categorical",
+  "CrossStitch",
+  "CrossStitchUnit",
   "Dense",
   "ESM2",
   "ESMM",

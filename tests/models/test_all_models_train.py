@@ -58,6 +58,7 @@ CASES = {
   "esmm": (dict(tower=(16, 8, 1)), "esmm"),
   "esm2": (dict(tower=(16, 8, 1)), "esm2"),
   "aitm": (dict(num_tasks=2, tower=(16, 8)), "aitm"),
+  "cross_stitch": (dict(num_tasks=2, hidden=(16, 8), tower=(1,)), "plain"),
   "youtube": (
     dict(
       num_tasks=2,

@@ -48,6 +48,8 @@ CASES = {
   "esmm_bottom": ("esmm", dict(tower=(6, 1), bottom=(8,)), "esmm"),
   "esm2": ("esm2", dict(tower=(6, 1)), "esm2"),
   "aitm": ("aitm", dict(num_tasks=3, tower=(6, 4)), "aitm"),
+  "cross_stitch": ("cross_stitch", dict(num_tasks=3, hidden=(6, 4), tower=(1,)), "plain"),
+  "cross_stitch_channels": ("cross_stitch", dict(num_tasks=2, hidden=(6,), channel_wise=True), "plain"),
   "youtube": (
     "youtube",
     dict(num_tasks=3, bias_features=("domain",), position_feature="domain", engagement_tasks=(0, 2), **MOE),
@@ -111,6 +113,8 @@ HEADS = {
   "esmm_bottom": r"^tower_",
   "esm2": r"^tower_",
   "aitm": r"^(tower_|transfer_|attention_|head_)",
+  "cross_stitch": r"^tower_",
+  "cross_stitch_channels": r"^tower_",
   "youtube": r"^(gate_|tower_)",  # the shallow tower feeds the representation: part of the trunk
 }
 # The registered models, plus the "vmap" experts: the numeric checks compile, so they run on these.
@@ -239,6 +243,8 @@ VIEWS = {
   "stem_2levels",
   "pepnet",
   "youtube",
+  "cross_stitch",
+  "cross_stitch_channels",
 }
 
 
