@@ -378,6 +378,7 @@ def make_loss_fn(
   train: bool = False,
   mutable: Sequence[str] = (),
   multi_task_loss: Optional[Callable[..., jax.Array]] = None,
+  regularization_key: Optional[str] = "regularization",
 ) -> Callable[..., Any]:
   r"""Builds ``loss_fn(params, batch, rngs=None, variables=None) -> [T]`` from a model and task losses.
 
@@ -417,6 +418,9 @@ def make_loss_fn(
     mutable: variable collections the model may update (e.g. ``('batch_stats',)``).
     multi_task_loss: optional ``fn(outputs [T, B], labels [T, B], mask [T, B] or None) -> [T]``
       used instead of ``task_losses`` for losses that combine several outputs (ESMM-style).
+    regularization_key: a key of the model's aux dict holding per-task penalties ``[T]`` (e.g.
+      :class:`mtjax.models.DSelectK`'s gate entropy) that are added to the task losses, task ``t``'s
+      to task ``t``; ignored when the model's aux has no such key; ``None``: never added.
 
   Returns:
     ``loss_fn(params, batch, rngs=None, variables=None)`` returning ``[T]`` task losses, or
@@ -492,6 +496,14 @@ def make_loss_fn(
     else:
       groups = None if group_key is None else _stack_from_batch(batch, group_key, "group")
       losses = per_task_loss(outputs, labels, mask, task_losses=task_losses, groups=groups)
+    if regularization_key is not None and isinstance(model_aux, Mapping) and regularization_key in model_aux:
+      penalty = jnp.asarray(model_aux[regularization_key])
+      if penalty.shape != losses.shape:
+        raise ValueError(
+          f"mtjax: make_loss_fn: the model's aux[{regularization_key!r}] has shape {penalty.shape}; it must "
+          f"hold one penalty per task, shape {losses.shape} (or build the loss with regularization_key=None)."
+        )
+      losses = losses + penalty.astype(losses.dtype)
     if not has_aux:
       return losses
     aux = {"model": model_aux, "outputs": outputs}

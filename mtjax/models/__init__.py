@@ -7,6 +7,9 @@ class or by name with ``mtjax.models.get(name, **config)``.
 from mtjax.models._aitm import AITM
 from mtjax.models._cross_stitch import CrossStitch
 from mtjax.models._cross_stitch import CrossStitchUnit
+from mtjax.models._dselect_k import DSelectK
+from mtjax.models._dselect_k import DSelectKGate
+from mtjax.models._dselect_k import smooth_step
 from mtjax.models._esmm import ESM2
 from mtjax.models._esmm import ESMM
 from mtjax.models._experts import Experts
@@ -45,6 +48,8 @@ __all__ = (
   "Categorical",
   "CrossStitch",
   "CrossStitchUnit",
+  "DSelectK",
+  "DSelectKGate",
   "Dense",
   "ESM2",
   "ESMM",
@@ -73,5 +78,6 @@ __all__ = (
   "get",
   "partition",
   "register",
+  "smooth_step",
   "split_spec",
 )

@@ -59,6 +59,7 @@ CASES = {
   "esm2": (dict(tower=(16, 8, 1)), "esm2"),
   "aitm": (dict(num_tasks=2, tower=(16, 8)), "aitm"),
   "cross_stitch": (dict(num_tasks=2, hidden=(16, 8), tower=(1,)), "plain"),
+  "dselect_k": (dict(num_tasks=2, num_experts=4, k=2, expert=(16,), tower=(8, 1), entropy_reg=1e-3), "plain"),
   "youtube": (
     dict(
       num_tasks=2,

@@ -49,6 +49,8 @@ CASES = {
   "esm2": ("esm2", dict(tower=(6, 1)), "esm2"),
   "aitm": ("aitm", dict(num_tasks=3, tower=(6, 4)), "aitm"),
   "cross_stitch": ("cross_stitch", dict(num_tasks=3, hidden=(6, 4), tower=(1,)), "plain"),
+  "dselect_k": ("dselect_k", dict(num_tasks=2, k=2, entropy_reg=0.1, **MOE), "plain"),
+  "dselect_k_per_example": ("dselect_k", dict(num_tasks=2, k=2, per_example=True, **MOE), "plain"),
   "cross_stitch_channels": ("cross_stitch", dict(num_tasks=2, hidden=(6,), channel_wise=True), "plain"),
   "youtube": (
     "youtube",
@@ -114,6 +116,8 @@ HEADS = {
   "esm2": r"^tower_",
   "aitm": r"^(tower_|transfer_|attention_|head_)",
   "cross_stitch": r"^tower_",
+  "dselect_k": r"^(gate_|tower_)",
+  "dselect_k_per_example": r"^(gate_|tower_)",
   "cross_stitch_channels": r"^tower_",
   "youtube": r"^(gate_|tower_)",  # the shallow tower feeds the representation: part of the trunk
 }
@@ -245,6 +249,8 @@ VIEWS = {
   "youtube",
   "cross_stitch",
   "cross_stitch_channels",
+  "dselect_k",
+  "dselect_k_per_example",
 }
 
 
