@@ -297,3 +297,121 @@ def test_make_loss_fn_batch_stats_and_errors():
     f(p, {**batch, "labels": jnp.zeros((3, 6))})
   with pytest.raises(ValueError, match="task order is ambiguous"):
     f(p, {**batch, "labels": {"a": jnp.zeros(6), "b": jnp.zeros(6)}})
+
+
+# ------------------------------------------------------------------ sample weights
+
+
+def _np_weighted(outputs, labels, mask, weights, kinds, normalization):
+  out = []
+  for t, kind in enumerate(kinds):
+    o, y = np.asarray(outputs[t], np.float64), np.asarray(labels[t], np.float64)
+    d, w = np.asarray(mask[t], np.float64), np.asarray(weights[t], np.float64)
+    y = np.where(d != 0, y, 0.0)
+    ell = np.logaddexp(0.0, o) - y * o if kind == "bce" else (o - y) ** 2
+    den = d.sum() if normalization == "valid" else (d * w).sum()
+    out.append(0.0 if den == 0 else (d * w * ell).sum() / den)
+  return np.array(out)
+
+
+@pytest.mark.parametrize("normalization", ["valid", "weights"])
+def test_sample_weights_match_numpy_float64(normalization):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    outputs = rng.normal(size=(3, 9))
+    labels = np.stack([rng.random(9) < 0.5, rng.random(9) < 0.3, rng.normal(size=9)]).astype(np.float64)
+    mask = rng.random((3, 9)) < 0.7
+    mask[2] = False  # a task without a valid sample: 0, zero gradient
+    weights = rng.uniform(0.0, 5.0, size=(3, 9))
+    weights[0, :3] = 0.0
+    kinds = ("bce", "bce", "mse")
+    got = losses.per_task_loss(
+      jnp.asarray(outputs),
+      jnp.asarray(labels),
+      jnp.asarray(mask),
+      task_losses=kinds,
+      sample_weights=jnp.asarray(weights),
+      weight_normalization=normalization,
+    )
+    np.testing.assert_allclose(got, _np_weighted(outputs, labels, mask, weights, kinds, normalization), rtol=1e-12)
+    # the gradient: d L_t / d o_ti = d_i w_i dl/do / den
+    g = jax.grad(
+      lambda o: losses.per_task_loss(
+        o,
+        jnp.asarray(labels),
+        jnp.asarray(mask),
+        task_losses=kinds,
+        sample_weights=jnp.asarray(weights),
+        weight_normalization=normalization,
+      )[0]
+    )(jnp.asarray(outputs))
+    sig = 1.0 / (1.0 + np.exp(-outputs[0]))
+    den = mask[0].sum() if normalization == "valid" else (mask[0] * weights[0]).sum()
+    np.testing.assert_allclose(g[0], mask[0] * weights[0] * (sig - labels[0]) / den, rtol=1e-10, atol=1e-15)
+    # a task without a valid sample: loss 0 and a zero gradient
+    g2 = jax.grad(
+      lambda o: losses.per_task_loss(
+        o,
+        jnp.asarray(labels),
+        jnp.asarray(mask),
+        task_losses=kinds,
+        sample_weights=jnp.asarray(weights),
+        weight_normalization=normalization,
+      )[2]
+    )(jnp.asarray(outputs))
+    assert float(got[2]) == 0.0 and np.all(np.asarray(g2) == 0.0)
+
+
+def test_sample_weights_conventions_and_errors():
+  rng = np.random.default_rng(1)
+  outputs = jnp.asarray(rng.normal(size=(2, 6)), jnp.float32)
+  labels = jnp.asarray(rng.random((2, 6)) < 0.5, jnp.float32)
+  plain = losses.per_task_loss(outputs, labels)
+  ones = losses.per_task_loss(outputs, labels, sample_weights=jnp.ones(6))  # [B]: every task
+  np.testing.assert_allclose(ones, plain, rtol=1e-6)
+  w = jnp.asarray(rng.uniform(0.5, 2.0, size=(2, 6)), jnp.float32)
+  valid = losses.per_task_loss(outputs, labels, sample_weights=w)
+  np.testing.assert_allclose(losses.per_task_loss(outputs, labels, sample_weights=3 * w), 3 * valid, rtol=1e-6)
+  mean = losses.per_task_loss(outputs, labels, sample_weights=w, weight_normalization="weights")
+  np.testing.assert_allclose(
+    losses.per_task_loss(outputs, labels, sample_weights=3 * w, weight_normalization="weights"), mean, rtol=1e-6
+  )
+  with pytest.raises(ValueError, match="finite and non-negative"):
+    losses.per_task_loss(outputs, labels, sample_weights=w.at[0, 1].set(-1.0))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="finite and non-negative"):  # under jit: runtime checks
+    jax.block_until_ready(
+      jax.jit(lambda ww: losses.per_task_loss(outputs, labels, sample_weights=ww))(w.at[1, 2].set(jnp.nan))
+    )
+  with pytest.raises(ValueError, match=r"must be \[T, B\] = \(2, 6\) or \[B\] = \(6,\)"):
+    losses.per_task_loss(outputs, labels, sample_weights=jnp.ones(5))
+  with pytest.raises(ValueError, match=r"task 1 \('ranknet'\) take none"):
+    losses.per_task_loss(outputs, labels, task_losses=("bce", "ranknet"), sample_weights=w)
+  with pytest.raises(ValueError, match="weight_normalization must be one of"):
+    losses.per_task_loss(outputs, labels, sample_weights=w, weight_normalization="sum")
+
+
+def test_make_loss_fn_reads_sample_weights_from_the_batch():
+  class Lin(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train=False):
+      return nn.Dense(2)(x).T, {}
+
+  model = Lin()
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+  batch = {
+    "x": x,
+    "labels": jnp.asarray(rng.random((2, 6)) < 0.5, jnp.float32),
+    "watch": jnp.asarray(rng.uniform(0, 4, 6), jnp.float32),
+  }
+  params = model.init(jax.random.key(0), x)["params"]
+  fn = losses.make_loss_fn(model, "bce", has_aux=False, weight_key="watch", weight_normalization="weights")
+  outputs = model.apply({"params": params}, x)[0]
+  want = losses.per_task_loss(outputs, batch["labels"], sample_weights=batch["watch"], weight_normalization="weights")
+  np.testing.assert_allclose(fn(params, batch), want, rtol=1e-6)
+  _, grads = mtjax.task_grads(fn)(params, batch)
+  assert grads["Dense_0"]["kernel"].shape == (2, 3, 2)
+  with pytest.raises(ValueError, match="weight key 'missing' is not in the batch"):
+    losses.make_loss_fn(model, "bce", has_aux=False, weight_key="missing")(params, batch)
+  with pytest.raises(ValueError, match="a multi_task_loss takes no sample weights"):
+    losses.make_loss_fn(model, multi_task_loss=losses.esmm_loss, weight_key="watch")

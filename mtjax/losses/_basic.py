@@ -244,6 +244,47 @@ def _ranknet_task(outputs, labels, mask, groups):
 
 _BUILTIN = {"bce": _bce_task, "mse": _mse_task, "ranknet": _ranknet_task}
 
+_PER_SAMPLE = {_bce_task: bce_with_logits, _mse_task: mse}
+WEIGHT_NORMALIZATIONS = ("valid", "weights")
+
+
+def _checked_weights(weights, outputs, fns, task_losses, normalization) -> jax.Array:
+  """``[T, B]`` weights in the outputs' dtype; errors for bad shapes, losses without weights, negative weights."""
+  from mtjax._src import numerics  # pylint: disable=import-outside-toplevel
+
+  if normalization not in WEIGHT_NORMALIZATIONS:
+    raise ValueError(f"mtjax: weight_normalization must be one of {WEIGHT_NORMALIZATIONS}, got {normalization!r}.")
+  specs = [task_losses] * len(fns) if isinstance(task_losses, str) or callable(task_losses) else list(task_losses)
+  unweighted = [f"task {t} ({spec!r})" for t, (fn, spec) in enumerate(zip(fns, specs)) if fn not in _PER_SAMPLE]
+  if unweighted:
+    raise ValueError(
+      f"mtjax: sample weights apply to the 'bce' and 'mse' task losses; {', '.join(unweighted)} take none "
+      "(a callable loss can read its weights from a closure or the batch)."
+    )
+  weights = jnp.asarray(weights)
+  if weights.shape == outputs.shape[1:]:
+    weights = jnp.broadcast_to(weights[None], outputs.shape)
+  if weights.shape != outputs.shape:
+    raise ValueError(
+      f"mtjax: sample weights must be [T, B] = {outputs.shape} or [B] = {outputs.shape[1:]}, got {weights.shape}."
+    )
+  weights = weights.astype(outputs.dtype)
+  check = numerics.condition_check(jnp.any(weights < 0) | ~jnp.all(jnp.isfinite(weights)), _negative_weights)
+  return numerics.enforce(weights, check)
+
+
+def _negative_weights(_) -> str:
+  return "mtjax: sample weights must be finite and non-negative (a weight scales a sample's loss)."
+
+
+def _weighted_task_loss(fn, outputs, labels, mask, weights, normalization) -> jax.Array:
+  values = _PER_SAMPLE[fn](outputs, labels)
+  valid = mask != 0
+  d = mask.astype(values.dtype)
+  num = jnp.sum(jnp.where(valid, values * weights * d, jnp.zeros_like(values)))
+  den = jnp.sum(d) if normalization == "valid" else jnp.sum(jnp.where(valid, weights * d, jnp.zeros_like(d)))
+  return _safe_ratio(num, den)
+
 
 def _resolve(spec: LossSpec) -> Callable:
   if isinstance(spec, str):
@@ -277,6 +318,8 @@ def per_task_loss(
   *,
   task_losses: Union[LossSpec, Sequence[LossSpec]] = "bce",
   groups: Optional[jax.Array] = None,
+  sample_weights: Optional[jax.Array] = None,
+  weight_normalization: str = "valid",
 ) -> jax.Array:
   r"""Vector of masked task losses ``[T]`` from ``[T, B]`` outputs, labels and mask.
 
@@ -295,6 +338,20 @@ def per_task_loss(
   Labels of masked-out samples are replaced by 0 before the loss, so garbage (even NaN) labels
   there cannot reach the value or the gradient.
 
+  Sample weights (``"bce"`` and ``"mse"``): with non-negative ``sample_weights`` :math:`w` (``[T, B]``,
+  or ``[B]`` for every task; e.g. watch time on the positives of a click task, the weighted
+  logistic regression of YouTube's ranking models),
+
+  .. math::
+    L_t = \frac{\sum_i d_{ti} w_{ti} \ell_{ti}}{\sum_i d_{ti}} \;(\texttt{"valid"}), \qquad
+    L_t = \frac{\sum_i d_{ti} w_{ti} \ell_{ti}}{\sum_i d_{ti} w_{ti}} \;(\texttt{"weights"}),
+
+  ``"valid"`` (default; TensorFlow's ``SUM_BY_NONZERO_WEIGHTS`` when weights are positive): the
+  weights scale the task's loss, so all weights 1 is the unweighted loss and weights 2 double it;
+  ``"weights"``: the weighted mean, invariant to the weights' scale. A negative weight raises
+  (eagerly, or through mtjax's runtime checks under ``jit``). ``"ranknet"`` and callable losses
+  take no sample weights (a callable reads its own from a closure or the batch).
+
   Examples:
     >>> import jax.numpy as jnp
     >>> from mtjax import losses
@@ -310,6 +367,8 @@ def per_task_loss(
     mask: optional ``[T, B]`` bool or float validity weights.
     task_losses: the per-task loss spec (see above).
     groups: optional group ids for ``"ranknet"``, ``[B]`` (shared by all tasks) or ``[T, B]``.
+    sample_weights: optional non-negative ``[T, B]`` or ``[B]`` per-sample weights (see above).
+    weight_normalization: ``"valid"`` or ``"weights"`` (see above).
 
   Returns:
     ``[T]`` task losses, ready for :func:`mtjax.task_grads`.
@@ -331,9 +390,15 @@ def per_task_loss(
     groups = jnp.asarray(groups)
     if groups.shape not in (outputs.shape[1:], outputs.shape):
       raise ValueError(f"mtjax: per_task_loss: groups must be [B] or [T, B] = {outputs.shape}, got {groups.shape}.")
+  if sample_weights is not None:
+    sample_weights = _checked_weights(sample_weights, outputs, fns, task_losses, weight_normalization)
   out = []
   for t, fn in enumerate(fns):
     g = None if groups is None else (groups if groups.ndim == 1 else groups[t])
+    if sample_weights is not None:
+      loss = _weighted_task_loss(fn, outputs[t], labels[t], mask[t], sample_weights[t], weight_normalization)
+      out.append(loss)
+      continue
     loss = jnp.asarray(fn(outputs[t], labels[t], mask[t], g))
     if loss.ndim != 0:
       raise ValueError(
@@ -379,6 +444,8 @@ def make_loss_fn(
   mutable: Sequence[str] = (),
   multi_task_loss: Optional[Callable[..., jax.Array]] = None,
   regularization_key: Optional[str] = "regularization",
+  weight_key: Union[None, str, Sequence[str]] = None,
+  weight_normalization: str = "valid",
 ) -> Callable[..., Any]:
   r"""Builds ``loss_fn(params, batch, rngs=None, variables=None) -> [T]`` from a model and task losses.
 
@@ -397,6 +464,8 @@ def make_loss_fn(
   * Mask ``[T, B]`` (optional): the same forms under ``mask_key``; without ``mask_key`` every
     sample is valid for every task. A task with no valid sample gets loss 0 and zero gradient.
   * Groups ``[B]`` or ``[T, B]`` (optional, for ``"ranknet"``): ``batch[group_key]``.
+  * Sample weights ``[T, B]`` or ``[B]`` (optional): ``batch[weight_key]`` (or a tuple of keys),
+    passed to :func:`per_task_loss` with ``weight_normalization``.
 
   Model state: other variable collections (e.g. ``batch_stats``) are passed explicitly as
   ``variables={'batch_stats': ...}``. To update them in training, set ``mutable=('batch_stats',)``
@@ -421,6 +490,8 @@ def make_loss_fn(
     regularization_key: a key of the model's aux dict holding per-task penalties ``[T]`` (e.g.
       :class:`mtjax.models.DSelectK`'s gate entropy) that are added to the task losses, task ``t``'s
       to task ``t``; ignored when the model's aux has no such key; ``None``: never added.
+    weight_key: batch key (or tuple of keys) of non-negative per-sample weights; ``None``: unweighted.
+    weight_normalization: ``"valid"`` or ``"weights"`` (see :func:`per_task_loss`).
 
   Returns:
     ``loss_fn(params, batch, rngs=None, variables=None)`` returning ``[T]`` task losses, or
@@ -445,6 +516,11 @@ def make_loss_fn(
     raise ValueError(
       "mtjax: make_loss_fn: mutable collections are returned in aux['updates']; set has_aux=True "
       "(and task_grads(..., has_aux=True)) so the updates are not lost."
+    )
+  if multi_task_loss is not None and weight_key is not None:
+    raise ValueError(
+      "mtjax: make_loss_fn: weight_key applies to the per-task losses; a multi_task_loss takes no sample "
+      "weights (weight its samples inside it)."
     )
   if multi_task_loss is None:
     if isinstance(task_losses, str) or callable(task_losses):
@@ -495,7 +571,16 @@ def make_loss_fn(
         )
     else:
       groups = None if group_key is None else _stack_from_batch(batch, group_key, "group")
-      losses = per_task_loss(outputs, labels, mask, task_losses=task_losses, groups=groups)
+      weights = None if weight_key is None else _stack_from_batch(batch, weight_key, "weight")
+      losses = per_task_loss(
+        outputs,
+        labels,
+        mask,
+        task_losses=task_losses,
+        groups=groups,
+        sample_weights=weights,
+        weight_normalization=weight_normalization,
+      )
     if regularization_key is not None and isinstance(model_aux, Mapping) and regularization_key in model_aux:
       penalty = jnp.asarray(model_aux[regularization_key])
       if penalty.shape != losses.shape:
