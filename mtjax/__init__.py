@@ -8,6 +8,7 @@ gradient analysis (``mtjax.analysis``).
 
 from mtjax import analysis
 from mtjax import data
+from mtjax import fusion
 from mtjax import losses
 from mtjax import metrics
 from mtjax import models
@@ -205,6 +206,7 @@ __all__ = (
   # subpackages
   "analysis",
   "data",
+  "fusion",
   "losses",
   "metrics",
   "models",

@@ -38,6 +38,7 @@ PAGES = [
   "api/models",
   "api/losses",
   "api/metrics",
+  "api/fusion",
   "api/analysis",
   "api/training",
   "api/experiment",
@@ -45,7 +46,7 @@ PAGES = [
 ]
 
 
-SUBPACKAGES = ("transforms", "models", "losses", "metrics", "analysis", "training", "experiment", "data")
+SUBPACKAGES = ("transforms", "models", "losses", "metrics", "fusion", "analysis", "training", "experiment", "data")
 
 
 def _public_names(module):
