@@ -244,8 +244,9 @@ def test_deferred_jacobian_matches_materialized_rows(order):
   state_r = state_l = tx.init(params)
   for _ in range(3):
     (d_r, state_r), (d_l, state_l) = both(params, state_r, state_l, _model_batch(rng), _model_batch(rng))
-    np.testing.assert_allclose(state_l.lambdas, state_r.lambdas, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(_flat(d_l), _flat(d_r), rtol=1e-5, atol=1e-6)
+    # float32, two summation orders of a meta-gradient compounded over steps: agreement to ~100 ulps
+    np.testing.assert_allclose(state_l.lambdas, state_r.lambdas, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(_flat(d_l), _flat(d_r), rtol=5e-5, atol=1e-6)
     params = jax.tree.map(lambda p, u: p - 0.1 * u, params, d_r)
   assert not np.allclose(state_r.lambdas, 0.1)
 
