@@ -34,6 +34,10 @@ from mtjax.models._registry import get
 from mtjax.models._registry import partition
 from mtjax.models._registry import register
 from mtjax.models._shared_bottom import SharedBottom
+from mtjax.models._snr import SNR
+from mtjax.models._snr import SNRRouting
+from mtjax.models._snr import hard_concrete_l0
+from mtjax.models._snr import hard_concrete_sample
 from mtjax.models._star import STAR
 from mtjax.models._star import PartitionedNorm
 from mtjax.models._star import StarDense
@@ -67,6 +71,8 @@ __all__ = (
   "PEPNet",
   "PLE",
   "PartitionedNorm",
+  "SNR",
+  "SNRRouting",
   "STAR",
   "STEM",
   "STEMLevel",
@@ -75,6 +81,8 @@ __all__ = (
   "YouTubeRanker",
   "available",
   "gate_dropout",
+  "hard_concrete_l0",
+  "hard_concrete_sample",
   "get",
   "partition",
   "register",

@@ -60,6 +60,7 @@ CASES = {
   "aitm": (dict(num_tasks=2, tower=(16, 8)), "aitm"),
   "cross_stitch": (dict(num_tasks=2, hidden=(16, 8), tower=(1,)), "plain"),
   "dselect_k": (dict(num_tasks=2, num_experts=4, k=2, expert=(16,), tower=(8, 1), entropy_reg=1e-3), "plain"),
+  "snr": (dict(num_tasks=2, num_subnetworks=(3, 2), subnetwork=(16,), tower=(8, 1)), "plain"),
   "youtube": (
     dict(
       num_tasks=2,
@@ -68,7 +69,6 @@ CASES = {
       tower=(8, 1),
       bias_features=("prior",),
       position_feature="prior",
-      position_dropout=0.0,  # this loop passes no dropout RNG (tests/models/test_youtube.py trains with it)
       engagement_tasks=(0,),
     ),
     "plain",
@@ -94,14 +94,15 @@ def test_model_trains_with_pcgrad(name):
   tx = optax.chain(mtjax.pcgrad(key=0, num_tasks=num_tasks), optax.adam(1e-2))
 
   def step(carry, _):
-    p, o, v = carry
-    (task_losses, aux), grads = mtjax.task_grads(train_loss, has_aux=True)(p, batch, None, v)
+    p, o, v, key = carry
+    key, sub = jax.random.split(key)  # dropout-style randomness (SNR's gates, the position dropout)
+    (task_losses, aux), grads = mtjax.task_grads(train_loss, has_aux=True)(p, batch, {"dropout": sub}, v)
     updates, o = tx.update(grads, o, p, task_losses=task_losses)
     v = {**v, **aux["updates"]} if mutable else v
-    return (optax.apply_updates(p, updates), o, v), task_losses
+    return (optax.apply_updates(p, updates), o, v, key), task_losses
 
-  (final, _, final_vars), curve = jax.jit(lambda c: jax.lax.scan(step, c, None, length=200))(
-    (params, tx.init(params), variables)
+  (final, _, final_vars, _), curve = jax.jit(lambda c: jax.lax.scan(step, c, None, length=200))(
+    (params, tx.init(params), variables, jax.random.key(3))
   )
   before = eval_loss(params, batch, variables=variables)
   after = eval_loss(final, batch, variables=final_vars)

@@ -51,6 +51,8 @@ CASES = {
   "cross_stitch": ("cross_stitch", dict(num_tasks=3, hidden=(6, 4), tower=(1,)), "plain"),
   "dselect_k": ("dselect_k", dict(num_tasks=2, k=2, entropy_reg=0.1, **MOE), "plain"),
   "dselect_k_per_example": ("dselect_k", dict(num_tasks=2, k=2, per_example=True, **MOE), "plain"),
+  "snr": ("snr", dict(num_tasks=2, num_subnetworks=(3, 2), subnetwork=(6,), tower=(4, 1)), "plain"),
+  "snr_aver": ("snr", dict(num_tasks=3, num_subnetworks=(2,), subnetwork=(6,), variant="aver"), "plain"),
   "cross_stitch_channels": ("cross_stitch", dict(num_tasks=2, hidden=(6,), channel_wise=True), "plain"),
   "youtube": (
     "youtube",
@@ -118,6 +120,8 @@ HEADS = {
   "cross_stitch": r"^tower_",
   "dselect_k": r"^(gate_|tower_)",
   "dselect_k_per_example": r"^(gate_|tower_)",
+  "snr": r"^(routing_tasks/|tower_)",
+  "snr_aver": r"^(routing_tasks/|tower_)",
   "cross_stitch_channels": r"^tower_",
   "youtube": r"^(gate_|tower_)",  # the shallow tower feeds the representation: part of the trunk
 }
@@ -251,6 +255,8 @@ VIEWS = {
   "cross_stitch_channels",
   "dselect_k",
   "dselect_k_per_example",
+  "snr",
+  "snr_aver",
 }
 
 
