@@ -180,6 +180,20 @@ def model_loss(cfg: _config.ExperimentConfig):
   return None, None
 
 
+ENTIRE_SPACE_MODELS = ("esmm", "esm2", "aitm")
+
+
+def entire_space(ds):
+  """``ds`` with every task's mask set to the first task's (the impressions), for the entire-space funnel
+  models: they train and are scored on every impression (ESMM's pCTCVR against click & conversion),
+  while a funnel data set's mask of a later task marks its post-click sample space (the clicks).
+  Without masks, ``ds`` itself."""
+  if ds.masks is None:
+    return ds
+  masks = np.broadcast_to(np.asarray(ds.masks[0], bool)[None], np.shape(ds.masks)).copy()
+  return dataclasses.replace(ds, masks=masks)
+
+
 def track_similarity(cfg: _config.ExperimentConfig) -> bool:
   """Whether a run logs task-gradient similarity: off when it would cost the rows that amortized
   weights (``method.every > 1``) or the subset strategy exist to avoid."""
@@ -199,6 +213,8 @@ def run(
   """Trains one configuration and evaluates it on the test split; writes results to ``out_dir``."""
   seed = cfg.train.seed if seed is None else seed
   train, valid, test = data if data is not None else load_data(cfg)
+  if cfg.model["name"] in ENTIRE_SPACE_MODELS:  # their losses and metrics cover every impression
+    train, valid, test = (entire_space(d) for d in (train, valid, test))
   if cfg.train.batch_size > len(train):
     raise _config.ConfigError(
       f"train.batch_size {cfg.train.batch_size} is larger than the training split ({len(train)} samples)"

@@ -265,3 +265,40 @@ def test_cli_names_the_extra_when_its_modules_are_missing(monkeypatch, capsys, t
   assert cli.main(["compare", "--steps", "1"]) == 2
   err = capsys.readouterr().err.strip()
   assert err == "mtjax: the compare command needs matplotlib: pip install 'mtjax[cli]'"
+
+
+def test_entire_space_models_train_and_are_scored_on_every_impression(monkeypatch):
+  """ESMM on funnel data: the data's mask of the conversion task is the clicks (its post-click sample
+  space), but ESMM's CTCVR loss and its pCTCVR AUC cover every impression. Before, the run passed that
+  mask to esmm_loss (CTCVR averaged over clicks only) and scored pCTCVR on clicked samples only."""
+  cfg = experiment.from_dict(
+    {
+      **RAW,
+      "data": {"name": "funnel", "num_samples": 3000, "seed": 0},
+      "model": {"name": "esmm", "tower": [8, 1]},
+      "method": {"name": "linear"},
+      "train": {"steps": 8, "batch_size": 64, "log_every": 4},
+    }
+  )
+  train, valid, test = _runner.load_data(cfg)
+  assert 0.05 < test.masks[1].mean() < 0.5  # the funnel's post-click mask
+  seen = {}
+  fit = training.fit
+
+  def spy(model, tx, train_ds, **kw):
+    seen["masks"] = train_ds.masks
+    res = fit(model, tx, train_ds, **kw)
+    seen["state"] = res.state
+    return res
+
+  monkeypatch.setattr(_runner.training, "fit", spy)
+  res = experiment.run(cfg, data=(train, valid, test), progress=False, plots=False)
+  assert np.array_equal(seen["masks"], np.broadcast_to(train.masks[0], train.masks.shape))  # every impression
+  # The reported conversion AUC is pCTCVR's against click & conversion over all test impressions.
+  model = _runner.build_model(cfg, train)
+  state = seen["state"]
+  x = test.batch(np.arange(len(test)))["x"]
+  _, aux = model.apply({"params": state.params, **state.variables}, x)
+  ctcvr = np.asarray(aux["task_log_probs"][1], np.float64)
+  assert res.test["conversion"]["auc"] == pytest.approx(mtjax.metrics.auc(test.labels[1], ctcvr), abs=1e-9)
+  assert _runner.entire_space(data.conflicting_tasks(num_samples=50, seed=0)).masks is None
