@@ -415,3 +415,75 @@ def test_make_loss_fn_reads_sample_weights_from_the_batch():
     losses.make_loss_fn(model, "bce", has_aux=False, weight_key="missing")(params, batch)
   with pytest.raises(ValueError, match="a multi_task_loss takes no sample weights"):
     losses.make_loss_fn(model, multi_task_loss=losses.esmm_loss, weight_key="watch")
+
+
+# ------------------------------------------------------------------ multi-behaviour BPR
+
+
+def _np_multi_behavior_bpr(s, y, mask, groups, graded):
+  t_count, b = y.shape
+  level = np.array([max([t + 1 for t in range(t_count) if y[t, i]] or [0]) for i in range(b)])
+  out = []
+  for t in range(t_count):
+    num = den = 0.0
+    for i in range(b):
+      for j in range(b):
+        if groups[i] != groups[j]:
+          continue
+        ok = (level[i] >= t + 1 and level[i] > level[j]) if graded else (y[t, i] == 1 and y[t, j] == 0)
+        if not ok:
+          continue
+        w = mask[t, i] * mask[t, j]
+        num += w * np.logaddexp(0.0, -(s[t, i] - s[t, j]))
+        den += w
+    out.append(num / den if den > 0 else 0.0)
+  return np.array(out)
+
+
+@pytest.mark.parametrize("graded", [True, False])
+def test_multi_behavior_bpr_matches_a_double_loop(graded):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    b = 14
+    click = rng.random(b) < 0.6
+    cart = click & (rng.random(b) < 0.5)
+    buy = cart & (rng.random(b) < 0.5)
+    y = np.stack([click, cart, buy]).astype(np.float64)
+    s = rng.normal(size=(3, b))
+    groups = rng.integers(0, 3, b)
+    mask = (rng.random((3, b)) < 0.9).astype(np.float64)
+    got = losses.multi_behavior_bpr(
+      jnp.asarray(s), jnp.asarray(y), jnp.asarray(mask), groups=jnp.asarray(groups), graded=graded
+    )
+    np.testing.assert_allclose(got, _np_multi_behavior_bpr(s, y, mask, groups, graded), rtol=1e-12)
+    # a stronger behaviour ranks above a weaker one: raising a buyer's purchase score lowers the buy loss
+    g = jax.grad(lambda o: losses.multi_behavior_bpr(o, jnp.asarray(y), groups=jnp.asarray(groups), graded=graded)[2])(
+      jnp.asarray(s)
+    )
+    assert np.all(np.asarray(g[2])[buy] <= 0) and np.all(np.asarray(g[:2]) == 0)
+
+
+def test_multi_behavior_bpr_through_make_loss_fn_and_errors():
+  class Lin(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train=False):
+      return nn.Dense(2)(x).T, {}
+
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)
+  click = rng.random(8) < 0.6
+  y = jnp.asarray(np.stack([click, click & (rng.random(8) < 0.5)]), jnp.float32)
+  batch = {"x": x, "labels": y, "user": jnp.asarray(rng.integers(0, 2, 8))}
+  model = Lin()
+  params = model.init(jax.random.key(0), x)["params"]
+  fn = losses.make_loss_fn(model, multi_task_loss=losses.multi_behavior_bpr, group_key="user", has_aux=False)
+  out = model.apply({"params": params}, x)[0]
+  np.testing.assert_allclose(fn(params, batch), losses.multi_behavior_bpr(out, y, groups=batch["user"]), rtol=1e-6)
+  assert not np.allclose(fn(params, batch), losses.multi_behavior_bpr(out, y))  # the groups were used
+  with pytest.raises(ValueError, match="takes no `groups` keyword"):
+    losses.make_loss_fn(model, multi_task_loss=losses.esmm_loss, group_key="user")
+  with pytest.raises(ValueError, match=r"groups must be \[B\]"):
+    losses.multi_behavior_bpr(out, y, groups=jnp.zeros(3))
+  # no pair at all: 0 and a zero gradient
+  none = jnp.zeros((2, 8))
+  assert np.all(np.asarray(losses.multi_behavior_bpr(out, none)) == 0.0)

@@ -5,6 +5,7 @@ from mtjax.losses._basic import bce_with_logits
 from mtjax.losses._basic import make_loss_fn
 from mtjax.losses._basic import masked_mean
 from mtjax.losses._basic import mse
+from mtjax.losses._basic import multi_behavior_bpr
 from mtjax.losses._basic import per_task_loss
 from mtjax.losses._basic import ranknet
 from mtjax.losses._funnel import aitm_calibrator
@@ -28,6 +29,7 @@ __all__ = (
   "make_loss_fn",
   "masked_mean",
   "mse",
+  "multi_behavior_bpr",
   "per_task_loss",
   "ranknet",
 )

@@ -220,6 +220,95 @@ def ranknet(
   return _safe_ratio(num, jnp.sum(weights))
 
 
+def multi_behavior_bpr(
+  outputs: jax.Array,
+  labels: jax.Array,
+  mask: Optional[jax.Array] = None,
+  *,
+  groups: Optional[jax.Array] = None,
+  graded: bool = True,
+) -> jax.Array:
+  r"""Pairwise (BPR) losses for cascaded behaviours: a stronger behaviour ranks above a weaker one.
+
+  ``labels`` are ``T`` binary behaviours ordered from weak to strong (view, click, cart, buy); a
+  sample's *level* is its strongest behaviour, :math:`\ell_i = \max\{t + 1 : y_{ti} = 1\}` (0 for
+  none). Task ``t``'s score is trained on the pairs of the same group (user) where the first sample
+  has behaviour ``t`` and the second a weaker level,
+
+  .. math::
+    L_t = \frac{1}{|P_t|} \sum_{(i, j) \in P_t} \log\bigl(1 + e^{-(s_{ti} - s_{tj})}\bigr), \qquad
+    P_t = \{(i, j) : g_i = g_j,\ \ell_i \ge t + 1,\ \ell_i > \ell_j,\ d_{ti} d_{tj} \ne 0\},
+
+  so a sample bought ranks above one only carted on every score up to "buy" (``graded=True``, the
+  multi-behaviour order of NMTR); ``graded=False`` keeps only the pairs :math:`y_{ti} = 1, y_{tj} = 0`
+  (the plain per-behaviour BPR, Rendle et al. 2009). :math:`-\log\sigma(s_i - s_j)` is BPR's loss;
+  ``0`` with a zero gradient for a task without a pair. Use it as
+  ``make_loss_fn(model, multi_task_loss=multi_behavior_bpr, group_key="user")`` (the groups are passed
+  to a ``multi_task_loss`` that takes ``groups``). ``O(B^2)`` per task, like :func:`ranknet`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from mtjax import losses
+    >>> labels = jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])   # click, buy: sample 0 bought, 1 clicked
+    >>> scores = jnp.zeros((2, 3))
+    >>> losses.multi_behavior_bpr(scores, labels).round(4)          # every pair at log 2
+    Array([0.6931, 0.6931], dtype=float32)
+
+  Args:
+    outputs: ``[T, B]`` scores (logits), one row per behaviour.
+    labels: ``[T, B]`` binary behaviours, weak to strong.
+    mask: optional ``[T, B]`` (or ``[B]``) validity weights (a float mask weights pair ``(i, j)`` by
+      :math:`d_{ti} d_{tj}`).
+    groups: optional ``[B]`` group ids (users); pairs only inside a group.
+    graded: pairs against every weaker level (True) or only against samples without behaviour ``t``.
+
+  Returns:
+    ``[T]`` losses.
+
+  References:
+    Rendle, Freudenthaler, Gantner, Schmidt-Thieme, *BPR: Bayesian Personalized Ranking from Implicit
+    Feedback*, UAI 2009.
+    Gao, He, Gong, Feng, Chua, Jin, Li, *Neural Multi-Task Recommendation from Multi-Behavior Data*
+    (NMTR), ICDE 2019.
+  """
+  outputs = jnp.asarray(outputs)
+  if not jnp.issubdtype(outputs.dtype, jnp.floating):
+    outputs = outputs.astype(jnp.float32)
+  labels = jnp.asarray(labels)
+  if outputs.ndim != 2:
+    raise ValueError(f"mtjax: multi_behavior_bpr: outputs must be [T, B], got shape {outputs.shape}.")
+  _check_same_shape(outputs, labels, "multi_behavior_bpr", "outputs", "labels")
+  num_tasks = outputs.shape[0]
+  has = labels != 0
+  level = jnp.max(jnp.where(has, jnp.arange(1, num_tasks + 1)[:, None], 0), axis=0)  # [B]
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    if mask.shape == outputs.shape[1:]:
+      mask = jnp.broadcast_to(mask[None], outputs.shape)
+    _check_same_shape(outputs, mask, "multi_behavior_bpr", "outputs", "mask")
+  same = jnp.ones((outputs.shape[1],) * 2, bool)
+  if groups is not None:
+    groups = jnp.asarray(groups)
+    if groups.shape != outputs.shape[1:]:
+      raise ValueError(f"mtjax: multi_behavior_bpr: groups must be [B] = {outputs.shape[1:]}, got {groups.shape}.")
+    same = groups[:, None] == groups[None, :]
+  out = []
+  for t in range(num_tasks):
+    if graded:
+      pair = (level[:, None] >= t + 1) & (level[:, None] > level[None, :])
+    else:
+      pair = has[t][:, None] & ~has[t][None, :]
+    weights = (pair & same).astype(outputs.dtype)
+    if mask is not None:
+      m = mask[t].astype(outputs.dtype)
+      weights = weights * (m[:, None] * m[None, :])
+    s = outputs[t]
+    pair_loss = jax.nn.softplus(-(s[:, None] - s[None, :]))
+    num = jnp.sum(jnp.where(weights != 0, pair_loss * weights, jnp.zeros_like(pair_loss)))
+    out.append(_safe_ratio(num, jnp.sum(weights)))
+  return jnp.stack(out)
+
+
 def _check_same_shape(a, b, where: str, a_name: str, b_name: str) -> None:
   if jnp.shape(a) != jnp.shape(b):
     raise ValueError(
@@ -410,6 +499,17 @@ def per_task_loss(
   return jnp.stack([x.astype(dtype) for x in out])
 
 
+def _accepts(fn: Callable, name: str) -> bool:
+  """Whether ``fn`` takes a keyword ``name`` (or ``**kwargs``)."""
+  import inspect  # pylint: disable=import-outside-toplevel
+
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+  return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def _stack_from_batch(batch: Mapping[str, Any], key, what: str) -> jax.Array:
   """``batch[key]`` as a ``[T, B]`` array: ``key`` is one key (an array or a list of T arrays) or a tuple of keys."""
   if isinstance(key, (tuple, list)):
@@ -480,7 +580,9 @@ def make_loss_fn(
     input_key: batch key of the model input.
     label_key: batch key (or tuple of keys in task order) of the labels.
     mask_key: batch key (or tuple of keys) of the ``[T, B]`` validity mask; ``None``: no mask.
-    group_key: batch key of the group ids used by ``"ranknet"``; ``None``: pairs across the batch.
+    group_key: batch key of the group ids used by ``"ranknet"`` (and passed to a ``multi_task_loss``
+      that takes a ``groups`` keyword, such as :func:`multi_behavior_bpr`); ``None``: pairs across
+      the batch.
     has_aux: if True, ``loss_fn`` returns ``(losses, aux)`` with ``aux = {'model': model aux,
       'outputs': [T, B] outputs}`` plus ``'updates'`` when ``mutable`` is set.
     train: passed to the model as ``train=`` (static).
@@ -516,6 +618,12 @@ def make_loss_fn(
     raise ValueError(
       "mtjax: make_loss_fn: mutable collections are returned in aux['updates']; set has_aux=True "
       "(and task_grads(..., has_aux=True)) so the updates are not lost."
+    )
+  takes_groups = multi_task_loss is not None and _accepts(multi_task_loss, "groups")
+  if multi_task_loss is not None and group_key is not None and not takes_groups:
+    raise ValueError(
+      "mtjax: make_loss_fn: group_key was given but the multi_task_loss takes no `groups` keyword; "
+      "group inside it, or drop group_key."
     )
   if multi_task_loss is not None and weight_key is not None:
     raise ValueError(
@@ -564,7 +672,10 @@ def make_loss_fn(
         f"{outputs.shape}; both must be [T, B]."
       )
     if multi_task_loss is not None:
-      losses = jnp.asarray(multi_task_loss(outputs, labels, mask))
+      extra = {}
+      if group_key is not None and takes_groups:
+        extra["groups"] = _stack_from_batch(batch, group_key, "group")
+      losses = jnp.asarray(multi_task_loss(outputs, labels, mask, **extra))
       if losses.shape != (outputs.shape[0],):
         raise ValueError(
           f"mtjax: make_loss_fn: multi_task_loss returned shape {losses.shape}; expected [T] = ({outputs.shape[0]},)."
