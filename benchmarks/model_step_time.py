@@ -5,7 +5,8 @@ categorical fields (user 10,000 ids, item 10,000, domain 3, prior 10; 16-dim emb
 one 8-wide dense field; batch 1024; T = 2 tasks (ESM^2: 3 composite outputs); hidden widths
 around 128/64 with towers [32, 1]; experts [128, 64] (8 for OMoE/MMoE/DSelect-k, 2 specific + 2 shared per
 task for CGC/PLE/STEM; the YouTube ranker is the MMoE plus its shallow tower over "prior";
-Cross-Stitch has one [128, 64] column per task; SNR two levels of three [128, 64] sub-networks). The
+Cross-Stitch has one [128, 64] column per task; SNR two levels of three [128, 64] sub-networks;
+AdaTT two levels of 2 task + 2 shared [128, 64] experts). The
 step is ``jax.grad`` of the summed loss (BCE, or the model's entire-space loss) in train mode,
 jitted; the median over many steps after compilation.
 
@@ -50,6 +51,7 @@ CONFIGS = {
   "cross_stitch": dict(num_tasks=2, hidden=(128, 64), tower=(32, 1)),
   "dselect_k": dict(num_tasks=2, num_experts=8, k=2, expert=(128, 64), tower=(32, 1), entropy_reg=1e-3),
   "snr": dict(num_tasks=2, num_subnetworks=(3, 3), subnetwork=(128, 64), tower=(32, 1)),
+  "adatt": dict(num_tasks=2, num_levels=2, experts_per_task=2, num_shared_experts=2, expert=(128, 64), tower=(32, 1)),
   # the shallow tower reads "prior" as the position feature (10% dropped in train mode)
   "youtube": dict(
     num_tasks=2,

@@ -4,6 +4,7 @@ Every model is ``__call__(x, *, train=False) -> (outputs [T, B], aux dict)``; bu
 class or by name with ``mtjax.models.get(name, **config)``.
 """
 
+from mtjax.models._adatt import AdaTT
 from mtjax.models._aitm import AITM
 from mtjax.models._cross_stitch import CrossStitch
 from mtjax.models._cross_stitch import CrossStitchUnit
@@ -48,6 +49,7 @@ from mtjax.models._youtube import split_spec
 
 __all__ = (
   "AITM",
+  "AdaTT",
   "CGC",
   "Categorical",
   "CrossStitch",

@@ -61,6 +61,10 @@ CASES = {
   "cross_stitch": (dict(num_tasks=2, hidden=(16, 8), tower=(1,)), "plain"),
   "dselect_k": (dict(num_tasks=2, num_experts=4, k=2, expert=(16,), tower=(8, 1), entropy_reg=1e-3), "plain"),
   "snr": (dict(num_tasks=2, num_subnetworks=(3, 2), subnetwork=(16,), tower=(8, 1)), "plain"),
+  "adatt": (
+    dict(num_tasks=2, num_levels=2, experts_per_task=1, num_shared_experts=1, expert=(16,), tower=(8, 1)),
+    "plain",
+  ),
   "youtube": (
     dict(
       num_tasks=2,

@@ -53,6 +53,8 @@ CASES = {
   "dselect_k_per_example": ("dselect_k", dict(num_tasks=2, k=2, per_example=True, **MOE), "plain"),
   "snr": ("snr", dict(num_tasks=2, num_subnetworks=(3, 2), subnetwork=(6,), tower=(4, 1)), "plain"),
   "snr_aver": ("snr", dict(num_tasks=3, num_subnetworks=(2,), subnetwork=(6,), variant="aver"), "plain"),
+  "adatt": ("adatt", dict(num_tasks=2, num_levels=2, experts_per_task=2, expert=(6,), tower=(4, 1)), "plain"),
+  "adatt_sp": ("adatt", dict(num_tasks=3, num_levels=1, num_shared_experts=0, expert=(6,), tower=(1,)), "plain"),
   "cross_stitch_channels": ("cross_stitch", dict(num_tasks=2, hidden=(6,), channel_wise=True), "plain"),
   "youtube": (
     "youtube",
@@ -122,6 +124,8 @@ HEADS = {
   "dselect_k_per_example": r"^(gate_|tower_)",
   "snr": r"^(routing_tasks/|tower_)",
   "snr_aver": r"^(routing_tasks/|tower_)",
+  "adatt": r"^tower_",  # the last fusion is below the representation (trunk), task-specific or not
+  "adatt_sp": r"^tower_",
   "cross_stitch_channels": r"^tower_",
   "youtube": r"^(gate_|tower_)",  # the shallow tower feeds the representation: part of the trunk
 }
@@ -257,6 +261,8 @@ VIEWS = {
   "dselect_k_per_example",
   "snr",
   "snr_aver",
+  "adatt",
+  "adatt_sp",
 }
 
 
