@@ -16,6 +16,7 @@ Usage: python benchmarks/model_step_time.py [--steps 20] [--batch 1024]
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -48,6 +49,7 @@ CONFIGS = {
   "esmm": dict(tower=(128, 64, 32, 1)),
   "esm2": dict(tower=(128, 64, 32, 1)),
   "aitm": dict(num_tasks=2, tower=(128, 64, 32)),
+  "escm2": dict(tower=(128, 64, 32, 1), counterfactual="dr"),
   "cross_stitch": dict(num_tasks=2, hidden=(128, 64), tower=(32, 1)),
   "dselect_k": dict(num_tasks=2, num_experts=8, k=2, expert=(128, 64), tower=(32, 1), entropy_reg=1e-3),
   "snr": dict(num_tasks=2, num_subnetworks=(3, 3), subnetwork=(128, 64), tower=(32, 1)),
@@ -63,7 +65,12 @@ CONFIGS = {
     engagement_tasks=(0,),
   ),
 }
-MULTI = {"esmm": losses.esmm_loss, "esm2": losses.esm2_loss, "aitm": losses.aitm_loss}
+MULTI = {
+  "esmm": losses.esmm_loss,
+  "esm2": losses.esm2_loss,
+  "aitm": losses.aitm_loss,
+  "escm2": functools.partial(losses.escm2_loss, mode="dr"),
+}
 
 
 def main(argv=None):

@@ -174,13 +174,15 @@ def model_loss(cfg: _config.ExperimentConfig):
   """``(task_losses, multi_task_loss)`` for the model: funnel models train on their entire-space loss."""
   from mtjax import losses
 
+  if cfg.model["name"] == "escm2":  # ESMM's model with its counterfactual loss, set in [model]
+    return None, reg.models.get("escm2", **{k: v for k, v in cfg.model.items() if k != "name"}).loss()
   special = getattr(losses, f"{cfg.model['name']}_loss", None)
   if special is not None and cfg.model["name"] in ("esmm", "esm2", "aitm"):
     return None, special
   return None, None
 
 
-ENTIRE_SPACE_MODELS = ("esmm", "esm2", "aitm")
+ENTIRE_SPACE_MODELS = ("esmm", "escm2", "esm2", "aitm")
 
 
 def entire_space(ds):

@@ -10,6 +10,7 @@ from mtjax.losses._basic import per_task_loss
 from mtjax.losses._basic import ranknet
 from mtjax.losses._funnel import aitm_calibrator
 from mtjax.losses._funnel import aitm_loss
+from mtjax.losses._funnel import escm2_loss
 from mtjax.losses._funnel import esm2_composite_logits
 from mtjax.losses._funnel import esm2_log_probs
 from mtjax.losses._funnel import esm2_loss
@@ -24,6 +25,7 @@ __all__ = (
   "esm2_composite_logits",
   "esm2_log_probs",
   "esm2_loss",
+  "escm2_loss",
   "esmm_log_probs",
   "esmm_loss",
   "make_loss_fn",

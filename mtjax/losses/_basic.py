@@ -588,7 +588,9 @@ def make_loss_fn(
     train: passed to the model as ``train=`` (static).
     mutable: variable collections the model may update (e.g. ``('batch_stats',)``).
     multi_task_loss: optional ``fn(outputs [T, B], labels [T, B], mask [T, B] or None) -> [T]``
-      used instead of ``task_losses`` for losses that combine several outputs (ESMM-style).
+      used instead of ``task_losses`` for losses that combine several outputs (ESMM-style); one that
+      takes an ``aux`` keyword gets the model's aux dict (:func:`escm2_loss`), one that takes
+      ``groups`` the batch's ``group_key`` entry.
     regularization_key: a key of the model's aux dict holding per-task penalties ``[T]`` (e.g.
       :class:`mtjax.models.DSelectK`'s gate entropy) that are added to the task losses, task ``t``'s
       to task ``t``; ignored when the model's aux has no such key; ``None``: never added.
@@ -620,6 +622,7 @@ def make_loss_fn(
       "(and task_grads(..., has_aux=True)) so the updates are not lost."
     )
   takes_groups = multi_task_loss is not None and _accepts(multi_task_loss, "groups")
+  takes_aux = multi_task_loss is not None and _accepts(multi_task_loss, "aux")
   if multi_task_loss is not None and group_key is not None and not takes_groups:
     raise ValueError(
       "mtjax: make_loss_fn: group_key was given but the multi_task_loss takes no `groups` keyword; "
@@ -675,6 +678,8 @@ def make_loss_fn(
       extra = {}
       if group_key is not None and takes_groups:
         extra["groups"] = _stack_from_batch(batch, group_key, "group")
+      if takes_aux:
+        extra["aux"] = model_aux if isinstance(model_aux, Mapping) else {}
       losses = jnp.asarray(multi_task_loss(outputs, labels, mask, **extra))
       if losses.shape != (outputs.shape[0],):
         raise ValueError(

@@ -15,7 +15,7 @@ exact sums of finite terms, so the binary cross-entropy
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -322,6 +322,100 @@ def aitm_loss(
   per_sample = bce_with_logits(logits, labels)
   bce = jnp.stack([masked_mean(per_sample[t], _row_mask(mask, t)) for t in range(logits.shape[0])])
   return bce + aitm_calibrator(logits, mask, alpha=alpha)
+
+
+def escm2_loss(
+  logits: jax.Array,
+  labels: jax.Array,
+  mask: Optional[jax.Array] = None,
+  *,
+  aux: Optional[Mapping] = None,
+  mode: str = "ips",
+  counterfactual_weight: float = 0.5,
+  global_weight: float = 0.5,
+  min_propensity: float = 1e-6,
+  max_weight: Optional[float] = None,
+) -> jax.Array:
+  r"""ESCM²'s loss over ESMM's outputs: ESMM plus a counterfactual CVR risk, as a ``[2]`` vector.
+
+  .. math::
+    L = L_{\mathrm{CTR}} + \lambda_c R_{\mathrm{CVR}} + \lambda_g L_{\mathrm{CTCVR}},
+
+  with :math:`L_{\mathrm{CTR}}` and :math:`L_{\mathrm{CTCVR}}` ESMM's entire-space BCEs
+  (:func:`esmm_loss`), :math:`e_i` the CVR BCE of sample ``i`` (conversion label, pCVR),
+  :math:`o_i` its click and :math:`\hat o_i` = pCTR, the propensity (clipped below at
+  ``min_propensity``, a constant for the gradient, its inverse optionally capped at ``max_weight``):
+
+  .. math::
+    R_{\mathrm{IPS}} = \frac{1}{N} \sum_i \frac{o_i e_i}{\hat o_i}, \qquad
+    R_{\mathrm{DR}} = \frac{1}{N} \sum_i \Big(\hat e_i + \frac{o_i (e_i - \hat e_i)}{\hat o_i}\Big)
+      + \frac{1}{N} \sum_i \frac{o_i (e_i - \hat e_i)^2}{\hat o_i},
+
+  where DR's imputed errors :math:`\hat e` come from the model's imputation tower
+  (``aux["imputation"]``, :class:`mtjax.models.ESCM2`) and its second sum trains them. Over every
+  impression (the mask's first row: padding only). Returns ``(L_CTR, lambda_c R + lambda_g L_CTCVR)``:
+  the click task and the conversion task (the CTR tower also learns from the latter through pCTCVR).
+  The defaults ``lambda_c = lambda_g = 0.5`` are those of PaddleRec's ESCM² configuration.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from mtjax import losses
+    >>> logits = jnp.array([[0.0, 0.0], [0.0, 0.0]])     # pCTR = pCVR = 0.5
+    >>> labels = jnp.array([[1.0, 0.0], [1.0, 0.0]])     # click & convert, no click
+    >>> # R_IPS = (log 2 / 0.5 + 0) / 2 = log 2; L_CTCVR = (log 4 + log 4/3) / 2
+    >>> losses.escm2_loss(logits, labels).round(4)
+    Array([0.6931, 0.7651], dtype=float32)
+
+  Args:
+    logits: ``[2, B]`` (CTR logit, CVR logit), as :class:`mtjax.models.ESMM` / ``ESCM2`` return.
+    labels: ``[2, B]`` (click, conversion).
+    mask: optional ``[2, B]`` or ``[B]``; its first row marks the valid impressions.
+    aux: the model's aux dict (``make_loss_fn`` passes it); DR reads ``aux["imputation"]`` ``[B]``.
+    mode: ``"ips"`` or ``"dr"``.
+    counterfactual_weight: :math:`\lambda_c`.
+    global_weight: :math:`\lambda_g`.
+    min_propensity: the propensity's lower clip.
+    max_weight: an upper cap on :math:`1/\hat o_i` (``None``: none).
+
+  Returns:
+    ``[2]``: (CTR loss, counterfactual CVR risk and CTCVR loss, weighted).
+
+  References:
+    Wang, Chang, Liu, Huang, Chen, Yu, Li, Chu, *ESCM²: Entire Space Counterfactual Multi-Task Model
+    for Post-Click Conversion Rate Estimation*, SIGIR 2022.
+  """
+  if mode not in ("ips", "dr"):
+    raise ValueError(f"mtjax: escm2_loss: mode must be 'ips' or 'dr', got {mode!r}.")
+  logits = _as_float(logits)
+  labels = jnp.asarray(labels).astype(logits.dtype)
+  _check_rows("escm2_loss", "logits", logits, 2, "CTR logit, CVR logit")
+  _check_rows("escm2_loss", "labels", labels, 2, "click, conversion")
+  mask = _broadcast_mask("escm2_loss", mask, labels.shape)
+  valid = None if mask is None else mask[0]
+  click, conversion = labels[0], labels[1]
+  lp = esmm_log_probs(logits)
+  ctr = masked_mean(_bce_from_log_probs(click, lp["log_p_ctr"], lp["log_1m_ctr"]), valid)
+  ctcvr = masked_mean(_bce_from_log_probs(click * conversion, lp["log_p_ctcvr"], lp["log_1m_ctcvr"]), valid)
+  error = _bce_from_log_probs(conversion, lp["log_p_cvr"], lp["log_1m_cvr"])  # e_i, per sample
+  propensity = jax.lax.stop_gradient(jnp.maximum(jnp.exp(lp["log_p_ctr"]), min_propensity))
+  inverse = 1.0 / propensity
+  if max_weight is not None:
+    inverse = jnp.minimum(inverse, max_weight)
+  observed = click * inverse  # o_i / o_hat_i
+  if mode == "ips":
+    risk = masked_mean(observed * error, valid)
+  else:
+    if aux is None or "imputation" not in aux:
+      raise ValueError(
+        "mtjax: escm2_loss(mode='dr') needs the imputed errors aux['imputation'] [B] of an ESCM2 model "
+        "(mtjax.models.ESCM2(counterfactual='dr')); make_loss_fn passes the model's aux."
+      )
+    imputed = jnp.asarray(aux["imputation"]).astype(logits.dtype)
+    if imputed.shape != error.shape:
+      raise ValueError(f"mtjax: escm2_loss: aux['imputation'] must be [B] = {error.shape}, got {imputed.shape}.")
+    residual = error - imputed
+    risk = masked_mean(imputed + observed * residual, valid) + masked_mean(observed * residual**2, valid)
+  return jnp.stack([ctr, counterfactual_weight * risk + global_weight * ctcvr])
 
 
 def _broadcast_mask(name: str, mask: Optional[jax.Array], shape) -> Optional[jax.Array]:

@@ -11,6 +11,7 @@ from mtjax.models._cross_stitch import CrossStitchUnit
 from mtjax.models._dselect_k import DSelectK
 from mtjax.models._dselect_k import DSelectKGate
 from mtjax.models._dselect_k import smooth_step
+from mtjax.models._esmm import ESCM2
 from mtjax.models._esmm import ESM2
 from mtjax.models._esmm import ESMM
 from mtjax.models._experts import Experts
@@ -57,6 +58,7 @@ __all__ = (
   "DSelectK",
   "DSelectKGate",
   "Dense",
+  "ESCM2",
   "ESM2",
   "ESMM",
   "Embed",

@@ -108,6 +108,90 @@ class ESMM(nn.Module):
     return outputs, aux
 
 
+@register("escm2")
+class ESCM2(nn.Module):
+  r"""ESCM²: ESMM trained with a counterfactual CVR risk (Wang et al., SIGIR 2022).
+
+  The model of :class:`ESMM` (CTR and CVR towers on a shared embedding, pCTCVR = pCTR pCVR) plus,
+  for the doubly robust variant (``counterfactual="dr"``), an imputation tower that predicts each
+  impression's CVR error :math:`\hat e_i \ge 0` (a softplus output, ``aux["imputation"]``). Train
+  it with :func:`mtjax.losses.escm2_loss` (``mode=counterfactual``), which adds the IPS or DR risk of
+  the CVR tower over every impression to ESMM's loss; ``loss()`` returns it with this model's
+  settings (what ``mtjax run`` uses for ``[model] name = "escm2"``).
+
+  Representation (for strategy='rep'/'shared'): the shared input ``[B, D]`` (``batch_axis=0``), as
+  in :class:`ESMM`; the towers are the task heads.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from mtjax import losses, models
+    >>> model = models.ESCM2(tower=(8, 1), counterfactual="dr")
+    >>> x = jnp.ones((5, 6))
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> outputs, aux = model.apply(variables, x)
+    >>> outputs.shape, aux['imputation'].shape
+    ((2, 5), (5,))
+    >>> loss_fn = losses.make_loss_fn(model, multi_task_loss=model.loss(), has_aux=False)
+    >>> loss_fn(variables['params'], {'x': x, 'labels': jnp.ones((2, 5))}).shape
+    (2,)
+
+  Attributes:
+    tower: widths of the CTR, CVR (and imputation) towers, ending in 1.
+    features: a :class:`FeatureSpec` to embed a feature dict (``None``: dense ``[B, D]`` input).
+    bottom: widths of an optional shared MLP.
+    dropout: dropout rate after hidden activations (train only).
+    counterfactual: ``"ips"`` or ``"dr"``.
+    counterfactual_weight: :math:`\lambda_c` of the loss.
+    global_weight: :math:`\lambda_g` of the loss.
+
+  References:
+    Wang, Chang, Liu, Huang, Chen, Yu, Li, Chu, *ESCM²: Entire Space Counterfactual Multi-Task Model
+    for Post-Click Conversion Rate Estimation*, SIGIR 2022.
+  """
+
+  tower: Sequence[int] = (64, 32, 1)
+  features: Optional[FeatureSpec] = None
+  bottom: Sequence[int] = ()
+  dropout: float = 0.0
+  counterfactual: str = "ips"
+  counterfactual_weight: float = 0.5
+  global_weight: float = 0.5
+
+  def task_specific(self) -> Tuple[str, ...]:
+    """Regular expressions (``re.search``) of the parameter paths that one task alone trains: the CVR
+    and imputation towers (the conversion task's)."""
+    return (r"^tower_cvr/", r"^tower_imputation/")
+
+  def loss(self):
+    """:func:`mtjax.losses.escm2_loss` with this model's ``counterfactual`` and weights, a ``multi_task_loss``."""
+    import functools  # pylint: disable=import-outside-toplevel
+
+    from mtjax.losses._funnel import escm2_loss  # pylint: disable=import-outside-toplevel
+
+    return functools.partial(
+      escm2_loss,
+      mode=self.counterfactual,
+      counterfactual_weight=self.counterfactual_weight,
+      global_weight=self.global_weight,
+    )
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:
+    if self.counterfactual not in ("ips", "dr"):
+      raise ValueError(f"mtjax: ESCM2.counterfactual must be 'ips' or 'dr', got {self.counterfactual!r}.")
+    _check_tower("ESCM2", self.tower)
+    h = _shared_input(self, x, self.bottom, self.dropout, train)
+    ctr = _tower("tower_ctr", self.tower, self.dropout, h, train)
+    cvr = _tower("tower_cvr", self.tower, self.dropout, h, train)
+    outputs = jnp.stack([ctr, cvr])
+    lp = esmm_log_probs(outputs)
+    aux = {k: lp[k] for k in ("log_p_ctr", "log_p_cvr", "log_p_ctcvr")}
+    aux["task_log_probs"] = jnp.stack([lp["log_p_ctr"], lp["log_p_ctcvr"]])
+    if self.counterfactual == "dr":
+      aux["imputation"] = jax.nn.softplus(_tower("tower_imputation", self.tower, self.dropout, h, train))
+    return outputs, aux
+
+
 @register("esm2")
 class ESM2(nn.Module):
   r"""ESM^2: entire-space multi-task model with post-click behaviour decomposition.

@@ -1,6 +1,8 @@
 """Every registered model trains: 200 steps of optax.chain(mtjax.pcgrad(...), optax.adam(...))
 on a small synthetic multi-task dataset lower every task's loss (issue #3)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,6 +59,7 @@ CASES = {
   "star": (dict(num_tasks=2, num_domains=3, domain_feature="domain", hidden=(16, 8)), "plain"),
   "esmm": (dict(tower=(16, 8, 1)), "esmm"),
   "esm2": (dict(tower=(16, 8, 1)), "esm2"),
+  "escm2": (dict(tower=(16, 8, 1), counterfactual="dr"), "escm2"),
   "aitm": (dict(num_tasks=2, tower=(16, 8)), "aitm"),
   "cross_stitch": (dict(num_tasks=2, hidden=(16, 8), tower=(1,)), "plain"),
   "dselect_k": (dict(num_tasks=2, num_experts=4, k=2, expert=(16,), tower=(8, 1), entropy_reg=1e-3), "plain"),
@@ -85,8 +88,15 @@ def test_model_trains_with_pcgrad(name):
   assert set(CASES) == set(models.available()) - {"my_linear"}  # every registered model is covered
   config, kind = CASES[name]
   x, y2, chain = _data()
-  labels = {"plain": y2, "esmm": chain[jnp.array([0, 2])], "aitm": chain[jnp.array([0, 2])], "esm2": chain}[kind]
-  multi = {"plain": None, "esmm": losses.esmm_loss, "aitm": losses.aitm_loss, "esm2": losses.esm2_loss}[kind]
+  funnel = chain[jnp.array([0, 2])]
+  labels = {"plain": y2, "esmm": funnel, "escm2": funnel, "aitm": funnel, "esm2": chain}[kind]
+  multi = {
+    "plain": None,
+    "esmm": losses.esmm_loss,
+    "escm2": functools.partial(losses.escm2_loss, mode="dr"),
+    "aitm": losses.aitm_loss,
+    "esm2": losses.esm2_loss,
+  }[kind]
   model = models.get(name, features=SPEC, **config)
   variables = dict(model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}, x))
   params = variables.pop("params")

@@ -299,3 +299,74 @@ def test_esmm_per_task_gradients_through_make_loss_fn():
   cvr = jax.tree_util.tree_leaves(grads["tower_cvr"])
   assert all(np.all(np.asarray(g[0]) == 0) for g in cvr)  # row 0 (CTR task) leaves the CVR tower alone
   assert all(np.any(np.asarray(g[1]) != 0) for g in cvr)
+
+
+# ------------------------------------------------------------------ ESCM² (counterfactual CVR risk)
+
+
+def _np_escm2(logits, labels, imputed, mode, lam_c, lam_g, valid, max_weight=None):
+  a, b = np.asarray(logits[0], np.float64), np.asarray(logits[1], np.float64)
+  c, v = np.asarray(labels[0], np.float64), np.asarray(labels[1], np.float64)
+  sig = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
+  p_ctr, p_cvr = sig(a), sig(b)
+  bce = lambda y, p: -(y * np.log(p) + (1 - y) * np.log1p(-p))  # noqa: E731
+  mean = lambda x: np.sum(x * valid) / np.sum(valid)  # noqa: E731
+  ctr = mean(bce(c, p_ctr))
+  ctcvr = mean(bce(c * v, p_ctr * p_cvr))
+  e = bce(v, p_cvr)
+  w = 1.0 / np.maximum(p_ctr, 1e-6)
+  if max_weight is not None:
+    w = np.minimum(w, max_weight)
+  if mode == "ips":
+    risk = mean(c * w * e)
+  else:
+    risk = mean(imputed + c * w * (e - imputed)) + mean(c * w * (e - imputed) ** 2)
+  return np.array([ctr, lam_c * risk + lam_g * ctcvr])
+
+
+@pytest.mark.parametrize("mode,max_weight", [("ips", None), ("dr", None), ("ips", 3.0), ("dr", 4.0)])
+def test_escm2_loss_matches_numpy_float64(mode, max_weight):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    n = 40
+    logits = rng.normal(0, 1.5, size=(2, n))
+    click = rng.random(n) < 0.4
+    labels = np.stack([click, click & (rng.random(n) < 0.5)]).astype(np.float64)
+    imputed = rng.uniform(0.1, 1.0, n)
+    mask = np.ones((2, n))
+    mask[:, :3] = 0.0  # padding
+    got = losses_lib.escm2_loss(
+      jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask), aux={"imputation": jnp.asarray(imputed)},
+      mode=mode, counterfactual_weight=0.7, global_weight=0.3, max_weight=max_weight,
+    )  # fmt: skip
+    want = _np_escm2(logits, labels, imputed, mode, 0.7, 0.3, mask[0], max_weight)
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    # The propensity is a constant: with lambda_g = 0 the counterfactual risk gives the CTR logit no gradient.
+    g = jax.grad(
+      lambda lg: losses_lib.escm2_loss(
+        lg, jnp.asarray(labels), aux={"imputation": jnp.asarray(imputed)}, mode=mode, global_weight=0.0
+      )[1]
+    )(jnp.asarray(logits))
+    assert np.all(np.asarray(g[0]) == 0.0) and np.any(np.asarray(g[1]) != 0.0)
+
+
+def test_escm2_model_loss_and_errors():
+  model = mtjax.models.ESCM2(tower=(6, 1), counterfactual="dr", counterfactual_weight=0.2, global_weight=0.9)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(8, 4)), jnp.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+  assert "tower_imputation" in params
+  labels = jnp.asarray(np.stack([np.arange(8) % 2, np.arange(8) % 4 == 0]), jnp.float32)
+  fn = losses_lib.make_loss_fn(model, multi_task_loss=model.loss(), has_aux=False)
+  out, aux = model.apply({"params": params}, x)
+  want = losses_lib.escm2_loss(out, labels, aux=aux, mode="dr", counterfactual_weight=0.2, global_weight=0.9)
+  np.testing.assert_allclose(fn(params, {"x": x, "labels": labels}), want, rtol=1e-6)
+  assert float(jnp.min(aux["imputation"])) >= 0.0
+  mask = mtjax.models.partition(model)(params)
+  assert not mask["tower_imputation"]["Dense_0"]["kernel"] and mask["tower_ctr"]["Dense_0"]["kernel"]
+  assert "tower_imputation" not in mtjax.models.ESCM2(tower=(6, 1)).init(jax.random.key(0), x)["params"]  # IPS
+  with pytest.raises(ValueError, match=r"needs the imputed errors aux\['imputation'\]"):
+    losses_lib.escm2_loss(out, labels, mode="dr")
+  with pytest.raises(ValueError, match="mode must be 'ips' or 'dr'"):
+    losses_lib.escm2_loss(out, labels, mode="snips")
+  with pytest.raises(ValueError, match="counterfactual must be 'ips' or 'dr'"):
+    mtjax.models.ESCM2(counterfactual="x").init(jax.random.key(0), x)

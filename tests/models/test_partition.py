@@ -2,6 +2,8 @@
 equals the partition measured from its per-task gradients (``mtjax.infer_shared``), for the
 configurations of the all-models test and for deeper/wider variants (issue #10)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -31,10 +33,16 @@ def _setup(variant):
     "plain": y2,
     "plain3": chain,
     "esmm": chain[jnp.array([0, 2])],
+    "escm2": chain[jnp.array([0, 2])],
     "aitm": chain[jnp.array([0, 2])],
     "esm2": chain,
   }[kind]
-  multi = {"aitm": losses.aitm_loss, "esmm": losses.esmm_loss, "esm2": losses.esm2_loss}.get(kind)
+  multi = {
+    "aitm": losses.aitm_loss,
+    "esmm": losses.esmm_loss,
+    "escm2": functools.partial(losses.escm2_loss, mode="dr"),
+    "esm2": losses.esm2_loss,
+  }.get(kind)
   if name == "aitm" and kind == "esm2":
     multi = losses.aitm_loss
   model = models.get(name, features=SPEC, **cfg)

@@ -47,6 +47,7 @@ CASES = {
   "esmm": ("esmm", dict(tower=(6, 1)), "esmm"),
   "esmm_bottom": ("esmm", dict(tower=(6, 1), bottom=(8,)), "esmm"),
   "esm2": ("esm2", dict(tower=(6, 1)), "esm2"),
+  "escm2": ("escm2", dict(tower=(6, 1), counterfactual="dr"), "escm2"),
   "aitm": ("aitm", dict(num_tasks=3, tower=(6, 4)), "aitm"),
   "cross_stitch": ("cross_stitch", dict(num_tasks=3, hidden=(6, 4), tower=(1,)), "plain"),
   "dselect_k": ("dselect_k", dict(num_tasks=2, k=2, entropy_reg=0.1, **MOE), "plain"),
@@ -81,10 +82,22 @@ def _batch(num_labels):
 def _setup(case):
   """(loss_fn, params, batch, T) for one case; the loss has aux and runs the model with train=False."""
   name, config, kind = CASES[case]
-  num_tasks = config.get("num_tasks", {"esmm": 2, "esm2": 3}.get(kind))
+  num_tasks = config.get("num_tasks", {"esmm": 2, "escm2": 2, "esm2": 3}.get(kind))
   x, y, chain = _batch(num_tasks)
-  labels = {"plain": y, "esmm": chain[np.array([0, 2])], "aitm": chain, "esm2": chain}[kind]
-  multi = {"plain": None, "esmm": losses.esmm_loss, "aitm": losses.aitm_loss, "esm2": losses.esm2_loss}[kind]
+  labels = {
+    "plain": y,
+    "esmm": chain[np.array([0, 2])],
+    "escm2": chain[np.array([0, 2])],
+    "aitm": chain,
+    "esm2": chain,
+  }[kind]
+  multi = {
+    "plain": None,
+    "esmm": losses.esmm_loss,
+    "escm2": functools.partial(losses.escm2_loss, mode="dr"),
+    "aitm": losses.aitm_loss,
+    "esm2": losses.esm2_loss,
+  }[kind]
   model = models.get(name, features=SPEC, **config)
   # Random values of the variables' shapes: tracing init is cheap, compiling it is not (the tests are
   # compile-bound). batch_stats (STAR's moving mean and variance) are ones.
@@ -118,6 +131,7 @@ HEADS = {
   "esmm": r"^tower_",
   "esmm_bottom": r"^tower_",
   "esm2": r"^tower_",
+  "escm2": r"^tower_",
   "aitm": r"^(tower_|transfer_|attention_|head_)",
   "cross_stitch": r"^tower_",
   "dselect_k": r"^(gate_|tower_)",
