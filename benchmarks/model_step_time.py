@@ -50,6 +50,8 @@ CONFIGS = {
   "esm2": dict(tower=(128, 64, 32, 1)),
   "aitm": dict(num_tasks=2, tower=(128, 64, 32)),
   "escm2": dict(tower=(128, 64, 32, 1), counterfactual="dr"),
+  "dbmtl": dict(num_tasks=2, bottom=(128, 64), tower=(32,), relation=(32,)),
+  "nmtr": dict(num_tasks=2, user_fields=("user",), item_fields=("item",), interaction="mlp", mlp=(128, 64, 1)),
   "cross_stitch": dict(num_tasks=2, hidden=(128, 64), tower=(32, 1)),
   "dselect_k": dict(num_tasks=2, num_experts=8, k=2, expert=(128, 64), tower=(32, 1), entropy_reg=1e-3),
   "snr": dict(num_tasks=2, num_subnetworks=(3, 3), subnetwork=(128, 64), tower=(32, 1)),

@@ -8,6 +8,8 @@ from mtjax.models._adatt import AdaTT
 from mtjax.models._aitm import AITM
 from mtjax.models._cross_stitch import CrossStitch
 from mtjax.models._cross_stitch import CrossStitchUnit
+from mtjax.models._dependent import DBMTL
+from mtjax.models._dependent import NMTR
 from mtjax.models._dselect_k import DSelectK
 from mtjax.models._dselect_k import DSelectKGate
 from mtjax.models._dselect_k import smooth_step
@@ -55,6 +57,7 @@ __all__ = (
   "Categorical",
   "CrossStitch",
   "CrossStitchUnit",
+  "DBMTL",
   "DSelectK",
   "DSelectKGate",
   "Dense",
@@ -71,6 +74,7 @@ __all__ = (
   "InputLayer",
   "MLP",
   "MMoE",
+  "NMTR",
   "OMoE",
   "PEPNet",
   "PLE",

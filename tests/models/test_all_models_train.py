@@ -60,6 +60,8 @@ CASES = {
   "esmm": (dict(tower=(16, 8, 1)), "esmm"),
   "esm2": (dict(tower=(16, 8, 1)), "esm2"),
   "escm2": (dict(tower=(16, 8, 1), counterfactual="dr"), "escm2"),
+  "dbmtl": (dict(num_tasks=2, bottom=(16,), tower=(8,), relation=(8,)), "plain"),
+  "nmtr": (dict(num_tasks=2, user_fields=("user",), item_fields=("item",)), "plain"),
   "aitm": (dict(num_tasks=2, tower=(16, 8)), "aitm"),
   "cross_stitch": (dict(num_tasks=2, hidden=(16, 8), tower=(1,)), "plain"),
   "dselect_k": (dict(num_tasks=2, num_experts=4, k=2, expert=(16,), tower=(8, 1), entropy_reg=1e-3), "plain"),

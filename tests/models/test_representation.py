@@ -48,6 +48,8 @@ CASES = {
   "esmm_bottom": ("esmm", dict(tower=(6, 1), bottom=(8,)), "esmm"),
   "esm2": ("esm2", dict(tower=(6, 1)), "esm2"),
   "escm2": ("escm2", dict(tower=(6, 1), counterfactual="dr"), "escm2"),
+  "dbmtl": ("dbmtl", dict(num_tasks=3, bottom=(6,), tower=(4,), relation=(4,)), "plain"),
+  "nmtr": ("nmtr", dict(num_tasks=3, interaction="mlp", mlp=(4, 1)), "plain"),
   "aitm": ("aitm", dict(num_tasks=3, tower=(6, 4)), "aitm"),
   "cross_stitch": ("cross_stitch", dict(num_tasks=3, hidden=(6, 4), tower=(1,)), "plain"),
   "dselect_k": ("dselect_k", dict(num_tasks=2, k=2, entropy_reg=0.1, **MOE), "plain"),
@@ -132,6 +134,8 @@ HEADS = {
   "esmm_bottom": r"^tower_",
   "esm2": r"^tower_",
   "escm2": r"^tower_",
+  "dbmtl": r"^(tower_|relation_|output_)",
+  "nmtr": r"^(interaction_|input/embedding/embed_domain/)",  # the domain field is unused
   "aitm": r"^(tower_|transfer_|attention_|head_)",
   "cross_stitch": r"^tower_",
   "dselect_k": r"^(gate_|tower_)",
