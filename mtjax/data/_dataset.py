@@ -69,6 +69,9 @@ class MultiTaskDataset:
     task_names: ``T`` names.
     spec: the :class:`mtjax.models.FeatureSpec` of a feature dict (None for a dense array).
     masks: optional ``[T, N]`` bool.
+    weights: optional ``[T, N]`` (or ``[N]``, every task) non-negative per-sample loss weights
+      (e.g. watch time on the positives); ``fit`` weights its ``"bce"`` / ``"mse"`` task losses
+      with them (:func:`mtjax.losses.per_task_loss`, ``"valid"`` normalization); metrics stay unweighted.
     task_types: ``"binary"`` or ``"regression"`` per task (default: all binary).
     extras: dict of ``[N, ...]`` arrays that are not model inputs.
     metadata: dict describing how the data was built.
@@ -82,6 +85,7 @@ class MultiTaskDataset:
   task_types: Optional[Sequence[str]] = None
   extras: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
   metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  weights: Optional[np.ndarray] = None
 
   def __post_init__(self):
     setattr_ = lambda k, v: object.__setattr__(self, k, v)
@@ -106,6 +110,15 @@ class MultiTaskDataset:
       if masks.shape != labels.shape:
         raise ValueError(f"mtjax: masks have shape {masks.shape}, labels {labels.shape}; they must match.")
       setattr_("masks", masks.astype(bool, copy=False))
+    if self.weights is not None:
+      weights = np.asarray(self.weights, np.float32)
+      if weights.shape == (n,):
+        weights = np.broadcast_to(weights[None], labels.shape).copy()
+      if weights.shape != labels.shape:
+        raise ValueError(f"mtjax: weights must be [T, N] = {labels.shape} or [N] = ({n},), got shape {weights.shape}.")
+      if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise ValueError("mtjax: sample weights must be finite and non-negative (a weight scales a sample's loss).")
+      setattr_("weights", weights)
 
     if isinstance(self.features, Mapping):
       feats = {k: np.asarray(v) for k, v in self.features.items()}
@@ -171,6 +184,7 @@ class MultiTaskDataset:
       labels=_take(self.labels, idx, axis=1),
       masks=None if self.masks is None else _take(self.masks, idx, axis=1),
       extras={k: _take(v, idx) for k, v in self.extras.items()},
+      weights=None if self.weights is None else _take(self.weights, idx, axis=1),
     )
 
   def split(
@@ -232,8 +246,9 @@ class MultiTaskDataset:
     """The batch dict of the samples at ``indices``; only those rows are read (fancy indexing).
 
     Returns:
-      ``{'x': features, 'labels': [T, B], 'mask': [T, B]}``; ``'mask'`` only when the dataset has
-      masks; ``'extras'`` (a dict) only with ``include_extras=True``.
+      ``{'x': features, 'labels': [T, B], 'mask': [T, B], 'weights': [T, B]}``; ``'mask'`` only when
+      the dataset has masks, ``'weights'`` only when it has sample weights; ``'extras'`` (a dict) only
+      with ``include_extras=True``.
     """
     idx = indices if isinstance(indices, slice) else np.asarray(indices)
     if isinstance(self.features, dict):
@@ -243,6 +258,8 @@ class MultiTaskDataset:
     out = {"x": x, "labels": _take(self.labels, idx, axis=1)}
     if self.masks is not None:
       out["mask"] = _take(self.masks, idx, axis=1)
+    if self.weights is not None:
+      out["weights"] = _take(self.weights, idx, axis=1)
     if include_extras:
       out["extras"] = {k: _take(v, idx) for k, v in self.extras.items()}
     return out

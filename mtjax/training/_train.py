@@ -84,6 +84,7 @@ def make_train_step(
   task_losses: Union[losses_lib.LossSpec, Sequence[losses_lib.LossSpec]] = "bce",
   multi_task_loss=None,
   masked: bool = False,
+  weighted: bool = False,
   strategy: str = "auto",
   mutable: Sequence[str] = (),
   track_similarity: bool = True,
@@ -107,6 +108,9 @@ def make_train_step(
   trunk's parameters. ``strategy="subset"`` (weights from the Gram of a method's ``gram_leaves``,
   one backward for the update) keeps the Jacobian deferred and tracks no similarity. The state
   buffers are donated, so the input state must not be used after the call.
+
+  ``masked`` / ``weighted``: the batch has a ``"mask"`` / ``"weights"`` ``[T, B]`` entry (a dataset's
+  masks / sample weights; :func:`fit` sets both from the training set).
 
   ``step(state, batch, validation_batch)`` also passes ``validation_batch=`` to ``tx.update`` (for a
   transform with a meta loss, :func:`mtjax.auto_lambda`): the batch dict with the model's current
@@ -146,6 +150,7 @@ def make_train_step(
     policy.wrap_apply(model) if policy.mixed else model,
     task_losses,
     mask_key="mask" if masked else None,
+    weight_key="weights" if weighted else None,
     train=True,
     mutable=tuple(mutable),
     has_aux=True,
@@ -220,7 +225,7 @@ def make_train_step(
   return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
-SAMPLE_AXIS_1 = ("labels", "mask")  # [T, B]: task axis first; every other batch entry is sample-major
+SAMPLE_AXIS_1 = ("labels", "mask", "weights")  # [T, B]: task axis first; every other entry is sample-major
 
 
 def sample_count(batch: Mapping[str, Any]) -> int:
@@ -436,7 +441,7 @@ def shard_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh, data_axis: st
 
   out = {}
   for key, value in batch.items():
-    spec = P(None, data_axis) if key in ("labels", "mask") else P(data_axis)
+    spec = P(None, data_axis) if key in SAMPLE_AXIS_1 else P(data_axis)
     out[key] = jax.tree.map(lambda a, spec=spec: jax.device_put(a, NamedSharding(mesh, spec)), value)
   return out
 
@@ -663,6 +668,7 @@ def fit(
     task_losses=task_losses,
     multi_task_loss=multi_task_loss,
     masked=train_ds.masks is not None,
+    weighted=train_ds.weights is not None,
     strategy=strategy,
     mutable=tuple(state.variables),
     track_similarity=track_similarity,

@@ -159,3 +159,29 @@ def test_progress_bar_shows_steps_and_task_losses(monkeypatch):
   monkeypatch.setattr(sys, "stderr", plain)
   training.fit(model, tx, ds, steps=2, batch_size=64, progress=True)
   assert plain.getvalue() == ""
+
+
+def test_fit_weights_the_task_losses_with_the_datasets_sample_weights():
+  """Sample weights of a MultiTaskDataset reach the per-task losses of every step ('valid'
+  normalization: weights 2 everywhere double the losses; weight 0 on a task silences it)."""
+  base = data.conflicting_tasks(num_samples=256, num_tasks=2, seed=0)
+  model = models.MMoE(num_tasks=2, num_experts=2, expert=(4,), tower=(2, 1), features=base.spec)
+  tx = optax.chain(mtjax.linear(num_tasks=2), optax.sgd(0.0))  # no update: same parameters every step
+
+  def first_losses(ds):
+    res = training.fit(model, tx, ds, steps=2, batch_size=64, progress=False, track_similarity=False, log_every=1)
+    return np.asarray(res.history[0]["losses"])
+
+  plain = first_losses(base)
+  twice = dataclasses.replace(base, weights=np.full(len(base), 2.0, np.float32))
+  np.testing.assert_allclose(first_losses(twice), 2 * plain, rtol=1e-5)
+  w = np.ones((2, len(base)), np.float32)
+  w[1] = 0.0
+  silenced = first_losses(dataclasses.replace(base, weights=w))
+  np.testing.assert_allclose(silenced, [plain[0], 0.0], rtol=1e-5, atol=1e-7)
+  sub = twice.subset(np.arange(10))
+  assert sub.weights.shape == (2, 10) and sub.batch(np.arange(3))["weights"].shape == (2, 3)
+  with pytest.raises(ValueError, match="finite and non-negative"):
+    dataclasses.replace(base, weights=-np.ones(len(base)))
+  with pytest.raises(ValueError, match=r"weights must be \[T, N\]"):
+    dataclasses.replace(base, weights=np.ones(5))
