@@ -1,13 +1,14 @@
 """Parameter counts and forward+backward step times of every registered model, in one run.
 
 Configuration (documented, the same for every model where it applies): a feature spec of 4
-categorical fields (user 10,000 ids, item 10,000, domain 3, prior 10; 16-dim embeddings) and
-one 8-wide dense field; batch 1024; T = 2 tasks (ESM^2: 3 composite outputs); hidden widths
-around 128/64 with towers [32, 1]; experts [128, 64] (8 for OMoE/MMoE/DSelect-k, 2 specific + 2 shared per
-task for CGC/PLE/STEM; the YouTube ranker is the MMoE plus its shallow tower over "prior";
-Cross-Stitch has one [128, 64] column per task; SNR two levels of three [128, 64] sub-networks;
-AdaTT two levels of 2 task + 2 shared [128, 64] experts). The
-step is ``jax.grad`` of the summed loss (BCE, or the model's entire-space loss) in train mode,
+categorical fields (user 10,000 ids, item 10,000, domain 3, prior 10; 16-dim embeddings), one
+8-wide dense field and a 20-step item history (an ``IdSequence`` in the item table: pooled into
+every model's input, read step by step by DUPN); batch 1024; T = 2 tasks (ESM^2: 3 composite
+outputs); hidden widths around 128/64 with towers [32, 1]; experts [128, 64] (8 for
+OMoE/MMoE/DSelect-k, 2 specific + 2 shared per task for CGC/PLE/STEM; the YouTube ranker is the
+MMoE plus its shallow tower over "prior"; Cross-Stitch has one [128, 64] column per task; SNR two
+levels of three [128, 64] sub-networks; AdaTT two levels of 2 task + 2 shared [128, 64] experts).
+The step is ``jax.grad`` of the summed loss (BCE, or the model's entire-space loss) in train mode,
 jitted; the median over many steps after compilation.
 
 Usage: python benchmarks/model_step_time.py [--steps 20] [--batch 1024]
@@ -35,6 +36,7 @@ SPEC = models.FeatureSpec(
     models.Categorical("prior", 10, 16),
   ),
   dense=(models.Dense("dense", 8),),
+  sequences=(models.IdSequence("history", 10_000, 16, max_len=20, table="item"),),
 )
 
 CONFIGS = {
@@ -57,6 +59,7 @@ CONFIGS = {
   "snr": dict(num_tasks=2, num_subnetworks=(3, 3), subnetwork=(128, 64), tower=(32, 1)),
   "adatt": dict(num_tasks=2, num_levels=2, experts_per_task=2, num_shared_experts=2, expert=(128, 64), tower=(32, 1)),
   # the shallow tower reads "prior" as the position feature (10% dropped in train mode)
+  "dupn": dict(num_tasks=2, lstm=64, attention=32, representation_dim=128, tower=(32, 1)),
   "youtube": dict(
     num_tasks=2,
     num_experts=8,
@@ -88,6 +91,8 @@ def main(argv=None):
     "domain": rng.integers(0, 3, b),
     "prior": rng.integers(0, 10, b),
     "dense": rng.normal(size=(b, 8)).astype(np.float32),
+    # 20-step item histories in the item table, lengths uniform in 0..20 (-1 pads)
+    "history": np.where(np.arange(20)[None] < rng.integers(0, 21, b)[:, None], rng.integers(0, 10_000, (b, 20)), -1),
   }
   x = {k: jnp.asarray(v) for k, v in x.items()}
   print(f"jax {jax.__version__} on {jax.default_backend()}; batch {b}; median of {args.steps} steps")

@@ -134,6 +134,13 @@ class MultiTaskDataset:
         for f in self.spec.categorical:
           if not np.issubdtype(feats[f.name].dtype, np.integer):
             raise ValueError(f"mtjax: categorical feature {f.name!r} must hold integer ids, got {feats[f.name].dtype}.")
+        for f in getattr(self.spec, "sequences", ()):
+          v = feats[f.name]
+          if v.ndim != 2 or not np.issubdtype(v.dtype, np.integer) or v.shape[1] > f.max_len:
+            raise ValueError(
+              f"mtjax: sequence feature {f.name!r} must be [N, L] integer ids with L <= max_len {f.max_len} "
+              f"(negative = padding), got {v.dtype}{list(v.shape)}."
+            )
       setattr_("features", feats)
     else:
       x = np.asarray(self.features)

@@ -13,6 +13,8 @@ from mtjax.models._dependent import NMTR
 from mtjax.models._dselect_k import DSelectK
 from mtjax.models._dselect_k import DSelectKGate
 from mtjax.models._dselect_k import smooth_step
+from mtjax.models._dupn import DUPN
+from mtjax.models._dupn import masked_lstm
 from mtjax.models._esmm import ESCM2
 from mtjax.models._esmm import ESM2
 from mtjax.models._esmm import ESMM
@@ -24,6 +26,9 @@ from mtjax.models._features import Dense
 from mtjax.models._features import Embed
 from mtjax.models._features import FeatureEmbedding
 from mtjax.models._features import FeatureSpec
+from mtjax.models._features import IdSequence
+from mtjax.models._features import mask_key
+from mtjax.models._features import sequence_key
 from mtjax.models._layers import MLP
 from mtjax.models._layers import InputLayer
 from mtjax.models._mmoe import MMoE
@@ -59,6 +64,7 @@ __all__ = (
   "CrossStitchUnit",
   "DBMTL",
   "DSelectK",
+  "DUPN",
   "DSelectKGate",
   "Dense",
   "ESCM2",
@@ -71,6 +77,7 @@ __all__ = (
   "FeatureSpec",
   "Gate",
   "GateNU",
+  "IdSequence",
   "InputLayer",
   "MLP",
   "MMoE",
@@ -91,9 +98,12 @@ __all__ = (
   "gate_dropout",
   "hard_concrete_l0",
   "hard_concrete_sample",
+  "mask_key",
+  "masked_lstm",
   "get",
   "partition",
   "register",
+  "sequence_key",
   "smooth_step",
   "split_spec",
 )

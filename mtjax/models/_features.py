@@ -37,6 +37,44 @@ class Dense:
 
 
 @dataclasses.dataclass(frozen=True)
+class IdSequence:
+  """A variable-length sequence of categorical ids per sample (a behaviour history): ``[B, L]`` ints.
+
+  Sequences are left-aligned and padded at the end with negative ids (``-1``); any negative id is
+  padding, ``L`` may differ between batches (up to ``max_len``, checked). Ids at or past
+  ``vocab_size`` are unknown, handled as the spec's ``oov`` says (the reserved row, or an error).
+  ``table`` names a :class:`Categorical` field whose embedding table the sequence shares (an item
+  history in the item table: same ``vocab_size`` and ``embed_dim``). :class:`FeatureEmbedding` puts
+  the ``pooling`` (``"mean"`` or ``"sum"`` over the valid steps; ``0`` for an empty sequence) into
+  the model input, so every model takes sequence fields, and exposes the whole sequence
+  ``[B, L, d]`` and its ``[B, L]`` mask to models that read it step by step (:class:`DUPN`).
+  """
+
+  name: str
+  vocab_size: int
+  embed_dim: int = 8
+  max_len: int = 50
+  pooling: str = "mean"
+  table: Optional[str] = None
+
+  def __post_init__(self):
+    if self.vocab_size < 1 or self.embed_dim < 1 or self.max_len < 1:
+      raise ValueError(f"mtjax: sequence feature {self.name!r}: vocab_size, embed_dim and max_len must be >= 1.")
+    if self.pooling not in ("mean", "sum"):
+      raise ValueError(f"mtjax: sequence feature {self.name!r}: pooling must be 'mean' or 'sum', got {self.pooling!r}.")
+
+
+def sequence_key(name: str) -> str:
+  """The key of a sequence field's ``[B, L, d]`` embeddings in :class:`FeatureEmbedding`'s fields."""
+  return f"{name}:sequence"
+
+
+def mask_key(name: str) -> str:
+  """The key of a sequence field's ``[B, L]`` validity mask (float, 1 for a real step) in the fields."""
+  return f"{name}:mask"
+
+
+@dataclasses.dataclass(frozen=True)
 class FeatureSpec:
   """The input schema of a model: categorical and dense fields.
 
@@ -61,25 +99,45 @@ class FeatureSpec:
   categorical: Sequence[Categorical] = ()
   dense: Sequence[Dense] = ()
   oov: str = "reserved"
+  sequences: Sequence[IdSequence] = ()
 
   def __post_init__(self):
     if self.oov not in ("reserved", "error"):
       raise ValueError(f"mtjax: FeatureSpec.oov must be 'reserved' or 'error', got {self.oov!r}.")
     object.__setattr__(self, "categorical", tuple(self.categorical))
     object.__setattr__(self, "dense", tuple(self.dense))
-    names = [f.name for f in self.categorical] + [f.name for f in self.dense]
+    object.__setattr__(self, "sequences", tuple(self.sequences))
+    names = [f.name for f in self.categorical] + [f.name for f in self.dense] + [f.name for f in self.sequences]
     if len(set(names)) != len(names):
       raise ValueError(f"mtjax: FeatureSpec has duplicate field names: {names}.")
     if not names:
       raise ValueError("mtjax: FeatureSpec needs at least one field.")
+    cats = {f.name: f for f in self.categorical}
+    for f in self.sequences:
+      if f.table is None:
+        continue
+      base = cats.get(f.table)
+      if base is None or (base.vocab_size, base.embed_dim) != (f.vocab_size, f.embed_dim):
+        raise ValueError(
+          f"mtjax: sequence feature {f.name!r} shares table {f.table!r}, which must be a categorical field of "
+          f"the spec with the same vocab_size and embed_dim ({f.vocab_size}, {f.embed_dim})."
+        )
 
   @property
   def output_dim(self) -> int:
-    return sum(f.embed_dim for f in self.categorical) + sum(f.dim for f in self.dense)
+    return (
+      sum(f.embed_dim for f in self.categorical)
+      + sum(f.dim for f in self.dense)
+      + sum(f.embed_dim for f in self.sequences)
+    )
 
   @property
   def names(self) -> tuple[str, ...]:
-    return tuple(f.name for f in self.categorical) + tuple(f.name for f in self.dense)
+    return (
+      tuple(f.name for f in self.categorical)
+      + tuple(f.name for f in self.dense)
+      + tuple(f.name for f in self.sequences)
+    )
 
 
 class Embed(nn.Module):
@@ -152,7 +210,7 @@ class FeatureEmbedding(nn.Module):
     missing = [n for n in self.spec.names if n not in batch]
     if missing:
       raise ValueError(f"mtjax: the batch lacks feature(s) {missing}; it has {sorted(batch)}.")
-    parts, fields = [], {}
+    parts, fields, tables = [], {}, {}
     for f in self.spec.categorical:
       ids = jnp.asarray(batch[f.name])
       if not jnp.issubdtype(ids.dtype, jnp.integer):
@@ -166,6 +224,7 @@ class FeatureEmbedding(nn.Module):
         )
       ids = jnp.where(bad, f.vocab_size, ids)
       table = Embed(f.vocab_size + 1, f.embed_dim * self.width_multiplier, name=f"embed_{f.name}")
+      tables[f.name] = table
       e = table(ids)
       fields[f.name] = e
       parts.append(e)
@@ -173,6 +232,39 @@ class FeatureEmbedding(nn.Module):
       v = _dense_value(batch, f)
       fields[f.name] = v
       parts.append(v)
+    for f in self.spec.sequences:
+      ids = jnp.asarray(batch[f.name])
+      if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim != 2:
+        raise ValueError(
+          f"mtjax: sequence feature {f.name!r} must hold [B, L] integer ids (negative = padding), got "
+          f"{ids.dtype}{list(ids.shape)}."
+        )
+      if ids.shape[1] > f.max_len:
+        raise ValueError(f"mtjax: sequence feature {f.name!r} has length {ids.shape[1]} > max_len {f.max_len}.")
+      valid = ids >= 0
+      unknown = valid & (ids >= f.vocab_size)
+      if oov == "error":
+        from mtjax._src import numerics  # local import keeps models importable standalone
+
+        ids = numerics.enforce(
+          ids,
+          numerics.condition_check(jnp.any(unknown), f"mtjax: feature {f.name!r} has ids >= {f.vocab_size}."),
+        )
+      # padding looks up past the table: zeros, no gradient (embedding_lookup's "fill"); unknown: the reserved row
+      ids = jnp.where(valid, jnp.where(unknown, f.vocab_size, ids), f.vocab_size + 1)
+      if f.table is not None:
+        table = tables[f.table]
+      else:
+        table = Embed(f.vocab_size + 1, f.embed_dim * self.width_multiplier, name=f"embed_{f.name}")
+      e = table(ids)  # [B, L, d]
+      m = valid.astype(e.dtype)
+      pooled = jnp.sum(e, axis=1)
+      if f.pooling == "mean":
+        pooled = pooled / jnp.maximum(jnp.sum(m, axis=1, keepdims=True), 1.0)
+      fields[f.name] = pooled
+      fields[sequence_key(f.name)] = e
+      fields[mask_key(f.name)] = m
+      parts.append(pooled)
     return jnp.concatenate(parts, axis=-1), fields
 
 

@@ -189,6 +189,10 @@ class STEM(nn.Module):
       chunks = jnp.split(fields[f.name], T + 1, axis=-1)  # [B, e] each: task 0..T-1, then shared
       for s in range(T + 1):
         parts[s].append(chunks[s])
+    for f in self.features.sequences:  # pooled histories: split like the categorical embeddings
+      chunks = jnp.split(fields[f.name], T + 1, axis=-1)
+      for s in range(T + 1):
+        parts[s].append(chunks[s])
     for f in self.features.dense:
       for s in range(T + 1):
         parts[s].append(fields[f.name])

@@ -29,10 +29,13 @@ def split_spec(spec: FeatureSpec, names: Sequence[str]) -> Tuple[FeatureSpec, Fe
     raise ValueError(f"mtjax: every field of the spec ({list(spec.names)}) was set aside; the main model has no input.")
 
   def sub(keep):
+    seqs = tuple(f for f in spec.sequences if f.name in keep)
+    tables = {f.table for f in seqs if f.table is not None}
     return FeatureSpec(
-      categorical=tuple(f for f in spec.categorical if f.name in keep),
+      categorical=tuple(f for f in spec.categorical if f.name in keep or f.name in tables),
       dense=tuple(f for f in spec.dense if f.name in keep),
       oov=spec.oov,
+      sequences=seqs,
     )
 
   return sub(rest), sub(names)

@@ -21,6 +21,8 @@ SPEC = models.FeatureSpec(
     models.Categorical("prior", 5, 4),
   ),
   dense=(models.Dense("dense", 4),),
+  # a behaviour history in the item table: every model takes sequence fields (pooled), DUPN reads them step by step
+  sequences=(models.IdSequence("history", 60, 4, max_len=6, table="item"),),
 )
 N = 512
 
@@ -34,6 +36,7 @@ def _data(seed=0):
     "domain": rng.integers(0, 3, N),
     "prior": rng.integers(0, 5, N),
     "dense": rng.normal(size=(N, 4)).astype(np.float32),
+    "history": np.where(np.arange(6)[None] < rng.integers(0, 7, N)[:, None], rng.integers(0, 60, (N, 6)), -1),
   }
   eff = [rng.normal(size=(40,)), rng.normal(size=(60,)), rng.normal(size=(3,)), rng.normal(size=(4, 3))]
 
@@ -70,6 +73,7 @@ CASES = {
     dict(num_tasks=2, num_levels=2, experts_per_task=1, num_shared_experts=1, expert=(16,), tower=(8, 1)),
     "plain",
   ),
+  "dupn": (dict(num_tasks=2, lstm=8, attention=4, representation_dim=16, tower=(8, 1)), "plain"),
   "youtube": (
     dict(
       num_tasks=2,

@@ -24,6 +24,7 @@ SPEC = models.FeatureSpec(
     models.Categorical("domain", 3, 2),
   ),
   dense=(models.Dense("dense", 2),),
+  sequences=(models.IdSequence("history", 13, 3, max_len=4, table="item"),),
 )
 
 # case -> (registry name, config, loss kind); the configs of tests/models/test_all_models_train.py, smaller.
@@ -59,6 +60,7 @@ CASES = {
   "adatt": ("adatt", dict(num_tasks=2, num_levels=2, experts_per_task=2, expert=(6,), tower=(4, 1)), "plain"),
   "adatt_sp": ("adatt", dict(num_tasks=3, num_levels=1, num_shared_experts=0, expert=(6,), tower=(1,)), "plain"),
   "cross_stitch_channels": ("cross_stitch", dict(num_tasks=2, hidden=(6,), channel_wise=True), "plain"),
+  "dupn": ("dupn", dict(num_tasks=3, lstm=4, attention=3, representation_dim=5, tower=(4, 1)), "plain"),
   "youtube": (
     "youtube",
     dict(num_tasks=3, bias_features=("domain",), position_feature="domain", engagement_tasks=(0, 2), **MOE),
@@ -73,6 +75,7 @@ def _batch(num_labels):
     "user": rng.integers(0, 13, B),
     "item": rng.integers(0, 13, B),
     "domain": rng.integers(0, 3, B),
+    "history": np.where(np.arange(4)[None] < rng.integers(0, 5, B)[:, None], rng.integers(0, 13, (B, 4)), -1),
     "dense": rng.normal(size=(B, 2)).astype(np.float32),
   }  # some user ids out of vocabulary
   y = (rng.random((3, B)) < 0.5).astype(np.float32)
@@ -146,6 +149,7 @@ HEADS = {
   "adatt_sp": r"^tower_",
   "cross_stitch_channels": r"^tower_",
   "youtube": r"^(gate_|tower_)",  # the shallow tower feeds the representation: part of the trunk
+  "dupn": r"^(tower_|input/embedding/embed_domain/)",  # DUPN reads no domain field
 }
 # The registered models, plus the "vmap" experts: the numeric checks compile, so they run on these.
 NUMERIC = sorted({c for c, (name, _, _) in CASES.items() if c == name} | {"mmoe_vmap"})
@@ -273,6 +277,7 @@ VIEWS = {
   "stem_2levels",
   "pepnet",
   "youtube",
+  "dupn",
   "cross_stitch",
   "cross_stitch_channels",
   "dselect_k",
