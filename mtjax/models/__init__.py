@@ -8,6 +8,7 @@ from mtjax.models._adatt import AdaTT
 from mtjax.models._aitm import AITM
 from mtjax.models._cross_stitch import CrossStitch
 from mtjax.models._cross_stitch import CrossStitchUnit
+from mtjax.models._deepmcp import DeepMCP
 from mtjax.models._dependent import DBMTL
 from mtjax.models._dependent import NMTR
 from mtjax.models._dselect_k import DSelectK
@@ -63,6 +64,7 @@ __all__ = (
   "CrossStitch",
   "CrossStitchUnit",
   "DBMTL",
+  "DeepMCP",
   "DSelectK",
   "DUPN",
   "DSelectKGate",

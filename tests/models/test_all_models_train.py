@@ -74,6 +74,7 @@ CASES = {
     "plain",
   ),
   "dupn": (dict(num_tasks=2, lstm=8, attention=4, representation_dim=16, tower=(8, 1)), "plain"),
+  "deepmcp": (dict(prediction=(16, 1), matching=(8,), correlation_weight=0.1, num_negatives=2), "plain"),
   "youtube": (
     dict(
       num_tasks=2,

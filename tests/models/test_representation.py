@@ -61,6 +61,7 @@ CASES = {
   "adatt_sp": ("adatt", dict(num_tasks=3, num_levels=1, num_shared_experts=0, expert=(6,), tower=(1,)), "plain"),
   "cross_stitch_channels": ("cross_stitch", dict(num_tasks=2, hidden=(6,), channel_wise=True), "plain"),
   "dupn": ("dupn", dict(num_tasks=3, lstm=4, attention=3, representation_dim=5, tower=(4, 1)), "plain"),
+  "deepmcp": ("deepmcp", dict(prediction=(4, 1), matching=(3,), correlation_weight=0.5, num_negatives=2), "plain"),
   "youtube": (
     "youtube",
     dict(num_tasks=3, bias_features=("domain",), position_feature="domain", engagement_tasks=(0, 2), **MOE),
@@ -87,7 +88,7 @@ def _batch(num_labels):
 def _setup(case):
   """(loss_fn, params, batch, T) for one case; the loss has aux and runs the model with train=False."""
   name, config, kind = CASES[case]
-  num_tasks = config.get("num_tasks", {"esmm": 2, "escm2": 2, "esm2": 3}.get(kind))
+  num_tasks = config.get("num_tasks", {"esmm": 2, "escm2": 2, "esm2": 3}.get(kind, 2 if name == "deepmcp" else None))
   x, y, chain = _batch(num_tasks)
   labels = {
     "plain": y,
@@ -150,6 +151,7 @@ HEADS = {
   "cross_stitch_channels": r"^tower_",
   "youtube": r"^(gate_|tower_)",  # the shallow tower feeds the representation: part of the trunk
   "dupn": r"^(tower_|input/embedding/embed_domain/)",  # DUPN reads no domain field
+  "deepmcp": r"^(prediction/|matching_)",
 }
 # The registered models, plus the "vmap" experts: the numeric checks compile, so they run on these.
 NUMERIC = sorted({c for c, (name, _, _) in CASES.items() if c == name} | {"mmoe_vmap"})
