@@ -61,6 +61,7 @@ CONFIGS = {
   # the shallow tower reads "prior" as the position feature (10% dropped in train mode)
   "dupn": dict(num_tasks=2, lstm=64, attention=32, representation_dim=128, tower=(32, 1)),
   "deepmcp": dict(prediction=(128, 64, 1), matching=(64,), correlation_weight=1.0, num_negatives=4),
+  "hmoe": dict(num_tasks=2, num_experts=8, expert=(128, 64), tower=(32, 1)),
   "youtube": dict(
     num_tasks=2,
     num_experts=8,

@@ -30,6 +30,7 @@ from mtjax.models._features import FeatureSpec
 from mtjax.models._features import IdSequence
 from mtjax.models._features import mask_key
 from mtjax.models._features import sequence_key
+from mtjax.models._hmoe import HMoE
 from mtjax.models._layers import MLP
 from mtjax.models._layers import InputLayer
 from mtjax.models._mmoe import MMoE
@@ -79,6 +80,7 @@ __all__ = (
   "FeatureSpec",
   "Gate",
   "GateNU",
+  "HMoE",
   "IdSequence",
   "InputLayer",
   "MLP",

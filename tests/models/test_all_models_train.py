@@ -75,6 +75,7 @@ CASES = {
   ),
   "dupn": (dict(num_tasks=2, lstm=8, attention=4, representation_dim=16, tower=(8, 1)), "plain"),
   "deepmcp": (dict(prediction=(16, 1), matching=(8,), correlation_weight=0.1, num_negatives=2), "plain"),
+  "hmoe": (dict(num_tasks=2, num_experts=3, expert=(16,), tower=(8, 1)), "plain"),
   "youtube": (
     dict(
       num_tasks=2,

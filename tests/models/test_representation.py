@@ -62,6 +62,8 @@ CASES = {
   "cross_stitch_channels": ("cross_stitch", dict(num_tasks=2, hidden=(6,), channel_wise=True), "plain"),
   "dupn": ("dupn", dict(num_tasks=3, lstm=4, attention=3, representation_dim=5, tower=(4, 1)), "plain"),
   "deepmcp": ("deepmcp", dict(prediction=(4, 1), matching=(3,), correlation_weight=0.5, num_negatives=2), "plain"),
+  "hmoe": ("hmoe", dict(num_tasks=3, **MOE), "plain"),
+  "hmoe_free": ("hmoe", dict(num_tasks=2, task_constrained=False, **MOE), "plain"),
   "youtube": (
     "youtube",
     dict(num_tasks=3, bias_features=("domain",), position_feature="domain", engagement_tasks=(0, 2), **MOE),
@@ -152,6 +154,8 @@ HEADS = {
   "youtube": r"^(gate_|tower_)",  # the shallow tower feeds the representation: part of the trunk
   "dupn": r"^(tower_|input/embedding/embed_domain/)",  # DUPN reads no domain field
   "deepmcp": r"^(prediction/|matching_)",
+  "hmoe": r"^(gate_|tower_|stack_)",
+  "hmoe_free": r"^(gate_|tower_|stack_)",
 }
 # The registered models, plus the "vmap" experts: the numeric checks compile, so they run on these.
 NUMERIC = sorted({c for c, (name, _, _) in CASES.items() if c == name} | {"mmoe_vmap"})
@@ -280,6 +284,7 @@ VIEWS = {
   "pepnet",
   "youtube",
   "dupn",
+  "hmoe",
   "cross_stitch",
   "cross_stitch_channels",
   "dselect_k",
