@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_disable_most_optimizations", os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS") == "1")
 
-QUICK_SECONDS = 0.5  # tests recorded slower than this are left out of the quick tier (-m "not slow")
+QUICK_SECONDS = 0.4  # tests recorded slower than this are left out of the quick tier (-m "not slow")
 
 
 def pytest_collection_modifyitems(config, items):
