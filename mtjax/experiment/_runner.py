@@ -170,6 +170,10 @@ def amortized_every(cfg: _config.ExperimentConfig) -> int:
   return int(cfg.method.get("every", 1))
 
 
+# The funnel models whose losses and metrics cover every impression (the entire space).
+ENTIRE_SPACE_MODELS = ("esmm", "escm2", "esm2", "aitm")
+
+
 def model_loss(cfg: _config.ExperimentConfig):
   """``(task_losses, multi_task_loss)`` for the model: funnel models train on their entire-space loss."""
   from mtjax import losses
@@ -177,12 +181,9 @@ def model_loss(cfg: _config.ExperimentConfig):
   if cfg.model["name"] == "escm2":  # ESMM's model with its counterfactual loss, set in [model]
     return None, reg.models.get("escm2", **{k: v for k, v in cfg.model.items() if k != "name"}).loss()
   special = getattr(losses, f"{cfg.model['name']}_loss", None)
-  if special is not None and cfg.model["name"] in ("esmm", "esm2", "aitm"):
+  if special is not None and cfg.model["name"] in ENTIRE_SPACE_MODELS:
     return None, special
   return None, None
-
-
-ENTIRE_SPACE_MODELS = ("esmm", "escm2", "esm2", "aitm")
 
 
 def entire_space(ds):

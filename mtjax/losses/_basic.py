@@ -215,6 +215,11 @@ def ranknet(
     _check_same_shape(scores, mask, "ranknet", "scores", "mask")
     m = mask.astype(scores.dtype)
     weights = weights * (m[:, None] * m[None, :])
+  return _pairwise_logistic(scores, weights)
+
+
+def _pairwise_logistic(scores: jax.Array, weights: jax.Array) -> jax.Array:
+  """``sum_ij w_ij softplus(-(s_i - s_j)) / sum_ij w_ij`` (0 with a zero gradient without pairs)."""
   pair_loss = jax.nn.softplus(-(scores[:, None] - scores[None, :]))
   num = jnp.sum(jnp.where(weights != 0, pair_loss * weights, jnp.zeros_like(pair_loss)))
   return _safe_ratio(num, jnp.sum(weights))
@@ -302,10 +307,7 @@ def multi_behavior_bpr(
     if mask is not None:
       m = mask[t].astype(outputs.dtype)
       weights = weights * (m[:, None] * m[None, :])
-    s = outputs[t]
-    pair_loss = jax.nn.softplus(-(s[:, None] - s[None, :]))
-    num = jnp.sum(jnp.where(weights != 0, pair_loss * weights, jnp.zeros_like(pair_loss)))
-    out.append(_safe_ratio(num, jnp.sum(weights)))
+    out.append(_pairwise_logistic(outputs[t], weights))
   return jnp.stack(out)
 
 

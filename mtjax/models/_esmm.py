@@ -34,6 +34,20 @@ def _tower(name: str, tower: Sequence[int], dropout: float, h: jax.Array, train:
   return MLP(tuple(tower), dropout=dropout, activate_last=False, name=name)(h, train=train)[:, 0]
 
 
+def _esmm_forward(module: nn.Module, name: str, x, train: bool) -> Tuple[jax.Array, Dict[str, Any], jax.Array]:
+  """ESMM's forward (CTR and CVR towers on the shared input): ``(outputs [2, B], aux, shared input)``."""
+  _check_tower(name, module.tower)
+  h = _shared_input(module, x, module.bottom, module.dropout, train)
+  ctr = _tower("tower_ctr", module.tower, module.dropout, h, train)
+  cvr = _tower("tower_cvr", module.tower, module.dropout, h, train)
+  outputs = jnp.stack([ctr, cvr])
+  lp = esmm_log_probs(outputs)
+  aux = {k: lp[k] for k in ("log_p_ctr", "log_p_cvr", "log_p_ctcvr")}
+  # The probabilities of the two supervised events (click, click & conversion): what evaluation scores.
+  aux["task_log_probs"] = jnp.stack([lp["log_p_ctr"], lp["log_p_ctcvr"]])
+  return outputs, aux, h
+
+
 @register("esmm")
 class ESMM(nn.Module):
   r"""Entire Space Multi-task Model: CTR and CVR towers on a shared embedding.
@@ -96,15 +110,7 @@ class ESMM(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:
-    _check_tower("ESMM", self.tower)
-    h = _shared_input(self, x, self.bottom, self.dropout, train)
-    ctr = _tower("tower_ctr", self.tower, self.dropout, h, train)
-    cvr = _tower("tower_cvr", self.tower, self.dropout, h, train)
-    outputs = jnp.stack([ctr, cvr])
-    lp = esmm_log_probs(outputs)
-    aux = {k: lp[k] for k in ("log_p_ctr", "log_p_cvr", "log_p_ctcvr")}
-    # The probabilities of the two supervised events (click, click & conversion): what evaluation scores.
-    aux["task_log_probs"] = jnp.stack([lp["log_p_ctr"], lp["log_p_ctcvr"]])
+    outputs, aux, _ = _esmm_forward(self, "ESMM", x, train)
     return outputs, aux
 
 
@@ -179,14 +185,7 @@ class ESCM2(nn.Module):
   def __call__(self, x, *, train: bool = False) -> Tuple[jax.Array, Dict[str, Any]]:
     if self.counterfactual not in ("ips", "dr"):
       raise ValueError(f"mtjax: ESCM2.counterfactual must be 'ips' or 'dr', got {self.counterfactual!r}.")
-    _check_tower("ESCM2", self.tower)
-    h = _shared_input(self, x, self.bottom, self.dropout, train)
-    ctr = _tower("tower_ctr", self.tower, self.dropout, h, train)
-    cvr = _tower("tower_cvr", self.tower, self.dropout, h, train)
-    outputs = jnp.stack([ctr, cvr])
-    lp = esmm_log_probs(outputs)
-    aux = {k: lp[k] for k in ("log_p_ctr", "log_p_cvr", "log_p_ctcvr")}
-    aux["task_log_probs"] = jnp.stack([lp["log_p_ctr"], lp["log_p_ctcvr"]])
+    outputs, aux, h = _esmm_forward(self, "ESCM2", x, train)
     if self.counterfactual == "dr":
       aux["imputation"] = jax.nn.softplus(_tower("tower_imputation", self.tower, self.dropout, h, train))
     return outputs, aux
