@@ -1,4 +1,4 @@
-"""The `mtjax` command: `mtjax run CONFIG`, `mtjax compare [CONFIG]`, `mtjax list`."""
+"""The `mtjax` command: `mtjax run CONFIG`, `mtjax compare [CONFIG]`, `mtjax convert CONFIG OUT`, `mtjax list`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ USAGE = """examples:
   mtjax compare --methods linear,modo,sdmgrad,sdmgrad:num_batches=1   # method options: name:key=value
   mtjax run my_experiment.toml --out runs/one    # one configuration, with checkpoints if train.checkpoint_every > 0
   mtjax run my_experiment.toml --out runs/one --from-step 2000   # go back to the checkpoint of step 2000
+  mtjax run my_experiment.toml --out /shared/one --distributed   # multi-host: one per host (SLURM, TPU pod, env)
+  mtjax run my_experiment.toml --out /shared/one --coordinator host0:1234 --num-processes 2 --process-id 0
+  mtjax convert my_experiment.toml stores/aliexpress_nl   # its [data] once into an on-disk store
   mtjax list                                     # models, methods, datasets, optimizers
 """
 
@@ -43,7 +46,27 @@ def _parser() -> argparse.ArgumentParser:
     metavar="N",
     help="restart from the checkpoint of step N (e.g. before a divergence), deleting later checkpoints and log records",
   )
+  d = r.add_argument_group(
+    "multi-host training (jax.distributed; one process per host, the batch split over every host's devices)"
+  )
+  d.add_argument(
+    "--distributed",
+    action="store_true",
+    help="start jax.distributed, detecting the cluster (SLURM, Open MPI, TPU pods, JAX_COORDINATOR_ADDRESS ...)",
+  )
+  d.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address (implies --distributed)")
+  d.add_argument("--num-processes", type=int, default=None, metavar="N", help="number of processes")
+  d.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's index, 0 .. N-1")
   _speed_args(r)
+  v = sub.add_parser(
+    "convert",
+    help="convert a config's [data] once into an on-disk store (train from it with bounded memory)",
+    description="Converts the dataset of a config's [data] table into a store folder (memory-mapped columns); "
+    "then train with [data] name = \"store\", path = OUT. AliExpress files are converted chunk by chunk.",
+  )
+  v.add_argument("config", help="TOML file with a [data] table (other tables are ignored)")
+  v.add_argument("out", help="the store folder to write")
+  v.add_argument("--overwrite", action="store_true", help="replace an existing store")
   c = sub.add_parser("compare", help="train one model with several methods and print a table")
   c.add_argument("config", nargs="?", default=None, help="experiment TOML file (default: the embedded default)")
   c.add_argument(
@@ -177,6 +200,23 @@ def _missing(module: str) -> bool:
     return True
 
 
+def _start_distributed(args) -> bool:
+  """Starts ``jax.distributed`` for ``--distributed`` / ``--coordinator`` (then every process
+  waits until ``--fresh`` is done); returns whether this process reports (process 0)."""
+  explicit = (args.coordinator, args.num_processes, args.process_id)
+  if not args.distributed and all(v is None for v in explicit):
+    return True
+  from mtjax.experiment import ConfigError
+  from mtjax.training import _distributed
+
+  if any(v is None for v in explicit) and any(v is not None for v in explicit):
+    raise ConfigError(
+      "--coordinator, --num-processes and --process-id go together (or use --distributed alone to detect the cluster)"
+    )
+  _distributed.initialize_distributed(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+  return _distributed.is_primary()
+
+
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   from mtjax import experiment
@@ -196,15 +236,38 @@ def main(argv=None) -> int:
       print("datasets:   " + ", ".join(reg.DATASETS))
       print("optimizers: " + ", ".join(reg.OPTIMIZERS))
       return 0
+    if args.command == "convert":
+      from mtjax.experiment import _config
+      from mtjax.experiment import _runner
+
+      raw = _config.resolve_data_paths(_load_raw(args.config), os.path.dirname(os.path.abspath(args.config)))
+      if not isinstance(raw.get("data"), dict) or "name" not in raw["data"]:
+        raise experiment.ConfigError(f"{args.config}: needs a [data] table with a name")
+      t0 = time.time()
+      path = _runner.convert_data(raw["data"], args.out, overwrite=args.overwrite)
+      from mtjax import data as data_lib
+
+      splits = data_lib.open_store(path)
+      sizes = (
+        ", ".join(f"{k} {len(v):,}" for k, v in splits.items()) if isinstance(splits, dict) else f"{len(splits):,}"
+      )
+      print(f"mtjax convert: {raw['data']['name']} -> {path} ({sizes} samples) in {time.time() - t0:.1f} s")
+      print(f'train from it with:\n\n[data]\nname = "store"\npath = "{path}"')
+      return 0
     if args.command == "run":
       cfg = experiment.from_dict(_override(_load_raw(args.config), args))
       out = args.out or os.path.join("runs", cfg.name)
       if args.fresh and args.from_step is not None:
         raise experiment.ConfigError("--fresh and --from-step exclude each other")
-      if args.fresh and os.path.isdir(os.path.join(out, "checkpoints")):
+      primary = _start_distributed(args)
+      if args.fresh and primary and os.path.isdir(os.path.join(out, "checkpoints")):
         import shutil
 
         shutil.rmtree(os.path.join(out, "checkpoints"))
+      if args.fresh:  # multi-host: no process looks at the folder before process 0 has emptied it
+        from mtjax.training import _distributed
+
+        _distributed.barrier("mtjax_cli_fresh")
       seeds = [cfg.train.seed] if args.seed is not None else list(cfg.seeds)
       if len(seeds) > 1 and args.from_step is not None:
         raise experiment.ConfigError("--from-step needs one seed: add --seed N")
@@ -212,6 +275,8 @@ def main(argv=None) -> int:
         sub = out if len(seeds) == 1 else os.path.join(out, f"seed_{seed}")
         t0 = time.time()
         res = experiment.run(cfg, seed=seed, out_dir=sub, progress=not args.no_progress, from_step=args.from_step)
+        if not primary:  # multi-host: process 0 reports
+          continue
         print(
           f"{cfg.name}: method {res.method}, seed {res.seed}, {cfg.train.steps} steps, "
           f"precision {_precision_line(cfg)}, {res.ms_per_step:.2f} ms/step, {time.time() - t0:.1f} s"

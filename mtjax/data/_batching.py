@@ -111,6 +111,12 @@ class BatchIterator:
     shuffle, drop_remainder, include_extras: as in :func:`batches`.
     num_epochs: stop after this many epochs (None: never stop).
     epoch, position: where to start.
+    process_index, process_count: multi-process (multi-host) reading: ``batch_size`` is the GLOBAL
+      batch and this process takes only its contiguous part of it, rows
+      ``[p * batch_size / P, (p + 1) * batch_size / P)`` of each global batch (``P = process_count``
+      must divide ``batch_size``). The order, the position and :meth:`state` are those of the
+      global batches, so every process walks the same sequence and a checkpoint's position is valid
+      for any process. Defaults: one process reading whole batches.
   """
 
   def __init__(
@@ -125,8 +131,21 @@ class BatchIterator:
     num_epochs: Optional[int] = None,
     epoch: int = 0,
     position: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
   ):
     _check(dataset, batch_size, seed, drop_remainder)
+    process_index, process_count = int(process_index), int(process_count)
+    if process_count < 1 or not 0 <= process_index < process_count:
+      raise ValueError(
+        f"mtjax: BatchIterator: process_index={process_index} is not in [0, process_count={process_count})."
+      )
+    if int(batch_size) % process_count or (process_count > 1 and not drop_remainder):
+      raise ValueError(
+        f"mtjax: BatchIterator: the global batch_size={batch_size} must be a multiple of process_count="
+        f"{process_count} (each process reads an equal part), with drop_remainder=True."
+      )
+    self.process_index, self.process_count = process_index, process_count
     self.dataset = dataset
     self.batch_size = int(batch_size)
     self.seed = int(seed)
@@ -166,6 +185,9 @@ class BatchIterator:
       self._order_epoch = self.epoch
     lo = self.position * self.batch_size
     hi = min(lo + self.batch_size, len(self.dataset))
+    if self.process_count > 1:  # this process's contiguous part of the global batch
+      part = self.batch_size // self.process_count
+      lo, hi = lo + self.process_index * part, lo + (self.process_index + 1) * part
     idx = slice(lo, hi) if not self.shuffle else self._order[lo:hi]
     batch = self.dataset.batch(idx, include_extras=self.include_extras)
     self._set_position(self.epoch, self.position + 1)

@@ -19,6 +19,7 @@ DATASETS = {
   "aliccp": data.aliccp,
   "aliccp_processed": data.aliccp_processed,
   "kuairand": data.kuairand,
+  "store": data.open_store,  # a converted on-disk store (mtjax convert / data.write_store): streamed, bounded memory
 }
 
 METHODS = {

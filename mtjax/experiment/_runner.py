@@ -8,7 +8,7 @@ import json
 import os
 import re
 import warnings
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import optax
@@ -51,12 +51,18 @@ def load_data(cfg: _config.ExperimentConfig):
   a file. An empty split is a :class:`ConfigError`; a binary task without a positive or without
   a negative in a split gets a warning (its AUC there is undefined).
   """
-  kwargs = {k: v for k, v in cfg.data.items() if k != "name"}
-  out = reg.DATASETS[cfg.data["name"]](**kwargs)
+  return load_splits(cfg.data)
+
+
+def load_splits(data_table: Mapping[str, Any]):
+  """:func:`load_data` of a ``[data]`` table alone (``{'name': ..., **arguments}``)."""
+  name = data_table["name"]
+  kwargs = {k: v for k, v in data_table.items() if k != "name"}
+  out = reg.DATASETS[name](**kwargs)
   if isinstance(out, dict):  # file loaders return named splits
     train, valid, test = out.get("train"), out.get("validation", out.get("valid")), out.get("test")
     if train is None or test is None:
-      raise _config.ConfigError(f"data {cfg.data['name']!r} gave splits {sorted(out)}; need train and test")
+      raise _config.ConfigError(f"data {name!r} gave splits {sorted(out)}; need train and test")
     out = (train, valid, test) if valid is not None else (train, test)
   if isinstance(out, tuple) and len(out) == 3:
     splits = out
@@ -66,8 +72,32 @@ def load_data(cfg: _config.ExperimentConfig):
     splits = (train, valid, test)
   else:
     splits = out.split(SPLIT, seed=SPLIT_SEED, stratify=True)
-  check_splits(cfg.data["name"], splits)
+  check_splits(name, splits)
   return splits
+
+
+def convert_data(data_table: Mapping[str, Any], out: str, *, overwrite: bool = False) -> str:
+  """Converts a ``[data]`` table's dataset once into a store folder (``mtjax convert``); returns its path.
+
+  AliExpress files are converted chunk by chunk (:func:`mtjax.data.aliexpress_to_store`: bounded
+  memory, the runner draws the validation part from the training split when it opens the store, as
+  it does in memory); every other dataset is loaded as the runner would load it and its
+  train / validation / test splits written (:func:`mtjax.data.write_store`). Training from
+  ``[data] name = "store", path = out`` then sees the same splits as training from the table itself.
+  """
+  from mtjax import data as data_lib  # pylint: disable=import-outside-toplevel
+
+  name = data_table.get("name")
+  if name not in reg.DATASETS:
+    raise _config.ConfigError(f"data: unknown dataset {name!r}; known: {', '.join(reg.DATASETS)}")
+  kwargs = {k: v for k, v in data_table.items() if k != "name"}
+  _config.check_kwargs("data", reg.DATASETS[name], kwargs, reserved=reg.DATA_RESERVED)
+  if name == "store":
+    raise _config.ConfigError("data: the [data] table already names a store; nothing to convert")
+  if name == "aliexpress":
+    return data_lib.aliexpress_to_store(out=out, overwrite=overwrite, **kwargs)
+  train, valid, test = load_splits(data_table)
+  return data_lib.write_store({"train": train, "validation": valid, "test": test}, out, overwrite=overwrite)
 
 
 def check_splits(name: str, splits) -> None:
@@ -212,8 +242,22 @@ def run(
   data=None,
   plots: bool = True,
   from_step: Optional[int] = None,
+  mesh=None,
 ) -> RunResult:
-  """Trains one configuration and evaluates it on the test split; writes results to ``out_dir``."""
+  """Trains one configuration and evaluates it on the test split; writes results to ``out_dir``.
+
+  ``mesh``: data-parallel training over its devices (see :func:`mtjax.training.fit`). In a
+  multi-host run (``jax.distributed``, e.g. ``mtjax run CONFIG --distributed``) the default is a
+  mesh over every process's devices (``jax.devices()``, axis ``"data"``; ``train.batch_size`` must
+  be a multiple of their number); every process trains and evaluates, process 0 writes the files
+  and the others return the same result from memory.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+
+  multihost = jax.process_count() > 1
+  primary = jax.process_index() == 0
+  if multihost and mesh is None:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
   seed = cfg.train.seed if seed is None else seed
   train, valid, test = data if data is not None else load_data(cfg)
   if cfg.model["name"] in ENTIRE_SPACE_MODELS:  # their losses and metrics cover every impression
@@ -244,7 +288,7 @@ def run(
     meta_loss_fn=meta,
   )
   writers = []
-  if cfg.train.tensorboard:
+  if cfg.train.tensorboard and primary:
     if out_dir:
       writers.append(training.TensorBoardWriter(os.path.join(out_dir, "tensorboard")))
     else:
@@ -284,13 +328,14 @@ def run(
     micro_batches=parts,
     writers=writers,
     precision=cfg.train.precision,
+    mesh=mesh,
   )
   test_metrics = training.evaluate(
     model, res.state, test, batch_size=cfg.train.eval_batch_size, precision=cfg.train.precision
   )
   history = res.history
   evals = [{"step": int(s), "eval": ev} for s, ev in res.evals]
-  if out_dir:  # after a resume the log file holds the whole run, the in-memory history only its end
+  if out_dir and primary:  # after a resume the log file holds the whole run, the in-memory history only its end
     with open(os.path.join(out_dir, "log.jsonl")) as f:
       records = list(map(json.loads, f))
     history = [r for r in records if "losses" in r]
@@ -310,7 +355,7 @@ def run(
     partition=split,
     evals=evals,
   )
-  if out_dir:
+  if out_dir and primary:
     with open(os.path.join(out_dir, "results.json"), "w") as f:
       json.dump(
         {

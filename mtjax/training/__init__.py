@@ -3,6 +3,7 @@
 from mtjax.training._checkpoint import CheckpointCorruptError
 from mtjax.training._checkpoint import CheckpointError
 from mtjax.training._checkpoint import CheckpointSaveError
+from mtjax.training._distributed import initialize_distributed
 from mtjax.training._precision import Precision
 from mtjax.training._train import FitResult
 from mtjax.training._train import TrainState
@@ -35,6 +36,7 @@ __all__ = (
   "evaluate",
   "fit",
   "init_state",
+  "initialize_distributed",
   "make_predict_fn",
   "make_train_step",
   "method_weights",

@@ -22,6 +22,7 @@ from mtjax import metrics as metrics_lib
 from mtjax._src import numerics
 from mtjax._src.task_grads import task_grads
 from mtjax.training import _checkpoint
+from mtjax.training import _distributed
 from mtjax.training import _precision
 from mtjax.training import _writers
 
@@ -344,8 +345,12 @@ def evaluate(model, state: TrainState, dataset, *, batch_size: int = 4096, predi
   Scores of binary tasks are logits unless the model reports probabilities (``task_log_probs``).
   Masked labels are left out per task. Returns ``{task: {metric: value}, 'macro': {...}}``.
   ``precision``: the model's forward pass as in training (see :func:`make_train_step`); the metrics
-  are computed in float64 on the host either way.
+  are computed in float64 on the host either way. In a multi-controller run every process calls
+  it and gets the same result: the state's arrays are brought to the host (a replicated state as
+  it is, a sharded one gathered) and evaluated on this process's devices.
   """
+  if _distributed.is_multihost():  # the global (replicated) state as host arrays: evaluated on this process alone
+    state = _distributed.host_tree(state)
   predict = predict_fn or make_predict_fn(model, precision)
   n = len(dataset)
   chunks = []
@@ -446,6 +451,69 @@ def shard_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh, data_axis: st
   return out
 
 
+def _process_part(mesh: Optional[jax.sharding.Mesh], data_axis: str, batch_size: int) -> tuple[int, int]:
+  """``(part, parts)`` of a multi-controller run: this process's devices of ``mesh`` hold rows
+  ``[part * B / parts, (part + 1) * B / parts)`` of every global batch of ``B = batch_size``
+  samples (what it reads); checks that ``mesh`` spans every process's devices."""
+  if mesh is None:
+    raise ValueError(
+      f"mtjax: fit: this is a multi-host run ({jax.process_count()} processes, jax.distributed): pass a "
+      "mesh over every process's devices, e.g. mesh=jax.sharding.Mesh(np.array(jax.devices()), ('data',))."
+    )
+  if set(mesh.devices.flat) != set(jax.devices()):
+    raise ValueError(
+      f"mtjax: fit: in a multi-host run the mesh must hold all {jax.device_count()} global devices "
+      f"(jax.devices()), got {mesh.devices.size} of them; build it from jax.devices(), not jax.local_devices()."
+    )
+  rows: set = set()
+  mine = jax.process_index()
+  for device, index in (
+    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(data_axis)).devices_indices_map((batch_size,)).items()
+  ):
+    if device.process_index == mine:
+      rows.update(range(*index[0].indices(batch_size)))
+  lo, n = min(rows), len(rows)
+  if max(rows) - lo + 1 != n or batch_size % n or lo % n:
+    raise ValueError(
+      f"mtjax: fit: the devices of process {mine} hold rows {sorted(rows)[:4]}... of the batch, not one contiguous "
+      f"equal part; order the mesh's devices by process (as jax.devices() does)."
+    )
+  return lo // n, batch_size // n
+
+
+def _global_batch(batch: Mapping[str, Any], mesh: jax.sharding.Mesh, data_axis: str, batch_size: int) -> dict:
+  """A multi-controller run's global batch of ``batch_size`` samples from this process's rows
+  (``batch``): the layout of :func:`shard_batch`, each process contributing its part."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  out = {}
+  for key, value in batch.items():
+    axis = 1 if key in SAMPLE_AXIS_1 else 0
+    sharding = NamedSharding(mesh, P(None, data_axis) if axis else P(data_axis))
+
+    def put(a, axis=axis, sharding=sharding):
+      a = np.asarray(a)
+      shape = list(a.shape)
+      shape[axis] = batch_size
+      return jax.make_array_from_process_local_data(sharding, a, tuple(shape))
+
+    out[key] = jax.tree.map(put, value)
+  return out
+
+
+def _replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """``tree`` replicated over a multi-controller ``mesh`` (every process holds the same values)."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def put(x):
+    if isinstance(x, jax.Array) and x.sharding == replicated:
+      return x
+    return jax.make_array_from_process_local_data(replicated, _distributed.host_value(x))
+
+  return jax.tree.map(put, tree)
+
+
 def _mtjax_message(error: BaseException) -> Optional[str]:
   """The ``mtjax: ...`` message of a failed check in a training step, or ``None``.
 
@@ -539,7 +607,17 @@ def fit(
       partitioner inserts the reductions, so the per-task losses, gradients and Gram matrices the
       method sees are those of the whole batch and the update equals the one-device update (up to
       floating-point summation order; tested on 8 CPU devices). ``batch_size`` must be a
-      multiple of the mesh's ``data_axis`` size.
+      multiple of the mesh's ``data_axis`` size. Multi-host (multi-controller) training: start
+      ``jax.distributed`` in every process (:func:`initialize_distributed`), build the mesh over
+      every process's devices (``Mesh(np.array(jax.devices()), ("data",))``; required when
+      ``jax.process_count() > 1``) and call ``fit`` with the same arguments in every process.
+      ``batch_size`` is then the global batch: each process reads only the rows its devices hold
+      (its contiguous part of every global batch) and the step is one SPMD program over the global
+      mesh, so the run equals a one-process run on the same devices (tested bit-identical on 2
+      processes). Every process takes part in the checkpoints (``out_dir`` must be on a file
+      system they share) and evaluates; process 0 alone writes ``log.jsonl``, the checkpoints'
+      ``meta.json``, calls ``writers`` and shows the progress bar. Every process returns the same
+      :class:`FitResult` (a replicated state).
     data_axis: the mesh axis that splits the batch.
     strategy: how per-task gradients are computed (see :func:`mtjax.task_grads`): ``"auto"``,
       ``"loop"``, ``"map"``, ``"vmap"`` (full rows), ``"rep"`` (representation gradients, one
@@ -590,6 +668,7 @@ def fit(
       exactly (the state is float32); resume with the same precision.
   """
   from mtjax.data import BatchIterator
+  from mtjax.data import batch_iterator
 
   policy = _precision.Precision.from_name(precision)  # an unknown name fails before any work
   if strategy == "subset":  # a deferred Jacobian: no rows to compare
@@ -623,7 +702,15 @@ def fit(
         f"mtjax: fit: batch_size={batch_size} must be a multiple of the {mesh.shape[data_axis]} "
         f"devices of mesh axis {data_axis!r}."
       )
-  it = BatchIterator(train_ds, batch_size, seed=seed)
+  # Multi-host (jax.distributed): each process reads its part of every global batch; process 0 writes the files.
+  multihost = _distributed.is_multihost()
+  part, parts = _process_part(mesh, data_axis, batch_size) if multihost else (0, 1)
+  primary = _distributed.is_primary()
+  replicated = None  # multi-host: the state's sharding on the global mesh (checkpoints restore onto it)
+  if multihost and mesh is not None:
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # a StoredDataset (on disk) is read ahead by grain; the batches are the same either way
+  it = batch_iterator(train_ds, batch_size, seed=seed, process_index=part, process_count=parts)
   if validation_ds is not None and (validation_ds.num_tasks != train_ds.num_tasks or batch_size > len(validation_ds)):
     raise ValueError(
       f"mtjax: fit: validation_ds must have the training set's {train_ds.num_tasks} tasks and at least "
@@ -649,18 +736,21 @@ def fit(
     except OSError as e:
       raise _checkpoint.write_error(f"to the output folder {out_dir}", e, "Make it writable.") from e
   if from_step is not None:
-    state, meta, _ = _checkpoint.restore_step(ckpt_dir, int(from_step), state)
+    state, meta, _ = _checkpoint.restore_step(ckpt_dir, int(from_step), state, sharding=replicated)
     _checkpoint.discard_after(ckpt_dir, int(from_step))
   elif out_dir and resume:
-    found = _checkpoint.restore_latest(ckpt_dir, state)  # a corrupt newest one: a warning, the previous one
+    # a corrupt newest one: a warning, the previous one
+    found = _checkpoint.restore_latest(ckpt_dir, state, sharding=replicated)
     if found is not None:
       state, meta, _ = found
   if meta is not None:
     it.restore(meta["data_state"])
-    logged = _checkpoint.trim_log(log_path, meta["step"])  # drop records written after the checkpoint
-  elif log_path and os.path.exists(log_path):
+    logged = _checkpoint.trim_log(log_path, meta["step"]) if primary else []  # drop records after the checkpoint
+  elif log_path and primary and os.path.exists(log_path):
     os.remove(log_path)
-  if mesh is not None:
+  if multihost and mesh is not None:  # (multihost: _process_part checked the mesh)
+    state = _replicate(state, mesh)
+  elif mesh is not None:
     state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   step_fn = make_train_step(
     model,
@@ -684,7 +774,13 @@ def fit(
   if validation_ds is not None:  # one validation batch per step: its position is the step count
     spe = BatchIterator(validation_ds, batch_size, seed=seed + 1).steps_per_epoch
     val_it = BatchIterator(
-      validation_ds, batch_size, seed=seed + 1, epoch=int(state.step) // spe, position=int(state.step) % spe
+      validation_ds,
+      batch_size,
+      seed=seed + 1,
+      epoch=int(state.step) // spe,
+      position=int(state.step) % spe,
+      process_index=part,
+      process_count=parts,
     )
   _check_chain_order(
     tx,
@@ -704,9 +800,11 @@ def fit(
   # Every record goes to log.jsonl (with out_dir) and to the user's writers; all are flushed before a checkpoint.
   sinks = [(_writers.JsonlWriter(log_path), False)] if log_path else []
   sinks += [(w, True) for w in user_writers]
+  if not primary:  # multi-host: process 0 writes the log and calls the writers
+    sinks = []
   opened: list = []  # the writers started so far: closed at the end, also after an error
   bar = None
-  if progress:
+  if progress and primary:
     from tqdm.auto import tqdm
 
     # disable=None: off when not a TTY
@@ -727,14 +825,17 @@ def fit(
     for step in range(start, end):
       batch = next(it)
       val_batch = next(val_it) if val_it is not None else None
-      if mesh is not None:
+      if multihost and mesh is not None:  # this process's rows -> the global batch
+        batch = _global_batch(batch, mesh, data_axis, batch_size)
+        val_batch = _global_batch(val_batch, mesh, data_axis, batch_size) if val_batch is not None else None
+      elif mesh is not None:
         batch = shard_batch(batch, mesh, data_axis)
         val_batch = shard_batch(val_batch, mesh, data_axis) if val_batch is not None else None
       done = step + 1
       t0 = time.perf_counter()
       try:  # the step keeps mtjax's in-graph checks (NaN/inf, ids out of range, infeasible bounds)
         state, m = step_fn(state, batch) if val_batch is None else step_fn(state, batch, val_batch)
-        m = jax.device_get(m)
+        m = _distributed.host_tree(m) if multihost else jax.device_get(m)
       except (jax.errors.JaxRuntimeError, ValueError) as e:  # step 1: JaxRuntimeError; later (C++ path): ValueError
         message = _mtjax_message(e)
         if message is None:
@@ -779,6 +880,8 @@ def fit(
         emit({"step": steps, "eval": final})
   finally:
     failing = sys.exc_info()[1] is not None
+    if hasattr(it, "close"):  # a PrefetchIterator's reader threads
+      it.close()
     logging.getLogger("jax._src.callback").removeFilter(quiet)
     if bar is not None:
       bar.close()

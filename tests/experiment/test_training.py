@@ -185,3 +185,19 @@ def test_fit_weights_the_task_losses_with_the_datasets_sample_weights():
     dataclasses.replace(base, weights=-np.ones(len(base)))
   with pytest.raises(ValueError, match=r"weights must be \[T, N\]"):
     dataclasses.replace(base, weights=np.ones(5))
+
+
+def test_resume_with_an_empty_state_leaf(tmp_path):
+  """A method built without num_tasks keeps a (0,)-shaped weights leaf until it knows T; orbax refuses
+  to write empty arrays, so the checkpoint leaves it out and rebuilds it on restore (was a save error)."""
+  ds, model, _ = _setup("pcgrad")
+  tx = optax.chain(mtjax.pcgrad(key=3), optax.adam(1e-2))
+  assert any(
+    np.size(x) == 0 for x in jax.tree.leaves(tx.init(model.init(jax.random.PRNGKey(0), ds.batch(np.arange(2))["x"])))
+  )
+  kw = dict(steps=6, batch_size=64, seed=1, progress=False)
+  full = training.fit(model, tx, ds, **kw)
+  out = str(tmp_path / "run")
+  training.fit(model, tx, ds, out_dir=out, checkpoint_every=2, stop_after=3, **kw)
+  resumed = training.fit(model, tx, ds, out_dir=out, checkpoint_every=2, **kw)
+  assert _leaves_equal(full.state, resumed.state)
