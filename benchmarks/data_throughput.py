@@ -7,17 +7,19 @@ One run, each measured phase in its own process (so that its peak RSS is its own
    ``test.csv``, written by :func:`mtjax.data.write_aliexpress_csv`.
 2. ``convert``: :func:`mtjax.data.aliexpress_to_store` (streaming, chunk by chunk) into a store:
    rows/s and peak RSS.
-3. ``formats``: why memory-mapped columns: the time to gather one shuffled batch of ``--batch``
-   random rows from the store's columns, against the same rows from a Parquet file of the same
+3. ``formats``: why row-major records read with ``pread``: the time to gather one shuffled batch of
+   ``--batch`` random rows from the store, against the same rows from a Parquet file of the same
    data (``--parquet-rows`` rows, row groups of 65,536; pyarrow reads the row groups that hold the
-   rows, then takes them).
+   rows, then takes them), and against a gather through a memory map of the record file (its time
+   and how much the process's resident set grows).
 4. ``loader``: :class:`mtjax.data.PrefetchIterator` alone over the store (what ``fit`` uses):
    samples/s and peak RSS.
 5. ``train``: :func:`mtjax.training.fit` on the store (MMoE, 8 experts [256, 128], towers [64, 1],
    the AliExpress features embedded 8-d, batch ``--batch``) with the summed loss (``linear``, the
    fastest step: the most demanding consumer) and with PCGrad, ``--steps`` steps each: the median
-   step time (compute only), the wall time per step including waiting for data (the loader is the
-   bottleneck only if this is above the step time plus the loop's own overhead), samples/s consumed,
+   step time (compute only), the median wall time from one step to the next including waiting for
+   data and logging (the loader is the bottleneck only if this is well above the step time),
+   samples/s consumed,
    and the process's peak RSS (``ru_maxrss``: includes the mapped pages of the store's files).
 6. ``memory``: the in-memory path for comparison: peak RSS of ``mtjax.data.aliexpress`` loading the
    first ``--memory-rows`` rows, extrapolated per row to ``--rows``.
@@ -114,7 +116,29 @@ def phase_formats(args) -> dict:
     table.take(pa.array(local))
     times["parquet"].append(time.perf_counter() - t)
   os.remove(file)
-  return {k: 1e3 * statistics.median(v) for k, v in times.items()} | {"rows": n}
+  # the same kind of gather through a memory map of the record file, over all rows: the resident set grows
+  # by whole page-cache folios per touched row (why the store reads records with pread)
+  from mtjax.data._store import _RowReader
+
+  reader = st._reader()  # pylint: disable=protected-access
+  mapped = np.memmap(reader.file, dtype=reader.dtype, mode="r", shape=(len(st),))
+  idx = np.sort(rng.choice(len(st), args.batch, replace=False))
+  before = _vm_rss_mib()
+  t = time.perf_counter()
+  np.asarray(mapped[idx])
+  mmap_ms = 1e3 * (time.perf_counter() - t)
+  grown = _vm_rss_mib() - before
+  assert isinstance(reader, _RowReader)
+  return {k: 1e3 * statistics.median(v) for k, v in times.items()} | {
+    "rows": n,
+    "mmap_ms": mmap_ms,
+    "mmap_rss_growth_mib": grown,
+  }
+
+
+def _vm_rss_mib() -> float:
+  with open("/proc/self/status") as f:
+    return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
 
 
 def phase_loader(args) -> dict:
@@ -148,7 +172,7 @@ def phase_train(args) -> dict:
   st = data.open_store(os.path.join(args.dir, "store"))["train"]
   model = models.get("mmoe", num_tasks=2, features=st.spec, num_experts=8, expert=(256, 128), tower=(64, 1))
   method = {"linear": mtjax.linear, "pcgrad": mtjax.pcgrad}[args.method](num_tasks=2)
-  t = time.perf_counter()
+  stamps = []  # one per step, when fit logs it: the wall time between steps includes waiting for data
   res = fit(
     model,
     optax.chain(method, optax.adam(1e-3)),
@@ -157,13 +181,14 @@ def phase_train(args) -> dict:
     batch_size=args.batch,
     progress=False,
     track_similarity=False,
-    log_every=0,
+    log_every=1,
+    writers=[lambda record: stamps.append(time.perf_counter())],
   )
-  wall = time.perf_counter() - t
+  wall = statistics.median(list(map(lambda a, b: b - a, stamps[5:-1], stamps[6:])))
   return {
     "method": args.method,
     "ms_per_step": res.ms_per_step,
-    "wall_ms_per_step": 1e3 * wall / args.steps,
+    "wall_ms_per_step": 1e3 * wall,
     "samples_per_s": args.batch / (res.ms_per_step / 1e3),
     "peak_rss_mib": peak_rss_mib(),
   }
@@ -223,6 +248,7 @@ def main() -> None:
   p.add_argument("--method", default="linear")
   p.add_argument("--keep", action="store_true", help="keep the generated files")
   p.add_argument("--reuse", action="store_true", help="reuse a generated CSV and store in --dir")
+  p.add_argument("--reuse-csv", action="store_true", help="reuse a generated CSV in --dir, convert it again")
   p.add_argument("--phase", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.phase:
@@ -235,10 +261,11 @@ def main() -> None:
     f"{platform.machine()} CPU x {os.cpu_count()}, {time.strftime('%Y-%m-%d')}"
   )
   res = {}
-  if not args.reuse:
+  if not (args.reuse or args.reuse_csv):
     shutil.rmtree(args.dir, ignore_errors=True)
     res["generate"] = _child(args, "generate")
     print(f"generated: {res['generate']}", flush=True)
+  if not args.reuse:
     res["convert"] = _child(args, "convert")
     print(f"converted: {res['convert']}", flush=True)
   res["formats"] = _child(args, "formats")
@@ -263,8 +290,9 @@ def main() -> None:
       f"peak RSS {c['peak_rss_mib']:,.0f} MiB |"
     )
   print(
-    f"| gather {args.batch} random rows | store (memory-mapped columns) {f['store']:.2f} ms; "
-    f"Parquet (row groups of 65,536) {f['parquet']:.1f} ms |"
+    f"| gather {args.batch} random rows | store (records, pread) {f['store']:.2f} ms; "
+    f"Parquet (row groups of 65,536) {f['parquet']:.1f} ms; the records through a memory map "
+    f"{f['mmap_ms']:.1f} ms, resident set +{f['mmap_rss_growth_mib']:,.0f} MiB |"
   )
   print(
     f"| PrefetchIterator alone | {lo['samples_per_s']:,.0f} samples/s ({lo['ms_per_batch']:.2f} ms a batch), "

@@ -1,15 +1,20 @@
-"""Datasets stored on disk as memory-mapped columns: written once, read a batch at a time.
+"""Datasets stored on disk: written once, read a batch at a time with bounded memory.
 
-A store is a folder per split. Each array of a :class:`MultiTaskDataset` is one raw little-endian
-file of fixed-width rows (``x.<name>.bin`` per feature, or ``x.bin`` for a dense feature array,
-``labels.bin``, ``masks.bin``, ``weights.bin`` ``[N, T]``, ``extra.<name>.bin``), described by
-``manifest.json`` (row count, dtypes and shapes, CRC32 of every file, tasks, the
-:class:`~mtjax.models.FeatureSpec`, metadata). Why this form (measured in
-``benchmarks/data_throughput.py``): a shuffled batch is a gather of ``B`` random rows, which a
-memory-mapped fixed-width column serves in well under a millisecond for ``B = 1024`` (the rows sit
-in the OS page cache, not in the process), while Parquet must decode whole row groups (thousands
-of rows) for each random row. The files are the arrays' bytes, so any tool can read them
-(``np.memmap(file, dtype, shape=...)``).
+A store is a folder per split: ``rows.bin``, one fixed-width little-endian record per sample (a
+NumPy structured dtype with the fields ``x.<feature>`` -- or ``x`` for a dense feature array --
+``labels``, ``masks``, ``weights``), the ``[N, T]`` columns ``labels.bin`` / ``masks.bin`` /
+``weights.bin`` and the ``extra.<name>.bin`` columns for whole-column reads (splits, evaluation),
+and ``manifest.json`` (row count, the record fields, dtypes and shapes, CRC32 of every file,
+tasks, the :class:`~mtjax.models.FeatureSpec`, metadata). The files are the arrays' bytes, so any
+tool can read them (``np.memmap('rows.bin', dtype=<the manifest's fields>)``).
+
+Why this form (measured in ``benchmarks/data_throughput.py``): a shuffled batch is a gather of
+``B`` random samples. Row-major records make that ``B`` reads of one record each (``pread``,
+through the OS page cache: ~1 ms for 1,024 rows); a file per column would take one read per row
+and column, and Parquet decodes every row group (tens of thousands of rows) holding one of the
+rows (~100x slower). The batch path does not read through a memory map: a modern kernel maps a
+whole page-cache folio (up to 2 MiB) at each fault, so a 1,024-row gather from a mapped 5 GiB
+column put ~1.5 GiB into the process's resident set.
 
 Writing is all-or-nothing: :class:`StoreWriter` writes into ``<split>.partial/`` and renames it
 when :meth:`StoreWriter.close` has written the manifest, so a killed conversion leaves no store
@@ -38,8 +43,9 @@ from mtjax.models._features import IdSequence
 PathLike = Union[str, os.PathLike]
 
 MANIFEST = "manifest.json"
+RECORDS = "rows.bin"
 FORMAT = "mtjax-store"
-VERSION = 1
+VERSION = 2
 RELEASE_EVERY = 64  # batches between two releases of the mapped pages (bounds the resident set)
 
 
@@ -157,7 +163,8 @@ class StoreWriter:
     self.spec = spec
     self.metadata = dict(metadata or {})
     self.num_rows = 0
-    self._columns: dict[str, dict] = {}  # file -> {dtype, shape (trailing), crc, handle}
+    self._columns: dict[str, dict] = {}  # column file -> {dtype, shape (trailing), crc, handle}
+    self._record: Optional[dict] = None  # the row-major record file: {dtype, fields, crc32, handle}
     self._dense_features: Optional[bool] = None
     self._rewritten: set = set()  # files changed in place by set_rows: their CRC32 is recomputed at close
     self._closed = False
@@ -195,6 +202,30 @@ class StoreWriter:
     col["crc32"] = zlib.crc32(data, col["crc32"])
     col["handle"].write(data)
 
+  def _write_records(self, fields: Mapping[str, np.ndarray], n: int) -> None:
+    if self._record is None:
+      dtype = np.dtype([(k, v.dtype.newbyteorder("<"), v.shape[1:]) for k, v in fields.items()])
+      self._record = {
+        "dtype": dtype,
+        "crc32": 0,
+        "handle": open(os.path.join(self.partial, RECORDS), "wb"),  # noqa: SIM115 (closed in close/abort)
+      }
+    rec = self._record
+    got = [(k, v.dtype.newbyteorder("<"), v.shape[1:]) for k, v in fields.items()]
+    want = [(k, rec["dtype"].fields[k][0].base, rec["dtype"].fields[k][0].shape) for k in rec["dtype"].names]
+    if [g[0] for g in got] != [w[0] for w in want] or any(g[1:] != w[1:] for g, w in zip(got, want)):
+      desc = lambda fs: ", ".join(f"{k}: {d.name}{list(sh)}" for k, d, sh in fs)
+      raise StoreError(
+        f"mtjax: StoreWriter: a chunk of ({desc(got)}), the first chunk was ({desc(want)}); "
+        "every chunk needs the same keys, dtypes and shapes."
+      )
+    out: Any = np.empty(n, rec["dtype"])  # a structured array (indexed by field name)
+    for k, v in fields.items():
+      out[k] = v
+    data = out.tobytes()
+    rec["crc32"] = zlib.crc32(data, rec["crc32"])
+    rec["handle"].write(data)
+
   def append(
     self,
     features: Union[np.ndarray, Mapping[str, np.ndarray]],
@@ -229,13 +260,19 @@ class StoreWriter:
     for file, value in arrays.items():
       if value.shape[0] != n:
         raise StoreError(f"mtjax: StoreWriter: {file!r} has {value.shape[0]} rows in a chunk of {n} labels.")
-    if self.num_rows and set(arrays) != set(self._columns):
+    columns = {f for f in arrays if not f.startswith("x")}
+    if self.num_rows and columns != set(self._columns):
       raise StoreError(
-        f"mtjax: StoreWriter: a chunk with arrays {sorted(arrays)}, the first had {sorted(self._columns)}; "
-        "every chunk needs the same keys."
+        f"mtjax: StoreWriter: a chunk with arrays {sorted(arrays)}, the first had {sorted(self._columns)} "
+        "(and features); every chunk needs the same keys."
       )
+    # one row-major record per sample (features, labels, masks, weights): a batch reads B records;
+    # labels / masks / weights / extras also as columns, for whole-column reads (splits, evaluation)
+    record = {k[:-4]: v for k, v in arrays.items() if not k.startswith("extra.")}
+    self._write_records(record, n)
     for file, value in arrays.items():
-      self._write(file, value)
+      if not file.startswith("x"):
+        self._write(file, value)
     self.num_rows += n
 
   def set_rows(self, feature: str, rows: np.ndarray, value: Any) -> None:
@@ -244,20 +281,20 @@ class StoreWriter:
     For values known only at the end of a streaming conversion (e.g. the id of a missing value, one past
     the largest id of train AND test); the file's checksum is recomputed at :meth:`close`.
     """
-    file = "x.bin" if feature == "" else f"x.{feature}.bin"
-    col = self._columns.get(file)
-    if col is None or self._closed:
-      raise StoreError(f"mtjax: StoreWriter.set_rows: no open feature {feature!r} (written: {sorted(self._columns)}).")
+    field = "x" if feature == "" else f"x.{feature}"
+    rec = self._record
+    if rec is None or field not in rec["dtype"].names or self._closed:
+      names = [] if rec is None else [f[2:] for f in rec["dtype"].names if f.startswith("x.")]
+      raise StoreError(f"mtjax: StoreWriter.set_rows: no open feature {feature!r} (written: {names}).")
     rows = np.asarray(rows, np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
       raise StoreError(f"mtjax: StoreWriter.set_rows: rows must be in [0, {self.num_rows}).")
-    col["handle"].flush()
-    mapped = np.memmap(
-      os.path.join(self.partial, file), dtype=np.dtype(col["dtype"]), mode="r+", shape=(self.num_rows, *col["shape"])
-    )
-    mapped[rows] = value
+    rec["handle"].flush()
+    mapped: Any = np.memmap(os.path.join(self.partial, RECORDS), dtype=rec["dtype"], mode="r+", shape=(self.num_rows,))
+    mapped[field][rows] = value
     mapped.flush()
     del mapped
+    file = RECORDS
     self._rewritten.add(file)
 
   def close(self, metadata: Optional[Mapping[str, Any]] = None, *, spec: Optional[FeatureSpec] = None) -> str:
@@ -281,6 +318,24 @@ class StoreWriter:
           while chunk := f.read(1 << 24):
             col["crc32"] = zlib.crc32(chunk, col["crc32"])
       columns[file] = {"dtype": col["dtype"], "shape": col["shape"], "crc32": col["crc32"] & 0xFFFFFFFF}
+    rec = self._record
+    assert rec is not None
+    rec["handle"].flush()
+    os.fsync(rec["handle"].fileno())
+    rec["handle"].close()
+    if RECORDS in self._rewritten:
+      rec["crc32"] = 0
+      with open(os.path.join(self.partial, RECORDS), "rb") as f:
+        while chunk := f.read(1 << 24):
+          rec["crc32"] = zlib.crc32(chunk, rec["crc32"])
+    records = {
+      "file": RECORDS,
+      "fields": [
+        [k, rec["dtype"].fields[k][0].base.str, list(rec["dtype"].fields[k][0].shape)] for k in rec["dtype"].names
+      ],
+      "itemsize": rec["dtype"].itemsize,
+      "crc32": rec["crc32"] & 0xFFFFFFFF,
+    }
     manifest = {
       "format": FORMAT,
       "version": VERSION,
@@ -289,6 +344,7 @@ class StoreWriter:
       "task_types": list(self.task_types),
       "spec": spec_to_json(self.spec),
       "dense_features": bool(self._dense_features),
+      "records": records,
       "columns": columns,
       "metadata": _jsonable(self.metadata, self.partial, "metadata"),
     }
@@ -304,7 +360,7 @@ class StoreWriter:
 
   def abort(self) -> None:
     """Removes what was written (the store at ``path`` is left as it was)."""
-    for col in self._columns.values():
+    for col in [*self._columns.values(), *([self._record] if self._record else [])]:
       col["handle"].close()
     shutil.rmtree(self.partial, ignore_errors=True)
     self._closed = True
@@ -409,15 +465,66 @@ def _map(path: str, file: str, column: Mapping[str, Any], num_samples: int, veri
   return np.memmap(full, dtype=dtype, mode="r", shape=shape)
 
 
+class _RowReader:
+  """Reads records of the row-major file by ``pread`` (one call per row, one for a contiguous range).
+
+  Not through the memory map: a modern kernel maps a whole large page-cache folio (up to 2 MiB) at
+  each fault, so gathering 1,024 random rows of a mapped file put ~1.5 GiB into the process's
+  resident set (measured on a 6 GiB store); ``pread`` copies only the rows' bytes.
+  """
+
+  def __init__(self, file: str, dtype: np.dtype, num_rows: int):
+    self.file, self.dtype, self.num_rows = file, dtype, num_rows
+    self._fd, self._pid = None, None
+
+  def _handle(self) -> int:
+    if self._fd is None or self._pid != os.getpid():  # a forked worker opens its own
+      self._fd, self._pid = os.open(self.file, os.O_RDONLY), os.getpid()
+    return self._fd
+
+  def __del__(self):
+    if self._fd is not None and self._pid == os.getpid():
+      try:
+        os.close(self._fd)
+      except OSError:
+        pass
+
+  def read(self, rows) -> np.ndarray:
+    size = self.dtype.itemsize
+    fd = self._handle()
+    if isinstance(rows, slice):
+      lo, hi, step = rows.indices(self.num_rows)
+      if step == 1:
+        buf = os.pread(fd, max(0, hi - lo) * size, lo * size)
+        count = max(0, hi - lo)
+      else:
+        rows = np.arange(lo, hi, step)
+    if not isinstance(rows, slice):
+      rows = np.asarray(rows, np.int64)
+      rows = np.where(rows < 0, rows + self.num_rows, rows)
+      if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+        raise IndexError(f"mtjax: row index out of range for a stored dataset of {self.num_rows} rows.")
+      count = rows.size
+      if count and int(rows[-1]) - int(rows[0]) == count - 1 and np.all(np.diff(rows) == 1):
+        buf = os.pread(fd, count * size, int(rows[0]) * size)
+      else:
+        buf = b"".join([os.pread(fd, size, r * size) for r in rows.tolist()])
+    if len(buf) != count * size:
+      raise StoreError(f"mtjax: store file {self.file!r} ended early (truncated after it was opened).")
+    return np.frombuffer(buf, self.dtype, count=count)
+
+
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class StoredDataset(MultiTaskDataset):
-  """A :class:`MultiTaskDataset` whose arrays stay on disk (memory-mapped store columns).
+  """A :class:`MultiTaskDataset` whose arrays stay on disk (a store's records and columns).
 
   It is a ``MultiTaskDataset``: :func:`mtjax.training.fit`, :func:`mtjax.training.evaluate`,
   :class:`BatchIterator` and :meth:`batch` take it unchanged, and a batch of the same indices is
-  bit-identical to the in-memory dataset's. Only the rows of a batch are read; every
-  :data:`RELEASE_EVERY` batches the mapped pages are released from the process (they stay in the
-  OS page cache), so the resident memory stays bounded however large the files are.
+  bit-identical to the in-memory dataset's. :meth:`batch` reads only its samples' records (one
+  ``pread`` each, through the OS page cache), so the resident memory stays bounded however large
+  the files are. The array attributes (``features``, ``labels``, ...) are memory maps of the files,
+  for slices and whole-column reads (splits, evaluation); their mapped pages are released every
+  :data:`RELEASE_EVERY` batches.
   :meth:`subset` (and hence :meth:`split`) gives a view of the same files (the row indices and the
   ``[T, n]`` labels / masks / weights of the part in memory, not the features); :meth:`to_memory`
   loads everything.
@@ -454,19 +561,45 @@ class StoredDataset(MultiTaskDataset):
       idx = np.flatnonzero(idx)
     return idx if self.rows is None else self.rows[idx]
 
+  def _reader(self) -> _RowReader:
+    reader = self.__dict__.get("_row_reader")
+    if reader is None:
+      m = _read_manifest(self.path)
+      reader = _RowReader(os.path.join(self.path, RECORDS), _record_dtype(m), int(m["num_samples"]))
+      object.__setattr__(self, "_row_reader", reader)
+    return reader
+
   def batch(self, indices, *, include_extras: bool = False) -> dict[str, Any]:
-    """The batch dict of the samples at ``indices`` (only those rows are read); see :meth:`MultiTaskDataset.batch`."""
+    """The batch dict of the samples at ``indices`` (only those rows are read); see :meth:`MultiTaskDataset.batch`.
+
+    Features (and, unless replaced, labels / masks / weights) come from the rows' records, read with
+    ``pread``; arrays replaced in memory (``dataclasses.replace``) are indexed as they are.
+    """
     idx = indices if isinstance(indices, slice) else np.asarray(indices)
     rows = self._file_rows(idx)
-    take = lambda a: np.asarray(a[rows])
-    x = {k: take(v) for k, v in self.features.items()} if isinstance(self.features, Mapping) else take(self.features)
-    out = {"x": x, "labels": np.asarray(self.labels[:, idx])}
+    reader = self._reader()
+    recs = reader.read(rows)
+    records_file = reader.file
+
+    def field(a, name):
+      if isinstance(a, np.memmap) and a.filename == records_file:
+        return np.ascontiguousarray(recs[name])
+      return np.asarray(a[rows])
+
+    def per_task(a, name):  # [T, n]: the records' copy while the array is the store's own column
+      if self.rows is None and isinstance(a, np.memmap) and name in recs.dtype.names:
+        return np.ascontiguousarray(recs[name].T)
+      return np.asarray(a[:, idx])
+
+    feats = self.features
+    x = {k: field(v, f"x.{k}") for k, v in feats.items()} if isinstance(feats, Mapping) else field(feats, "x")
+    out = {"x": x, "labels": per_task(self.labels, "labels")}
     if self.masks is not None:
-      out["mask"] = np.asarray(self.masks[:, idx])
+      out["mask"] = per_task(self.masks, "masks")
     if self.weights is not None:
-      out["weights"] = np.asarray(self.weights[:, idx])
+      out["weights"] = per_task(self.weights, "weights")
     if include_extras:
-      out["extras"] = {k: take(v) for k, v in self.extras.items()}
+      out["extras"] = {k: np.asarray(v[rows]) for k, v in self.extras.items()}
     counter = self.__dict__["_batches"]
     counter[0] += 1
     if counter[0] % RELEASE_EVERY == 0:
@@ -515,15 +648,25 @@ class StoredDataset(MultiTaskDataset):
     self.__dict__.update(other.__dict__)
 
 
+def _record_dtype(manifest: Mapping[str, Any]) -> np.dtype:
+  return np.dtype([(name, np.dtype(dt), tuple(shape)) for name, dt, shape in manifest["records"]["fields"]])
+
+
 def _open_split(path: str, verify: bool) -> StoredDataset:
   m = _read_manifest(path)
   n = int(m["num_samples"])
-  cols = m["columns"]
-  mapped = {file: _map(path, file, col, n, verify) for file, col in cols.items()}
+  dtype = _record_dtype(m)
+  if dtype.itemsize != m["records"]["itemsize"]:
+    raise StoreError(f"mtjax: store {path!r}: its manifest's record fields do not add up to its record size.")
+  records = m["records"]
+  column = {"dtype": np.dtype((np.void, dtype.itemsize)).str, "shape": [], "crc32": records["crc32"]}
+  _map(path, records["file"], column, n, verify)  # the size (and checksum) of the record file
+  rec = np.memmap(os.path.join(path, records["file"]), dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+  mapped = {file: _map(path, file, col, n, verify) for file, col in m["columns"].items()}
   if m["dense_features"]:
-    features: Any = mapped["x.bin"]
+    features: Any = rec["x"]
   else:
-    features = {f[2:-4]: a for f, a in mapped.items() if f.startswith("x.")}
+    features = {name[2:]: rec[name] for name in dtype.names or () if name.startswith("x.")}
   extras = {f[6:-4]: a for f, a in mapped.items() if f.startswith("extra.")}
   labels = mapped["labels.bin"]
   names = tuple(m["task_names"])

@@ -57,7 +57,7 @@ class PrefetchIterator:
   whether a dataset is in memory or on disk (:class:`StoredDataset`), and a checkpointed position
   resumes bit-identically. What grain adds: ``num_threads`` threads gather the next
   ``prefetch`` batches while the training step runs (a batch of a stored dataset is a gather of
-  random rows from memory-mapped files), or ``workers`` worker processes do
+  random records from the store's file), or ``workers`` worker processes do
   (``grain.MultiprocessingOptions``; each re-opens the store's files). The pipeline is a
   ``grain.MapDataset`` over global step numbers (from the current one) mapped to batches, so the
   position alone restores it. ``fit`` uses this iterator for a :class:`StoredDataset`.
@@ -74,8 +74,10 @@ class PrefetchIterator:
     1
 
   Args:
-    dataset, batch_size, seed, shuffle, drop_remainder, include_extras, num_epochs, epoch,
-      position, process_index, process_count: as in :class:`BatchIterator`.
+    dataset: a :class:`MultiTaskDataset` (typically a :class:`StoredDataset`).
+    batch_size: samples per (global) batch.
+    seed, shuffle, drop_remainder, include_extras, num_epochs: as in :class:`BatchIterator`.
+    epoch, position, process_index, process_count: as in :class:`BatchIterator`.
     num_threads: reader threads (``grain.ReadOptions.num_threads``); 0 reads in the caller's thread.
     prefetch: batches read ahead (``grain.ReadOptions.prefetch_buffer_size``).
     workers: worker processes (``grain.MultiprocessingOptions.num_workers``); 0 = none.
@@ -137,7 +139,12 @@ class PrefetchIterator:
     return self._plan.step
 
   def _build(self):
-    import grain  # pylint: disable=import-outside-toplevel  # only a streaming run needs it
+    try:
+      import grain  # pylint: disable=import-outside-toplevel  # only a streaming run needs it
+    except ImportError as e:
+      raise ImportError(
+        "mtjax: reading a stored dataset ahead needs grain: pip install 'mtjax[stream]' (or grain)"
+      ) from e
 
     p = self._plan
     stop = p.num_epochs * p.steps_per_epoch if p.num_epochs is not None else 1 << 62

@@ -75,17 +75,17 @@ def test_damaged_and_unfinished_stores_are_refused(tmp_path):
   path = data.write_store(ds, tmp_path / "s")
   with pytest.raises(data.StoreError, match="exists; pass overwrite"):
     data.write_store(ds, path)
-  file = os.path.join(path, "x.user.bin")
+  file = os.path.join(path, "rows.bin")  # the records: features, labels, masks, weights of each sample
   raw = open(file, "rb").read()
   with open(file, "r+b") as f:  # one flipped byte: sizes agree, the checksum does not
     f.seek(17)
     f.write(bytes([raw[17] ^ 0xFF]))
   data.open_store(path)  # sizes only
-  with pytest.raises(data.StoreError, match=r"x\.user\.bin.*CRC32"):
+  with pytest.raises(data.StoreError, match=r"rows\.bin.*CRC32"):
     data.open_store(path, verify=True)
   with open(file, "r+b") as f:
     f.truncate(len(raw) - 4)
-  with pytest.raises(data.StoreError, match=r"x\.user\.bin.*has 796 bytes.*800 bytes"):
+  with pytest.raises(data.StoreError, match=rf"rows\.bin.*has {len(raw) - 4} bytes.*{len(raw)} bytes"):
     data.open_store(path)
   os.remove(os.path.join(path, "manifest.json"))
   with pytest.raises(data.StoreError, match="holds no mtjax store"):
@@ -102,7 +102,7 @@ def test_damaged_and_unfinished_stores_are_refused(tmp_path):
 def test_store_writer_refuses_inconsistent_chunks(tmp_path):
   with data.StoreWriter(tmp_path / "a", task_names=("t",)) as w:
     w.append({"f": np.zeros(3, np.int32)}, np.zeros((1, 3)))
-    with pytest.raises(data.StoreError, match="same dtypes and shapes"):
+    with pytest.raises(data.StoreError, match="same keys, dtypes and shapes"):
       w.append({"f": np.zeros(3, np.int64)}, np.zeros((1, 3)))
     with pytest.raises(data.StoreError, match="same keys"):
       w.append({"f": np.zeros(3, np.int32), "g": np.zeros(3)}, np.zeros((1, 3)))

@@ -3,8 +3,8 @@
 ``python _multihost_worker.py PHASE OUT [COORDINATOR NUM_PROCESSES PROCESS_ID]``
 
 - ``first`` (each of 2 processes under ``jax.distributed``): ``mtjax run`` of a tiny config through
-  the command line (which starts ``jax.distributed``), then ``fit`` with PCGrad and with MGDA, then
-  a checkpointed PCGrad run stopped after 3 of 6 steps.
+  the command line (which starts ``jax.distributed``), then ``fit`` with PCGrad and with MGDA, PCGrad
+  on the same data from an on-disk store, then a checkpointed PCGrad run stopped after 3 of 6 steps.
 - ``resume`` (2 processes): the checkpointed run resumed to its end.
 - ``single`` (one process with 2 CPU devices): the PCGrad and MGDA runs on a 2-device mesh and on
   one device.
@@ -75,6 +75,9 @@ def main() -> None:
       json.dump(errors, f)
     for name, tx in methods.items():
       dump(name, training.fit(model, tx(), ds, mesh=mesh, **kw))
+    # the same data from an on-disk store: each process reads only its part of every global batch
+    stored = data.open_store(os.path.join(out, "store"))
+    dump("pcgrad_store", training.fit(model, methods["pcgrad"](), stored, mesh=mesh, **kw))
     stopped = training.fit(
       model, methods["pcgrad"](), ds, mesh=mesh, out_dir=ckpt, checkpoint_every=2, stop_after=3, **kw
     )
