@@ -189,3 +189,40 @@ def test_mtjax_convert_writes_the_runner_splits(tmp_path, capsys):
     _same_batch(a.batch(np.arange(len(b))), b.batch(np.arange(len(b))))
   assert cli.main(["convert", str(tmp_path / "exp.toml"), str(tmp_path / "st")]) == 2  # exists
   assert "--overwrite" in capsys.readouterr().err
+
+
+WORKERS_SCRIPT = """
+import gc, sys
+import numpy as np
+from mtjax import data
+
+if __name__ == "__main__":
+  ds = data.funnel_synthetic(2000, seed=0)
+  stored = data.open_store(sys.argv[1])
+  ref = data.BatchIterator(ds, 64, seed=2)
+  it = data.PrefetchIterator(stored, 64, seed=2, workers=2)
+  same = True
+  for _ in range(40):  # more than an epoch (31 batches)
+    a, b = next(it), next(ref)
+    same &= all(np.array_equal(np.asarray(a["x"][k]), b["x"][k]) for k in b["x"])
+    same &= np.array_equal(np.asarray(a["labels"]), b["labels"])
+  del a
+  it.close()
+  gc.collect()
+  print("same" if same else "DIFFERENT")
+"""
+
+
+def test_prefetch_worker_processes_give_the_same_batches(tmp_path):
+  """grain worker processes (each re-opens the store from its pickled path) yield BatchIterator's sequence."""
+  import subprocess
+  import sys
+
+  data.write_store(data.funnel_synthetic(2000, seed=0), tmp_path / "s")
+  (tmp_path / "w.py").write_text(WORKERS_SCRIPT)
+  out = subprocess.run(
+    [sys.executable, str(tmp_path / "w.py"), str(tmp_path / "s")], capture_output=True, text=True, timeout=300
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().splitlines()[-1] == "same"
+  assert "leaked" not in out.stderr  # grain's shared memory is released
