@@ -234,22 +234,29 @@ class MultiTaskDataset:
     binary = [t for t, kind in enumerate(self.task_types) if kind == "binary"]
     if not (stratify and binary and n):
       return tuple(self.subset(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:]))
-    digits = (self.labels[binary][:, order] > 0.5).astype(np.int64)  # [T_binary, N], in the order
-    radix = 2
-    if self.masks is not None:
-      digits = np.where(self.masks[binary][:, order], digits, 2)
-      radix = 3
-    rank = np.zeros(n, np.int64)  # the pattern's place in the reflected (boustrophedon) Gray order
+    radix = 2 if self.masks is None else 3
+    # the pattern's place in the reflected (boustrophedon) Gray order, one task at a time (small dtypes:
+    # a stored dataset of tens of millions of samples is split without holding [T, N] int64 digits)
+    rank = np.zeros(n, np.int32 if radix ** len(binary) < 2**31 else np.int64)
     reflect = np.zeros(n, bool)
-    for d in digits:
-      d = np.where(reflect, radix - 1 - d, d)
+    for t in binary:
+      d = (np.asarray(self.labels[t])[order] > 0.5).astype(np.int8)  # in the order
+      if self.masks is not None:
+        d = np.where(np.asarray(self.masks[t])[order], d, np.int8(2))
+      d = np.where(reflect, np.int8(radix - 1) - d, d)
       rank = rank * radix + d
       reflect ^= d % 2 == 1
+      del d
     sorted_positions = np.argsort(rank, kind="stable")  # grouped by pattern, in the order inside a group
+    del rank, reflect
     sizes = np.diff(bounds).tolist() + [n - int(bounds[-1] - bounds[0])]  # the parts, then what is left out
     part = _deal(sizes)
     positions = [np.sort(sorted_positions[part == k]) for k in range(len(sizes) - 1)]
-    return tuple(self.subset(order[p]) for p in positions)
+    del sorted_positions, part
+    parts = []
+    while positions:  # each part's positions freed once it is built
+      parts.append(self.subset(order[positions.pop(0)]))
+    return tuple(parts)
 
   def batch(self, indices: Index, *, include_extras: bool = False) -> dict[str, Any]:
     """The batch dict of the samples at ``indices``; only those rows are read (fancy indexing).
@@ -285,7 +292,7 @@ def _deal(sizes: Sequence[int]) -> np.ndarray:
   n = int(sum(sizes))
   share = [s / n for s in sizes]
   given = [0] * len(sizes)
-  out = np.empty(n, np.int64)
+  out = np.empty(n, np.int8 if len(sizes) < 128 else np.int64)
   for i in range(n):
     best, lag = 0, -2.0
     for k, w in enumerate(share):

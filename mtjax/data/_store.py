@@ -620,8 +620,17 @@ class StoredDataset(MultiTaskDataset):
       labels=part(self.labels),
       masks=part(self.masks),
       weights=part(self.weights),
-      rows=np.asarray(rows, np.int64),
+      rows=np.asarray(
+        rows, np.int32 if len(self) < 2**31 and (self.rows is None or self.rows.dtype == np.int32) else np.int64
+      ),
     )
+
+  def split(self, fractions, *, seed=None, stratify: bool = False) -> tuple:
+    """:meth:`MultiTaskDataset.split` into views of the same files; the pages its label scan mapped are released."""
+    try:
+      return super().split(fractions, seed=seed, stratify=stratify)
+    finally:
+      self.release()
 
   def to_memory(self) -> MultiTaskDataset:
     """Every sample as an in-memory :class:`MultiTaskDataset` (reads the whole store)."""
