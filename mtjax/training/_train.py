@@ -597,7 +597,9 @@ def fit(
   Args:
     model: a flax module returning ``(outputs [T, B], aux)``.
     tx: an optax chain whose first element is an mtjax transform.
-    train_ds / eval_ds: datasets (``mtjax.data.MultiTaskDataset``).
+    train_ds / eval_ds: datasets (``mtjax.data.MultiTaskDataset``); a ``mtjax.data.StoredDataset`` (an on-disk
+      store, :func:`mtjax.data.open_store`) trains with bounded memory, its batches read ahead in grain's
+      reader threads (:class:`mtjax.data.PrefetchIterator`), the same batches as the data in memory.
     steps: total number of steps (also when resuming).
     task_losses: per-task loss specs (default from ``train_ds.task_types``).
     multi_task_loss: a loss over all outputs at once (ESMM-style), see ``mtjax.losses.make_loss_fn``.
