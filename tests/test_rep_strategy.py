@@ -418,3 +418,44 @@ def test_shared_without_a_gram_takes_one_backward_and_is_exact(loss):
   assert traces == 1 and "scan" not in text
   text, traces = program(mtjax.mgda(num_tasks=num_tasks))
   assert traces == 1 and "scan" in text
+
+
+def test_mmoe_mixing_reads_the_batch_sum_view_apart(monkeypatch):
+  """Under strategy="rep" (batch sums), MMoE's gated mixing takes z and delta_t apart (sparse.linear_view):
+  the same update as mixing z + delta_t, without the per-sample [E, B, H] cotangent of the sum (what kept
+  "rep" at 1.6x a summed step at T = 10; 1.14x with it, benchmarks/RESULTS.md)."""
+  import numpy as np
+  import optax
+
+  import mtjax._src.sparse as sparse_lib
+  from mtjax import data
+  from mtjax import losses
+  from mtjax import models
+  from mtjax.models import _experts
+
+  ds = data.mmoe_synthetic(128, 0.5, dim=6, seed=0)
+  batch = ds.batch(np.arange(96))
+  model = models.MMoE(num_tasks=2, num_experts=3, expert=(8,), tower=(4, 1))
+  params = model.init(jax.random.PRNGKey(0), batch["x"])["params"]
+  loss_fn = losses.make_loss_fn(model, "mse")
+  hits = []
+
+  def counted(x):
+    parts = sparse_lib.linear_view(x)
+    hits.append(parts is not None)
+    return parts
+
+  def update(view):
+    monkeypatch.setattr(_experts, "linear_view", view)
+    (task_losses, _), jac = mtjax.task_grads(loss_fn, strategy="rep", has_aux=True)(params, batch)
+    tx = optax.chain(mtjax.mgda(num_tasks=2), optax.sgd(1.0))
+    return tx.update(jac, tx.init(params), params, task_losses=task_losses)[0]
+
+  apart = update(counted)
+  assert sum(hits) == 2  # each task's head mixed its view apart
+  together = update(lambda x: None)
+  for a, b in zip(jax.tree.leaves(apart), jax.tree.leaves(together)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  hits.clear()
+  mtjax.task_grads(loss_fn, strategy="map", has_aux=True)(params, batch)
+  assert not any(hits)  # only the rep batch-sum trace marks views

@@ -379,6 +379,21 @@ class Probe:
     return z
 
 
+def linear_view(x) -> Optional[tuple]:
+  """``(z, delta, batch_axis)`` when ``x`` is a task's view ``z + delta`` in ``task_grads``' batch-sum trace.
+
+  In the ``"rep"`` strategy's batch-sum trace (``rep_gram="sum"``) task ``t`` reads ``z + delta_t``,
+  ``delta_t`` broadcast along ``batch_axis``; the cotangent of ``delta_t`` is the batch sum of
+  ``dL_t/dz``. A head that is linear in its view can compute ``f(z) + f(delta_t)`` instead of
+  ``f(z + delta_t)`` -- the same value (``delta_t`` is zero) -- so that the batch sum is one small
+  product rather than a per-sample ``[*z.shape]`` cotangent reduced afterwards (the MMoE mixing,
+  :func:`mtjax.models._experts.mix`). ``None`` everywhere else.
+  """
+  rec = _active()
+  parts = getattr(rec, "view_parts", None) if rec is not None else None
+  return parts.get(id(x)) if parts else None
+
+
 def _check_view_of_rep(z, rep_leaves):
   leaves = jax.tree.leaves(z)
   if rep_leaves is None or len(leaves) != len(rep_leaves) or any(a is not b for a, b in zip(leaves, rep_leaves)):
@@ -404,8 +419,9 @@ class Tapper:
   with ``z_views``, a tuple of T copies of ``z``, :func:`task_view` ``(z, t)`` gives copy ``t``).
   """
 
-  def __init__(self, lookups, tap_of_lookup, taps, mode: str = "full", z_in=None, z_views=None):
+  def __init__(self, lookups, tap_of_lookup, taps, mode: str = "full", z_in=None, z_views=None, view_parts=None):
     self.lookups = lookups
+    self.view_parts = view_parts or {}  # id(view leaf) -> (z leaf, delta leaf, batch axis): see linear_view
     self.tap_of_lookup = tap_of_lookup  # lookup index -> tap index (None: plain lookup)
     self.taps = taps
     self.mode = mode

@@ -1032,8 +1032,8 @@ def task_grads(
         ls[i] = xs[j]
       return ls
 
-    def run(xs, mode, z_in=None, z_views=None):
-      rec = sparse_lib.Tapper(probe.lookups, tap_of_lookup, xs[num_dense:], mode, z_in, z_views)
+    def run(xs, mode, z_in=None, z_views=None, view_parts=None):
+      rec = sparse_lib.Tapper(probe.lookups, tap_of_lookup, xs[num_dense:], mode, z_in, z_views, view_parts)
       return call(full_leaves(xs), rec), rec
 
     if not split:
@@ -1062,8 +1062,8 @@ def task_grads(
         return e.z
       raise ValueError("mtjax: task_grads: the representation was not reached.")  # pragma: no cover
 
-    def f_fn(xs, z, z_views=None):
-      (losses, aux), rec = run(list(xs), "head", z, z_views)
+    def f_fn(xs, z, z_views=None, view_parts=None):
+      (losses, aux), rec = run(list(xs), "head", z, z_views, view_parts)
       return losses, (aux, tuple(rec.ids.get(k) for k in range(len(taps_info))))
 
     z_struct = probe.rep.struct
@@ -1096,7 +1096,12 @@ def task_grads(
       # delta_t IS the batch sum of dL_t/dz, from ONE backward that never writes a [T, *z.shape] array.
       def f_delta(ds, xh):
         vs = tuple(jax.tree.map(lambda a, d: a + jnp.expand_dims(d, batch_ax % a.ndim), z, dt) for dt in ds)
-        return f_fn(_merge_x(x0, idx_h, xh), z, vs)
+        parts = {  # a head linear in its view may read z and delta_t apart (sparse.linear_view)
+          id(v): (a, d, batch_ax % a.ndim)
+          for view, dt in zip(vs, ds)
+          for v, a, d in zip(jax.tree.leaves(view), jax.tree.leaves(z), jax.tree.leaves(dt))
+        }
+        return f_fn(_merge_x(x0, idx_h, xh), z, vs, parts)
 
       deltas = tuple(
         jax.tree.map(lambda a: jnp.zeros(np.delete(np.shape(a), batch_ax % a.ndim), a.dtype), z)
