@@ -118,8 +118,6 @@ def phase_formats(args) -> dict:
   os.remove(file)
   # the same kind of gather through a memory map of the record file, over all rows: the resident set grows
   # by whole page-cache folios per touched row (why the store reads records with pread)
-  from mtjax.data._store import _RowReader
-
   reader = st._reader()  # pylint: disable=protected-access
   mapped = np.memmap(reader.file, dtype=reader.dtype, mode="r", shape=(len(st),))
   idx = np.sort(rng.choice(len(st), args.batch, replace=False))
@@ -128,7 +126,6 @@ def phase_formats(args) -> dict:
   np.asarray(mapped[idx])
   mmap_ms = 1e3 * (time.perf_counter() - t)
   grown = _vm_rss_mib() - before
-  assert isinstance(reader, _RowReader)
   return {k: 1e3 * statistics.median(v) for k, v in times.items()} | {
     "rows": n,
     "mmap_ms": mmap_ms,

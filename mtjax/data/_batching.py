@@ -183,15 +183,18 @@ class BatchIterator:
     if self._order_epoch != self.epoch:
       self._order = epoch_order(len(self.dataset), seed=self.seed, epoch=self.epoch, shuffle=self.shuffle)
       self._order_epoch = self.epoch
-    lo = self.position * self.batch_size
+    batch = self.dataset.batch(self._indices(self.position, self._order), include_extras=self.include_extras)
+    self._set_position(self.epoch, self.position + 1)
+    return batch
+
+  def _indices(self, position: int, order: Optional[np.ndarray]):
+    """The samples of batch ``position`` of an epoch whose order is ``order`` (this process's part)."""
+    lo = position * self.batch_size
     hi = min(lo + self.batch_size, len(self.dataset))
     if self.process_count > 1:  # this process's contiguous part of the global batch
       part = self.batch_size // self.process_count
       lo, hi = lo + self.process_index * part, lo + (self.process_index + 1) * part
-    idx = slice(lo, hi) if not self.shuffle else self._order[lo:hi]
-    batch = self.dataset.batch(idx, include_extras=self.include_extras)
-    self._set_position(self.epoch, self.position + 1)
-    return batch
+    return slice(lo, hi) if not self.shuffle else order[lo:hi]  # pyright: ignore[reportOptionalSubscript]
 
   def state(self) -> dict[str, int]:
     """The position as a dict of plain ints (JSON / checkpoint friendly).

@@ -166,7 +166,7 @@ class StoreWriter:
     self._columns: dict[str, dict] = {}  # column file -> {dtype, shape (trailing), crc, handle}
     self._record: Optional[dict] = None  # the row-major record file: {dtype, fields, crc32, handle}
     self._dense_features: Optional[bool] = None
-    self._rewritten: set = set()  # files changed in place by set_rows: their CRC32 is recomputed at close
+    self._records_patched = False  # set_rows changed the record file in place: its CRC32 is recomputed at close
     self._closed = False
 
   def __enter__(self) -> StoreWriter:
@@ -294,8 +294,7 @@ class StoreWriter:
     mapped[field][rows] = value
     mapped.flush()
     del mapped
-    file = RECORDS
-    self._rewritten.add(file)
+    self._records_patched = True
 
   def close(self, metadata: Optional[Mapping[str, Any]] = None, *, spec: Optional[FeatureSpec] = None) -> str:
     """Writes the manifest (``metadata`` / ``spec`` added or replaced), makes the store visible; returns its path."""
@@ -307,27 +306,17 @@ class StoreWriter:
     if spec is not None:
       self.spec = spec
     self.metadata.update(metadata or {})
-    columns = {}
-    for file, col in self._columns.items():
+    rec = self._record
+    assert rec is not None
+    for col in [*self._columns.values(), rec]:
       col["handle"].flush()
       os.fsync(col["handle"].fileno())
       col["handle"].close()
-      if file in self._rewritten:
-        col["crc32"] = 0
-        with open(os.path.join(self.partial, file), "rb") as f:
-          while chunk := f.read(1 << 24):
-            col["crc32"] = zlib.crc32(chunk, col["crc32"])
-      columns[file] = {"dtype": col["dtype"], "shape": col["shape"], "crc32": col["crc32"] & 0xFFFFFFFF}
-    rec = self._record
-    assert rec is not None
-    rec["handle"].flush()
-    os.fsync(rec["handle"].fileno())
-    rec["handle"].close()
-    if RECORDS in self._rewritten:
-      rec["crc32"] = 0
-      with open(os.path.join(self.partial, RECORDS), "rb") as f:
-        while chunk := f.read(1 << 24):
-          rec["crc32"] = zlib.crc32(chunk, rec["crc32"])
+    if self._records_patched:  # set_rows changed the record file after its running checksum
+      rec["crc32"] = _file_crc32(os.path.join(self.partial, RECORDS))
+    columns = {
+      f: {"dtype": c["dtype"], "shape": c["shape"], "crc32": c["crc32"] & 0xFFFFFFFF} for f, c in self._columns.items()
+    }
     records = {
       "file": RECORDS,
       "fields": [
@@ -441,6 +430,14 @@ def _read_manifest(path: str) -> dict:
   return manifest
 
 
+def _file_crc32(path: str) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 24):
+      crc = zlib.crc32(chunk, crc)
+  return crc & 0xFFFFFFFF
+
+
 def _map(path: str, file: str, column: Mapping[str, Any], num_samples: int, verify: bool) -> np.memmap:
   full = os.path.join(path, file)
   dtype = np.dtype(column["dtype"])
@@ -454,11 +451,7 @@ def _map(path: str, file: str, column: Mapping[str, Any], num_samples: int, veri
       f"= {expected} bytes (a truncated or damaged store: convert again)."
     )
   if verify:
-    crc = 0
-    with open(full, "rb") as f:
-      while chunk := f.read(1 << 24):
-        crc = zlib.crc32(chunk, crc)
-    if crc & 0xFFFFFFFF != column["crc32"]:
+    if _file_crc32(full) != column["crc32"]:
       raise StoreError(f"mtjax: store file {full!r} fails its CRC32 checksum (damaged on disk): convert again.")
   if expected == 0:
     return np.zeros(shape, dtype)  # type: ignore[return-value]  # mmap cannot map an empty file

@@ -39,12 +39,7 @@ class _ReadBatch:
   def __call__(self, step) -> dict[str, Any]:
     p = self.plan
     epoch, position = divmod(int(step), p.steps_per_epoch)
-    lo = position * p.batch_size
-    hi = min(lo + p.batch_size, len(p.dataset))
-    if p.process_count > 1:
-      part = p.batch_size // p.process_count
-      lo, hi = lo + p.process_index * part, lo + (p.process_index + 1) * part
-    idx = slice(lo, hi) if not p.shuffle else self._order(epoch)[lo:hi]
+    idx = p._indices(position, self._order(epoch) if p.shuffle else None)  # pylint: disable=protected-access
     return p.dataset.batch(idx, include_extras=p.include_extras)
 
 

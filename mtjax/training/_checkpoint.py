@@ -384,6 +384,26 @@ def _shared_steps(directory: str) -> list[tuple[int, str]]:
   return dirs
 
 
+def _set_aside(failures: list, path: str, *, stacklevel: int) -> None:
+  """Warns that ``path`` is resumed instead of the newer corrupt checkpoints ``failures`` ``[(path, reason)]``
+  and renames those to ``corrupt_<name>`` (kept for inspection, no longer resumed from)."""
+  names = ", ".join(p for p, _ in failures)
+  reason = failures[0][1].removeprefix("mtjax: ")
+  warnings.warn(
+    f"mtjax: resuming from the previous valid checkpoint {path}, because the newer {names} is "
+    f"corrupt ({reason}); it is renamed to corrupt_<name>.",
+    stacklevel=stacklevel,
+  )
+  for bad, _ in failures:
+    try:
+      target = os.path.join(os.path.dirname(bad), "corrupt_" + os.path.basename(bad))
+      if os.path.exists(target):
+        shutil.rmtree(target)
+      os.rename(bad, target)
+    except OSError:  # a read-only folder: it stays, and is skipped again next time
+      pass
+
+
 def _restore_latest_multihost(directory: str, like: Any, sharding) -> Optional[tuple[Any, dict, str]]:
   """:func:`restore_latest` in a multi-controller run: every process restores the same checkpoint
   (one that restores and passes its checksums on every process); process 0 renames corrupt ones."""
@@ -404,20 +424,7 @@ def _restore_latest_multihost(directory: str, like: Any, sharding) -> Optional[t
       continue
     assert found is not None
     if failures and _distributed.is_primary():
-      names = ", ".join(p for p, _ in failures)
-      warnings.warn(
-        f"mtjax: resuming from the previous valid checkpoint {path}, because the newer {names} is "
-        f"corrupt ({failures[0][1].removeprefix('mtjax: ')}); it is renamed to corrupt_<name>.",
-        stacklevel=4,
-      )
-      for bad, _ in failures:
-        try:
-          target = os.path.join(os.path.dirname(bad), "corrupt_" + os.path.basename(bad))
-          if os.path.exists(target):
-            shutil.rmtree(target)
-          os.rename(bad, target)
-        except OSError:
-          pass
+      _set_aside(failures, path, stacklevel=5)
     _distributed.barrier("mtjax_checkpoint_restored")
     return found[0], found[1], path
   raise CheckpointCorruptError(
@@ -456,21 +463,7 @@ def restore_latest(
       failures.append((path, str(e)))
       continue
     if failures:
-      names = ", ".join(p for p, _ in failures)
-      reason = failures[0][1].removeprefix("mtjax: ")
-      warnings.warn(
-        f"mtjax: resuming from the previous valid checkpoint {path}, because the newer {names} is "
-        f"corrupt ({reason}); it is renamed to corrupt_<name>.",
-        stacklevel=3,
-      )
-      for bad, _ in failures:
-        try:
-          target = os.path.join(os.path.dirname(bad), "corrupt_" + os.path.basename(bad))
-          if os.path.exists(target):
-            shutil.rmtree(target)
-          os.rename(bad, target)
-        except OSError:  # a read-only folder: it stays, and is skipped again next time
-          pass
+      _set_aside(failures, path, stacklevel=4)
     return state, meta, path
   raise CheckpointCorruptError(
     f"mtjax: no valid checkpoint in {os.path.abspath(directory)}: "
