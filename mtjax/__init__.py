@@ -21,6 +21,7 @@ from mtjax._src.partition import infer_shared
 from mtjax._src.sparse import SparseRows
 from mtjax._src.sparse import densify
 from mtjax._src.sparse import embedding_lookup
+from mtjax._src.sparse import linear_einsum
 from mtjax._src.sparse import representation
 from mtjax._src.sparse import task_view
 from mtjax._src.task_grads import RepJacobian
@@ -118,6 +119,7 @@ __all__ = (
   "embedding_lookup",
   "representation",
   "task_view",
+  "linear_einsum",
   "check_task_views",
   "multi_input_task_grads",
   "default_strategy",

@@ -420,10 +420,12 @@ def test_shared_without_a_gram_takes_one_backward_and_is_exact(loss):
   assert traces == 1 and "scan" in text
 
 
-def test_mmoe_mixing_reads_the_batch_sum_view_apart(monkeypatch):
-  """Under strategy="rep" (batch sums), MMoE's gated mixing takes z and delta_t apart (sparse.linear_view):
-  the same update as mixing z + delta_t, without the per-sample [E, B, H] cotangent of the sum (what kept
-  "rep" at 1.6x a summed step at T = 10; 1.14x with it, benchmarks/RESULTS.md)."""
+def test_mmoe_mixing_reads_its_view_linearly(monkeypatch):
+  """MMoE's gated mixing reads its view through sparse.linear_einsum. Under strategy="rep" (batch sums) it
+  takes z and delta_t apart: the same update as mixing z + delta_t, without the per-sample [E, B, H]
+  cotangent of the sum (what kept "rep" at 1.6x a summed step at T = 10; 1.14x with it,
+  benchmarks/RESULTS.md). Under strategy="shared" the rows stay factors (FactoredViews): the same rows and
+  update as the stacked copies' cotangents."""
   import numpy as np
   import optax
 
@@ -440,22 +442,104 @@ def test_mmoe_mixing_reads_the_batch_sum_view_apart(monkeypatch):
   loss_fn = losses.make_loss_fn(model, "mse")
   hits = []
 
-  def counted(x):
-    parts = sparse_lib.linear_view(x)
-    hits.append(parts is not None)
-    return parts
+  def counted(spec, coef, x):
+    rec = sparse_lib._active()
+    parts = getattr(rec, "view_parts", None) or {}
+    hits.append(type(parts.get(id(x))).__name__)
+    return sparse_lib.linear_einsum(spec, coef, x)
 
-  def update(view):
-    monkeypatch.setattr(_experts, "linear_view", view)
-    (task_losses, _), jac = mtjax.task_grads(loss_fn, strategy="rep", has_aux=True)(params, batch)
+  def update(einsum, strategy):
+    monkeypatch.setattr(_experts, "linear_einsum", einsum)
+    (task_losses, _), jac = mtjax.task_grads(loss_fn, strategy=strategy, has_aux=True)(params, batch)
     tx = optax.chain(mtjax.mgda(num_tasks=2), optax.sgd(1.0))
-    return tx.update(jac, tx.init(params), params, task_losses=task_losses)[0]
+    rows = jac.z_rows if strategy == "shared" else jac.gram()
+    return tx.update(jac, tx.init(params), params, task_losses=task_losses)[0], rows, type(jac.z_store).__name__
 
-  apart = update(counted)
-  assert sum(hits) == 2  # each task's head mixed its view apart
-  together = update(lambda x: None)
-  for a, b in zip(jax.tree.leaves(apart), jax.tree.leaves(together)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  plain = lambda spec, coef, x: jnp.einsum(spec, coef, x)
+  for strategy, kind in (("rep", "tuple"), ("shared", "Factor")):
+    hits.clear()
+    apart, rows_a, store = update(counted, strategy)
+    assert hits.count(kind) >= 2, hits  # each task's head read its view apart (the probe traces add more)
+    assert store == ("FactoredViews" if strategy == "shared" else "BatchSums")
+    together, rows_t, store_t = update(plain, strategy)
+    assert store_t == ("LazyCopies" if strategy == "shared" else "BatchSums")
+    for a, b in zip(jax.tree.leaves((apart, rows_a)), jax.tree.leaves((together, rows_t))):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   hits.clear()
+  monkeypatch.setattr(_experts, "linear_einsum", counted)
   mtjax.task_grads(loss_fn, strategy="map", has_aux=True)(params, batch)
-  assert not any(hits)  # only the rep batch-sum trace marks views
+  assert set(hits) == {"NoneType"}  # only the rep batch-sum and shared traces mark views
+
+
+def _linear_heads_loss(read_directly=False, uneven=False):
+  def loss_fn(params, x):
+    z = mtjax.representation(jnp.tanh(x @ params["trunk"]))  # [B, H]
+    preds = []
+    for t in range(3):
+      v = mtjax.task_view(z, t)
+      p = mtjax.linear_einsum("h,bh->b", params["heads"][t], v)
+      if uneven and t == 1:  # task 1 makes a second product: not the same structure as the others
+        p = p + mtjax.linear_einsum("h,bh->b", params["heads"][0], v)
+      if read_directly and t == 2:
+        p = p + jnp.sum(v**2, axis=1)  # a non-linear read of the view
+      preds.append(p)
+    return jnp.stack([jnp.mean((p - y) ** 2) for p, y in zip(preds, (1.0, -1.0, 0.5))])
+
+  return loss_fn
+
+
+@pytest.mark.parametrize("variant", ["linear", "uneven", "read_directly"])
+def test_linear_einsum_factored_rows_equal_per_task_backward(variant):
+  """strategy="shared" keeps the rows of heads that read their views through mtjax.linear_einsum as factors
+  (FactoredViews); the rows, the update and the z rows equal the reference (jax.jacrev of the whole loss,
+  float64) and T per-task backward passes. Heads that read a view otherwise, or make different products per task,
+  fall back to the stacked copies, with the same values."""
+  import numpy as np
+
+  loss_fn = _linear_heads_loss(read_directly=variant == "read_directly", uneven=variant == "uneven")
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    params = {
+      "trunk": jnp.asarray(rng.normal(size=(4, 5))),
+      "heads": [jnp.asarray(rng.normal(size=5)) for _ in range(3)],
+    }
+    x = jnp.asarray(rng.normal(size=(6, 4)))
+    _, jac = mtjax.task_grads(loss_fn, strategy="shared")(params, x)
+    store = type(jac.z_store).__name__
+    assert store == ("FactoredViews" if variant == "linear" else "LazyCopies")
+    full = jax.jacrev(loss_fn)(params, x)  # [T, ...] rows of every leaf
+    rows = jax.tree.leaves(jac.materialize())
+    # the trunk's rows (exact) and the heads' (materialize: T head VJPs)
+    for got, want in zip(rows, jax.tree.leaves(full)):
+      np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert mtjax.check_task_views(loss_fn, params, x, rtol=1e-10) <= 1e-10
+    tx = mtjax.pcgrad(num_tasks=3, shared={"trunk": True, "heads": [False] * 3})
+    up_s = tx.update(jac, tx.init(params), params)[0]
+    up_f = tx.update(full, tx.init(params), params)[0]
+    for a, b in zip(jax.tree.leaves(up_s), jax.tree.leaves(up_f)):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_einsum_rep_batch_sums_broadcast_over_the_batch():
+  """strategy="rep" with rep_gram="sum": a product whose coefficient has no batch index ('h,bh->b') takes
+  z and delta_t apart with delta_t's term broadcast along the batch; the Gram equals the batch sums of the
+  per-task rows (jax.jacrev through the heads, float64)."""
+  import numpy as np
+
+  loss_fn = _linear_heads_loss()
+  rng = np.random.default_rng(1)
+  with jax.enable_x64(True):
+    params = {
+      "trunk": jnp.asarray(rng.normal(size=(4, 5))),
+      "heads": [jnp.asarray(rng.normal(size=5)) for _ in range(3)],
+    }
+    x = jnp.asarray(rng.normal(size=(6, 4)))
+    _, rep = mtjax.task_grads(loss_fn, strategy="rep")(params, x)
+    z = jnp.tanh(x @ params["trunk"])
+
+    def heads(zz):
+      preds = [zz @ params["heads"][t] for t in range(3)]
+      return jnp.stack([jnp.mean((p - y) ** 2) for p, y in zip(preds, (1.0, -1.0, 0.5))])
+
+    sums = jax.jacrev(heads)(z).sum(axis=1)  # [T, H]
+    np.testing.assert_allclose(rep.gram()[0], sums @ sums.T, rtol=1e-10)

@@ -352,8 +352,9 @@ def check_task_views(
 ) -> float:
   r"""Checks a loss's :func:`mtjax.task_view` marks on a sample: one-pass rows equal per-task VJPs.
 
-  Computes every task's :math:`\partial L_t/\partial z` (and the default ``"rep"`` Gram of their
-  batch sums) twice, from ONE backward through the heads with each task reading its own copy (what
+  Computes every task's :math:`\partial L_t/\partial z` (stacked, as ``"shared"`` forms them -- from
+  the factors of :func:`mtjax.linear_einsum` where the heads use it -- and the default ``"rep"`` Gram of
+  their batch sums) twice, from ONE backward through the heads with each task reading its own copy (what
   ``task_grads(strategy="rep")`` does when the loss marks its views) and from T per-task backward
   passes (which need no contract), and raises if they differ: a head that reads another task's
   copy. Use a batch where every task's loss depends on ``z`` (labels of every task present).
@@ -385,8 +386,10 @@ def check_task_views(
     _VIEWS.off = off
 
     def f(p, a, k):
-      tg = lambda mode: task_grads(lambda p_: loss_fn(p_, *a, **k), strategy="rep", rep_gram=mode)(p)[1]
-      return tg("stack").z_rows, tg("sum").gram()
+      tg = lambda mode, strategy="rep": task_grads(lambda p_: loss_fn(p_, *a, **k), strategy=strategy, rep_gram=mode)(
+        p
+      )[1]
+      return tg("stack").z_rows, tg("sum").gram(), tg("sum", "shared").z_rows  # "shared": factored when linear
 
     try:
       got = jax.jit(f)(params, args, kwargs)
@@ -463,13 +466,110 @@ class LazyCopies:
     return _stack_copies(self.views_vjp(jnp.ones((self.num_tasks,), self.dtype))[0])
 
 
+@jax.tree_util.register_pytree_node_class
+class FactoredViews:
+  r"""``"shared"``'s :math:`\partial L_t/\partial z` as factors, for heads that read their views through
+  :func:`mtjax._src.sparse.linear_einsum` (the MMoE mixing): task ``t``'s row of leaf ``k`` is
+  :math:`\sum_p` ``einsum(spec_p, coef_{t,p}, dout_{t,p})`` over the products ``p`` that read it. The
+  factors are small (``[T, B, E]`` and ``[T, B, H]`` for the mixing); :meth:`row` forms one task's row
+  inside the trunk's per-task backward pass, so the ``[T, *z.shape]`` rows (and XLA:CPU's concatenation
+  of T copies) are never written. The heads' VJP runs only when the rows are asked for."""
+
+  def __init__(self, vjp_fn, coefs, order, meta, z_def, z_specs, num_tasks: int, dtype):
+    self.vjp_fn = vjp_fn  # (copies, us, xh) -> ...: cotangent 1 gives every product's dout
+    self.coefs = tuple(coefs)  # one per logged product, in trace order
+    self.order = tuple(tuple(o) for o in order)  # order[t][p]: the log index of task t's p-th product
+    self.meta = tuple(meta)  # per product position p: (z leaf, transposed spec)
+    self.z_def = z_def
+    self.z_specs = tuple(z_specs)  # (shape, dtype) per z leaf
+    self.num_tasks = int(num_tasks)
+    self.dtype = jnp.dtype(dtype)
+
+  def tree_flatten(self):
+    return (self.vjp_fn, self.coefs), (self.order, self.meta, self.z_def, self.z_specs, self.num_tasks, self.dtype)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  def factors(self):
+    """``(coefs, douts)``: per product position, ``[T, ...]`` stacks (one backward through the heads)."""
+    douts = self.vjp_fn(jnp.ones((self.num_tasks,), self.dtype))[1]
+    stack = lambda vals, p: jnp.stack([vals[self.order[t][p]] for t in range(self.num_tasks)])
+    return (
+      [stack(self.coefs, p) for p in range(len(self.meta))],
+      [stack(douts, p) for p in range(len(self.meta))],
+    )
+
+  def row(self, factor) -> PyTree:
+    r"""One task's :math:`\partial L_t/\partial z` from its factors (``factors()`` indexed at ``t``)."""
+    coefs, douts = factor
+    leaves: list = [None] * len(self.z_specs)
+    for (k, spec), c, d in zip(self.meta, coefs, douts):
+      r = jnp.einsum(spec, c, d).astype(self.z_specs[k][1])
+      leaves[k] = r if leaves[k] is None else leaves[k] + r
+    return jax.tree.unflatten(
+      self.z_def, [jnp.zeros(*self.z_specs[k]) if v is None else v for k, v in enumerate(leaves)]
+    )
+
+  def stacked(self) -> PyTree:
+    return jax.vmap(self.row)(self.factors())
+
+
+def _factored_views(f_head, z, xh0, num_tasks: int, dtype) -> Optional[FactoredViews]:
+  """The heads' rows at ``z`` as factors (:class:`FactoredViews`), when every task reads its view only
+  through :func:`~mtjax._src.sparse.linear_einsum` products with the same structure; else ``None``.
+
+  ``f_head(xh, copies, view_parts, trace) -> (losses, aux)`` runs the heads with task ``t`` reading
+  ``copies[t]``."""
+  if _VIEWS.off:
+    return None
+  z_leaves, z_def = jax.tree.flatten(z)
+  copies = tuple(z for _ in range(num_tasks))
+
+  def parts_of(zs):
+    return {
+      id(leaf): sparse_lib.Factor(t, k, z_leaves[k])
+      for t, c in enumerate(zs)
+      for k, leaf in enumerate(jax.tree.leaves(c))
+    }
+
+  traces: list = []
+
+  def discover(zs, xh):
+    traces.append(sparse_lib.FactorTrace())
+    return f_head(xh, zs, parts_of(zs), traces[-1])[0]
+
+  jax.make_jaxpr(discover)(copies, xh0)
+  log = traces[-1].log
+  order = [[i for i, e in enumerate(log) if e[0] == t] for t in range(num_tasks)]
+  sig = lambda i: (log[i][1], log[i][2], tuple(jnp.shape(log[i][3])), jnp.result_type(log[i][3]), log[i][4])
+  first = [sig(i) for i in order[0]]
+  if not first or any([sig(i) for i in o] != first for o in order[1:]):
+    return None
+
+  def factored(zs, us, xh):
+    trace = sparse_lib.FactorTrace(us)
+    losses, aux = f_head(xh, zs, parts_of(zs), trace)
+    return losses, (aux, [e[3] for e in trace.log])
+
+  us0 = [jnp.zeros(e[4].shape, e[4].dtype) for e in log]
+  used = sparse_lib.used_inputs(jax.make_jaxpr(lambda zs, us, xh: factored(zs, us, xh)[0])(copies, us0, xh0))
+  if any(used[: num_tasks * len(z_leaves)]):  # a copy read other than through a product: stacked rows
+    return None
+  _, vjp_fn, (_, coefs) = jax.vjp(factored, copies, us0, xh0, has_aux=True)
+  meta = [(log[i][1], log[i][2]) for i in order[0]]
+  z_specs = [(tuple(jnp.shape(a)), jnp.result_type(a)) for a in z_leaves]
+  return FactoredViews(vjp_fn, coefs, order, meta, z_def, z_specs, num_tasks, dtype)
+
+
 def _stack_copies(parts) -> PyTree:
   """T pytrees (the cotangents of the views' copies) as one pytree of ``[T, ...]`` leaves."""
   return jax.tree.map(lambda *r: jnp.stack(r), *parts)
 
 
 def _stacked(z_rows):
-  return z_rows.stacked() if isinstance(z_rows, LazyCopies) else z_rows
+  return z_rows.stacked() if isinstance(z_rows, (LazyCopies, FactoredViews)) else z_rows
 
 
 def _z_gram(z_rows: PyTree, batch_axis: Optional[int], rep_gram: str) -> jax.Array:
@@ -730,20 +830,25 @@ class SharedJacobian(_RepBase):
       return self._z_and_overlap_rows()[0]
     return _stacked(self.z_store)
 
-  def _z_and_overlap_rows(self):
+  def _z_and_overlap_rows(self, with_z: bool = True):
     """The rows of z and of the overlapping inputs' head path (one map of head VJPs when both are needed)."""
     eye = jnp.eye(self.num_tasks, dtype=self.dtype)
     n = self.n_over
     if self.z_store is None:
       return map_rows(lambda c: (self.head_vjp(c)[0], self.head_vjp(c)[1][:n]), eye, self.strategy, self.chunk_size)
     over = map_rows(lambda c: self.head_vjp(c)[1][:n], eye, self.strategy, self.chunk_size) if n else []
-    return _stacked(self.z_store), over
+    return (_stacked(self.z_store) if with_z else None), over
 
   @property
   def x_rows(self) -> list:
     """The exact per-task rows of the trunk's inputs ``idx_rows`` (T backward passes through the trunk)."""
-    z_rows, over_rows = self._z_and_overlap_rows()
-    trunk_rows = map_rows(lambda c: self.trunk_vjp(c)[0], z_rows, self.strategy, self.chunk_size)
+    if isinstance(self.z_store, FactoredViews):  # each task's row formed inside its trunk backward pass
+      fv = self.z_store
+      over_rows = self._z_and_overlap_rows(with_z=False)[1]
+      trunk_rows = map_rows(lambda f: self.trunk_vjp(fv.row(f))[0], fv.factors(), self.strategy, self.chunk_size)
+    else:
+      z_rows, over_rows = self._z_and_overlap_rows()
+      trunk_rows = map_rows(lambda c: self.trunk_vjp(c)[0], z_rows, self.strategy, self.chunk_size)
     by_x = dict(zip(self.idx_z, trunk_rows))
     for j, r in zip(self.idx_h[: self.n_over], over_rows):
       by_x[j] = _add(by_x.get(j), r)
@@ -1032,8 +1137,10 @@ def task_grads(
         ls[i] = xs[j]
       return ls
 
-    def run(xs, mode, z_in=None, z_views=None, view_parts=None):
-      rec = sparse_lib.Tapper(probe.lookups, tap_of_lookup, xs[num_dense:], mode, z_in, z_views, view_parts)
+    def run(xs, mode, z_in=None, z_views=None, view_parts=None, factor_trace=None):
+      rec = sparse_lib.Tapper(
+        probe.lookups, tap_of_lookup, xs[num_dense:], mode, z_in, z_views, view_parts, factor_trace
+      )
       return call(full_leaves(xs), rec), rec
 
     if not split:
@@ -1062,8 +1169,8 @@ def task_grads(
         return e.z
       raise ValueError("mtjax: task_grads: the representation was not reached.")  # pragma: no cover
 
-    def f_fn(xs, z, z_views=None, view_parts=None):
-      (losses, aux), rec = run(list(xs), "head", z, z_views, view_parts)
+    def f_fn(xs, z, z_views=None, view_parts=None, factor_trace=None):
+      (losses, aux), rec = run(list(xs), "head", z, z_views, view_parts, factor_trace)
       return losses, (aux, tuple(rec.ids.get(k) for k in range(len(taps_info))))
 
     z_struct = probe.rep.struct
@@ -1119,8 +1226,14 @@ def task_grads(
       if strategy == "rep":  # rep_gram="stack" (or no batch axis): every row is needed
         parts, head_sum = views_vjp(ones)  # the rows of z AND the heads' gradient of sum_t L_t
         z_store = _stack_copies(parts)
-      else:
-        z_store = LazyCopies(views_vjp, num_tasks, losses.dtype)
+      else:  # the rows' factors when the heads read their views linearly, else the copies' cotangents
+        z_store = _factored_views(
+          lambda xh, zs, parts, trace: f_fn(_merge_x(x0, idx_h, xh), z, zs, parts, trace),
+          z,
+          _split_x(x0, idx_h),
+          num_tasks,
+          jnp.result_type(losses),
+        ) or LazyCopies(views_vjp, num_tasks, jnp.result_type(losses))
     eye = jnp.eye(num_tasks, dtype=losses.dtype)
     if strategy == "rep":
       z_rows = z_store if views else map_rows(lambda c: head_vjp(c)[0], eye, strat, chunk_size)

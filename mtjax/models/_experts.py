@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtjax._src.sparse import linear_view
+from mtjax._src.sparse import linear_einsum
 from mtjax.models._layers import MLP
 from mtjax.models._layers import Activation
 
@@ -215,11 +215,9 @@ class Gate(nn.Module):
 
 def mix(weights: jax.Array, expert_outputs: jax.Array) -> jax.Array:
   """``sum_e weights[:, e] * expert_outputs[e]``: ``[B, E] x [E, B, H] -> [B, H]``."""
-  parts = linear_view(expert_outputs)
-  if parts is not None and parts[2] == 1 and parts[1].ndim == 2:  # the rep batch-sum trace: z + delta_t
-    z, delta, _ = parts  # mix is linear in its view: the delta's cotangent is one [E, B] x [B, H] product
-    return jnp.einsum("be,ebh->bh", weights, z) + jnp.einsum("be,eh->bh", weights, delta)
-  return jnp.einsum("be,ebh->bh", weights, expert_outputs)
+  # Linear in the view: under task_grads' "rep" batch sums the cotangent of delta_t is one [E, B] x [B, H]
+  # product, under "shared" each task's rows stay the factors (weights, d mix) (sparse.linear_einsum).
+  return linear_einsum("be,ebh->bh", weights, expert_outputs)
 
 
 def towers(
