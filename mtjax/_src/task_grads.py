@@ -200,9 +200,20 @@ class TaskJacobian:
   """
 
   def __init__(
-    self, vjp_fn, num_tasks: int, dtype, strategy: str = "auto", param_struct=None, plan=None, ids=(), chunk_size=None
+    self,
+    vjp_fn,
+    num_tasks: int,
+    dtype,
+    strategy: str = "auto",
+    param_struct=None,
+    plan=None,
+    ids=(),
+    chunk_size=None,
+    task_vjps=None,
   ):
     self.vjp_fn = vjp_fn
+    # T linear maps 1 -> the x cotangent of L_t alone (see _task_vjps), or None: rows from vjp_fn(e_t)
+    self.task_vjps = None if task_vjps is None else tuple(task_vjps)
     self.num_tasks = int(num_tasks)
     self.dtype = jnp.dtype(dtype)
     self.strategy = strategy
@@ -219,7 +230,7 @@ class TaskJacobian:
     return cls(vjp_fn, num_tasks, dtype, strategy, struct)
 
   def tree_flatten(self):
-    return (self.vjp_fn, self.ids), (
+    return (self.vjp_fn, self.ids, self.task_vjps), (
       self.num_tasks,
       self.dtype,
       self.strategy,
@@ -231,7 +242,7 @@ class TaskJacobian:
   @classmethod
   def tree_unflatten(cls, aux, children):
     num_tasks, dtype, strategy, struct, plan, chunk = aux
-    return cls(children[0], num_tasks, dtype, strategy, struct, plan, children[1], chunk)
+    return cls(children[0], num_tasks, dtype, strategy, struct, plan, children[1], chunk, children[2])
 
   def _xcot(self, c) -> list:
     out = self.vjp_fn(c)
@@ -255,6 +266,8 @@ class TaskJacobian:
 
   def _x_rows(self, select: Optional[Sequence[int]] = None) -> list:
     """Rows of the x entries (all, or only ``select``), ``None`` elsewhere."""
+    if self.task_vjps is not None and self.chunk_size is None and _resolve(self.strategy) == "map":
+      return self._task_x_rows(select)
     if select is None:
       return list(map_rows(self._xcot, jnp.eye(self.num_tasks, dtype=self.dtype), self.strategy, self.chunk_size))
     sel = list(select)
@@ -266,6 +279,27 @@ class TaskJacobian:
     got = map_rows(pick, jnp.eye(self.num_tasks, dtype=self.dtype), self.strategy, self.chunk_size)
     out: list = [None] * (self.plan.num_x if self.plan is not None else len(jax.tree.leaves(self.shapes())))
     for j, r in zip(sel, got):
+      out[j] = r
+    return out
+
+  def _task_x_rows(self, select: Optional[Sequence[int]]) -> list:
+    """The rows from the per-task maps: ``lax.map`` over the tasks, ``lax.switch`` to task ``t``'s backward
+    pass, which runs through task ``t``'s head only (not through the others' on zero cotangents)."""
+    one = jnp.ones((), self.dtype)
+
+    def branch(tr):
+      def run():
+        xs = list(tr(one)[0])
+        return xs if select is None else [xs[j] for j in select]
+
+      return run
+
+    branches = [branch(tr) for tr in self.task_vjps or ()]
+    got = jax.lax.map(lambda i: jax.lax.switch(i, branches), jnp.arange(self.num_tasks))
+    if select is None:
+      return list(got)
+    out: list = [None] * (self.plan.num_x if self.plan is not None else len(jax.tree.leaves(self.shapes())))
+    for j, r in zip(select, got):
       out[j] = r
     return out
 
@@ -338,6 +372,96 @@ def _merge_x(base: Sequence[Any], idx: Sequence[int], values: Sequence[Any]) -> 
   for j, v in zip(idx, values):
     out[j] = v
   return out
+
+
+class _TaskVjpsRange(threading.local):
+  """The task counts for which the default rows use per-task backward passes (:func:`_task_vjps`): from 4
+  (below, the heads' ``O(T^2)`` backward is small next to the compile time of T branches) to 16 (the
+  program holds T copies of the backward pass)."""
+
+  min_tasks = 4
+  max_tasks = 16
+
+
+_TASK_VJPS = _TaskVjpsRange()
+
+
+def _aval(v) -> tuple:
+  """``(shape, dtype)`` of a jaxpr variable."""
+  aval = getattr(v, "aval", None)
+  return tuple(getattr(aval, "shape", ())), getattr(aval, "dtype", None)
+
+
+def _split_task_losses(closed, num_tasks: int):
+  """The loss's jaxpr with its T task losses as T separate outputs, or ``None``.
+
+  The loss ends in ``stack(l_0, ..., l_{T-1})`` (``jnp.stack`` of per-task scalars); models stack their
+  T outputs too and the loss reads ``outputs[t]`` (``squeeze(slice(stack(...)))``). Forwarding every such
+  read to the stacked operand makes ``l_t`` depend only on what task ``t`` computes, so a backward pass
+  from ``l_t`` alone skips the other tasks' heads (JAX's symbolic zeros). Internal JAX APIs; any
+  surprise returns ``None`` (the rows then come from the VJP with cotangents ``e_t``, as before).
+  """
+  from jax._src import core as jcore  # pylint: disable=import-outside-toplevel
+  from jax._src.interpreters import partial_eval as pe  # pylint: disable=import-outside-toplevel
+
+  jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
+  if closed.effects or len(jaxpr.outvars) != 1:
+    return None
+  stack_of: dict = {}
+  picked: dict = {}
+  alias: dict = {}
+  eqns = []
+
+  def sub(v):
+    return alias.get(v, v) if isinstance(v, jcore.Var) else v
+
+  for e in jaxpr.eqns:
+    invars = [sub(v) for v in e.invars]
+    name = e.primitive.name
+    src = invars[0] if invars and isinstance(invars[0], jcore.Var) else None
+    if name == "stack":
+      stack_of[e.outvars[0]] = (invars, e.params.get("axis"))
+    elif name == "slice" and src in stack_of and e.params.get("strides") is None:
+      ops, ax = stack_of[src]
+      start, limit, shape = e.params["start_indices"], e.params["limit_indices"], _aval(src)[0]
+      whole = all(i == ax or (start[i] == 0 and limit[i] == shape[i]) for i in range(len(shape)))
+      if whole and limit[ax] - start[ax] == 1:
+        picked[e.outvars[0]] = (ops[start[ax]], ax)
+    elif name == "squeeze" and src in picked and tuple(e.params["dimensions"]) == (picked[src][1],):
+      op = picked[src][0]
+      out = e.outvars[0]
+      if isinstance(op, jcore.Var) and _aval(op) == _aval(out):
+        alias[out] = op
+        continue
+    eqns.append(e.replace(invars=invars))
+  last = sub(jaxpr.outvars[0])
+  if not isinstance(last, jcore.Var) or last not in stack_of:
+    return None
+  losses, ax = stack_of[last]
+  if ax != 0 or len(losses) != num_tasks or any(_aval(v)[0] != () for v in losses):
+    return None
+  split, _ = pe.dce_jaxpr(jaxpr.replace(eqns=eqns, outvars=list(losses)), [True] * num_tasks, instantiate=True)
+  return split
+
+
+def _task_vjps(loss_of_x: Callable, x0: list, num_tasks: int):
+  r"""T linear maps, map ``t`` taking 1 to :math:`\partial L_t/\partial x` by a backward pass from ``L_t``
+  alone (after one shared linearization), or ``None`` when the loss's jaxpr has no separable task losses.
+
+  The default rows' VJP with cotangent ``e_t`` runs backward through every task's head (on zeros for
+  ``T - 1`` of them: ``O(T^2)`` head passes that XLA cannot skip); these run through task ``t``'s only."""
+  from jax._src import core as jcore  # pylint: disable=import-outside-toplevel
+
+  try:
+    closed = jax.make_jaxpr(loss_of_x)(x0)
+    split = _split_task_losses(closed, num_tasks)
+  except Exception:  # pragma: no cover - internal API moved: the plain rows
+    return None
+  if split is None:
+    return None
+  consts = list(closed.consts)
+  _, jvp = jax.linearize(lambda xs: jcore.eval_jaxpr(split, [], *consts, *xs), x0)
+  return tuple(jax.linear_transpose(lambda dx, t=t: jvp(dx)[t], x0) for t in range(num_tasks))
 
 
 class _ViewsSwitch(threading.local):
@@ -1151,7 +1275,10 @@ def task_grads(
 
       losses, vjp_fn, (aux, ids) = jax.vjp(g, x0[:num_dense], x0[num_dense:], has_aux=True)
       num_tasks = losses.shape[0]
-      jac = TaskJacobian(vjp_fn, num_tasks, losses.dtype, strat, (treedef, specs), plan, ids, chunk_size)
+      task_vjps = None
+      if strat == "map" and chunk_size is None and _TASK_VJPS.min_tasks <= num_tasks <= _TASK_VJPS.max_tasks:
+        task_vjps = _task_vjps(lambda xs: g(xs[:num_dense], xs[num_dense:])[0], list(x0), num_tasks)
+      jac = TaskJacobian(vjp_fn, num_tasks, losses.dtype, strat, (treedef, specs), plan, ids, chunk_size, task_vjps)
       grads = jac if deferred else jac.materialize()
       return ((losses, aux), grads) if has_aux else (losses, grads)
 
