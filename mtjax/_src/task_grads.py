@@ -1136,6 +1136,12 @@ def task_grads(
   ``chunk_size=c`` computes ``c`` rows at a time (vmapped within a chunk, chunks in sequence), for
   many tasks: the backward temporaries hold ``c`` rows, the output all T.
 
+  A VJP with cotangent ``e_t`` runs backward through every task's head (on zeros for the others).
+  When the loss is separable by task -- it returns ``jnp.stack([loss_0, ..., loss_{T-1}])`` and reads
+  stacked model outputs by index, as :func:`mtjax.losses.make_loss_fn` does -- the ``"map"`` rows
+  (for 4 <= T <= 16, without ``chunk_size``) instead run each task's backward pass from its own loss,
+  through its own head only: the same rows, without the ``O(T^2)`` head work.
+
   Strategies that split the loss at the representation marked with :func:`mtjax.representation`
   (every mtjax model marks one) return a lazy Jacobian instead of rows:
 
