@@ -452,16 +452,18 @@ def _task_vjps(loss_of_x: Callable, x0: list, num_tasks: int):
   ``T - 1`` of them: ``O(T^2)`` head passes that XLA cannot skip); these run through task ``t``'s only."""
   from jax._src import core as jcore  # pylint: disable=import-outside-toplevel
 
+  if not all(jnp.issubdtype(jnp.result_type(x), jnp.inexact) for x in x0):
+    return None
   try:
     closed = jax.make_jaxpr(loss_of_x)(x0)
     split = _split_task_losses(closed, num_tasks)
-  except Exception:  # pragma: no cover - internal API moved: the plain rows
+    if split is None:
+      return None
+    consts = list(closed.consts)
+    _, jvp = jax.linearize(lambda xs: jcore.eval_jaxpr(split, [], *consts, *xs), x0)
+    return tuple(jax.linear_transpose(lambda dx, t=t: jvp(dx)[t], x0) for t in range(num_tasks))
+  except Exception:  # pragma: no cover - an internal JAX API moved: the e_t rows (exact, slower)
     return None
-  if split is None:
-    return None
-  consts = list(closed.consts)
-  _, jvp = jax.linearize(lambda xs: jcore.eval_jaxpr(split, [], *consts, *xs), x0)
-  return tuple(jax.linear_transpose(lambda dx, t=t: jvp(dx)[t], x0) for t in range(num_tasks))
 
 
 class _ViewsSwitch(threading.local):
