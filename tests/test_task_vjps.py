@@ -133,8 +133,8 @@ def test_when_the_per_task_passes_are_not_used():
   loss_fn, params, batch = _setup("mmoe", 4)
   assert not _rows(loss_fn, params, batch, per_task=True, chunk_size=2)[1]  # chunked rows
   assert not _rows(loss_fn, params, batch, per_task=True, strategy="vmap")[1]
-  loss3, params3, batch3 = _setup("mmoe", 3)
-  assert not _rows(loss3, params3, batch3, per_task=True)[1]  # T = 3: below the range
+  loss2, params2, batch2 = _setup("mmoe", 2)
+  assert not _rows(loss2, params2, batch2, per_task=True)[1]  # T = 2: below the range
 
   # a loss that does not end in a stack of per-task scalars: the plain rows, same values
   def mean_loss(p, bt):

@@ -375,11 +375,12 @@ def _merge_x(base: Sequence[Any], idx: Sequence[int], values: Sequence[Any]) -> 
 
 
 class _TaskVjpsRange(threading.local):
-  """The task counts for which the default rows use per-task backward passes (:func:`_task_vjps`): from 4
-  (below, the heads' ``O(T^2)`` backward is small next to the compile time of T branches) to 16 (the
-  program holds T copies of the backward pass)."""
+  """The task counts for which the default rows use per-task backward passes (:func:`_task_vjps`): from 3
+  (at T = 2 the heads' waste, 4 head passes for 2, is small next to compiling T branches; at T = 3 the
+  PCGrad step of the benchmark MMoE took 1.43-1.62x of the summed step against 1.57-1.77x in three runs,
+  ``benchmarks/per_task_heads.py``) to 16 (the program holds T copies of the backward pass)."""
 
-  min_tasks = 4
+  min_tasks = 3
   max_tasks = 16
 
 
@@ -1141,7 +1142,7 @@ def task_grads(
   A VJP with cotangent ``e_t`` runs backward through every task's head (on zeros for the others).
   When the loss is separable by task -- it returns ``jnp.stack([loss_0, ..., loss_{T-1}])`` and reads
   stacked model outputs by index, as :func:`mtjax.losses.make_loss_fn` does -- the ``"map"`` rows
-  (for 4 <= T <= 16, without ``chunk_size``) instead run each task's backward pass from its own loss,
+  (for 3 <= T <= 16, without ``chunk_size``) instead run each task's backward pass from its own loss,
   through its own head only: the same rows, without the ``O(T^2)`` head work.
 
   Strategies that split the loss at the representation marked with :func:`mtjax.representation`
