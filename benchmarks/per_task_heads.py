@@ -15,7 +15,8 @@ Usage: ``python benchmarks/per_task_heads.py [--tasks 3 10] [--rounds 21]``.
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
+import sys
 import time
 
 import jax
@@ -27,15 +28,8 @@ import mtjax
 import mtjax._src.task_grads as tg_lib
 from mtjax import models
 
-
-def _median_ms(fn, rounds):
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from exact_rows_floor import _median_ms  # noqa: E402
 
 
 def run(num_tasks: int, rounds: int) -> str:

@@ -471,6 +471,9 @@ def test_mmoe_mixing_reads_its_view_linearly(monkeypatch):
   assert set(hits) == {"NoneType"}  # only the rep batch-sum and shared traces mark views
 
 
+_TARGETS = (1.0, -1.0, 0.5)  # the three tasks' regression targets
+
+
 def _linear_heads_loss(read_directly=False, uneven=False):
   def loss_fn(params, x):
     z = mtjax.representation(jnp.tanh(x @ params["trunk"]))  # [B, H]
@@ -483,9 +486,16 @@ def _linear_heads_loss(read_directly=False, uneven=False):
       if read_directly and t == 2:
         p = p + jnp.sum(v**2, axis=1)  # a non-linear read of the view
       preds.append(p)
-    return jnp.stack([jnp.mean((p - y) ** 2) for p, y in zip(preds, (1.0, -1.0, 0.5))])
+    return jnp.stack([jnp.mean((p - y) ** 2) for p, y in zip(preds, _TARGETS)])
 
   return loss_fn
+
+
+def _linear_heads_problem(seed):
+  """float64 params and inputs of _linear_heads_loss (call under jax.enable_x64)."""
+  rng = np.random.default_rng(seed)
+  params = {"trunk": jnp.asarray(rng.normal(size=(4, 5))), "heads": [jnp.asarray(rng.normal(size=5)) for _ in range(3)]}
+  return params, jnp.asarray(rng.normal(size=(6, 4)))
 
 
 @pytest.mark.parametrize("variant", ["linear", "uneven", "read_directly"])
@@ -494,16 +504,9 @@ def test_linear_einsum_factored_rows_equal_per_task_backward(variant):
   (FactoredViews); the rows, the update and the z rows equal the reference (jax.jacrev of the whole loss,
   float64) and T per-task backward passes. Heads that read a view otherwise, or make different products per task,
   fall back to the stacked copies, with the same values."""
-  import numpy as np
-
   loss_fn = _linear_heads_loss(read_directly=variant == "read_directly", uneven=variant == "uneven")
-  rng = np.random.default_rng(0)
   with jax.enable_x64(True):
-    params = {
-      "trunk": jnp.asarray(rng.normal(size=(4, 5))),
-      "heads": [jnp.asarray(rng.normal(size=5)) for _ in range(3)],
-    }
-    x = jnp.asarray(rng.normal(size=(6, 4)))
+    params, x = _linear_heads_problem(0)
     _, jac = mtjax.task_grads(loss_fn, strategy="shared")(params, x)
     store = type(jac.z_store).__name__
     assert store == ("FactoredViews" if variant == "linear" else "LazyCopies")
@@ -524,22 +527,15 @@ def test_linear_einsum_rep_batch_sums_broadcast_over_the_batch():
   """strategy="rep" with rep_gram="sum": a product whose coefficient has no batch index ('h,bh->b') takes
   z and delta_t apart with delta_t's term broadcast along the batch; the Gram equals the batch sums of the
   per-task rows (jax.jacrev through the heads, float64)."""
-  import numpy as np
-
   loss_fn = _linear_heads_loss()
-  rng = np.random.default_rng(1)
   with jax.enable_x64(True):
-    params = {
-      "trunk": jnp.asarray(rng.normal(size=(4, 5))),
-      "heads": [jnp.asarray(rng.normal(size=5)) for _ in range(3)],
-    }
-    x = jnp.asarray(rng.normal(size=(6, 4)))
+    params, x = _linear_heads_problem(1)
     _, rep = mtjax.task_grads(loss_fn, strategy="rep")(params, x)
     z = jnp.tanh(x @ params["trunk"])
 
     def heads(zz):
       preds = [zz @ params["heads"][t] for t in range(3)]
-      return jnp.stack([jnp.mean((p - y) ** 2) for p, y in zip(preds, (1.0, -1.0, 0.5))])
+      return jnp.stack([jnp.mean((p - y) ** 2) for p, y in zip(preds, _TARGETS)])
 
     sums = jax.jacrev(heads)(z).sum(axis=1)  # [T, H]
     np.testing.assert_allclose(rep.gram()[0], sums @ sums.T, rtol=1e-10)
