@@ -42,6 +42,8 @@ import subprocess
 import sys
 import time
 
+import _host  # the benchmarks' folder: sys.path[0] when run as a script
+
 
 def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
@@ -257,6 +259,7 @@ def main() -> None:
     f"# data_throughput: {args.rows:,} AliExpress-format rows, batch {args.batch}; jax {jax.__version__}, "
     f"{platform.machine()} CPU x {os.cpu_count()}, {time.strftime('%Y-%m-%d')}"
   )
+  print(f"# {_host.describe()}")
   res = {}
   if not (args.reuse or args.reuse_csv):
     shutil.rmtree(args.dir, ignore_errors=True)

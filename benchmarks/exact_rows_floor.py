@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
+import _host  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import scale  # noqa: E402
@@ -66,6 +66,7 @@ def main(argv=None):
   per_task = (rows - fwd) / t
   flop = 2 * 2 * B * E * (D * H1 + H1 * H2)  # weight and input gradients of both layers
   print(f"# {desc}; T = {t}; jax {jax.__version__}, {jax.default_backend()}")
+  print(f"# {_host.describe()}")
   print(f"summed-loss step: {summed:.1f} ms")
   print(f"experts forward: {fwd:.1f} ms; {t} mapped backward passes (with the forward): {rows:.1f} ms")
   print(

@@ -13,6 +13,7 @@ import argparse
 import statistics
 import time
 
+import _host  # the benchmarks' folder: sys.path[0] when run as a script
 import jax
 import jax.numpy as jnp
 import optax
@@ -51,6 +52,7 @@ def main():
   parser.add_argument("--steps", type=int, default=30)
   args = parser.parse_args()
   print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
+  print(_host.describe())
   results = {impl: time_impl(impl, args.steps) for impl in ("vmap", "list")}
   for impl, t in results.items():
     print(f"{impl:5s}: median {t * 1e3:8.2f} ms per forward+backward")

@@ -27,6 +27,7 @@ import resource
 import statistics
 import time
 
+import _host  # the benchmarks' folder: sys.path[0] when run as a script
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,6 +116,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   t0 = time.time()
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
+  print(_host.describe())
   sp, rows_mb, num_params = speed(args.methods, timed=args.timed)
   print(
     f"\nStep time and memory: MMoE (8 experts [256, 128], towers [64, 1]), T = 3, batch 1024, "

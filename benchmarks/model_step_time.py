@@ -21,6 +21,7 @@ import functools
 import statistics
 import time
 
+import _host  # the benchmarks' folder: sys.path[0] when run as a script
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,6 +99,7 @@ def main(argv=None):
   }
   x = {k: jnp.asarray(v) for k, v in x.items()}
   print(f"jax {jax.__version__} on {jax.default_backend()}; batch {b}; median of {args.steps} steps")
+  print(_host.describe())
   print("| model | params | embedding params | fwd+bwd ms/step |")
   print("|---|---|---|---|")
   for name, cfg in CONFIGS.items():

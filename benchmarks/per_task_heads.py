@@ -9,7 +9,11 @@ PCGrad + Adam step with those per-task passes and with the cotangent-``e_t`` row
 task's pass through every head), against the summed-loss step: medians after compilation, runtime
 checks off, one process.
 
-Usage: ``python benchmarks/per_task_heads.py [--tasks 3 10] [--rounds 21]``.
+``--loss vectorized`` uses ``step_time.py``'s own loss instead, computed on the stacked logits at once
+(``jnp.mean(sigmoid_binary_cross_entropy(logits [T, B], y [T, B]), axis=1)``): row-local by task, so
+``task_grads`` takes each task's pass from the stack with the other rows behind ``stop_gradient``.
+
+Usage: ``python benchmarks/per_task_heads.py [--tasks 3 10] [--rounds 21] [--loss make_loss_fn|vectorized]``.
 """
 
 from __future__ import annotations
@@ -29,16 +33,24 @@ import mtjax._src.task_grads as tg_lib
 from mtjax import models
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _host  # noqa: E402
 from exact_rows_floor import _median_ms  # noqa: E402
 
 
-def run(num_tasks: int, rounds: int) -> str:
+def run(num_tasks: int, rounds: int, loss: str = "make_loss_fn") -> str:
   model = models.MMoE(num_tasks=num_tasks, num_experts=8, expert=(256, 128), tower=(64, 1))
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(1024, 128)), jnp.float32)
   batch = {"x": x, "labels": jnp.asarray(rng.integers(0, 2, size=(num_tasks, 1024)), jnp.float32)}
   params = model.init(jax.random.PRNGKey(0), x)["params"]
-  loss_fn = mtjax.losses.make_loss_fn(model, "bce", has_aux=False)
+  if loss == "make_loss_fn":
+    loss_fn = mtjax.losses.make_loss_fn(model, "bce", has_aux=False)
+  else:  # step_time.py's loss: the [T, B] logits at once
+
+    def loss_fn(p, b):
+      logits, _ = model.apply({"params": p}, b["x"])
+      return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, b["labels"]), axis=1)
+
   adam = optax.adam(1e-3)
 
   def summed(p, o, b):
@@ -70,7 +82,7 @@ def run(num_tasks: int, rounds: int) -> str:
   times = {k: _median_ms(f, rounds) for k, (f, _) in rows.items()}
   base = times["summed-loss step"]
   out = [
-    f"## T = {num_tasks}: MMoE input 128, 8 experts [256,128], towers [64,1], make_loss_fn BCE, batch 1024, Adam",
+    f"## T = {num_tasks}: MMoE input 128, 8 experts [256,128], towers [64,1], {loss} BCE, batch 1024, Adam",
     "| step | ms/step | / summed | compile s |",
     "|---|---|---|---|",
   ]
@@ -83,10 +95,12 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tasks", type=int, nargs="+", default=[3, 10])
   parser.add_argument("--rounds", type=int, default=21)
+  parser.add_argument("--loss", choices=("make_loss_fn", "vectorized"), default="make_loss_fn")
   args = parser.parse_args(argv)
   print(f"# jax {jax.__version__}, {jax.default_backend()}; medians of {args.rounds} steps after compilation")
+  print(f"# {_host.describe()}")
   for t in args.tasks:
-    print(run(t, args.rounds))
+    print(run(t, args.rounds, args.loss))
     print()
 
 

@@ -60,7 +60,7 @@ import time
 from typing import Any, Callable, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
+import _host  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -564,6 +564,7 @@ def main(argv=None):
     "devices": str(jax.devices()),
     "cpus": os.cpu_count(),
     "machine": platform.machine(),
+    "cpu": _host.cpu_model(),
     "python": platform.python_version(),
     "argv": sys.argv[1:] if argv is None else list(argv),
     "default_strategy": mtjax.default_strategy(),
@@ -574,6 +575,7 @@ def main(argv=None):
     f"mtjax default task_grads strategy '{mtjax.default_strategy()}'",
     flush=True,
   )
+  print(_host.describe(), flush=True)
   results = []
   for t in args.tasks:
     res = run_table(args.table, t, args)

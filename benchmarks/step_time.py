@@ -32,6 +32,7 @@ import argparse
 import statistics
 import time
 
+import _host  # the benchmarks' folder: sys.path[0] when run as a script
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -356,6 +357,7 @@ def main(argv=None):
   parser.add_argument("--no-extra", action="store_true", help="only the required methods (no CAGrad, UPGrad, ...)")
   args = parser.parse_args(argv)
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
+  print(_host.describe())
   print(
     "MMoE: input 128, 8 experts [256,128], towers [64,1], BCE, batch 1024; median of "
     f"{args.steps} steps after compilation"

@@ -41,6 +41,7 @@ import os
 import statistics
 import time
 
+import _host  # the benchmarks' folder: sys.path[0] when run as a script
 import numpy as np
 
 MTL_TAG = "[mtl_backward]"  # TorchJD's features API; matched with mtjax's strategy="shared" rows
@@ -263,6 +264,7 @@ def main(argv=None):
     print(
       f"torch {torch.__version__} ({torch.get_num_threads()} threads); {jax_info}; median of {3 * args.rounds} steps"
     )
+    print(_host.describe())
     print("| framework | step | ms/step | / own summed-loss step | mtjax / PyTorch |")
     print("|---|---|---|---|---|")
     torch_sum = ms[("torch", "summed-loss step (1 backward)")]

@@ -9,6 +9,7 @@ the rows are the same (float64, 1e-12), and a task's backward pass reads only it
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import mtjax
@@ -146,3 +147,104 @@ def test_when_the_per_task_passes_are_not_used():
   assert not used
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+
+
+def _vectorized(name, num_tasks, dtype, tail):
+  """A hand-written vectorized loss: the model's stacked ``[T, B]`` logits, then ``tail(logits, labels, p)``."""
+  _, params, batch = _setup(name, num_tasks, dtype)
+  kinds = {
+    "mmoe": lambda: models.MMoE(num_tasks=num_tasks, num_experts=3, expert=(6,), tower=(4, 1), features=_SPEC),
+    "shared_bottom": lambda: models.SharedBottom(num_tasks=num_tasks, bottom=(6,), tower=(4, 1), features=_SPEC),
+  }
+  net = kinds[name]()
+
+  def loss_fn(p, bt):
+    logits, aux = net.apply({"params": p}, bt["x"])
+    return tail(logits, bt["labels"], p), aux
+
+  return loss_fn, params, batch
+
+
+_SPEC = models.FeatureSpec(
+  categorical=(models.Categorical("user", 50, 4), models.Categorical("item", 30, 4)), dense=(models.Dense("n"),)
+)
+
+
+def _bce(logits, labels, p):
+  del p
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels), axis=1)
+
+
+def _bce_masked_weighted_plus_l2(logits, labels, p):
+  """Position-wise terms of several kinds: a mask, a transpose, per-task weights, an l2 term of every task."""
+  mask = (jnp.arange(labels.shape[1]) % 3 != 0).astype(logits.dtype)
+  per = optax.sigmoid_binary_cross_entropy(logits.T, labels.T).T * mask[None, :]
+  trunk = [v for k, v in p.items() if not k.startswith("tower")]  # every task's gradient has this term
+  l2 = sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(trunk))
+  scale = jnp.linspace(1.0, 2.0, logits.shape[0], dtype=logits.dtype)
+  return scale * jnp.sum(per, axis=-1) / jnp.sum(mask) + 1e-3 * l2
+
+
+@pytest.mark.parametrize(
+  "name,tail", [("mmoe", _bce), ("shared_bottom", _bce_masked_weighted_plus_l2), ("mmoe", _bce_masked_weighted_plus_l2)]
+)
+def test_vectorized_losses_use_the_per_task_passes(name, tail):
+  """``jnp.mean(bce(logits, y), axis=1)`` on the stacked logits: row t of the stack is all that l_t reads,
+  so task t's backward pass runs from l_t alone; the rows are the e_t rows and jax.jacrev's (float64)."""
+  with jax.enable_x64(True):
+    loss_fn, params, batch = _vectorized(name, 4, jnp.float64, tail)
+    got, used = _rows(loss_fn, params, batch, per_task=True)
+    want, plain = _rows(loss_fn, params, batch, per_task=False)
+    exact = jax.jacrev(lambda p: loss_fn(p, batch)[0])(params)
+  assert used and not plain
+  for a, b, c in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(exact)):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(a, c, rtol=1e-10, atol=1e-13)
+  if name == "mmoe":  # task t's pass holds one tower's products, not every tower's
+    counts = {}
+
+    def f(p, bt):
+      (_, _), jac = mtjax.task_grads(loss_fn, has_aux=True, deferred=True)(p, bt)
+      one = jnp.ones((), jnp.float64)
+      counts["task"] = str(jax.make_jaxpr(lambda: jac.task_vjps[1](one))()).count("dot_general")
+      counts["e_t"] = str(jax.make_jaxpr(lambda: jac.vjp_fn(jnp.eye(4, dtype=jnp.float64)[1]))()).count("dot_general")
+      return 0.0
+
+    with jax.enable_x64(True):
+      jax.eval_shape(f, params, batch)
+    assert counts["e_t"] - counts["task"] >= 3 * 4, counts
+
+
+def _mixes_tasks_softmax(logits, labels, p):
+  del p
+  return -jnp.mean(labels * jax.nn.log_softmax(logits, axis=0), axis=1)
+
+
+def _mixes_tasks_matmul(logits, labels, p):
+  del p
+  mix = jnp.eye(logits.shape[0], dtype=logits.dtype) + 0.5
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(mix @ logits, labels), axis=1)
+
+
+def _mixes_tasks_reversed(logits, labels, p):
+  del p
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(logits[::-1], labels), axis=1)
+
+
+def _mixes_tasks_total(logits, labels, p):
+  del p
+  per = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels), axis=1)
+  return per + 0.1 * jnp.mean(logits)  # a term that reads every task's row
+
+
+@pytest.mark.parametrize("tail", [_mixes_tasks_softmax, _mixes_tasks_matmul, _mixes_tasks_reversed, _mixes_tasks_total])
+def test_vectorized_losses_that_mix_tasks_keep_the_e_t_rows(tail):
+  """A loss whose l_t reads other tasks' rows of the stack (a softmax over tasks, a task-mixing matrix, a
+  reversed task order, a term of every row) is not row-local: the e_t rows, exact."""
+  with jax.enable_x64(True):
+    loss_fn, params, batch = _vectorized("mmoe", 4, jnp.float64, tail)
+    got, used = _rows(loss_fn, params, batch, per_task=True)
+    exact = jax.jacrev(lambda p: loss_fn(p, batch)[0])(params)
+  assert not used
+  for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(exact)):
+    np.testing.assert_allclose(a, c, rtol=1e-10, atol=1e-13)

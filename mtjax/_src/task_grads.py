@@ -445,6 +445,152 @@ def _split_task_losses(closed, num_tasks: int):
   return split
 
 
+# The primitives a row-local tail may use (see _row_local_tail): position-wise ones (every operand of the
+# output's rank, broadcast along its size-1 axes, or a scalar), and those whose effect on the task axis
+# is known from their parameters.
+_ELEMENTWISE = frozenset(
+  """abs acos acosh add and asin asinh atan atan2 atanh cbrt ceil clamp convert_element_type copy copy_p cos cosh
+  div eq erf erf_inv erfc exp exp2 expm1 floor ge gt integer_pow is_finite le lgamma log log1p logistic lt max
+  min mul ne neg nextafter not or pow reduce_precision rem round rsqrt select_n sign sin sinh sqrt square
+  stop_gradient sub tan tanh xor digamma""".split()
+)
+_REDUCTIONS = frozenset("reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or argmax argmin".split())
+
+
+def _broadcasts_to(shape: tuple, out_shape: tuple) -> bool:
+  """A scalar, or the rank of ``out_shape`` with each axis equal to the output's or 1."""
+  return shape == () or (len(shape) == len(out_shape) and all(d in (1, o) for d, o in zip(shape, out_shape)))
+
+
+def _row_local_axes(jaxpr, in_axes: dict) -> Optional[dict]:
+  """Follows a task axis through ``jaxpr``: ``in_axes`` maps some variables to the position of their task
+  axis; returns the map extended to every variable computed from them, or ``None`` as soon as an equation
+  could mix the rows of different tasks (an unknown primitive, a reduction or a reshape over the task
+  axis, a matrix product, ...). Nested ``jit`` / ``custom_jvp`` calls are followed into their jaxprs."""
+  from jax._src import core as jcore  # pylint: disable=import-outside-toplevel
+
+  axes = dict(in_axes)
+  for e in jaxpr.eqns:
+    dep = [(i, v) for i, v in enumerate(e.invars) if isinstance(v, jcore.Var) and v in axes]
+    if not dep:
+      continue
+    if e.effects or len(e.outvars) != 1 and e.primitive.name not in ("jit", "pjit", "custom_jvp_call"):
+      return None
+    name = e.primitive.name
+    out = e.outvars[0]
+    out_shape = _aval(out)[0]
+    ax = {axes[v] for _, v in dep}
+    if len(ax) != 1:
+      return None
+    a = ax.pop()
+    if name in _ELEMENTWISE:  # operands of the output's rank broadcast only along their size-1 axes
+      if not all(_broadcasts_to(_aval(v)[0], out_shape) for v in e.invars if isinstance(v, jcore.Var)):
+        return None
+      if any(_aval(v)[0] == () or _aval(v)[0][a] != out_shape[a] for _, v in dep):
+        return None
+      axes[out] = a
+    elif name in _REDUCTIONS:
+      red = tuple(e.params["axes"])
+      if a in red:
+        return None
+      axes[out] = a - sum(1 for r in red if r < a)
+    elif name == "squeeze":
+      dims = tuple(d % len(_aval(dep[0][1])[0]) for d in e.params["dimensions"])
+      if a in dims:
+        return None
+      axes[out] = a - sum(1 for d in dims if d < a)
+    elif name == "broadcast_in_dim":
+      bd = tuple(e.params["broadcast_dimensions"])
+      if dep[0][0] != 0 or len(dep) != 1 or _aval(dep[0][1])[0][a] != out_shape[bd[a]]:
+        return None
+      axes[out] = bd[a]
+    elif name == "transpose":
+      axes[out] = tuple(e.params["permutation"]).index(a)
+    elif name == "reshape":  # row-major: a leading task axis that keeps its size keeps every row whole
+      in_shape = _aval(dep[0][1])[0]
+      if a != 0 or len(dep) != 1 or not out_shape or out_shape[0] != in_shape[0] or e.params.get("dimensions"):
+        return None
+      axes[out] = 0
+    elif name in ("jit", "pjit", "custom_jvp_call"):
+      closed = e.params.get("jaxpr") if name != "custom_jvp_call" else e.params.get("call_jaxpr")
+      if closed is None:
+        return None
+      inner = closed.jaxpr
+      inner_in = {iv: axes[v] for iv, v in zip(inner.invars, e.invars) if isinstance(v, jcore.Var) and v in axes}
+      inner_axes = _row_local_axes(inner, inner_in)
+      if inner_axes is None:
+        return None
+      for ov, iv in zip(e.outvars, inner.outvars):
+        if isinstance(iv, jcore.Var) and iv in inner_axes:
+          axes[ov] = inner_axes[iv]
+    else:
+      return None
+  return axes
+
+
+def _row_local_tail(closed, num_tasks: int) -> Optional[Callable]:
+  """For a vectorized loss, ``f(*consts, *x) -> [l_0, ..., l_{T-1}]`` whose ``l_t`` reads the stacked task
+  outputs through row ``t`` only, or ``None``.
+
+  The loss stacks the T tasks' outputs (``jnp.stack(outs)``, e.g. a model's ``[T, B]`` logits) and computes
+  its ``[T]`` losses from them position-wise along the task axis (element-wise terms, reductions over the
+  other axes: ``jnp.mean(bce(logits, y), axis=1)``). Row ``s`` of the stack then has no effect on ``l_t``
+  (``s != t``), so ``l_t`` is computed from the stack with rows ``s != t`` behind ``stop_gradient``: the same
+  value and the same gradient, and a backward pass from ``l_t`` alone skips the other tasks' outputs."""
+  from jax._src import core as jcore  # pylint: disable=import-outside-toplevel
+  from jax._src.interpreters import partial_eval as pe  # pylint: disable=import-outside-toplevel
+
+  jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
+  if closed.effects or len(jaxpr.outvars) != 1 or not isinstance(jaxpr.outvars[0], jcore.Var):
+    return None
+  last = jaxpr.outvars[0]
+  if _aval(last)[0] != (num_tasks,):
+    return None
+  for k in reversed(range(len(jaxpr.eqns))):
+    e = jaxpr.eqns[k]
+    if e.primitive.name != "stack" or len(e.invars) != num_tasks:
+      continue
+    if not all(isinstance(v, jcore.Var) for v in e.invars):
+      continue
+    stacked, axis = e.outvars[0], e.params.get("axis", 0)
+    tail_eqns = jaxpr.eqns[k + 1 :]
+    axes = _row_local_axes(jaxpr.replace(eqns=tail_eqns), {stacked: axis})
+    if axes is None or axes.get(last) != 0:
+      continue
+    tail_idx = [i for i, t in enumerate(tail_eqns) if any(isinstance(v, jcore.Var) and v in axes for v in t.invars)]
+    tail = [tail_eqns[i] for i in tail_idx]
+    made = {v for t in tail for v in t.outvars} | {stacked}
+    free: list = []
+    for t in tail:
+      for v in t.invars:
+        if isinstance(v, jcore.Var) and v not in made and v not in free:
+          free.append(v)
+    if last not in made:
+      continue
+    rest = [t for i, t in enumerate(tail_eqns) if i not in set(tail_idx)]
+    head = jaxpr.replace(eqns=jaxpr.eqns[:k] + [e] + rest, outvars=list(e.invars) + free)
+    head, _ = pe.dce_jaxpr(head, [True] * len(head.outvars), instantiate=True)
+    tail_jaxpr = jaxpr.replace(invars=[stacked] + free, eqns=tail, outvars=[last])
+    tail_jaxpr, _ = pe.dce_jaxpr(tail_jaxpr, [True], instantiate=True)
+
+    return functools.partial(_eval_row_local, head, tail_jaxpr, axis, num_tasks)
+  return None
+
+
+def _eval_row_local(head, tail, axis: int, num_tasks: int, *args) -> list:
+  """``[l_0, ..., l_{T-1}]`` of :func:`_row_local_tail`: ``head`` gives the T stacked operands and the tail's
+  other inputs once; ``l_t`` is row ``t`` of the tail on the stack with every other row behind ``stop_gradient``."""
+  from jax._src import core as jcore  # pylint: disable=import-outside-toplevel
+
+  vals = jcore.eval_jaxpr(head, [], *args)
+  outs, others = vals[:num_tasks], vals[num_tasks:]
+  losses = []
+  for t in range(num_tasks):
+    rows = [o if s == t else jax.lax.stop_gradient(o) for s, o in enumerate(outs)]
+    losses.append(jcore.eval_jaxpr(tail, [], jnp.stack(rows, axis=axis), *others)[0][t])
+  return losses
+
+
 def _task_vjps(loss_of_x: Callable, x0: list, num_tasks: int):
   r"""T linear maps, map ``t`` taking 1 to :math:`\partial L_t/\partial x` by a backward pass from ``L_t``
   alone (after one shared linearization), or ``None`` when the loss's jaxpr has no separable task losses.
@@ -457,11 +603,15 @@ def _task_vjps(loss_of_x: Callable, x0: list, num_tasks: int):
     return None
   try:
     closed = jax.make_jaxpr(loss_of_x)(x0)
-    split = _split_task_losses(closed, num_tasks)
-    if split is None:
-      return None
+    split_jaxpr = _split_task_losses(closed, num_tasks)
+    if split_jaxpr is not None:
+      split = functools.partial(jcore.eval_jaxpr, split_jaxpr, [])
+    else:
+      split = _row_local_tail(closed, num_tasks)
+      if split is None:
+        return None
     consts = list(closed.consts)
-    _, jvp = jax.linearize(lambda xs: jcore.eval_jaxpr(split, [], *consts, *xs), x0)
+    _, jvp = jax.linearize(lambda xs: split(*consts, *xs), x0)
     return tuple(jax.linear_transpose(lambda dx, t=t: jvp(dx)[t], x0) for t in range(num_tasks))
   except Exception:  # pragma: no cover - an internal JAX API moved: the e_t rows (exact, slower)
     return None
