@@ -2,8 +2,10 @@
 
 With cotangent e_t a VJP runs backward through every task's head (zeros XLA cannot skip: O(T^2) head
 passes). When the loss's task losses are separable (it ends in jnp.stack of per-task scalars and reads
-the model's stacked outputs by index), task_grads linearizes once and transposes each task's loss alone;
-the rows are the same (float64, 1e-12), and a task's backward pass reads only its own head.
+the model's stacked outputs by index; or it computes its [T] losses from the stacked outputs position-wise
+along the task axis), task_grads linearizes once and transposes each task's loss alone; the rows are the
+same (float64, 1e-12), and a task's backward pass reads only its own head. Losses that mix the tasks'
+rows keep the e_t rows.
 """
 
 import jax

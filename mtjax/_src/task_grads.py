@@ -197,6 +197,9 @@ class TaskJacobian:
   Attributes:
     num_tasks: ``T``.
     strategy: how :meth:`materialize` computes the T rows (``"auto"``, ``"loop"``, ``"map"``, ``"vmap"``).
+    task_vjps: ``None``, or, when the loss is separable by task (see :func:`mtjax.task_grads`), the T
+      linear maps that take 1 to task ``t``'s cotangent of the differentiated inputs by a backward
+      pass through task ``t``'s head only; :meth:`materialize` then uses them.
   """
 
   def __init__(
@@ -593,7 +596,9 @@ def _eval_row_local(head, tail, axis: int, num_tasks: int, *args) -> list:
 
 def _task_vjps(loss_of_x: Callable, x0: list, num_tasks: int):
   r"""T linear maps, map ``t`` taking 1 to :math:`\partial L_t/\partial x` by a backward pass from ``L_t``
-  alone (after one shared linearization), or ``None`` when the loss's jaxpr has no separable task losses.
+  alone (after one shared linearization), or ``None`` when the loss's jaxpr has no separable task losses
+  (neither a final stack of per-task losses, :func:`_split_task_losses`, nor a row-local tail after the stack
+  of the task outputs, :func:`_row_local_tail`).
 
   The default rows' VJP with cotangent ``e_t`` runs backward through every task's head (on zeros for
   ``T - 1`` of them: ``O(T^2)`` head passes that XLA cannot skip); these run through task ``t``'s only."""
@@ -1290,10 +1295,17 @@ def task_grads(
   many tasks: the backward temporaries hold ``c`` rows, the output all T.
 
   A VJP with cotangent ``e_t`` runs backward through every task's head (on zeros for the others).
-  When the loss is separable by task -- it returns ``jnp.stack([loss_0, ..., loss_{T-1}])`` and reads
-  stacked model outputs by index, as :func:`mtjax.losses.make_loss_fn` does -- the ``"map"`` rows
-  (for 3 <= T <= 16, without ``chunk_size``) instead run each task's backward pass from its own loss,
-  through its own head only: the same rows, without the ``O(T^2)`` head work.
+  When the loss is separable by task, the ``"map"`` rows (for 3 <= T <= 16, without ``chunk_size``)
+  instead run each task's backward pass from its own loss, through its own head only: the same rows,
+  without the ``O(T^2)`` head work. Separable means either of:
+
+  * the loss returns ``jnp.stack([loss_0, ..., loss_{T-1}])`` and reads stacked model outputs by
+    index, as :func:`mtjax.losses.make_loss_fn` does;
+  * the loss computes its ``[T]`` losses from the stacked outputs at once, position-wise along the
+    task axis (element-wise terms, reductions over the other axes, transposes, broadcasts, terms
+    that every task shares), e.g. ``jnp.mean(sigmoid_binary_cross_entropy(logits, y), axis=1)`` on
+    ``[T, B]`` logits. Anything that mixes tasks' rows (a softmax or a matrix product over the task
+    axis, a reversed task order, a mean over all logits) keeps the ``e_t`` rows.
 
   Strategies that split the loss at the representation marked with :func:`mtjax.representation`
   (every mtjax model marks one) return a lazy Jacobian instead of rows:
