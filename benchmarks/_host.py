@@ -13,29 +13,27 @@ import platform
 import time
 
 
-def cpu_model() -> str:
-  """The processor's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+def _cpuinfo(key: str) -> str:
+  """The first ``key : value`` line of ``/proc/cpuinfo`` (its value), or ``""`` off Linux."""
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       for line in f:
-        if line.startswith("model name"):
+        if line.startswith(key):
           return line.split(":", 1)[1].strip()
   except OSError:
     pass
-  return platform.processor() or "unknown processor"
+  return ""
+
+
+def cpu_model() -> str:
+  """The processor's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+  return _cpuinfo("model name") or platform.processor() or "unknown processor"
 
 
 def vector_isa() -> str:
   """The widest x86 vector extension the processor reports (``AVX-512``, ``AVX2``), or ``""``."""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("flags"):
-          flags = set(line.split(":", 1)[1].split())
-          return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
-  except OSError:
-    pass
-  return ""
+  flags = set(_cpuinfo("flags").split())
+  return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
 
 
 def describe() -> str:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -255,10 +254,7 @@ def main() -> None:
     return
   import jax
 
-  print(
-    f"# data_throughput: {args.rows:,} AliExpress-format rows, batch {args.batch}; jax {jax.__version__}, "
-    f"{platform.machine()} CPU x {os.cpu_count()}, {time.strftime('%Y-%m-%d')}"
-  )
+  print(f"# data_throughput: {args.rows:,} AliExpress-format rows, batch {args.batch}; jax {jax.__version__}")
   print(f"# {_host.describe()}")
   res = {}
   if not (args.reuse or args.reuse_csv):

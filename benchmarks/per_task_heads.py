@@ -24,8 +24,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
 import mtjax
@@ -34,23 +32,17 @@ from mtjax import models
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _host  # noqa: E402
+import step_time  # noqa: E402
 from exact_rows_floor import _median_ms  # noqa: E402
 
 
 def run(num_tasks: int, rounds: int, loss: str = "make_loss_fn") -> str:
-  model = models.MMoE(num_tasks=num_tasks, num_experts=8, expert=(256, 128), tower=(64, 1))
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(1024, 128)), jnp.float32)
-  batch = {"x": x, "labels": jnp.asarray(rng.integers(0, 2, size=(num_tasks, 1024)), jnp.float32)}
-  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  # step_time.py's model, batch and (vectorized) loss; make_loss_fn's loss reads the labels as "labels"
+  params, batch, loss_fn = step_time.build(num_tasks)
   if loss == "make_loss_fn":
+    model = models.MMoE(num_tasks=num_tasks, num_experts=8, expert=(256, 128), tower=(64, 1))
     loss_fn = mtjax.losses.make_loss_fn(model, "bce", has_aux=False)
-  else:  # step_time.py's loss: the [T, B] logits at once
-
-    def loss_fn(p, b):
-      logits, _ = model.apply({"params": p}, b["x"])
-      return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, b["labels"]), axis=1)
-
+    batch = {"x": batch["x"], "labels": batch["y"]}
   adam = optax.adam(1e-3)
 
   def summed(p, o, b):

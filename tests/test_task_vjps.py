@@ -19,21 +19,15 @@ import mtjax._src.task_grads as tg_lib
 from mtjax import losses
 from mtjax import models
 
+_SPEC = models.FeatureSpec(
+  categorical=(models.Categorical("user", 50, 4), models.Categorical("item", 30, 4)), dense=(models.Dense("n"),)
+)
 
-def _setup(name, num_tasks, dtype=jnp.float32):
-  spec = models.FeatureSpec(
-    categorical=(models.Categorical("user", 50, 4), models.Categorical("item", 30, 4)), dense=(models.Dense("n"),)
-  )
-  rng = np.random.default_rng(0)
-  b = 16
-  x = {
-    "user": jnp.asarray(rng.integers(-2, 52, size=b), jnp.int32),  # out-of-vocabulary ids too
-    "item": jnp.asarray(np.r_[np.full(8, 3), rng.integers(0, 30, size=8)], jnp.int32),  # repeated ids
-    "n": jnp.asarray(rng.normal(size=(b, 1)), dtype),
-  }
+
+def _model(name, num_tasks):
   kinds = {
-    "mmoe": lambda: models.MMoE(num_tasks=num_tasks, num_experts=3, expert=(6,), tower=(4, 1), features=spec),
-    "shared_bottom": lambda: models.SharedBottom(num_tasks=num_tasks, bottom=(6,), tower=(4, 1), features=spec),
+    "mmoe": lambda: models.MMoE(num_tasks=num_tasks, num_experts=3, expert=(6,), tower=(4, 1), features=_SPEC),
+    "shared_bottom": lambda: models.SharedBottom(num_tasks=num_tasks, bottom=(6,), tower=(4, 1), features=_SPEC),
     "ple": lambda: models.PLE(
       num_tasks=num_tasks,
       num_levels=2,
@@ -41,10 +35,21 @@ def _setup(name, num_tasks, dtype=jnp.float32):
       num_specific_experts=1,
       expert=(6,),
       tower=(4, 1),
-      features=spec,
+      features=_SPEC,
     ),
   }
-  model = kinds[name]()
+  return kinds[name]()
+
+
+def _setup(name, num_tasks, dtype=jnp.float32):
+  rng = np.random.default_rng(0)
+  b = 16
+  x = {
+    "user": jnp.asarray(rng.integers(-2, 52, size=b), jnp.int32),  # out-of-vocabulary ids too
+    "item": jnp.asarray(np.r_[np.full(8, 3), rng.integers(0, 30, size=8)], jnp.int32),  # repeated ids
+    "n": jnp.asarray(rng.normal(size=(b, 1)), dtype),
+  }
+  model = _model(name, num_tasks)
   params = model.init(jax.random.PRNGKey(1), x)["params"]
   params = jax.tree.map(lambda a: a.astype(dtype), params)
   batch = {"x": x, "labels": jnp.asarray(rng.integers(0, 2, size=(num_tasks, b)), dtype)}
@@ -114,20 +119,25 @@ def test_methods_and_masks_give_the_same_updates():
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
 
 
-def test_a_task_backward_pass_skips_the_other_heads():
-  """The jaxpr of task t's backward pass has one tower's matrix products, the e_t VJP's has every tower's."""
-  loss_fn, params, batch = _setup("mmoe", 6)
+def _dot_counts(loss_fn, params, batch, num_tasks, task, dtype=jnp.float32):
+  """``dot_general`` counts in the jaxprs of task ``task``'s per-task backward pass and of its e_t VJP."""
   counts = {}
 
   def f(p, bt):
     (_, _), jac = mtjax.task_grads(loss_fn, has_aux=True, deferred=True)(p, bt)
-    one = jnp.ones((), jnp.float32)
     count = lambda fn: str(jax.make_jaxpr(fn)()).count("dot_general")
-    counts["task"] = count(lambda: jac.task_vjps[2](one))
-    counts["e_t"] = count(lambda: jac.vjp_fn(jnp.eye(6, dtype=jnp.float32)[2]))
+    counts["task"] = count(lambda: jac.task_vjps[task](jnp.ones((), dtype)))
+    counts["e_t"] = count(lambda: jac.vjp_fn(jnp.eye(num_tasks, dtype=dtype)[task]))
     return 0.0
 
   jax.eval_shape(f, params, batch)
+  return counts
+
+
+def test_a_task_backward_pass_skips_the_other_heads():
+  """The jaxpr of task t's backward pass has one tower's matrix products, the e_t VJP's has every tower's."""
+  loss_fn, params, batch = _setup("mmoe", 6)
+  counts = _dot_counts(loss_fn, params, batch, 6, 2)
   # per tower layer and task: 2 products backward (kernel, input) x 2 layers; 6 towers vs 1
   assert counts["e_t"] - counts["task"] >= 5 * 4, counts
 
@@ -154,22 +164,13 @@ def test_when_the_per_task_passes_are_not_used():
 def _vectorized(name, num_tasks, dtype, tail):
   """A hand-written vectorized loss: the model's stacked ``[T, B]`` logits, then ``tail(logits, labels, p)``."""
   _, params, batch = _setup(name, num_tasks, dtype)
-  kinds = {
-    "mmoe": lambda: models.MMoE(num_tasks=num_tasks, num_experts=3, expert=(6,), tower=(4, 1), features=_SPEC),
-    "shared_bottom": lambda: models.SharedBottom(num_tasks=num_tasks, bottom=(6,), tower=(4, 1), features=_SPEC),
-  }
-  net = kinds[name]()
+  net = _model(name, num_tasks)
 
   def loss_fn(p, bt):
     logits, aux = net.apply({"params": p}, bt["x"])
     return tail(logits, bt["labels"], p), aux
 
   return loss_fn, params, batch
-
-
-_SPEC = models.FeatureSpec(
-  categorical=(models.Categorical("user", 50, 4), models.Categorical("item", 30, 4)), dense=(models.Dense("n"),)
-)
 
 
 def _bce(logits, labels, p):
@@ -203,17 +204,8 @@ def test_vectorized_losses_use_the_per_task_passes(name, tail):
     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(a, c, rtol=1e-10, atol=1e-13)
   if name == "mmoe":  # task t's pass holds one tower's products, not every tower's
-    counts = {}
-
-    def f(p, bt):
-      (_, _), jac = mtjax.task_grads(loss_fn, has_aux=True, deferred=True)(p, bt)
-      one = jnp.ones((), jnp.float64)
-      counts["task"] = str(jax.make_jaxpr(lambda: jac.task_vjps[1](one))()).count("dot_general")
-      counts["e_t"] = str(jax.make_jaxpr(lambda: jac.vjp_fn(jnp.eye(4, dtype=jnp.float64)[1]))()).count("dot_general")
-      return 0.0
-
     with jax.enable_x64(True):
-      jax.eval_shape(f, params, batch)
+      counts = _dot_counts(loss_fn, params, batch, 4, 1, jnp.float64)
     assert counts["e_t"] - counts["task"] >= 3 * 4, counts
 
 

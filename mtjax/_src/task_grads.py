@@ -477,7 +477,7 @@ def _row_local_axes(jaxpr, in_axes: dict) -> Optional[dict]:
     dep = [(i, v) for i, v in enumerate(e.invars) if isinstance(v, jcore.Var) and v in axes]
     if not dep:
       continue
-    if e.effects or len(e.outvars) != 1 and e.primitive.name not in ("jit", "pjit", "custom_jvp_call"):
+    if e.effects or (len(e.outvars) != 1 and e.primitive.name not in ("jit", "pjit", "custom_jvp_call")):
       return None
     name = e.primitive.name
     out = e.outvars[0]
@@ -560,18 +560,12 @@ def _row_local_tail(closed, num_tasks: int) -> Optional[Callable]:
     axes = _row_local_axes(jaxpr.replace(eqns=tail_eqns), {stacked: axis})
     if axes is None or axes.get(last) != 0:
       continue
-    tail_idx = [i for i, t in enumerate(tail_eqns) if any(isinstance(v, jcore.Var) and v in axes for v in t.invars)]
-    tail = [tail_eqns[i] for i in tail_idx]
+    in_tail = [any(isinstance(v, jcore.Var) and v in axes for v in t.invars) for t in tail_eqns]
+    tail = [t for t, x in zip(tail_eqns, in_tail) if x]
+    rest = [t for t, x in zip(tail_eqns, in_tail) if not x]
     made = {v for t in tail for v in t.outvars} | {stacked}
-    free: list = []
-    for t in tail:
-      for v in t.invars:
-        if isinstance(v, jcore.Var) and v not in made and v not in free:
-          free.append(v)
-    if last not in made:
-      continue
-    rest = [t for i, t in enumerate(tail_eqns) if i not in set(tail_idx)]
-    head = jaxpr.replace(eqns=jaxpr.eqns[:k] + [e] + rest, outvars=list(e.invars) + free)
+    free = list(dict.fromkeys(v for t in tail for v in t.invars if isinstance(v, jcore.Var) and v not in made))
+    head = jaxpr.replace(eqns=jaxpr.eqns[:k] + rest, outvars=list(e.invars) + free)
     head, _ = pe.dce_jaxpr(head, [True] * len(head.outvars), instantiate=True)
     tail_jaxpr = jaxpr.replace(invars=[stacked] + free, eqns=tail, outvars=[last])
     tail_jaxpr, _ = pe.dce_jaxpr(tail_jaxpr, [True], instantiate=True)
